@@ -1,0 +1,61 @@
+# Each target installs what it needs on a fresh Debian 12 machine.
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+COLLECTIONS := $(CURDIR)/build/collections
+INSTALLED := $(COLLECTIONS)/ansible_collections/fleetbackup/qemu/MANIFEST.json
+APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv
+SOURCES := galaxy.yml meta/runtime.yml $(shell find plugins roles -type f -not -name '*.pyc' 2>/dev/null)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
+export ANSIBLE_PYTHON_INTERPRETER := $(PY)
+
+.PHONY: all demo test unit integration bench deps install clean
+
+all: test
+
+# System packages: only what is missing, so a prepared machine needs no root.
+build/.apt:
+	@mkdir -p build
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages: $$missing"; \
+		$$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+# libnbd's bindings live in Debian's python3, so the venv must come from it and see its site-packages.
+$(VENV)/.ready: requirements.txt build/.apt
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade -r requirements.txt
+	$(PY) -c 'import nbd, qemu.qmp, ansible'
+	@touch $@
+
+deps: $(VENV)/.ready
+
+$(INSTALLED): $(VENV)/.ready $(SOURCES)
+	rm -rf build/dist && mkdir -p build/dist
+	$(VENV)/bin/ansible-galaxy collection build --force --output-path build/dist .
+	$(VENV)/bin/ansible-galaxy collection install --force -p $(COLLECTIONS) build/dist/fleetbackup-qemu-*.tar.gz
+	@touch $@
+
+install: $(INSTALLED)
+
+demo: install
+	$(PY) demo/run.py
+
+test: install
+	cd tests && $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+unit: install
+	cd tests && $(PY) -m pytest -ra unit $(PYTEST_ARGS)
+
+integration: install
+	cd tests && $(PY) -m pytest -ra integration $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build .venv

@@ -1,0 +1,59 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Offline image operations through qemu-img."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
+
+
+class QemuImgError(FleetbackupError):
+    """qemu-img failed; the message carries its own words."""
+
+
+def run_qemu_img(*args):
+    try:
+        process = subprocess.run(["qemu-img"] + [str(arg) for arg in args], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+    except FileNotFoundError:
+        raise QemuImgError("qemu-img is not installed: install qemu-utils.") from None
+    return process
+
+
+def _checked(*args):
+    process = run_qemu_img(*args)
+    if process.returncode != 0:
+        raise QemuImgError("qemu-img %s failed: %s" % (args[0], process.stderr.decode(errors="replace").strip()))
+    return process.stdout.decode()
+
+
+def create_image(path, image_format, size, backing=None):
+    """Create a new image readable only by its owner; backing is stored as given (keep it relative)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    args = ["create", "-q", "-f", image_format]
+    if backing:
+        args += ["-b", backing, "-F", image_info(os.path.join(os.path.dirname(path), backing))["format"]]
+    try:
+        _checked(*(args + [path, size]))
+    except QemuImgError:
+        os.unlink(path)
+        raise
+
+
+def image_info(path, chain=False):
+    args = ["info", "--output=json", "-U"] + (["--backing-chain"] if chain else []) + [path]
+    return json.loads(_checked(*args))
+
+
+def images_equal(first, second):
+    """True when both images read the same bytes (qemu-img compare, strict about sizes)."""
+    process = run_qemu_img("compare", "-s", "-U", first, second)
+    if process.returncode not in (0, 1):
+        raise QemuImgError("qemu-img compare failed: %s" % process.stderr.decode(errors="replace").strip())
+    return process.returncode == 0

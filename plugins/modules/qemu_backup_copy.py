@@ -1,0 +1,261 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: qemu_backup_copy
+short_description: Copy an NBD export of a backup into a sparse qcow2 or raw image
+version_added: 0.1.0
+description:
+  - Reads a disk exported by M(fleetbackup.qemu.qemu_backup_start) and writes it to O(dest).
+  - Only allocated data is read. Holes and zero extents are never read, and the output stays sparse.
+  - With O(dirty_bitmap) and O(backing) it writes an incremental backup, a qcow2 overlay whose backing file
+    is the previous backup. Only the changed bytes are read; changed extents that now read as zeros are
+    written as zeros so that no stale data of the backing file shows through; the rest stays unallocated.
+  - The image is written under a temporary name in the directory of O(dest) and renamed when complete,
+    so O(dest) never holds a partial backup.
+  - Several NBD connections copy in parallel when the export allows multi-conn, each with many requests in
+    flight; memory stays bounded by O(connections) x O(requests) x O(request_size), whatever the disk's size.
+  - An existing O(dest) is left alone and reported unchanged, unless O(force) is set.
+author:
+  - fleetbackup.qemu developers
+extends_documentation_fragment:
+  - ansible.builtin.files
+options:
+  src:
+    description:
+      - NBD URL of the export, as in RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks[].url),
+        for example C(nbd+unix:///vda?socket=/var/tmp/web1.nbd).
+    type: str
+    required: true
+  dest:
+    description: Path of the backup image to write. Its directory must exist.
+    type: path
+    required: true
+  format:
+    description: Format of O(dest).
+    type: str
+    choices: [qcow2, raw]
+    default: qcow2
+  force:
+    description: Replace an existing O(dest).
+    type: bool
+    default: false
+  dirty_bitmap:
+    description:
+      - The NBD meta context of changed blocks, RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks[].dirty_bitmap),
+        for an incremental copy. A bare bitmap name is taken as C(qemu:dirty-bitmap:NAME).
+      - Needs O(backing) and O(format=qcow2).
+    type: str
+  backing:
+    description:
+      - The previous backup of this disk, which O(dest) is an overlay of. It is stored relative to the
+        directory of O(dest), so that the backup repository can be moved as a whole.
+    type: path
+  connections:
+    description: NBD connections to copy with, when the export allows several (multi-conn); else one.
+    type: int
+    default: 4
+  requests:
+    description: Requests in flight per connection.
+    type: int
+    default: 16
+  request_size:
+    description: Bytes per read request, at most 32 MiB (QEMU's limit).
+    type: int
+    default: 1048576
+  mode:
+    description:
+      - Permissions of O(dest). Disk images hold secrets, so the default is C(0600).
+    default: '0600'
+requirements:
+  - libnbd's Python bindings (Debian package python3-libnbd)
+  - qemu-nbd and qemu-img (Debian package qemu-utils)
+seealso:
+  - module: fleetbackup.qemu.qemu_backup_start
+attributes:
+  check_mode:
+    support: full
+    description: Connects to nothing and writes nothing; reports whether O(dest) would be written.
+"""
+
+EXAMPLES = r"""
+- name: Full copy of one disk
+  fleetbackup.qemu.qemu_backup_copy:
+    src: nbd+unix:///vda?socket=/var/tmp/web1-nightly.nbd
+    dest: /backup/web1/2026-11-29.vda.qcow2
+
+- name: Incremental copy, an overlay on the previous backup
+  fleetbackup.qemu.qemu_backup_copy:
+    src: "{{ item.url }}"
+    dirty_bitmap: "{{ item.dirty_bitmap }}"
+    backing: "/backup/web1/0001.{{ item.disk }}.qcow2"
+    dest: "/backup/web1/0002.{{ item.disk }}.qcow2"
+  loop: "{{ started.backup.disks }}"
+
+# Ad hoc, from a shell:
+#   ansible localhost -m fleetbackup.qemu.qemu_backup_copy \
+#     -a "src=nbd+unix:///vda?socket=/var/tmp/web1.nbd dest=/backup/web1.vda.qcow2"
+"""
+
+RETURN = r"""
+image:
+  description: The backup image, O(dest).
+  returned: always
+  type: str
+  sample: /backup/web1/2026-11-29.vda.qcow2
+size:
+  description: Virtual size of the disk in bytes.
+  returned: when copied
+  type: int
+  sample: 10737418240
+disk_usage:
+  description: Bytes the image takes on disk; small for a sparse image.
+  returned: when the image exists
+  type: int
+  sample: 2149580800
+bytes_read:
+  description: Bytes read from the export (data only; never zeros or unchanged blocks).
+  returned: when copied
+  type: int
+  sample: 2147483648
+bytes_zeroed:
+  description: Bytes that read as zeros and were therefore not read (left sparse, or written as zeros in an overlay).
+  returned: when copied
+  type: int
+  sample: 8589934592
+bytes_unchanged:
+  description: For an incremental copy, bytes outside the dirty bitmap, left to the backing file.
+  returned: when copied
+  type: int
+  sample: 0
+connections:
+  description: NBD connections used.
+  returned: when copied
+  type: int
+  sample: 4
+elapsed:
+  description: Seconds the copy took.
+  returned: when copied
+  type: float
+  sample: 3.2
+throughput:
+  description: Bytes read per second.
+  returned: when copied
+  type: int
+  sample: 671088640
+"""
+
+import os
+import time
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
+    MAX_REQUEST_SIZE,
+    ImageWriter,
+    copy,
+    dirty_context,
+    elapsed_since,
+    export_size_and_connections,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import create_image
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import FleetbackupModule
+
+
+def main():
+    module = FleetbackupModule(
+        argument_spec=dict(
+            src=dict(type="str", required=True),
+            dest=dict(type="path", required=True),
+            format=dict(type="str", choices=["qcow2", "raw"], default="qcow2"),
+            force=dict(type="bool", default=False),
+            dirty_bitmap=dict(type="str"),
+            backing=dict(type="path"),
+            connections=dict(type="int", default=4),
+            requests=dict(type="int", default=16),
+            request_size=dict(type="int", default=1024 ** 2),
+        ),
+        needs_nbd=True,
+        add_file_common_args=True,
+        supports_check_mode=True,
+    )
+    if module.params["mode"] is None:
+        module.params["mode"] = "0600"
+    module.run(copy_backup)
+
+
+def check_params(params):
+    dest_dir = os.path.dirname(params["dest"]) or "."
+    if not os.path.isdir(dest_dir):
+        raise UserError("The directory of dest %s does not exist: create it first." % params["dest"])
+    if not os.access(dest_dir, os.W_OK | os.X_OK):
+        raise UserError("The directory of dest %s is not writable by this user." % params["dest"])
+    if not params["src"].startswith("nbd"):
+        raise UserError("src '%s' is not an NBD URL: pass the url from qemu_backup_start, like "
+                        "nbd+unix:///vda?socket=/var/tmp/ID.nbd." % params["src"])
+    if not 1 <= params["connections"] <= 16 or not 1 <= params["requests"] <= 1024:
+        raise UserError("connections must be 1 to 16 and requests 1 to 1024.")
+    if not 4096 <= params["request_size"] <= MAX_REQUEST_SIZE or params["request_size"] % 4096:
+        raise UserError("request_size must be a multiple of 4096 from 4096 to %d (QEMU's limit)." % MAX_REQUEST_SIZE)
+    if params["dirty_bitmap"] and not params["backing"]:
+        raise UserError("An incremental copy (dirty_bitmap) needs backing: the previous backup of this disk.")
+    if params["backing"]:
+        if params["format"] != "qcow2":
+            raise UserError("An overlay on backing needs format qcow2.")
+        if not os.path.isfile(params["backing"]):
+            raise UserError("backing %s does not exist: it must be the previous backup of this disk."
+                            % params["backing"])
+    return dest_dir
+
+
+def copy_backup(module):
+    params = module.params
+    dest_dir = check_params(params)
+    dest = params["dest"]
+    if os.path.exists(dest) and not params["force"]:
+        changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), False)
+        return dict(changed=changed, image=dest, disk_usage=_disk_usage(dest),
+                    msg="dest exists; set force to replace it")
+    if module.check_mode:
+        return dict(changed=True, image=dest)
+    bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
+    size, connections = export_size_and_connections(params["src"], bitmap_context, params["connections"])
+    partial = os.path.join(dest_dir, ".%s.part-%d" % (os.path.basename(dest), os.getpid()))
+    backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
+    create_image(partial, params["format"], size, backing)
+    started = time.monotonic()
+    try:
+        with ImageWriter(partial, params["format"], connections) as writer:
+            bytes_read, bytes_zeroed, bytes_unchanged = copy(
+                params["src"], [writer.url] * connections, size, bitmap_context,
+                zero_target=backing is None, requests=params["requests"], request_size=params["request_size"])
+        os.rename(partial, dest)
+    except BaseException:
+        os.unlink(partial)
+        raise
+    _sync_directory(dest_dir)
+    elapsed = elapsed_since(started)
+    module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
+    return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), bytes_read=bytes_read, bytes_zeroed=bytes_zeroed,
+                bytes_unchanged=bytes_unchanged, connections=connections, elapsed=round(elapsed, 3),
+                throughput=int(bytes_read / elapsed))
+
+
+def _disk_usage(path):
+    return os.stat(path).st_blocks * 512
+
+
+def _sync_directory(path):
+    """Make the rename durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    main()
