@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from urllib.parse import quote
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
@@ -35,9 +36,12 @@ def check_scratch_dir(scratch_dir):
     if not os.path.isdir(scratch_dir):
         raise UserError("scratch_dir %s does not exist: create it, or point scratch_dir at a directory with "
                         "room for what the guest writes during the backup." % scratch_dir)
-    if not os.access(scratch_dir, os.W_OK | os.X_OK):
-        raise UserError("scratch_dir %s is not writable by this user: fix its permissions or choose another."
-                        % scratch_dir)
+    try:
+        # A real write also catches read-only mounts, which os.access misses for root.
+        tempfile.TemporaryFile(dir=scratch_dir).close()
+    except OSError as err:
+        raise UserError("scratch_dir %s is not writable (%s): fix its permissions or choose another."
+                        % (scratch_dir, err.strerror)) from None
 
 
 class BackupNames:

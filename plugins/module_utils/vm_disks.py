@@ -17,10 +17,14 @@ bitmaps: {name: query dict} of named dirty bitmaps on the disk's node.
 
 PERIPHERAL = re.compile(r"^/machine/peripheral/([^/]+)(/.*)?$")
 
+# Filters that may sit above a disk's image node; a running backup inserts copy-before-write.
+FILTER_DRIVERS = ("copy-before-write", "throttle", "preallocate", "compress")
+
 
 def list_disks(qmp):
-    """Every block device that has a medium, in QEMU's order."""
-    bitmaps_by_node = node_bitmaps(qmp)
+    """Every block device that has a medium, in QEMU's order, described by its image node."""
+    nodes = qmp.execute("query-named-block-nodes", {"flat": True})
+    bitmaps_by_node = {node["node-name"]: _named_bitmaps(node) for node in nodes}
     disks = []
     for device in qmp.execute("query-block"):
         inserted = device.get("inserted")
@@ -28,24 +32,34 @@ def list_disks(qmp):
             continue
         qdev = device.get("qdev", "")
         match = PERIPHERAL.match(qdev)
-        node = inserted["node-name"]
+        node = _below_filters(inserted, nodes)
         name = match.group(1) if match else (qdev if qdev and "/" not in qdev else device["device"] or node)
         disks.append(Disk(
-            name=name, node=node, drive=device["device"], qdev=qdev, format=inserted["drv"],
-            filename=inserted.get("file"), size=inserted["image"]["virtual-size"],
-            read_only=inserted["ro"], bitmaps=bitmaps_by_node.get(node, {})))
+            name=name, node=node["node-name"], drive=device["device"], qdev=qdev, format=node["drv"],
+            filename=node.get("file"), size=node["image"]["virtual-size"],
+            read_only=inserted["ro"], bitmaps=bitmaps_by_node.get(node["node-name"], {})))
     return disks
 
 
-def node_bitmaps(qmp):
-    """{node: {bitmap name: info}} for every named dirty bitmap.
+def _below_filters(inserted, nodes):
+    """The image node under any filters: a filter reports its child as its backing image.
 
-    A running block job adds an unnamed bitmap; it is no checkpoint and is skipped.
+    query-block's image carries backing-image even where the flat node list leaves it out.
     """
-    return {
-        node["node-name"]: {bitmap["name"]: bitmap for bitmap in node.get("dirty-bitmaps", []) if bitmap.get("name")}
-        for node in qmp.execute("query-named-block-nodes", {"flat": True})
-    }
+    node, image = inserted, inserted["image"]
+    while node["drv"] in FILTER_DRIVERS:
+        child = image.get("backing-image", {})
+        candidates = [n for n in nodes if n["drv"] == child.get("format") and n.get("file") == child.get("filename")]
+        if len(candidates) != 1:
+            break
+        node = candidates[0]
+        image = node["image"]
+    return node
+
+
+def _named_bitmaps(node):
+    """{name: info} of a node's dirty bitmaps; the unnamed one a block job adds is no checkpoint."""
+    return {bitmap["name"]: bitmap for bitmap in node.get("dirty-bitmaps", []) if bitmap.get("name")}
 
 
 def select_disks(disks, wanted):

@@ -1,0 +1,41 @@
+"""Run the collection's modules as Ansible does: a separate process fed its arguments as JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+from support.paths import COLLECTIONS, ROOT
+
+
+class ModuleResult(dict):
+    @property
+    def failed(self):
+        return bool(self.get("failed"))
+
+
+def run_module(name, check_mode=False, **args):
+    args = {key: value for key, value in args.items() if value is not None}
+    if check_mode:
+        args["_ansible_check_mode"] = True
+    process = subprocess.run(
+        [sys.executable, "-m", "ansible_collections.fleetbackup.qemu.plugins.modules." + name],
+        input=json.dumps({"ANSIBLE_MODULE_ARGS": args}).encode(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=COLLECTIONS), timeout=600, check=False)
+    try:
+        result = ModuleResult(json.loads(process.stdout))
+    except ValueError:
+        raise AssertionError("module %s printed no JSON (rc %d): %s %s"
+                             % (name, process.returncode, process.stdout[-2000:], process.stderr[-2000:]))
+    assert (process.returncode != 0) == result.failed, result
+    return result
+
+
+def ansible_env():
+    return dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_COLLECTIONS_PATH=COLLECTIONS,
+                ANSIBLE_PYTHON_INTERPRETER=sys.executable, ANSIBLE_LOCALHOST_WARNING="false",
+                ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+
+
+def ansible_bin(tool):
+    return os.path.join(os.path.dirname(sys.executable), tool)

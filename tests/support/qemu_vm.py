@@ -1,0 +1,175 @@
+"""A real QEMU for tests: no guest, no CPU, disks on devices, two QMP monitors.
+
+The modules get qmp.sock; the test itself talks on test-qmp.sock, because a
+monitor serves one client at a time. Guest writes go through HMP qemu-io on the
+device, and every write is logged so that the disk's content at any moment can
+be rebuilt offline.
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+from collections import namedtuple
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+DiskSpec = namedtuple("DiskSpec", "id format size bus")
+DiskSpec.__new__.__defaults__ = ("qcow2", 64 * 1024 ** 2, "virtio")
+
+MiB = 1024 ** 2
+
+
+class Vm:
+    def __init__(self, workdir, disks):
+        self.workdir = workdir
+        self.disks = {spec.id: spec for spec in disks}
+        self.qmp_socket = os.path.join(workdir, "qmp.sock")
+        self.test_socket = os.path.join(workdir, "test-qmp.sock")
+        self.pid = None
+        self.monitor = None
+        self.writes = {spec.id: [] for spec in disks}
+        for spec in disks:
+            if not os.path.exists(self.image(spec.id)):
+                subprocess.run(["qemu-img", "create", "-q", "-f", spec.format, self.image(spec.id), str(spec.size)],
+                               check=True)
+
+    def image(self, disk_id):
+        spec = self.disks[disk_id]
+        return os.path.join(self.workdir, "%s.%s" % (disk_id, spec.format))
+
+    def command_line(self):
+        cmd = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-machine", "q35,accel=kvm:tcg",
+               "-qmp", "unix:%s,server=on,wait=off" % self.qmp_socket,
+               "-qmp", "unix:%s,server=on,wait=off" % self.test_socket,
+               "-daemonize", "-pidfile", os.path.join(self.workdir, "qemu.pid")]
+        if any(spec.bus == "scsi" for spec in self.disks.values()):
+            cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
+        for spec in self.disks.values():
+            cmd += ["-blockdev", "driver=file,filename=%s,node-name=%s-file,discard=unmap" % (self.image(spec.id), spec.id),
+                    "-blockdev", "driver=%s,file=%s-file,node-name=%s-fmt,discard=unmap" % (spec.format, spec.id, spec.id)]
+            device = "virtio-blk-pci" if spec.bus == "virtio" else "scsi-hd"
+            cmd += ["-device", "%s,drive=%s-fmt,id=%s" % (device, spec.id, spec.id)]
+        return cmd
+
+    def start(self):
+        # -daemonize returns once QEMU is initialised and its sockets listen.
+        subprocess.run(self.command_line(), check=True, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(os.path.join(self.workdir, "qemu.pid")) as stream:
+            self.pid = int(stream.read())
+        self.monitor = QEMUMonitorProtocol(self.test_socket)
+        self.monitor.connect()
+        return self
+
+    def qmp(self, command, **arguments):
+        return self.monitor.cmd(command, **arguments)
+
+    def node(self, disk_id):
+        return "%s-fmt" % disk_id
+
+    def _qdev_backend(self, disk_id):
+        return "%s/virtio-backend" % disk_id if self.disks[disk_id].bus == "virtio" else disk_id
+
+    def _apply(self, disk_id, io_command):
+        if self.pid is None:
+            spec = self.disks[disk_id]
+            subprocess.run(["qemu-io", "-f", spec.format, "-c", io_command, self.image(disk_id)],
+                           check=True, stdout=subprocess.DEVNULL)
+        else:
+            output = self.qmp("human-monitor-command",
+                              **{"command-line": 'qemu-io -d %s "%s"' % (self._qdev_backend(disk_id), io_command)})
+            if output.strip():
+                raise AssertionError("qemu-io %r failed: %s" % (io_command, output))
+        self.writes[disk_id].append(io_command)
+
+    def flushed_image(self, disk_id):
+        """The disk's image file, after QEMU has written out its caches, for reading with qemu-img -U."""
+        if self.pid is not None:
+            self.qmp("human-monitor-command",
+                     **{"command-line": 'qemu-io -d %s "flush"' % self._qdev_backend(disk_id)})
+        return self.image(disk_id)
+
+    def write(self, disk_id, offset, length, pattern):
+        """Write as the guest would, through the device."""
+        self._apply(disk_id, "write -P 0x%02x %d %d" % (pattern, offset, length))
+
+    def zero(self, disk_id, offset, length, unmap=False):
+        self._apply(disk_id, "write -z %s%d %d" % ("-u " if unmap else "", offset, length))
+
+    def discard(self, disk_id, offset, length):
+        self._apply(disk_id, "discard %d %d" % (offset, length))
+
+    def mark(self, disk_id):
+        """A point in the write log, for expected_image."""
+        return len(self.writes[disk_id])
+
+    def expected_image(self, disk_id, mark, path, size=None):
+        """Rebuild the disk as it was at `mark` by replaying the logged writes on a fresh raw image."""
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", path, str(size or self.disks[disk_id].size)],
+                       check=True)
+        commands = self.writes[disk_id][:mark]
+        if commands:
+            args = ["qemu-io", "-f", "raw"]
+            for command in commands:
+                args += ["-c", command]
+            subprocess.run(args + [path], check=True, stdout=subprocess.DEVNULL)
+        return path
+
+    def named_bitmaps(self, disk_id):
+        for node in self.qmp("query-named-block-nodes", flat=True):
+            if node["node-name"] == self.node(disk_id):
+                return {b["name"]: b for b in node.get("dirty-bitmaps", []) if b.get("name")}
+        raise KeyError(disk_id)
+
+    def leftovers(self):
+        """Everything in QEMU that a backup adds: nodes beyond the disks', exports, jobs, temporary bitmaps."""
+        own_nodes = {"%s-file" % d for d in self.disks} | {self.node(d) for d in self.disks}
+        return dict(
+            nodes=[n["node-name"] for n in self.qmp("query-named-block-nodes", flat=True)
+                   if n["node-name"] not in own_nodes],
+            exports=self.qmp("query-block-exports"),
+            jobs=self.qmp("query-jobs"),
+            bitmaps={d: sorted(b for b in self.named_bitmaps(d) if b.startswith("fb-")) for d in self.disks},
+        )
+
+    def kill(self):
+        """SIGKILL by PID, as a crash would, and wait until the process is gone."""
+        if self.pid is None:
+            return
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            select.select([pidfd], [], [], 30)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+        self._forget()
+
+    def quit(self):
+        """A clean shutdown: QEMU stores persistent bitmaps on the way out."""
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            self.qmp("quit")
+            select.select([pidfd], [], [], 60)
+        finally:
+            os.close(pidfd)
+        self._forget()
+
+    def _forget(self):
+        if self.monitor is not None:
+            try:
+                self.monitor.close()
+            except Exception:  # pylint: disable=broad-except
+                pass  # the process is gone, and so is the socket
+        self.monitor = None
+        self.pid = None
+
+
+def same(first, second):
+    """Same virtual size and same bytes (strict mode would also compare allocation, which differs)."""
+    sizes = {json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", path], check=True,
+                                       stdout=subprocess.PIPE).stdout)["virtual-size"] for path in (first, second)}
+    return len(sizes) == 1 and subprocess.run(["qemu-img", "compare", "-U", first, second],
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE).returncode == 0
