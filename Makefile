@@ -43,7 +43,7 @@ $(INSTALLED): $(VENV)/.ready $(SOURCES)
 install: $(INSTALLED)
 
 demo: install
-	$(PY) demo/run.py
+	VENV=$(VENV) demo/run.sh
 
 test: install
 	cd tests && $(PY) -m pytest -ra $(PYTEST_ARGS)
