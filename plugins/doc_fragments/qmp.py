@@ -21,6 +21,13 @@ options:
       - A monitor busy with another client sends no greeting; the module then fails instead of hanging.
     type: float
     default: 10
+  checkpoint_dir:
+    description:
+      - Directory of the checkpoint registry, which records each checkpoint's disk size and creation time (QEMU's
+        bitmaps do not), so that an incremental after a disk resize is refused or falls back to full.
+      - Created when first needed. A checkpoint missing from it is still usable; only the resize check is lost.
+    type: path
+    default: /var/lib/fleetbackup/checkpoints
 requirements:
   - qemu.qmp (Python package)
   - QEMU 7.2 or newer

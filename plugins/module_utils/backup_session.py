@@ -17,6 +17,7 @@ import re
 import tempfile
 from urllib.parse import quote
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import checkpoint_problem
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import create_image
@@ -133,17 +134,20 @@ def _unlink(path):
 class BackupPlan:
     """What a start will do, decided from QMP queries before anything is created."""
 
-    def __init__(self, names, disks, nbd_socket, checkpoint=None, incremental=None, fallback_to_full=False):
+    def __init__(self, names, disks, nbd_socket, registry, checkpoint=None, incremental=None,
+                 fallback_to_full=False):
         self.names = names
+        self.registry = registry
         self.nbd_socket = nbd_socket
         self.checkpoint = checkpoint
         self.incremental = incremental
+        self.chosen = disks
         self.disks = []
         for index, (disk, export) in enumerate(zip(disks, export_names(disks))):
-            mode, reason = _disk_mode(disk, incremental, fallback_to_full)
+            mode, reason = _disk_mode(disk, incremental, fallback_to_full, registry)
             _check_checkpoint_target(disk, checkpoint)
             self.disks.append(dict(
-                disk=disk.name, node=disk.node, format=disk.format, export=export,
+                disk=disk.name, node=disk.node, format=disk.format, filename=disk.filename, export=export,
                 url=nbd_url(export, nbd_socket), size=disk.size, mode=mode,
                 dirty_bitmap=dirty_context(names.temp_bitmap) if mode == "incremental" else None,
                 dirty_bytes=disk.bitmaps[incremental]["count"] if mode == "incremental" else None,
@@ -180,17 +184,12 @@ class BackupPlan:
         return actions
 
 
-def _disk_mode(disk, incremental, fallback_to_full):
+def _disk_mode(disk, incremental, fallback_to_full, registry):
     """('full' | 'incremental', reason for a full backup where an incremental was asked)."""
     if not incremental:
         return "full", None
-    bitmap = disk.bitmaps.get(incremental)
-    if bitmap is None:
-        problem = "checkpoint '%s' does not exist on disk %s" % (incremental, disk.name)
-    elif bitmap.get("inconsistent"):
-        problem = ("checkpoint '%s' on disk %s is inconsistent (QEMU stopped uncleanly); it can only be "
-                   "removed" % (incremental, disk.name))
-    else:
+    problem = checkpoint_problem(disk, incremental, registry)
+    if problem is None:
         return "incremental", None
     if fallback_to_full:
         return "full", problem
@@ -239,7 +238,7 @@ def start_backup(qmp, names, plan, check_mode):
     except Exception as err:  # pylint: disable=broad-except
         step = getattr(err, "step", None)
         try:
-            stop_backup(qmp, names, discard_checkpoint=True)
+            stop_backup(qmp, names, plan.registry, discard_checkpoint=True)
         except (FleetbackupError, OSError) as cleanup_error:
             raise UserError("Starting backup '%s' failed%s: %s. Cleaning up failed too: %s" % (
                 names.backup_id, " at " + step if step else "", err, cleanup_error)) from None
@@ -271,6 +270,8 @@ def _create(qmp, plan, state):
             "driver": "qcow2", "node-name": disk["scratch_node"], "discard": "unmap",
             "file": {"driver": "file", "filename": disk["scratch_file"]}, "backing": disk["node"]})
     _step("the backup transaction", qmp.transaction, plan.transaction_actions())
+    if plan.checkpoint:
+        plan.registry.record(plan.chosen, plan.checkpoint)
     _start_nbd_server(qmp, plan, state)
     for disk in plan.disks:
         export = {"type": "nbd", "id": disk["export_id"], "node-name": disk["scratch_node"],
@@ -319,7 +320,24 @@ def find_leftovers(qmp, names):
     )
 
 
-def stop_backup(qmp, names, discard_checkpoint=False, check_mode=False):
+RUNNING_ID = re.compile(r"^fb-([A-Za-z0-9_-]{1,32})-\d+$")
+
+
+def running_backups(qmp):
+    """{backup_id: {exports, jobs}} of the backups running in this QEMU, from their names."""
+    backups = {}
+    for export in qmp.execute("query-block-exports"):
+        match = RUNNING_ID.match(export["id"])
+        if match:
+            backups.setdefault(match.group(1), dict(exports=[], jobs=[]))["exports"].append(export["id"])
+    for job in qmp.execute("query-block-jobs"):
+        match = RUNNING_ID.match(job["device"])
+        if match:
+            backups.setdefault(match.group(1), dict(exports=[], jobs=[]))["jobs"].append(job["device"])
+    return backups
+
+
+def stop_backup(qmp, names, registry, discard_checkpoint=False, check_mode=False):
     """Remove everything the backup created, in QEMU and on disk. Returns what was (or would be) removed."""
     state = BackupState.load(names.state_file)
     data = state.data if state else {}
@@ -349,6 +367,8 @@ def stop_backup(qmp, names, discard_checkpoint=False, check_mode=False):
         qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": names.temp_bitmap})
     for node in checkpoint_nodes:
         qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": data["checkpoint"]})
+    if checkpoint_nodes:
+        registry.forget([d["filename"] for d in data["disks"] if d["node"] in checkpoint_nodes], data["checkpoint"])
     for path in files:
         _unlink(path)
     if state:
@@ -372,7 +392,8 @@ def _checkpoint_nodes(qmp, data):
     return [disk.node for disk in list_disks(qmp) if disk.node in nodes and checkpoint in disk.bitmaps]
 
 
-def plan_backup(qmp, names, disks, nbd_socket, checkpoint=None, incremental=None, fallback_to_full=False):
+def plan_backup(qmp, names, disks, nbd_socket, registry, checkpoint=None, incremental=None,
+                fallback_to_full=False):
     """Resolve the disks and build the plan; raises UserError for anything that cannot work."""
     try:
         chosen = select_disks(list_disks(qmp), disks)
@@ -380,4 +401,4 @@ def plan_backup(qmp, names, disks, nbd_socket, checkpoint=None, incremental=None
         raise UserError(str(err)) from None
     if not chosen:
         raise UserError("This VM has no writable disk with a medium to back up; name disks explicitly.")
-    return BackupPlan(names, chosen, nbd_socket, checkpoint, incremental, fallback_to_full)
+    return BackupPlan(names, chosen, nbd_socket, registry, checkpoint, incremental, fallback_to_full)

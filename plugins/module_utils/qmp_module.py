@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import HAS_LIBNBD, LIBNBD_IMPORT_ERROR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import (
@@ -21,6 +22,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import
 QMP_ARGUMENT_SPEC = dict(
     qmp_socket=dict(type="path", required=True),
     qmp_timeout=dict(type="float", default=DEFAULT_TIMEOUT),
+    checkpoint_dir=dict(type="path", default="/var/lib/fleetbackup/checkpoints"),
 )
 
 BACKUP_ID_ARGUMENT_SPEC = dict(
@@ -43,6 +45,11 @@ class FleetbackupModule(AnsibleModule):
                 "libnbd's Python bindings (Debian: apt install python3-libnbd; the pip package 'nbd' "
                 "is unrelated), with an interpreter that sees them"),
                 exception=str(LIBNBD_IMPORT_ERROR))
+
+    @property
+    def checkpoints(self):
+        """The registry of what QEMU does not record about checkpoints."""
+        return CheckpointRegistry(self.params["checkpoint_dir"])
 
     @contextmanager
     def qmp(self):

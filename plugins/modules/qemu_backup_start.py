@@ -53,8 +53,8 @@ options:
     type: str
   fallback_to_full:
     description:
-      - Where O(incremental) cannot be used on a disk (the checkpoint is missing or inconsistent after QEMU
-        died), back that disk up in full and say why in RV(backup.disks[].reason).
+      - Where O(incremental) cannot be used on a disk (the checkpoint is missing, inconsistent after QEMU
+        died, or the disk was resized since it), back that disk up in full and say why in RV(backup.disks[].reason).
       - Without it such a disk fails the start before anything is created.
     type: bool
     default: false
@@ -214,7 +214,7 @@ def start(module):
         running = running_backup(qmp, names)
         if running is not None:
             return dict(changed=False, backup=running.data["result"])
-        plan = plan_backup(qmp, names, params["disks"], nbd_socket, params["checkpoint"],
+        plan = plan_backup(qmp, names, params["disks"], nbd_socket, module.checkpoints, params["checkpoint"],
                            params["incremental"], params["fallback_to_full"])
         return dict(changed=True, backup=start_backup(qmp, names, plan, module.check_mode))
 

@@ -113,7 +113,8 @@ def stop(module):
     check_backup_id(module.params["backup_id"])
     names = BackupNames(module.params["backup_id"], module.params["scratch_dir"])
     with module.qmp() as qmp:
-        removed = stop_backup(qmp, names, module.params["discard_checkpoint"], module.check_mode)
+        removed = stop_backup(qmp, names, module.checkpoints, module.params["discard_checkpoint"],
+                              module.check_mode)
     return dict(changed=any(removed.values()), removed=removed)
 
 

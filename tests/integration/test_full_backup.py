@@ -8,6 +8,7 @@ import sys
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from support.paths import COLLECTIONS
+from support.flows import Backups
 from support.modules import ansible_bin, ansible_env, run_module
 from support.qemu_vm import DiskSpec, MiB, same
 
@@ -15,13 +16,11 @@ BACKUP = "bk1"
 
 
 def start(vm, scratch, **args):
-    return run_module("qemu_backup_start", qmp_socket=vm.qmp_socket, backup_id=args.pop("backup_id", BACKUP),
-                      scratch_dir=scratch, **args)
+    return Backups(vm, os.path.dirname(scratch)).start(args.pop("backup_id", BACKUP), scratch_dir=scratch, **args)
 
 
 def stop(vm, scratch, **args):
-    return run_module("qemu_backup_stop", qmp_socket=vm.qmp_socket, backup_id=args.pop("backup_id", BACKUP),
-                      scratch_dir=scratch, **args)
+    return Backups(vm, os.path.dirname(scratch)).stop(args.pop("backup_id", BACKUP), scratch_dir=scratch, **args)
 
 
 def assert_nothing_left(vm, scratch):

@@ -100,6 +100,11 @@ class Vm:
     def discard(self, disk_id, offset, length):
         self._apply(disk_id, "discard %d %d" % (offset, length))
 
+    def resize(self, disk_id, size):
+        """block_resize, as a management tool would; the log replays it as a truncate."""
+        self.qmp("block_resize", **{"node-name": self.node(disk_id), "size": size})
+        self.writes[disk_id].append("truncate %d" % size)
+
     def mark(self, disk_id):
         """A point in the write log, for expected_image."""
         return len(self.writes[disk_id])

@@ -9,10 +9,14 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session im
     nbd_url,
     plan_backup,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
 
 from fake_qmp import FakeQmp, bitmap, block_device, named_node
+
+
+REGISTRY = CheckpointRegistry("/nonexistent/registry")
 
 
 def fake_vm(bitmaps=()):
@@ -73,7 +77,7 @@ def test_export_names_are_unique_and_url_safe():
 def test_incremental_transaction_freezes_the_bitmap_with_the_fleecing():
     qmp = fake_vm(bitmaps=[bitmap("c1", count=65536, granularity=131072)])
     names = BackupNames("b2", "/s")
-    plan = plan_backup(qmp, names, ["vda"], "/s/b2.nbd", checkpoint="c2", incremental="c1")
+    plan = plan_backup(qmp, names, ["vda"], "/s/b2.nbd", REGISTRY, checkpoint="c2", incremental="c1")
     kinds = [(kind, data.get("job-id") or data.get("name") or data.get("target"))
              for kind, data in plan.transaction_actions()]
     assert kinds == [("block-dirty-bitmap-add", "fb-b2"), ("block-dirty-bitmap-merge", "fb-b2"),
@@ -88,8 +92,8 @@ def test_incremental_problems_fail_or_fall_back_per_disk():
     qmp = fake_vm(bitmaps=[bitmap("c1", inconsistent=True)])
     names = BackupNames("b3", "/s")
     with pytest.raises(UserError, match="inconsistent.*fallback_to_full"):
-        plan_backup(qmp, names, ["vda"], "/s/x.nbd", incremental="c1")
-    plan = plan_backup(qmp, names, None, "/s/x.nbd", incremental="c1", fallback_to_full=True)
+        plan_backup(qmp, names, ["vda"], "/s/x.nbd", REGISTRY, incremental="c1")
+    plan = plan_backup(qmp, names, None, "/s/x.nbd", REGISTRY, incremental="c1", fallback_to_full=True)
     assert [(d["disk"], d["mode"]) for d in plan.result()["disks"]] == [("vda", "full"), ("sd1", "full")]
     assert "inconsistent" in plan.result()["disks"][0]["reason"]
     assert "does not exist" in plan.result()["disks"][1]["reason"]
@@ -99,6 +103,18 @@ def test_checkpoints_need_qcow2_and_a_new_name():
     qmp = fake_vm(bitmaps=[bitmap("c1")])
     names = BackupNames("b4", "/s")
     with pytest.raises(UserError, match="persistent dirty bitmaps need qcow2"):
-        plan_backup(qmp, names, ["sd1"], "/s/x.nbd", checkpoint="c9")
+        plan_backup(qmp, names, ["sd1"], "/s/x.nbd", REGISTRY, checkpoint="c9")
     with pytest.raises(UserError, match="already exists"):
-        plan_backup(qmp, names, ["vda"], "/s/x.nbd", checkpoint="c1")
+        plan_backup(qmp, names, ["vda"], "/s/x.nbd", REGISTRY, checkpoint="c1")
+
+
+def test_a_resize_since_the_checkpoint_is_a_reason_for_a_full_backup(tmp_path):
+    registry = CheckpointRegistry(str(tmp_path))
+    disk = list_disks(fake_vm(bitmaps=[bitmap("c1")]))[0]
+    registry.record([disk._replace(size=disk.size // 2)], "c1")
+    qmp = fake_vm(bitmaps=[bitmap("c1")])
+    with pytest.raises(UserError, match="resized from 536870912 to 1073741824 bytes since checkpoint 'c1'"):
+        plan_backup(qmp, BackupNames("b5", "/s"), ["vda"], "/s/x.nbd", registry, incremental="c1")
+    registry.forget([disk.filename], "c1")
+    plan = plan_backup(qmp, BackupNames("b5", "/s"), ["vda"], "/s/x.nbd", registry, incremental="c1")
+    assert plan.result()["disks"][0]["mode"] == "incremental"

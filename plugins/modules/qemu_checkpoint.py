@@ -1,0 +1,119 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: qemu_checkpoint
+short_description: Add or remove a checkpoint (persistent dirty bitmap) on the disks of a running QEMU VM
+version_added: 0.1.0
+description:
+  - A checkpoint is a persistent dirty bitmap with the same name on each disk. It records every write from its
+    creation on, survives clean QEMU restarts, and lets M(fleetbackup.qemu.qemu_backup_start) export only what
+    changed since it (O(fleetbackup.qemu.qemu_backup_start#module:incremental)).
+  - Checkpoints are normally created by M(fleetbackup.qemu.qemu_backup_start) in the same instant as a backup.
+    This module adds one outside a backup, and removes old or inconsistent ones (an inconsistent checkpoint,
+    left by a QEMU that died, can only be removed).
+  - All disks are changed in one QMP transaction.
+author:
+  - fleetbackup.qemu developers
+extends_documentation_fragment:
+  - fleetbackup.qemu.qmp
+options:
+  name:
+    description: Name of the checkpoint.
+    type: str
+    required: true
+  disks:
+    description:
+      - Disks to act on, each a qdev id, qdev path, drive id or node name.
+      - Default with O(state=present), every writable disk; with O(state=absent), every disk that has the checkpoint.
+    type: list
+    elements: str
+  state:
+    description: Whether the checkpoint should exist on the disks.
+    type: str
+    choices: [present, absent]
+    default: present
+attributes:
+  check_mode:
+    support: full
+    description: Reports the disks that would change.
+"""
+
+EXAMPLES = r"""
+- name: Open a checkpoint on every writable disk
+  fleetbackup.qemu.qemu_checkpoint:
+    qmp_socket: /run/vms/web1/qmp.sock
+    name: before-upgrade
+
+- name: Drop a checkpoint whose chain was pruned
+  fleetbackup.qemu.qemu_checkpoint:
+    qmp_socket: /run/vms/web1/qmp.sock
+    name: c0001
+    state: absent
+"""
+
+RETURN = r"""
+disks:
+  description: The disks whose checkpoint was added or removed (in check mode, would be).
+  returned: success
+  type: list
+  elements: str
+  sample: [vda, vdb]
+"""
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
+
+
+def main():
+    module = FleetbackupModule(
+        argument_spec=dict(
+            name=dict(type="str", required=True),
+            disks=dict(type="list", elements="str"),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+        ),
+        needs_qmp=True,
+        supports_check_mode=True,
+    )
+    module.run(ensure_checkpoint)
+
+
+def ensure_checkpoint(module):
+    name = module.params["name"]
+    if not name or name.startswith("fb-"):
+        raise UserError("Invalid checkpoint name '%s': it must not be empty or start with 'fb-', which running "
+                        "backups use for their own bitmaps." % name)
+    present = module.params["state"] == "present"
+    with module.qmp() as qmp:
+        disks = list_disks(qmp)
+        if present or module.params["disks"]:
+            try:
+                disks = select_disks(disks, module.params["disks"])
+            except LookupError as err:
+                raise UserError(str(err)) from None
+        if present:
+            for disk in disks:
+                if disk.format != "qcow2":
+                    raise UserError("Cannot add checkpoint '%s' to disk %s: it is %s, and persistent dirty bitmaps "
+                                    "need qcow2. Name only qcow2 disks in disks." % (name, disk.name, disk.format))
+            todo = [disk for disk in disks if name not in disk.bitmaps]
+            action = ("block-dirty-bitmap-add", lambda d: dict(node=d.node, name=name, persistent=True))
+        else:
+            todo = [disk for disk in disks if name in disk.bitmaps]
+            action = ("block-dirty-bitmap-remove", lambda d: dict(node=d.node, name=name))
+        if todo and not module.check_mode:
+            qmp.transaction([(action[0], action[1](disk)) for disk in todo])
+            if present:
+                module.checkpoints.record(todo, name)
+            else:
+                module.checkpoints.forget([disk.filename for disk in todo], name)
+    return dict(changed=bool(todo), disks=[disk.name for disk in todo])
+
+
+if __name__ == "__main__":
+    main()
