@@ -114,6 +114,7 @@ def test_inconsistent_checkpoint_after_kill_fails_or_falls_back(vms, tmp_path):
     vm.quit()
     vm.start()
     vm.write("vda", MiB, MiB, 0x20)
+    vm.flushed_image("vda")  # the guest's flush: without it the crash may lose the write itself
     vm.kill()
     vm.start()
     assert vm.named_bitmaps("vda")["c1"]["inconsistent"] is True

@@ -14,19 +14,19 @@ class ModuleResult(dict):
         return bool(self.get("failed"))
 
 
-def run_module(name, check_mode=False, **args):
+def run_module(module_name, check_mode=False, **args):
     args = {key: value for key, value in args.items() if value is not None}
     if check_mode:
         args["_ansible_check_mode"] = True
     process = subprocess.run(
-        [sys.executable, "-m", "ansible_collections.fleetbackup.qemu.plugins.modules." + name],
+        [sys.executable, "-m", "ansible_collections.fleetbackup.qemu.plugins.modules." + module_name],
         input=json.dumps({"ANSIBLE_MODULE_ARGS": args}).encode(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=COLLECTIONS), timeout=600, check=False)
     try:
         result = ModuleResult(json.loads(process.stdout))
     except ValueError:
         raise AssertionError("module %s printed no JSON (rc %d): %s %s"
-                             % (name, process.returncode, process.stdout[-2000:], process.stderr[-2000:]))
+                             % (module_name, process.returncode, process.stdout[-2000:], process.stderr[-2000:]))
     assert (process.returncode != 0) == result.failed, result
     return result
 
