@@ -230,7 +230,7 @@ def start_backup(qmp, names, plan, check_mode):
     if check_mode:
         return plan.result()
     state = BackupState(names.state_file, dict(
-        backup_id=names.backup_id, complete=False, nbd_socket=plan.nbd_socket, nbd_server_started=False,
+        backup_id=names.backup_id, complete=False, qmp_socket=qmp.socket_path, nbd_socket=plan.nbd_socket, nbd_server_started=False,
         checkpoint=plan.checkpoint, disks=plan.disks, result=plan.result()))
     state.save()
     try:
@@ -374,6 +374,30 @@ def stop_backup(qmp, names, registry, discard_checkpoint=False, check_mode=False
     if state:
         state.remove()
     return removed
+
+
+def stop_dead_backup(names, qmp_socket, registry, discard_checkpoint=False, check_mode=False):
+    """Remove the files of a backup whose QEMU is gone (its objects went with the process).
+
+    Only when the state file names this very QMP socket, so a mistyped path never deletes a live backup's files.
+    Returns what was removed, or None when the backup is not known to belong to that socket.
+    """
+    state = BackupState.load(names.state_file)
+    if state is None or state.data.get("qmp_socket") != qmp_socket:
+        return None
+    data = state.data
+    files = [d["scratch_file"] for d in data["disks"] if os.path.exists(d["scratch_file"])]
+    if os.path.exists(data["nbd_socket"]):
+        files.append(data["nbd_socket"])
+    checkpoint = data.get("checkpoint") if discard_checkpoint else None
+    if not check_mode:
+        for path in files:
+            _unlink(path)
+        if checkpoint:
+            registry.forget([d["filename"] for d in data["disks"]], checkpoint)
+        state.remove()
+    return dict(exports=[], jobs=[], nodes=[], files=files, nbd_server=False, checkpoint=checkpoint,
+                state_file=True)
 
 
 def _stop_nbd_server(qmp):

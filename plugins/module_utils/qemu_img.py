@@ -60,3 +60,16 @@ def images_equal(first, second):
     if process.returncode not in (0, 1):
         raise QemuImgError("qemu-img compare failed: %s" % process.stderr.decode(errors="replace").strip())
     return process.returncode == 0
+
+
+def convert_image(source, target, target_format):
+    """Flatten source, with its whole backing chain, into a new standalone image (sparse, out-of-order writes)."""
+    _checked("convert", "-U", "-W", "-O", target_format, source, target)
+
+
+def check_image(path):
+    """qemu-img check of a qcow2 image; raises QemuImgError naming what is wrong."""
+    process = run_qemu_img("check", "-U", "--output=json", path)
+    if process.returncode != 0:
+        raise QemuImgError("qemu-img check found %s damaged: %s" % (
+            path, (process.stdout or process.stderr).decode(errors="replace").strip()))

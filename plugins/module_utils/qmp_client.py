@@ -30,6 +30,10 @@ class QmpError(FleetbackupError):
     """A QMP failure, phrased for the user."""
 
 
+class QmpUnreachable(QmpError):
+    """Nothing serves the socket: the VM is not running there."""
+
+
 class QmpCommandError(QmpError):
     """QEMU answered a command with an error."""
 
@@ -76,7 +80,8 @@ class QmpClient:
                 "Give the VM a -qmp socket of its own for fleetbackup, or raise qmp_timeout."
                 % (self.socket_path, self.timeout)) from None
         except ConnectError as err:
-            raise QmpError(self._describe_connect_error(err)) from None
+            unreachable = isinstance(err.exc, (FileNotFoundError, ConnectionRefusedError))
+            raise (QmpUnreachable if unreachable else QmpError)(self._describe_connect_error(err)) from None
 
     def _describe_connect_error(self, err):
         cause = err.exc

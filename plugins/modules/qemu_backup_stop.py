@@ -15,6 +15,8 @@ description:
     temporary bitmaps, its scratch images, its socket and its state file.
   - It finds the backup's objects by their names, so it also cleans up after a start that was interrupted
     half-way and after a copy that was killed.
+  - When the VM itself is gone (its QMP socket is missing or refuses connections), the backup's QEMU objects went
+    with it; the stop then removes the backup's files, if its state file names this same O(qmp_socket).
   - With nothing left to stop it reports no change.
 author:
   - fleetbackup.qemu developers
@@ -93,7 +95,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session im
     BackupNames,
     check_backup_id,
     stop_backup,
+    stop_dead_backup,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpUnreachable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import (
     BACKUP_ID_ARGUMENT_SPEC,
     FleetbackupModule,
@@ -110,11 +114,18 @@ def main():
 
 
 def stop(module):
-    check_backup_id(module.params["backup_id"])
-    names = BackupNames(module.params["backup_id"], module.params["scratch_dir"])
-    with module.qmp() as qmp:
-        removed = stop_backup(qmp, names, module.checkpoints, module.params["discard_checkpoint"],
-                              module.check_mode)
+    params = module.params
+    check_backup_id(params["backup_id"])
+    names = BackupNames(params["backup_id"], params["scratch_dir"])
+    try:
+        with module.qmp() as qmp:
+            removed = stop_backup(qmp, names, module.checkpoints, params["discard_checkpoint"], module.check_mode)
+    except QmpUnreachable as err:
+        removed = stop_dead_backup(names, params["qmp_socket"], module.checkpoints, params["discard_checkpoint"],
+                                   module.check_mode)
+        if removed is None:
+            raise
+        module.warn("%s The VM took the backup's QEMU objects with it; its files were removed." % err)
     return dict(changed=any(removed.values()), removed=removed)
 
 

@@ -1,0 +1,208 @@
+"""The backup and restore roles, and the fleet playbook, against real QEMU processes."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from support.modules import run_playbook
+from support.paths import COLLECTIONS
+from support.qemu_vm import DiskSpec, MiB, same
+
+PLAYBOOKS = os.path.join(COLLECTIONS, "ansible_collections", "fleetbackup", "qemu", "playbooks")
+
+
+class Fleet:
+    """An inventory of VMs on this machine, a repository, and runs of the collection's playbooks."""
+
+    def __init__(self, tmp_path, vms):
+        self.tmp_path = tmp_path
+        self.vms = vms
+        self.repository = tmp_path / "repository"
+        self.repository.mkdir(exist_ok=True)
+        self.scratch = tmp_path / "scratch"
+        self.scratch.mkdir(exist_ok=True)
+        self.inventory = tmp_path / "inventory.json"
+        self.runs = 0
+        hosts = {name: {"qemu_backup_qmp_socket": vm.qmp_socket} for name, vm in vms.items()}
+        self.inventory.write_text(json.dumps({"vms": {"hosts": hosts, "vars": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+            "qemu_backup_repository": str(self.repository),
+            "qemu_backup_scratch_dir": str(self.scratch),
+            "qemu_backup_checkpoint_dir": str(tmp_path / "checkpoints"),
+            "qemu_restore_repository": str(self.repository),
+        }}}))
+
+    def run(self, playbook, check=False, **extra_vars):
+        self.runs += 1
+        return run_playbook(os.path.join(PLAYBOOKS, playbook), str(self.inventory),
+                            str(self.tmp_path / ("results-%d.json" % self.runs)), extra_vars, check=check)
+
+    def backup(self, check=False, **extra_vars):
+        return self.run("fleet_backup.yml", check=check, **extra_vars)
+
+    def restore(self, vm, dest, **extra_vars):
+        return self.run("restore.yml", qemu_restore_dest=str(dest), fleet_group=vm, **extra_vars)
+
+    def manifest(self, vm):
+        with open(self.repository / vm / "manifest.json") as stream:
+            return json.load(stream)
+
+    def images(self, vm):
+        return sorted(name for name in os.listdir(self.repository / vm) if name.endswith(".qcow2"))
+
+
+def two_disks(vm):
+    vm.write("vda", 0, 4 * MiB, 0x11)
+    vm.write("vdb", 8 * MiB, 2 * MiB, 0x22)
+
+
+def assert_ok(result, changed=None):
+    rc, results, output = result
+    assert rc == 0 and not results["failures"], output[-4000:]
+    if changed is not None:
+        assert {h: s["changed"] for h, s in results["stats"].items()} == changed, output[-4000:]
+    return results
+
+
+def assert_clean(vm, scratch):
+    leftovers = vm.leftovers()
+    assert leftovers["nodes"] == [] and leftovers["exports"] == [] and leftovers["jobs"] == []
+    assert all(bitmaps == [] for bitmaps in leftovers["bitmaps"].values())
+    assert os.listdir(scratch) == []
+
+
+def test_chain_restores_each_point_and_reruns_change_nothing(vms, tmp_path):
+    vm = vms([DiskSpec("vda"), DiskSpec("vdb")], prepare=two_disks)
+    fleet = Fleet(tmp_path, {"vm1": vm})
+    marks = []
+    for step in range(3):
+        marks.append({d: vm.mark(d) for d in vm.disks})
+        assert_ok(fleet.backup())
+        vm.write("vda", (step + 1) * 8 * MiB, MiB, 0x30 + step)
+        vm.zero("vdb", 8 * MiB, MiB)
+    backups = fleet.manifest("vm1")["backups"]
+    assert [b["level"] for b in backups] == ["full", "incremental", "incremental"]
+    assert [b["parent"] for b in backups] == [None, backups[0]["name"], backups[1]["name"]]
+    assert {b["chain"] for b in backups} == {backups[0]["name"]}
+    assert backups[1]["disks"][0]["bytes_read"] == MiB
+    # Only the newest checkpoint stays in QEMU: the next incremental starts from it.
+    assert list(vm.named_bitmaps("vda")) == [backups[2]["checkpoint"]]
+    assert_clean(vm, fleet.scratch)
+
+    for point, backup in enumerate(backups):
+        dest = tmp_path / ("restore-%d" % point)
+        results = assert_ok(fleet.restore("vm1", dest, qemu_restore_backup=backup["name"]), changed={"vm1": 2})
+        for disk in vm.disks:
+            expected = vm.expected_image(disk, marks[point][disk], str(tmp_path / ("exp-%d-%s.raw" % (point, disk))))
+            assert same(str(dest / ("%s.qcow2" % disk)), expected)
+            check = subprocess.run(["qemu-img", "check", str(dest / ("%s.qcow2" % disk))], stdout=subprocess.PIPE)
+            assert check.returncode == 0
+        assert results["tasks"]["vm1"]["Restore the disks"]["backup"] == backup["name"]
+    # The same restore again: identical images, no change.
+    assert_ok(fleet.restore("vm1", tmp_path / "restore-2", qemu_restore_backup=backups[2]["name"]),
+              changed={"vm1": 0})
+    raw = tmp_path / "restore-raw"
+    assert_ok(fleet.restore("vm1", raw, qemu_restore_format="raw"))
+    assert same(str(raw / "vda.raw"), str(tmp_path / "restore-2" / "vda.qcow2"))
+
+
+def test_max_age_and_check_mode_change_nothing(vms, tmp_path):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, MiB, 0x42))
+    fleet = Fleet(tmp_path, {"vm1": vm})
+    planned = assert_ok(fleet.backup(check=True, qemu_backup_max_age="1h"), changed={"vm1": 0})
+    assert "full backup" in planned["tasks"]["vm1"]["Report the plan"]["msg"]
+    assert not (fleet.repository / "vm1" / "manifest.json").exists() and vm.named_bitmaps("vda") == {}
+
+    assert_ok(fleet.backup(qemu_backup_max_age="1h"))
+    vm.write("vda", 4 * MiB, 2 * MiB, 0x43)
+    again = assert_ok(fleet.backup(qemu_backup_max_age="1h"), changed={"vm1": 0})
+    assert "younger than max_age" in again["tasks"]["vm1"]["Report the plan"]["msg"]
+    assert len(fleet.manifest("vm1")["backups"]) == 1
+
+    planned = assert_ok(fleet.backup(check=True), changed={"vm1": 0})
+    message = planned["tasks"]["vm1"]["Report the plan"]["msg"]
+    assert "incremental backup" in message and "vda" in message and "2.00 MB" in message
+    assert len(fleet.manifest("vm1")["backups"]) == 1
+    assert len(vm.named_bitmaps("vda")) == 1
+    assert_clean(vm, fleet.scratch)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A tmpfs of a few MiB: a copy into it fails half-way with ENOSPC, as on a full backup disk."""
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0755", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_failed_copy_leaves_the_repository_and_the_next_run_continues(vms, tmp_path, small_filesystem):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 4 * MiB, 0x51))
+    fleet = Fleet(tmp_path, {"vm1": vm})
+    fleet.repository = small_filesystem
+    fleet.inventory.write_text(fleet.inventory.read_text().replace(str(tmp_path / "repository"),
+                                                                   str(small_filesystem)))
+    marks = [vm.mark("vda")]
+    assert_ok(fleet.backup())
+    manifest = (small_filesystem / "vm1" / "manifest.json").read_bytes()
+    images = fleet.images("vm1")
+    checkpoints = list(vm.named_bitmaps("vda"))
+
+    vm.write("vda", 16 * MiB, 24 * MiB, 0x52)  # more than the file system holds
+    rc, results, output = fleet.backup()
+    assert rc != 0 and "was not recorded" in " ".join(results["failures"]["vm1"]), output[-3000:]
+    assert "No space left on device" in output
+    assert (small_filesystem / "vm1" / "manifest.json").read_bytes() == manifest
+    assert fleet.images("vm1") == images and not [n for n in os.listdir(small_filesystem / "vm1") if ".part" in n]
+    assert list(vm.named_bitmaps("vda")) == checkpoints
+    assert_clean(vm, fleet.scratch)
+
+    subprocess.run(["mount", "-o", "remount,size=128m", str(small_filesystem)], check=True)
+    marks.append(vm.mark("vda"))
+    assert_ok(fleet.backup())
+    backups = fleet.manifest("vm1")["backups"]
+    assert [b["level"] for b in backups] == ["full", "incremental"]
+    assert backups[1]["incremental"] == backups[0]["checkpoint"]
+    dest = tmp_path / "restored"
+    assert_ok(fleet.restore("vm1", dest))
+    assert same(str(dest / "vda.qcow2"), vm.expected_image("vda", marks[1], str(tmp_path / "e.raw")))
+
+
+def test_retention_prunes_whole_old_chains(vms, tmp_path):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, MiB, 0x61))
+    fleet = Fleet(tmp_path, {"vm1": vm})
+    names = []
+    for level in ("full", "incremental", "full", "incremental", "full"):
+        vm.write("vda", len(names) * MiB, MiB, 0x70 + len(names))
+        assert_ok(fleet.backup(qemu_backup_level=level, qemu_backup_keep_chains=2))
+        names.append(fleet.manifest("vm1")["backups"][-1]["name"])
+    backups = fleet.manifest("vm1")["backups"]
+    assert [b["name"] for b in backups] == names[2:]
+    assert [b["chain"] for b in backups] == [names[2], names[2], names[4]]
+    assert fleet.images("vm1") == sorted("%s.vda.qcow2" % name for name in names[2:])
+    assert list(vm.named_bitmaps("vda")) == [backups[-1]["checkpoint"]]
+
+
+def test_fleet_playbook_backs_up_vms_in_parallel_and_isolates_failures(vms, tmp_path):
+    machines = {}
+    for index in range(3):
+        machines["vm%d" % index] = vms([DiskSpec("vda")], name="vm%d" % index,
+                                       prepare=lambda vm, i=index: vm.write("vda", 0, MiB, 0x80 + i))
+    fleet = Fleet(tmp_path, machines)
+    inventory = json.loads(fleet.inventory.read_text())
+    inventory["vms"]["hosts"]["broken"] = {"qemu_backup_qmp_socket": str(tmp_path / "no-such-vm.sock")}
+    fleet.inventory.write_text(json.dumps(inventory))
+    rc, results, output = fleet.backup()
+    assert rc != 0
+    assert list(results["failures"]) == ["broken"] and "does not exist" in results["failures"]["broken"][0]
+    for name, vm in machines.items():
+        assert results["stats"][name]["failures"] == 0, output[-3000:]
+        backups = fleet.manifest(name)["backups"]
+        assert len(backups) == 1
+        image = fleet.repository / name / backups[0]["disks"][0]["file"]
+        assert same(str(image), vm.flushed_image("vda"))
+        assert_clean(vm, fleet.scratch)
