@@ -12,18 +12,17 @@ in Python bytes.
 from __future__ import annotations
 
 import os
-import select
-import socket
-import subprocess
-import tempfile
 import threading
 import time
+from collections import deque
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import (
     CONTEXT_ALLOCATION,
     CONTEXT_ALLOCATION_DEPTH,
     COPY,
+    align_extents,
     DIRTY_BITMAP_PREFIX,
     STATUS_WINDOW,
     clip,
@@ -40,8 +39,8 @@ except ImportError as import_error:
     HAS_LIBNBD = False
     LIBNBD_IMPORT_ERROR = import_error
 
-# Work is handed to the connections in slices of this many bytes of the disk.
-WORK_SLICE = 128 * 1024 ** 2
+# Work is handed to the connections in batches of about this many bytes of data.
+BATCH_BYTES = 64 * 1024 ** 2
 # QEMU refuses reads larger than this.
 MAX_REQUEST_SIZE = 32 * 1024 ** 2
 
@@ -133,11 +132,18 @@ class CopyStats:
 
 
 class WorkQueue:
-    """Hands out the disk in slices; each slice comes with its planned operations."""
+    """Maps the disk in large block-status windows and hands out batches of planned operations.
 
-    def __init__(self, size, request_size, zero_target, bitmap_context, stats):
+    Mapping and batching are separate: a sparse disk is mapped a window
+    (up to 2 GiB) per request, while data is handed out in small batches so
+    that every connection stays busy.
+    """
+
+    def __init__(self, size, request_size, zero_target, bitmap_context, stats, target):
         self._size = size
-        self._next = 0
+        self._target = target
+        self._mapped = 0
+        self._ready = deque()
         self._lock = threading.Lock()
         self._request_size = request_size
         self._zero_target = zero_target
@@ -145,23 +151,126 @@ class WorkQueue:
         self._stats = stats
 
     def take(self, handle):
-        """Plan the next slice with `handle`'s block status; None when the disk is done."""
+        """The next batch of operations, mapping more of the disk with `handle` when needed; None at the end."""
         with self._lock:
-            start = self._next
-            if start >= self._size:
-                return None
-            self._next = min(self._size, start + WORK_SLICE)
-        extents = list(read_extents(handle, start, min(WORK_SLICE, self._size - start), self._bitmap_context))
+            while not self._ready and self._mapped < self._size:
+                self._map_window(handle)
+            batch = []
+            data = 0
+            while self._ready and data < BATCH_BYTES:
+                operation = self._ready.popleft()
+                batch.append(operation)
+                data += operation[2] if operation[0] == COPY else 0
+            return batch or None
+
+    def _map_window(self, handle):
+        length = min(STATUS_WINDOW, self._size - self._mapped)
+        extents = align_extents(list(read_extents(handle, self._mapped, length, self._bitmap_context)),
+                                self._target.alignment)
+        self._mapped += length
         self._stats.add_extents(extents)
-        return list(plan_operations(extents, self._request_size, self._zero_target))
+        operations = list(plan_operations(extents, self._request_size, self._zero_target))
+        self._target.planned(operations, self._mapped)
+        self._ready.extend(operations)
+
+
+class FileTarget:
+    """A fresh raw image written with pwrite from the copying threads, which release the GIL meanwhile.
+
+    It never gets zero requests: a new sparse file already reads as zeros.
+    """
+
+    alignment = 1
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def planned(self, operations, mapped_through):
+        """Nothing to prepare: a raw file has no metadata."""
+
+    def write(self, buf, offset, done):
+        view = memoryview(buf.to_buffer())
+        try:
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as err:
+            done(err.errno)
+        else:
+            done(0)
+
+    def finish(self):
+        os.fdatasync(self.fd)
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Qcow2Target:
+    """A new qcow2 image, shared by all copying threads.
+
+    It tells the writer when a 512 MiB region is done (mapped past, and no
+    operation on it left), so only the tables of regions in progress stay in memory.
+    """
+
+    alignment = qcow2_writer.CLUSTER_SIZE
+
+    def __init__(self, path, size, backing, backing_format):
+        self.writer = qcow2_writer.Qcow2Writer(path, size, backing, backing_format)
+        self._lock = threading.Lock()
+        self._pending = {}
+        self._mapped = 0
+
+    def planned(self, operations, mapped_through):
+        with self._lock:
+            for _, offset, length in operations:
+                for region in self._regions(offset, length):
+                    self._pending[region] = self._pending.get(region, 0) + 1
+            self._mapped = mapped_through
+            self._release_done_regions()
+
+    def write(self, buf, offset, done):
+        self._finish_operation(lambda: self.writer.write(buf.to_buffer(), offset), offset, buf.size(), done)
+
+    def zero(self, offset, length, done):
+        self._finish_operation(lambda: self.writer.zero(offset, length), offset, length, done)
+
+    def _finish_operation(self, operation, offset, length, done):
+        try:
+            operation()
+        except OSError as err:
+            done(err.errno)
+            return
+        with self._lock:
+            for region in self._regions(offset, length):
+                self._pending[region] -= 1
+            self._release_done_regions()
+        done(0)
+
+    @staticmethod
+    def _regions(offset, length):
+        return range(offset // qcow2_writer.REGION, (offset + length - 1) // qcow2_writer.REGION + 1)
+
+    def _release_done_regions(self):
+        for region in [r for r, count in self._pending.items() if count == 0]:
+            if (region + 1) * qcow2_writer.REGION <= self._mapped:
+                self.writer.region_done(region)
+                del self._pending[region]
+
+    def finish(self):
+        self.writer.finish()
+
+    def close(self):
+        self.writer.close()
 
 
 class _Worker:
-    """One connection pair: reads from src and writes to dst with many requests in flight."""
+    """One source connection and one target: many reads in flight, each written out as it completes."""
 
-    def __init__(self, src, dst, queue, stats, requests, request_size):
+    def __init__(self, src, target, queue, stats, requests, request_size):
         self.src = src
-        self.dst = dst
+        self.target = target
         self.queue = queue
         self.stats = stats
         self.free = [nbd.Buffer(request_size) for _ in range(requests)]
@@ -173,7 +282,6 @@ class _Worker:
     def run(self):
         try:
             self._copy()
-            self.dst.flush()
         except Exception as err:  # pylint: disable=broad-except
             # A thread's exception would otherwise vanish and the copy look complete.
             self.error = self.error or str(err)
@@ -204,69 +312,56 @@ class _Worker:
             buf = self.free.pop()
             if buf.size() != length:
                 buf = nbd.Buffer(length)
-            self.src.aio_pread(buf, offset, completion=lambda err: self._on_read(err, buf, offset))
+            self.src.aio_pread(buf, offset, completion=lambda err: self._on_read(err.value, buf, offset))
         else:
-            self.dst.aio_zero(length, offset, completion=lambda err: self._on_write(err, None, "zero", offset))
+            self.target.zero(offset, length, lambda errno_value: self._on_write(errno_value, None, "zero", offset))
 
     # Completion callbacks run inside libnbd: they only record, never call a handle.
-    def _on_read(self, err, buf, offset):
-        if err.value:
-            self._fail("read", offset, err.value)
+    def _on_read(self, errno_value, buf, offset):
+        if errno_value:
+            self._fail("read", offset, errno_value)
         else:
             self.read_done.append((buf, offset))
         return 1
 
-    def _on_write(self, err, buf, kind, offset):
+    def _on_write(self, errno_value, buf, kind, offset):
         self.in_flight -= 1
         if buf is not None:
             self.free.append(buf)
-        if err.value:
-            self._fail(kind, offset, err.value)
+        if errno_value:
+            self._fail(kind, offset, errno_value)
         return 1
 
     def _fail(self, kind, offset, errno_value):
         if self.error is None:
-            self.error = "NBD %s at offset %d failed: %s" % (kind, offset, os.strerror(errno_value))
+            self.error = "%s at offset %d failed: %s" % (kind.capitalize(), offset, os.strerror(errno_value))
 
     def _write_completed_reads(self):
         while self.read_done:
             buf, offset = self.read_done.pop()
             self.stats.add_read(buf.size())
-            self.dst.aio_pwrite(buf, offset, completion=lambda err, b=buf, o=offset: self._on_write(err, b, "write", o))
+            self.target.write(buf, offset, lambda errno_value, b=buf, o=offset: self._on_write(errno_value, b, "write", o))
 
     def _wait(self):
-        poller = select.poll()
-        handles = {}
-        for handle in (self.src, self.dst):
-            direction = handle.aio_get_direction()
-            events = (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0) | \
-                     (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0)
-            if events:
-                poller.register(handle.aio_get_fd(), events)
-                handles[handle.aio_get_fd()] = handle
-        for fd, revents in poller.poll(1000):
-            handle = handles[fd]
-            if revents & select.POLLIN:
-                handle.aio_notify_read()
-            elif revents & select.POLLOUT:
-                handle.aio_notify_write()
-            if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLIN:
-                raise NbdError("The NBD server closed the connection during the copy.")
+        try:
+            self.src.poll(-1)
+        except nbd.Error as err:
+            raise NbdError("The NBD server failed during the copy: %s" % err) from None
 
 
-def copy(src_url, dst_urls, size, bitmap_context=None, zero_target=True,
-         requests=16, request_size=1024 ** 2):
-    """Copy the export at src_url to the servers at dst_urls, one connection pair each.
+def copy(src_url, target, size, connections, bitmap_context=None, zero_target=True, requests=16,
+         request_size=256 * 1024):
+    """Copy the export at src_url into target over `connections` connections, one thread each.
 
     Returns (bytes_read, bytes_zeroed, bytes_clean).
     """
     stats = CopyStats()
-    queue = WorkQueue(size, request_size, zero_target, bitmap_context, stats)
+    queue = WorkQueue(size, request_size, zero_target, bitmap_context, stats, target)
     workers = []
     try:
-        for dst_url in dst_urls:
-            src = open_source(src_url, bitmap_context)
-            workers.append(_Worker(src, open_target(dst_url), queue, stats, requests, request_size))
+        for _ in range(connections):
+            workers.append(_Worker(open_source(src_url, bitmap_context), target, queue, stats, requests,
+                                   request_size))
         threads = [threading.Thread(target=worker.run, name="copy-%d" % index)
                    for index, worker in enumerate(workers)]
         for thread in threads:
@@ -276,11 +371,32 @@ def copy(src_url, dst_urls, size, bitmap_context=None, zero_target=True,
     finally:
         for worker in workers:
             close_handle(worker.src)
-            close_handle(worker.dst)
     errors = [worker.error for worker in workers if worker.error]
     if errors:
         raise NbdError(errors[0])
     return stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean
+
+
+def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format=None,
+                  connections=4, requests=16, request_size=256 * 1024):
+    """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
+
+    backing is stored as given: keep it relative to the image's directory.
+
+    The image is complete and durable when this returns. Returns (bytes_read, bytes_zeroed, bytes_clean).
+    """
+    if image_format == "raw":
+        with open(path, "xb") as stream:
+            stream.truncate(size)
+        target = FileTarget(path)
+    else:
+        target = Qcow2Target(path, size, backing, backing_format)
+    try:
+        counts = copy(src_url, target, size, connections, bitmap_context, backing is None, requests, request_size)
+        target.finish()
+        return counts
+    finally:
+        target.close()
 
 
 def export_size_and_connections(src_url, bitmap_context, wanted):
@@ -290,85 +406,6 @@ def export_size_and_connections(src_url, bitmap_context, wanted):
         return handle.get_size(), wanted if handle.can_multi_conn() else 1
     finally:
         close_handle(handle)
-
-
-def open_target(url):
-    handle = nbd.NBD()
-    handle.set_handle_name("fleetbackup-dst")
-    try:
-        handle.connect_uri(url)
-    except nbd.Error as err:
-        raise NbdError("Cannot connect to the image writer at %s: %s" % (url, err)) from None
-    return handle
-
-
-class ImageWriter:
-    """qemu-nbd serving a destination image on a private socket, started by us and ended by PID.
-
-    It keeps qcow2 sparse, turns zero requests into zero clusters and
-    accepts `connections` writers at once.
-    """
-
-    def __init__(self, path, image_format, connections):
-        self.path = path
-        self.image_format = image_format
-        self.connections = connections
-        self._dir = None
-        self._process = None
-
-    def __enter__(self):
-        self._dir = tempfile.mkdtemp(prefix="fleetbackup-writer-")
-        socket_path = os.path.join(self._dir, "nbd.sock")
-        # Socket activation: the socket listens before qemu-nbd starts, so nothing has to wait for it.
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(socket_path)
-            listener.listen(self.connections)
-            self._process = subprocess.Popen(
-                ["qemu-nbd", "--format", self.image_format, "--shared", str(self.connections),
-                 "--cache", "writeback", "--discard", "unmap", self.path],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                pass_fds=sorted({listener.fileno(), 3}),
-                preexec_fn=lambda: _become_socket_activated(listener.fileno()))
-        except OSError as err:
-            self._cleanup_dir()
-            raise NbdError("Cannot start qemu-nbd for %s: %s (install qemu-utils)" % (self.path, err)) from None
-        finally:
-            listener.close()
-        self.url = "nbd+unix:///?socket=" + socket_path
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    def close(self):
-        """End qemu-nbd by its PID; it flushes and closes the image on SIGTERM."""
-        if self._process is not None:
-            if self._process.poll() is None:
-                self._process.terminate()
-            _, stderr = self._process.communicate()
-            returncode = self._process.returncode
-            self._process = None
-            self._cleanup_dir()
-            if returncode not in (0, -15):
-                raise NbdError("qemu-nbd writing %s failed (exit %s): %s"
-                               % (self.path, returncode, stderr.decode(errors="replace").strip()))
-        self._cleanup_dir()
-
-    def _cleanup_dir(self):
-        if self._dir:
-            for name in os.listdir(self._dir):
-                os.unlink(os.path.join(self._dir, name))
-            os.rmdir(self._dir)
-            self._dir = None
-
-
-def _become_socket_activated(listen_fd):
-    """In the child before exec: put the listening socket on fd 3 as systemd would."""
-    if listen_fd != 3:
-        os.dup2(listen_fd, 3)
-    os.environ["LISTEN_PID"] = str(os.getpid())
-    os.environ["LISTEN_FDS"] = "1"
 
 
 def elapsed_since(started):

@@ -113,6 +113,37 @@ def clip(extents, end):
     return clipped
 
 
+# A chunk whose parts differ becomes dirty data: reading it gives the point-in-time bytes of all its parts.
+MIXED = (False, True, True)
+
+
+def align_extents(extents, alignment):
+    """Extents whose boundaries are multiples of alignment (a qcow2 cluster), for writers of whole clusters."""
+    if alignment <= 1 or not extents:
+        return extents
+    begin, end = extents[0].start, extents[-1].start + extents[-1].length
+    aligned = []
+    partial = {}
+    for extent in extents:
+        start, stop = extent.start, extent.start + extent.length
+        first_whole = -(-start // alignment) * alignment
+        last_whole = stop // alignment * alignment
+        if first_whole < last_whole:
+            aligned.append(extent._replace(start=first_whole, length=last_whole - first_whole))
+            pieces = ((start, first_whole), (last_whole, stop))
+        else:
+            pieces = ((start, stop),)
+        status = tuple(extent[2:])
+        for piece_start, piece_stop in pieces:
+            if piece_start < piece_stop:
+                for chunk in range(piece_start // alignment, (piece_stop - 1) // alignment + 1):
+                    partial[chunk] = status if partial.get(chunk, status) == status else MIXED
+    for chunk, status in partial.items():
+        start = max(begin, chunk * alignment)
+        aligned.append(Extent(start, min(chunk * alignment + alignment, end) - start, *status))
+    return coalesce(sorted(aligned))
+
+
 def plan_operations(extents, request_size, zero_target):
     """Turn extents into (kind, offset, length) operations.
 

@@ -64,16 +64,18 @@ options:
     type: int
     default: 16
   request_size:
-    description: Bytes per read request, at most 32 MiB (QEMU's limit).
+    description:
+      - Bytes per read request, a multiple of 64 KiB up to 32 MiB (QEMU's limit). Small requests, many in flight,
+        copy fastest.
     type: int
-    default: 1048576
+    default: 262144
   mode:
     description:
       - Permissions of O(dest). Disk images hold secrets, so the default is C(0600).
     default: '0600'
 requirements:
   - libnbd's Python bindings (Debian package python3-libnbd)
-  - qemu-nbd and qemu-img (Debian package qemu-utils)
+  - qemu-img (Debian package qemu-utils), to read the backing file's format
 seealso:
   - module: fleetbackup.qemu.qemu_backup_start
 attributes:
@@ -155,13 +157,13 @@ import time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
     MAX_REQUEST_SIZE,
-    ImageWriter,
-    copy,
+    copy_to_image,
     dirty_context,
     elapsed_since,
     export_size_and_connections,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import create_image
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import image_info
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import FleetbackupModule
 
 
@@ -176,7 +178,7 @@ def main():
             backing=dict(type="path"),
             connections=dict(type="int", default=4),
             requests=dict(type="int", default=16),
-            request_size=dict(type="int", default=1024 ** 2),
+            request_size=dict(type="int", default=256 * 1024),
         ),
         needs_nbd=True,
         add_file_common_args=True,
@@ -198,8 +200,9 @@ def check_params(params):
                         "nbd+unix:///vda?socket=/var/tmp/ID.nbd." % params["src"])
     if not 1 <= params["connections"] <= 16 or not 1 <= params["requests"] <= 1024:
         raise UserError("connections must be 1 to 16 and requests 1 to 1024.")
-    if not 4096 <= params["request_size"] <= MAX_REQUEST_SIZE or params["request_size"] % 4096:
-        raise UserError("request_size must be a multiple of 4096 from 4096 to %d (QEMU's limit)." % MAX_REQUEST_SIZE)
+    if not CLUSTER_SIZE <= params["request_size"] <= MAX_REQUEST_SIZE or params["request_size"] % CLUSTER_SIZE:
+        raise UserError("request_size must be a multiple of %d from %d to %d (QEMU's limit)."
+                        % (CLUSTER_SIZE, CLUSTER_SIZE, MAX_REQUEST_SIZE))
     if params["dirty_bitmap"] and not params["backing"]:
         raise UserError("An incremental copy (dirty_bitmap) needs backing: the previous backup of this disk.")
     if params["backing"]:
@@ -225,16 +228,16 @@ def copy_backup(module):
     size, connections = export_size_and_connections(params["src"], bitmap_context, params["connections"])
     partial = os.path.join(dest_dir, ".%s.part-%d" % (os.path.basename(dest), os.getpid()))
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
-    create_image(partial, params["format"], size, backing)
+    backing_format = image_info(params["backing"])["format"] if backing else None
     started = time.monotonic()
     try:
-        with ImageWriter(partial, params["format"], connections) as writer:
-            bytes_read, bytes_zeroed, bytes_unchanged = copy(
-                params["src"], [writer.url] * connections, size, bitmap_context,
-                zero_target=backing is None, requests=params["requests"], request_size=params["request_size"])
+        bytes_read, bytes_zeroed, bytes_unchanged = copy_to_image(
+            params["src"], partial, params["format"], size, bitmap_context, backing, backing_format, connections,
+            params["requests"], params["request_size"])
         os.rename(partial, dest)
     except BaseException:
-        os.unlink(partial)
+        if os.path.exists(partial):
+            os.unlink(partial)
         raise
     _sync_directory(dest_dir)
     elapsed = elapsed_since(started)

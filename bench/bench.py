@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""make bench: our copy engine against nbdcopy and qemu-img convert, on the same live backup export.
+
+It builds an 8 GiB disk holding 2 GiB of data in many extents, with zeroed and
+unallocated regions, starts a backup of it in a real QEMU, and times every
+copier in turn, alternating, several rounds. Then it times an incremental with
+1% of the disk dirty, checks peak memory on a 64 GiB disk and the mapping of a
+1 TiB sparse one. Every output is checked with qemu-img compare.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "build", "collections"))
+
+from support.modules import run_module  # noqa: E402  (needs the paths above)
+from support.qemu_vm import DiskSpec, MiB, Vm, same  # noqa: E402
+
+GiB = 1024 * MiB
+MODULE = "ansible_collections.fleetbackup.qemu.plugins.modules.qemu_backup_copy"
+
+
+def build_disk(vm, disk, size, data):
+    """data bytes in 32 extents spread over the disk, plus zeroed regions between them."""
+    extents = 32
+    chunk = data // extents
+    stride = size // extents
+    for index in range(extents):
+        vm.write(disk, index * stride, chunk, 0x10 + index)
+        if index % 4 == 1:
+            vm.zero(disk, index * stride + chunk, min(64 * MiB, stride - chunk))
+
+
+def make_vm(workdir, name, size):
+    path = os.path.join(workdir, name)
+    os.makedirs(path, exist_ok=True)
+    return Vm(path, [DiskSpec("vda", size=size)])
+
+
+def timed(argv, stdin=None, env=None):
+    """Run argv; return (seconds, stdout)."""
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    stdout, stderr = process.communicate(stdin)
+    elapsed = time.monotonic() - started
+    if process.returncode != 0:
+        raise RuntimeError("%s failed: %s %s" % (argv[0], stdout[-2000:], stderr[-2000:]))
+    return elapsed, stdout
+
+
+def peak_rss_mib(argv, stdin=None, env=None):
+    """Peak RSS in MiB of a command or the largest child it waited for, from wait4's rusage."""
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env)
+    process.stdin.write(stdin or b"")
+    process.stdin.close()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError("%s failed with %d" % (argv[0], process.returncode))
+    return usage.ru_maxrss / 1024
+
+
+class Copiers:
+    def __init__(self, url, workdir, size, connections):
+        self.url = url
+        self.workdir = workdir
+        self.size = size
+        self.connections = connections
+        self.env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "build", "collections"))
+
+    def output(self, name, extension):
+        return os.path.join(self.workdir, "%s.%s" % (name, extension))
+
+    def ours(self, image_format, **extra):
+        dest = self.output("ours", image_format)
+        args = dict(src=self.url, dest=dest, format=image_format, force=True, connections=self.connections, **extra)
+        payload = json.dumps({"ANSIBLE_MODULE_ARGS": args}).encode()
+        return [sys.executable, "-m", MODULE], payload, dest
+
+    def nbdcopy_raw(self):
+        dest = self.output("nbdcopy", "raw")
+        return ["nbdcopy", "-C", str(self.connections), self.url, dest], None, dest
+
+    def nbdcopy_qcow2(self):
+        dest = self.output("nbdcopy", "qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", dest, str(self.size)], check=True)
+        return ["nbdcopy", "-C", str(self.connections), "--destination-is-zero", self.url, "--",
+                "[", "qemu-nbd", "--shared", str(self.connections), "-f", "qcow2", dest, "]"], None, dest
+
+    def qemu_img(self):
+        dest = self.output("qemu-img", "qcow2")
+        return ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-W", "-m", "16", self.url, dest], None, dest
+
+    def all(self):
+        return {
+            "fleetbackup qcow2": lambda: self.ours("qcow2"),
+            "fleetbackup raw": lambda: self.ours("raw"),
+            "nbdcopy raw": self.nbdcopy_raw,
+            "nbdcopy qcow2 (qemu-nbd)": self.nbdcopy_qcow2,
+            "qemu-img convert qcow2": self.qemu_img,
+        }
+
+
+def run_round_robin(copiers, rounds, reference_image):
+    times = {name: [] for name in copiers}
+    for round_index in range(rounds):
+        order = list(copiers) if round_index % 2 == 0 else list(reversed(copiers))
+        for name in order:
+            argv, stdin, dest = copiers[name]()
+            elapsed, _ = timed(argv, stdin, env=copiers_env(argv))
+            times[name].append(elapsed)
+            if round_index == 0 and not same(dest, reference_image):
+                raise SystemExit("%s produced an image that differs from the disk" % name)
+            os.unlink(dest)
+    return times
+
+
+def copiers_env(argv):
+    return dict(os.environ, PYTHONPATH=os.path.join(ROOT, "build", "collections")) if argv[0] == sys.executable \
+        else None
+
+
+def start_backup(vm, scratch, backup_id, **args):
+    result = run_module("qemu_backup_start", qmp_socket=vm.qmp_socket, backup_id=backup_id, scratch_dir=scratch,
+                        checkpoint_dir=os.path.join(scratch, "..", "checkpoints"), **args)
+    if result.failed:
+        raise SystemExit(result["msg"])
+    return result["backup"]["disks"][0]
+
+
+def stop_backup(vm, scratch, backup_id):
+    run_module("qemu_backup_stop", qmp_socket=vm.qmp_socket, backup_id=backup_id, scratch_dir=scratch,
+               checkpoint_dir=os.path.join(scratch, "..", "checkpoints"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gib", type=int, default=8)
+    parser.add_argument("--data-gib", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--workdir", default=None, help="default: a new directory under build/")
+    args = parser.parse_args()
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-", dir=os.path.join(ROOT, "build"))
+    os.makedirs(workdir, exist_ok=True)
+    scratch = os.path.join(workdir, "scratch")
+    os.makedirs(scratch, exist_ok=True)
+    size, data = args.size_gib * GiB, args.data_gib * GiB
+    vms = []
+    try:
+        print("Building a %d GiB disk with %d GiB of data..." % (args.size_gib, args.data_gib), flush=True)
+        vm = make_vm(workdir, "vm", size)
+        build_disk(vm, "vda", size, data)
+        vms.append(vm.start())
+        disk = start_backup(vm, scratch, "bench-full", checkpoint="c1")
+        reference = vm.flushed_image("vda")
+        copiers = Copiers(disk["url"], workdir, size, args.connections)
+        print("Timing %d rounds, alternating the order..." % args.rounds, flush=True)
+        times = run_round_robin(copiers.all(), args.rounds, reference)
+        memory = {}
+        for name, make in copiers.all().items():
+            argv, stdin, dest = make()
+            memory[name] = peak_rss_mib(argv, stdin, env=copiers_env(argv))
+            os.unlink(dest)
+
+        # The incremental: 1% of the disk dirty, in 1 MiB writes spread over it.
+        argv, stdin, base = copiers.ours("qcow2")
+        timed(argv, stdin, env=copiers_env(argv))
+        stop_backup(vm, scratch, "bench-full")
+        dirty_writes = size // 100 // MiB
+        for index in range(dirty_writes):
+            vm.write("vda", (index * (size // dirty_writes)) // MiB * MiB, MiB, 0xE0 + index % 16)
+        incremental = start_backup(vm, scratch, "bench-inc", incremental="c1")
+        inc_copiers = Copiers(incremental["url"], os.path.join(workdir, "inc"), size, args.connections)
+        os.makedirs(inc_copiers.workdir)
+        inc_times = []
+        for _ in range(args.rounds):
+            argv, stdin, dest = inc_copiers.ours("qcow2", dirty_bitmap=incremental["dirty_bitmap"], backing=base)
+            elapsed, output = timed(argv, stdin, env=copiers_env(argv))
+            inc_times.append(elapsed)
+            inc_result = json.loads(output)
+        if not same(dest, vm.flushed_image("vda")):
+            raise SystemExit("the incremental does not restore the disk")
+        stop_backup(vm, scratch, "bench-inc")
+        vm.kill()
+
+        # Memory on a 64 GiB disk with the same data, and the map of a 1 TiB sparse disk.
+        big = make_vm(workdir, "big", 64 * GiB)
+        build_disk(big, "vda", 64 * GiB, data)
+        sparse = make_vm(workdir, "sparse", 1024 * GiB)
+        results_big = {}
+        for label, machine in (("64 GiB disk, 2 GiB data", big), ("1 TiB sparse disk", sparse)):
+            vms.append(machine.start())
+            other = start_backup(machine, scratch, "bench-big")
+            argv, stdin, dest = Copiers(other["url"], workdir, machine.disks["vda"].size, args.connections).ours("qcow2")
+            elapsed, output = timed(argv, stdin, env=copiers_env(argv))
+            results_big[label] = (elapsed, peak_rss_mib(argv, stdin, env=copiers_env(argv)))
+            os.unlink(dest)
+            stop_backup(machine, scratch, "bench-big")
+            machine.kill()
+    finally:
+        for machine in vms:
+            machine.kill()
+
+    report(times, memory, inc_times, inc_result, results_big, data, size)
+    shutil.rmtree(workdir)
+
+
+def report(times, memory, inc_times, inc_result, results_big, data, size):
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print()
+    print("| copier | median s | data MiB/s | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in times:
+        print("| %s | %.2f | %.0f | %.0f |" % (name, median[name], data / MiB / median[name], memory[name]))
+    inc = statistics.median(inc_times)
+    print("| fleetbackup incremental, 1%% dirty | %.2f | %.0f | |" % (inc, inc_result["bytes_read"] / MiB / inc))
+    for label, (elapsed, rss) in results_big.items():
+        print("| fleetbackup qcow2, %s | %.2f | | %.0f |" % (label, elapsed, rss))
+    ours = median["fleetbackup qcow2"]
+    print()
+    checks = [
+        ("full qcow2 / qemu-img convert qcow2", ours / median["qemu-img convert qcow2"], 1.0),
+        ("full qcow2 / nbdcopy raw", ours / median["nbdcopy raw"], 1.2),
+        ("full raw / nbdcopy raw", median["fleetbackup raw"] / median["nbdcopy raw"], 1.2),
+        ("full qcow2 / nbdcopy qcow2", ours / median["nbdcopy qcow2 (qemu-nbd)"], 1.2),
+        ("incremental 1% / full", inc / ours, 0.05),
+    ]
+    for label, ratio, target in checks:
+        print("%-40s %6.3f  target <= %.2f  %s" % (label, ratio, target, "met" if ratio <= target else "MISSED"))
+    print("incremental bytes read: %d (%.2f%% of the disk)" % (inc_result["bytes_read"],
+                                                               100.0 * inc_result["bytes_read"] / size))
+
+
+if __name__ == "__main__":
+    main()

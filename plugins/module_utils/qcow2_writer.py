@@ -1,0 +1,168 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Write a new qcow2 image directly, from many threads, without a qemu-nbd hop.
+
+Going through qemu-nbd costs every byte two more trips through a socket; on a
+small machine that made qcow2 backups slower than `qemu-img convert`. The
+image written here is deliberately simple: qcow2 v3, 64 KiB clusters, 16-bit
+refcounts, no compression; data clusters are appended in the order writes
+arrive, and every table is written when its part of the disk is done. The
+header goes last, so a copy that dies leaves an image nothing will open.
+`qemu-img check` verifies the result in the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import threading
+from array import array
+
+CLUSTER_BITS = 16
+CLUSTER_SIZE = 1 << CLUSTER_BITS
+L2_ENTRIES = CLUSTER_SIZE // 8
+REGION = L2_ENTRIES * CLUSTER_SIZE  # the guest bytes one L2 table maps: 512 MiB
+REFCOUNTS_PER_BLOCK = CLUSTER_SIZE // 2
+HEADER_LENGTH = 104
+OFLAG_COPIED = 1 << 63  # refcount is exactly 1
+OFLAG_ZERO = 1  # v3: the cluster reads as zeros
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_END = 0
+
+
+def _clusters(length):
+    return (length + CLUSTER_SIZE - 1) // CLUSTER_SIZE
+
+
+class Qcow2Writer:
+    """A new qcow2 image at path, open for writes of whole clusters at any guest offset.
+
+    write() and zero() may be called from several threads. Each guest cluster
+    is written at most once. Memory holds only the L2 tables of regions still
+    in progress: region_done() writes a finished region's table out.
+    """
+
+    def __init__(self, path, size, backing=None, backing_format="qcow2"):
+        self.path = path
+        self.size = size
+        self.backing = backing
+        self._backing_format = backing_format
+        self._lock = threading.Lock()
+        self._l1 = array("Q", bytes(8 * self.l1_size))
+        self._l2 = {}
+        self._l1_clusters = _clusters(self.l1_size * 8)
+        self._next_cluster = 1 + self._l1_clusters  # cluster 0 is the header, then the L1 table
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+
+    @property
+    def l1_size(self):
+        return max(1, (self.size + REGION - 1) // REGION)
+
+    def _allocate(self, clusters):
+        host = self._next_cluster
+        self._next_cluster += clusters
+        return host * CLUSTER_SIZE
+
+    def _table(self, region):
+        table = self._l2.get(region)
+        if table is None:
+            table = self._l2[region] = array("Q", bytes(CLUSTER_SIZE))
+        return table
+
+    def _map(self, offset, length, entry_for):
+        """Set the L2 entries of [offset, offset+length), entry_for(cluster index in the run)."""
+        first = offset // CLUSTER_SIZE
+        for index in range(_clusters(length)):
+            cluster = first + index
+            self._table(cluster // L2_ENTRIES)[cluster % L2_ENTRIES] = entry_for(index)
+
+    def write(self, data, offset):
+        """Write data (a bytes-like object) at a cluster-aligned guest offset."""
+        with self._lock:
+            host = self._allocate(_clusters(len(data)))
+            self._map(offset, len(data), lambda index: (host + index * CLUSTER_SIZE) | OFLAG_COPIED)
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, host)
+            view = view[written:]
+            host += written
+
+    def zero(self, offset, length):
+        """Make cluster-aligned [offset, offset+length) read as zeros, whatever the backing file holds."""
+        first = offset // CLUSTER_SIZE
+        end = first + _clusters(length)
+        with self._lock:
+            while first < end:
+                region = first // L2_ENTRIES
+                stop = min(end, (region + 1) * L2_ENTRIES)
+                table = self._table(region)
+                table[first % L2_ENTRIES:first % L2_ENTRIES + stop - first] = array("Q", [OFLAG_ZERO]) * (stop - first)
+                first = stop
+
+    def region_done(self, region):
+        """No more writes will come for guest region `region` (512 MiB): write its table and forget it."""
+        with self._lock:
+            table = self._l2.pop(region, None)
+            if table is None:
+                return
+            host = self._allocate(1)
+            self._l1[region] = host | OFLAG_COPIED
+        os.pwrite(self.fd, _big_endian(table), host)
+
+    def finish(self):
+        """Write the remaining tables, the refcounts and the header, and make it all durable."""
+        for region in sorted(self._l2):
+            self.region_done(region)
+        used = self._next_cluster
+        # Refcount blocks and their table also need refcounts: grow both until they cover themselves.
+        blocks = table_clusters = 0
+        while True:
+            total = used + blocks + table_clusters
+            needed_blocks = (total + REFCOUNTS_PER_BLOCK - 1) // REFCOUNTS_PER_BLOCK
+            needed_table = _clusters(needed_blocks * 8)
+            if (needed_blocks, needed_table) == (blocks, table_clusters):
+                break
+            blocks, table_clusters = needed_blocks, needed_table
+        first_block = self._allocate(blocks) // CLUSTER_SIZE
+        table_offset = self._allocate(table_clusters)
+        refcount_table = array("Q", bytes(table_clusters * CLUSTER_SIZE))
+        for block in range(blocks):
+            counts = array("H", bytes(CLUSTER_SIZE))
+            covered = min(REFCOUNTS_PER_BLOCK, total - block * REFCOUNTS_PER_BLOCK)
+            counts[:covered] = array("H", [1]) * covered
+            os.pwrite(self.fd, _big_endian(counts), (first_block + block) * CLUSTER_SIZE)
+            refcount_table[block] = (first_block + block) * CLUSTER_SIZE
+        os.pwrite(self.fd, _big_endian(refcount_table), table_offset)
+        os.pwrite(self.fd, _big_endian(self._l1), CLUSTER_SIZE)
+        os.ftruncate(self.fd, self._next_cluster * CLUSTER_SIZE)
+        os.fdatasync(self.fd)
+        # The header last: until it is there, the file is no image at all.
+        os.pwrite(self.fd, self._header(table_offset, table_clusters), 0)
+        os.fdatasync(self.fd)
+
+    def _header(self, refcount_table_offset, refcount_table_clusters):
+        extensions = b""
+        backing = b""
+        if self.backing:
+            name = self._backing_format.encode()
+            extensions += struct.pack(">II", EXT_BACKING_FORMAT, len(name)) + name + bytes(-len(name) % 8)
+            backing = self.backing.encode()
+        extensions += struct.pack(">II", EXT_END, 0)
+        backing_offset = HEADER_LENGTH + len(extensions) if backing else 0
+        header = struct.pack(
+            ">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", 3, backing_offset, len(backing), CLUSTER_BITS, self.size, 0,
+            self.l1_size, CLUSTER_SIZE, refcount_table_offset, refcount_table_clusters, 0, 0, 0, 0, 0, 4,
+            HEADER_LENGTH)
+        return header + extensions + backing
+
+    def close(self):
+        os.close(self.fd)
+
+
+def _big_endian(table):
+    swapped = array(table.typecode, table)
+    if sys.byteorder == "little":
+        swapped.byteswap()
+    return swapped.tobytes()
