@@ -18,6 +18,8 @@ from collections import deque
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import write_all
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.write_behind import WriteBehind
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import (
     CONTEXT_ALLOCATION,
     CONTEXT_ALLOCATION_DEPTH,
@@ -184,17 +186,15 @@ class FileTarget:
 
     def __init__(self, path):
         self.fd = os.open(path, os.O_WRONLY)
+        self._write_behind = WriteBehind(self.fd)
 
     def planned(self, operations, mapped_through):
         """Nothing to prepare: a raw file has no metadata."""
 
     def write(self, buf, offset, done):
-        view = memoryview(buf.to_buffer())
         try:
-            while view:
-                written = os.pwrite(self.fd, view, offset)
-                view = view[written:]
-                offset += written
+            write_all(self.fd, buf.to_buffer(), offset)
+            self._write_behind.written(offset, buf.size())
         except OSError as err:
             done(err.errno)
         else:

@@ -20,6 +20,8 @@ import sys
 import threading
 from array import array
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.write_behind import WriteBehind
+
 CLUSTER_BITS = 16
 CLUSTER_SIZE = 1 << CLUSTER_BITS
 L2_ENTRIES = CLUSTER_SIZE // 8
@@ -55,6 +57,7 @@ class Qcow2Writer:
         self._l1_clusters = _clusters(self.l1_size * 8)
         self._next_cluster = 1 + self._l1_clusters  # cluster 0 is the header, then the L1 table
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._write_behind = WriteBehind(self.fd)
 
     @property
     def l1_size(self):
@@ -83,11 +86,8 @@ class Qcow2Writer:
         with self._lock:
             host = self._allocate(_clusters(len(data)))
             self._map(offset, len(data), lambda index: (host + index * CLUSTER_SIZE) | OFLAG_COPIED)
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self.fd, view, host)
-            view = view[written:]
-            host += written
+        write_all(self.fd, data, host)
+        self._write_behind.written(host, len(data))
 
     def zero(self, offset, length):
         """Make cluster-aligned [offset, offset+length) read as zeros, whatever the backing file holds."""
@@ -159,6 +159,15 @@ class Qcow2Writer:
 
     def close(self):
         os.close(self.fd)
+
+
+def write_all(fd, data, offset):
+    """pwrite all of data (a bytes-like object); a regular file may take it in parts."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def _big_endian(table):

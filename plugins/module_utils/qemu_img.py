@@ -32,15 +32,12 @@ def _checked(*args):
     return process.stdout.decode()
 
 
-def create_image(path, image_format, size, backing=None):
-    """Create a new image readable only by its owner; backing is stored as given (keep it relative)."""
+def create_image(path, image_format, size):
+    """Create a new, empty image readable only by its owner."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.close(fd)
-    args = ["create", "-q", "-f", image_format]
-    if backing:
-        args += ["-b", backing, "-F", image_info(os.path.join(os.path.dirname(path), backing))["format"]]
     try:
-        _checked(*(args + [path, size]))
+        _checked("create", "-q", "-f", image_format, path, size)
     except QemuImgError:
         os.unlink(path)
         raise

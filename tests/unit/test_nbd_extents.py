@@ -75,3 +75,27 @@ def test_huge_zero_extents_are_split_into_bounded_zero_requests():
     operations = list(plan_operations(extents, 65536, zero_target=False))
     assert [op[0] for op in operations] == [ZERO] * 3
     assert sum(op[2] for op in operations) == 3 * 1024 ** 3
+
+
+def test_alignment_keeps_whole_chunks_and_turns_mixed_chunks_into_data():
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import align_extents
+    extents = [
+        Extent(0, 4096, False, True, True),      # data in the first 64 KiB chunk...
+        Extent(4096, 192512, True, True, True),  # ...then zeros up to 192 KiB + 4 KiB
+        Extent(196608, 65536, True, False, True),
+    ]
+    assert align_extents(extents, 65536) == [
+        Extent(0, 65536, False, True, True),
+        Extent(65536, 131072, True, True, True),
+        Extent(196608, 65536, True, False, True),
+    ]
+
+
+def test_alignment_of_clean_and_dirty_zero_parts_in_one_chunk_copies_it():
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import align_extents
+    extents = [Extent(0, 32768, True, True, True), Extent(32768, 100000, True, False, True)]
+    assert align_extents(extents, 65536) == [
+        Extent(0, 65536, False, True, True),
+        Extent(65536, 67232, True, False, True),
+    ]
+    assert align_extents(extents, 1) is extents
