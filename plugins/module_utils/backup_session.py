@@ -33,6 +33,12 @@ def check_backup_id(backup_id):
         raise UserError("Invalid backup_id '%s': use 1 to 32 letters, digits, '_' or '-'." % backup_id)
 
 
+def backup_names(params):
+    """The names of the backup that module params (backup_id, scratch_dir) describe, once the id is valid."""
+    check_backup_id(params["backup_id"])
+    return BackupNames(params["backup_id"], params["scratch_dir"])
+
+
 def check_scratch_dir(scratch_dir):
     if not os.path.isdir(scratch_dir):
         raise UserError("scratch_dir %s does not exist: create it, or point scratch_dir at a directory with "

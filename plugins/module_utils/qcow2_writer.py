@@ -27,6 +27,7 @@ CLUSTER_SIZE = 1 << CLUSTER_BITS
 L2_ENTRIES = CLUSTER_SIZE // 8
 REGION = L2_ENTRIES * CLUSTER_SIZE  # the guest bytes one L2 table maps: 512 MiB
 REFCOUNTS_PER_BLOCK = CLUSTER_SIZE // 2
+MAGIC = b"QFI\xfb"
 HEADER_LENGTH = 104
 OFLAG_COPIED = 1 << 63  # refcount is exactly 1
 OFLAG_ZERO = 1  # v3: the cluster reads as zeros
@@ -152,13 +153,19 @@ class Qcow2Writer:
         extensions += struct.pack(">II", EXT_END, 0)
         backing_offset = HEADER_LENGTH + len(extensions) if backing else 0
         header = struct.pack(
-            ">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", 3, backing_offset, len(backing), CLUSTER_BITS, self.size, 0,
+            ">4sIQIIQIIQQIIQQQQII", MAGIC, 3, backing_offset, len(backing), CLUSTER_BITS, self.size, 0,
             self.l1_size, CLUSTER_SIZE, refcount_table_offset, refcount_table_clusters, 0, 0, 0, 0, 0, 4,
             HEADER_LENGTH)
         return header + extensions + backing
 
     def close(self):
         os.close(self.fd)
+
+
+def image_format_of(path):
+    """qcow2 or raw, from the file's magic: all a backing file's header needs, without a qemu-img process."""
+    with open(path, "rb") as stream:
+        return "qcow2" if stream.read(4) == MAGIC else "raw"
 
 
 def write_all(fd, data, offset):

@@ -75,7 +75,6 @@ options:
     default: '0600'
 requirements:
   - libnbd's Python bindings (Debian package python3-libnbd)
-  - qemu-img (Debian package qemu-utils), to read the backing file's format
 seealso:
   - module: fleetbackup.qemu.qemu_backup_start
 attributes:
@@ -162,8 +161,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
     elapsed_since,
     export_size_and_connections,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import image_info
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, image_format_of
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import FleetbackupModule
 
 
@@ -228,7 +226,7 @@ def copy_backup(module):
     size, connections = export_size_and_connections(params["src"], bitmap_context, params["connections"])
     partial = os.path.join(dest_dir, ".%s.part-%d" % (os.path.basename(dest), os.getpid()))
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
-    backing_format = image_info(params["backing"])["format"] if backing else None
+    backing_format = image_format_of(params["backing"]) if backing else None
     started = time.monotonic()
     try:
         bytes_read, bytes_zeroed, bytes_unchanged = copy_to_image(

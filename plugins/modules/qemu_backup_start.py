@@ -165,8 +165,7 @@ backup:
 import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session import (
-    BackupNames,
-    check_backup_id,
+    backup_names,
     check_scratch_dir,
     plan_backup,
     running_backup,
@@ -200,9 +199,8 @@ def main():
 
 def start(module):
     params = module.params
-    check_backup_id(params["backup_id"])
+    names = backup_names(params)
     check_scratch_dir(params["scratch_dir"])
-    names = BackupNames(params["backup_id"], params["scratch_dir"])
     nbd_socket = params["nbd_socket"] or names.default_socket
     if len(nbd_socket.encode()) > MAX_SOCKET_PATH:
         raise UserError("nbd_socket %s is longer than the %d bytes a unix socket path may have: choose a "

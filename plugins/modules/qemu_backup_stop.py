@@ -92,8 +92,7 @@ removed:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session import (
-    BackupNames,
-    check_backup_id,
+    backup_names,
     stop_backup,
     stop_dead_backup,
 )
@@ -115,8 +114,7 @@ def main():
 
 def stop(module):
     params = module.params
-    check_backup_id(params["backup_id"])
-    names = BackupNames(params["backup_id"], params["scratch_dir"])
+    names = backup_names(params)
     try:
         with module.qmp() as qmp:
             removed = stop_backup(qmp, names, module.checkpoints, params["discard_checkpoint"], module.check_mode)

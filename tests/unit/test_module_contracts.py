@@ -1,0 +1,50 @@
+"""Every module documents itself, and fails clearly without its libraries."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support.modules import ansible_bin, ansible_env
+from support.paths import COLLECTIONS
+
+MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(
+    os.path.join(COLLECTIONS, "ansible_collections", "fleetbackup", "qemu", "plugins", "modules", "*.py")))
+
+
+def test_all_modules_are_there():
+    assert MODULES == ["qemu_backup_copy", "qemu_backup_info", "qemu_backup_repository", "qemu_backup_restore",
+                       "qemu_backup_start", "qemu_backup_stop", "qemu_checkpoint"]
+
+
+@pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("role", ["backup", "restore"])])
+def test_ansible_doc_renders_every_plugin(plugin_type, names):
+    process = subprocess.run([ansible_bin("ansible-doc"), "-t", plugin_type, "--json"]
+                             + ["fleetbackup.qemu." + name for name in names],
+                             env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.returncode == 0 and "WARNING" not in process.stderr, process.stderr
+    docs = json.loads(process.stdout)
+    assert sorted(docs) == sorted("fleetbackup.qemu." + name for name in names)
+    if plugin_type == "module":
+        for name, doc in docs.items():
+            assert doc["examples"].strip() and doc["return"], name
+            assert doc["doc"]["attributes"]["check_mode"]["support"] == "full", name
+
+
+@pytest.mark.parametrize("module,args,hidden,words", [
+    ("qemu_backup_copy", {"src": "nbd+unix:///x?socket=/x", "dest": "/tmp/x"}, ["nbd"], "python3-libnbd"),
+    ("qemu_backup_start", {"qmp_socket": "/x", "backup_id": "x"}, ["qemu", "qemu.qmp"], "pip install qemu.qmp"),
+])
+def test_a_missing_library_fails_with_what_to_install(module, args, hidden, words):
+    args = {"ANSIBLE_MODULE_ARGS": args}
+    # A None entry in sys.modules makes its import fail, as on a host without the package.
+    hide = "import sys, runpy; sys.modules.update(dict.fromkeys(%r)); runpy.run_module(%r, run_name='__main__')" % (
+        hidden, "ansible_collections.fleetbackup.qemu.plugins.modules." + module)
+    process = subprocess.run([sys.executable, "-c", hide], input=json.dumps(args).encode(),
+                             stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=COLLECTIONS))
+    result = json.loads(process.stdout)
+    assert process.returncode == 1 and result["failed"]
+    assert words in result["msg"], result["msg"]
