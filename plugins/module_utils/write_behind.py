@@ -13,7 +13,6 @@ VMs' own cache out of the hypervisor's memory.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from collections import deque
@@ -27,7 +26,8 @@ WINDOW = 64
 
 def _sync_file_range():
     try:
-        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+        # The running interpreter's own symbols include libc's, without a search for the library.
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None  # not Linux: the final flush does all the work
     function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)

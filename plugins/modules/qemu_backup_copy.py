@@ -162,7 +162,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
     export_size_and_connections,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, image_format_of
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 
 
 def main():

@@ -110,12 +110,12 @@ backups:
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session import running_backups
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import describe_checkpoints
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import QmpModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks
 
 
 def main():
-    module = FleetbackupModule(argument_spec={}, needs_qmp=True, supports_check_mode=True)
+    module = QmpModule(argument_spec={}, supports_check_mode=True)
     module.run(describe)
 
 

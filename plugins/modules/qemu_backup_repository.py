@@ -155,7 +155,7 @@ obsolete_checkpoints:
 import os
 import time
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import (
     Repository,
     obsolete_checkpoints,

@@ -110,7 +110,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
     image_info,
     images_equal,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
 
 

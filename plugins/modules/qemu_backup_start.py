@@ -174,7 +174,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session im
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import (
     BACKUP_ID_ARGUMENT_SPEC,
-    FleetbackupModule,
+    QmpModule,
 )
 
 # sun_path holds 108 bytes with its terminating NUL.
@@ -182,7 +182,7 @@ MAX_SOCKET_PATH = 107
 
 
 def main():
-    module = FleetbackupModule(
+    module = QmpModule(
         argument_spec=dict(
             BACKUP_ID_ARGUMENT_SPEC,
             disks=dict(type="list", elements="str"),
@@ -191,7 +191,6 @@ def main():
             incremental=dict(type="str"),
             fallback_to_full=dict(type="bool", default=False),
         ),
-        needs_qmp=True,
         supports_check_mode=True,
     )
     module.run(start)

@@ -99,14 +99,13 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session im
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpUnreachable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import (
     BACKUP_ID_ARGUMENT_SPEC,
-    FleetbackupModule,
+    QmpModule,
 )
 
 
 def main():
-    module = FleetbackupModule(
+    module = QmpModule(
         argument_spec=dict(BACKUP_ID_ARGUMENT_SPEC, discard_checkpoint=dict(type="bool", default=False)),
-        needs_qmp=True,
         supports_check_mode=True,
     )
     module.run(stop)

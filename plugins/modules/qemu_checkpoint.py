@@ -66,18 +66,17 @@ disks:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import QmpModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
 
 
 def main():
-    module = FleetbackupModule(
+    module = QmpModule(
         argument_spec=dict(
             name=dict(type="str", required=True),
             disks=dict(type="list", elements="str"),
             state=dict(type="str", choices=["present", "absent"], default="present"),
         ),
-        needs_qmp=True,
         supports_check_mode=True,
     )
     module.run(ensure_checkpoint)

@@ -1,0 +1,31 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The base of every module: library checks and uniform errors."""
+
+from __future__ import annotations
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import HAS_LIBNBD, LIBNBD_IMPORT_ERROR
+
+
+class FleetbackupModule(AnsibleModule):
+    """An AnsibleModule that checks its libraries and turns our errors into fail_json."""
+
+    def __init__(self, argument_spec, needs_nbd=False, **kwargs):
+        super().__init__(argument_spec=argument_spec, **kwargs)
+        if needs_nbd and not HAS_LIBNBD:
+            self.fail_json(msg=missing_required_lib(
+                "libnbd's Python bindings (Debian: apt install python3-libnbd; the pip package 'nbd' "
+                "is unrelated), with an interpreter that sees them"),
+                exception=str(LIBNBD_IMPORT_ERROR))
+
+    def run(self, main):
+        """Call main(self) and exit with its result; our errors become fail_json."""
+        try:
+            result = main(self)
+        except FleetbackupError as err:
+            self.fail_json(msg=str(err))
+        self.exit_json(**result)
