@@ -385,18 +385,22 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
 
     The image is complete and durable when this returns. Returns (bytes_read, bytes_zeroed, bytes_clean).
     """
-    if image_format == "raw":
-        with open(path, "xb") as stream:
-            stream.truncate(size)
-        target = FileTarget(path)
-    else:
-        target = Qcow2Target(path, size, backing, backing_format)
     try:
-        counts = copy(src_url, target, size, connections, bitmap_context, backing is None, requests, request_size)
-        target.finish()
-        return counts
-    finally:
-        target.close()
+        if image_format == "raw":
+            with open(path, "xb") as stream:
+                stream.truncate(size)
+            target = FileTarget(path)
+        else:
+            target = Qcow2Target(path, size, backing, backing_format)
+        try:
+            counts = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
+                          request_size)
+            target.finish()
+            return counts
+        finally:
+            target.close()
+    except OSError as err:
+        raise FleetbackupError("Writing %s failed: %s" % (path, err.strerror or err)) from None
 
 
 def export_size_and_connections(src_url, bitmap_context, wanted):

@@ -16,7 +16,7 @@ description:
     is the previous backup. Only the changed bytes are read; changed extents that now read as zeros are
     written as zeros so that no stale data of the backing file shows through; the rest stays unallocated.
   - The image is written under a temporary name in the directory of O(dest) and renamed when complete,
-    so O(dest) never holds a partial backup.
+    so O(dest) never holds a partial backup. Partial images that killed copies left in that directory are deleted.
   - Several NBD connections copy in parallel when the export allows multi-conn, each with many requests in
     flight; memory stays bounded by O(connections) x O(requests) x O(request_size), whatever the disk's size.
   - An existing O(dest) is left alone and reported unchanged, unless O(force) is set.
@@ -133,6 +133,12 @@ bytes_unchanged:
   returned: when copied
   type: int
   sample: 0
+removed_partials:
+  description: Partial images of earlier copies that were killed, found in the directory of O(dest) and deleted.
+  returned: when copied
+  type: list
+  elements: str
+  sample: [.2026-11-28.vda.qcow2.part-4711]
 connections:
   description: NBD connections used.
   returned: when copied
@@ -151,6 +157,7 @@ throughput:
 """
 
 import os
+import re
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
@@ -163,6 +170,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, image_format_of
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
+
+
+# A copy writes .<dest name>.part-<its PID> and renames it when complete.
+PARTIAL = re.compile(r"^\..+\.part-(\d+)$")
 
 
 def main():
@@ -224,6 +235,7 @@ def copy_backup(module):
         return dict(changed=True, image=dest)
     bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
     size, connections = export_size_and_connections(params["src"], bitmap_context, params["connections"])
+    stale = remove_stale_partials(dest_dir)
     partial = os.path.join(dest_dir, ".%s.part-%d" % (os.path.basename(dest), os.getpid()))
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
     backing_format = image_format_of(params["backing"]) if backing else None
@@ -240,9 +252,30 @@ def copy_backup(module):
     _sync_directory(dest_dir)
     elapsed = elapsed_since(started)
     module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
-    return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), bytes_read=bytes_read, bytes_zeroed=bytes_zeroed,
+    return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), removed_partials=stale, bytes_read=bytes_read, bytes_zeroed=bytes_zeroed,
                 bytes_unchanged=bytes_unchanged, connections=connections, elapsed=round(elapsed, 3),
                 throughput=int(bytes_read / elapsed))
+
+
+def remove_stale_partials(directory):
+    """Delete the partial images that killed copies left in directory (their PID is gone)."""
+    removed = []
+    for name in os.listdir(directory):
+        match = PARTIAL.match(name)
+        if match and not _running(int(match.group(1))):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _disk_usage(path):

@@ -166,10 +166,19 @@ def test_stop_cleans_after_killed_copy_and_half_done_start(vms, scratch, tmp_pat
 
     vm = vms([DiskSpec("vda")])
     url = start(vm, scratch)["backup"]["disks"][0]["url"]
-    # A copy killed mid-way leaves its connection to the export open.
+    # A copy killed mid-way leaves its connection to the export open, and its partial image.
     stuck = nbd.NBD()
     stuck.connect_uri(url)
     stuck.pread(4096, 0)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    partial = tmp_path / (".old.qcow2.part-%d" % dead.pid)
+    partial.write_bytes(b"half a backup")
+    alive = tmp_path / (".other.qcow2.part-%d" % os.getpid())
+    alive.write_bytes(b"a copy still running")
+    copied = run_module("qemu_backup_copy", src=url, dest=str(tmp_path / "new.qcow2"))
+    assert copied["removed_partials"] == [partial.name]
+    assert not partial.exists() and alive.exists()
     assert stop(vm, scratch)["changed"] is True
     assert_nothing_left(vm, scratch)
     # A start killed after its first QMP steps: a scratch node and a state file, nothing else.
