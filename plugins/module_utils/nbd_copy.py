@@ -42,7 +42,7 @@ except ImportError as import_error:
     LIBNBD_IMPORT_ERROR = import_error
 
 # Work is handed to the connections in batches of about this many bytes of data.
-BATCH_BYTES = 64 * 1024 ** 2
+BATCH_BYTES = 4 * 1024 ** 2
 # QEMU refuses reads larger than this.
 MAX_REQUEST_SIZE = 32 * 1024 ** 2
 
