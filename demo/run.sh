@@ -44,5 +44,47 @@ for disk in vda:system vdb:data; do
     qemu-img compare -U "$backup_dir/${disk%%:*}.qcow2" "$demo_dir/${disk##*:}.qcow2" \
         | sed "s|^|${disk%%:*}: |"
 done
-echo "== The backups are kept in $backup_dir:"
-ls -lsh "$backup_dir"
+
+echo
+echo "== The backup role: a repository of chains. First run: a full backup"
+repository="$backup_dir/repository"
+cat > "$demo_dir/inventory.yml" <<INVENTORY
+vms:
+  hosts:
+    demo-vm:
+      qemu_backup_qmp_socket: $demo_dir/qmp.sock
+  vars:
+    ansible_connection: local
+    ansible_python_interpreter: "{{ ansible_playbook_python }}"
+    qemu_backup_repository: $repository
+    qemu_backup_scratch_dir: $demo_dir
+    qemu_backup_checkpoint_dir: $demo_dir/checkpoints
+    qemu_restore_repository: $repository
+INVENTORY
+"$venv/bin/ansible-playbook" -i "$demo_dir/inventory.yml" fleetbackup.qemu.fleet_backup
+
+echo "== The guest writes 8 MiB on vda and zeroes 16 MiB of old data on vdb"
+"$venv/bin/python" "$here/guest_write.py" "$demo_dir/qmp.sock" vda/virtio-backend 'write -P 0x44 300M 8M'
+"$venv/bin/python" "$here/guest_write.py" "$demo_dir/qmp.sock" vdb/virtio-backend 'write -z 100M 16M'
+
+echo "== Second run: an incremental that reads only what changed"
+"$venv/bin/ansible-playbook" -i "$demo_dir/inventory.yml" fleetbackup.qemu.fleet_backup
+
+echo "== Third run with max_age=1h: nothing is due, nothing changes"
+"$venv/bin/ansible-playbook" -i "$demo_dir/inventory.yml" fleetbackup.qemu.fleet_backup -e qemu_backup_max_age=1h
+
+echo "== Restoring the newest backup and comparing it with the live disks"
+"$venv/bin/ansible-playbook" -i "$demo_dir/inventory.yml" fleetbackup.qemu.restore -e "qemu_restore_dest=$backup_dir/restored"
+for disk in vda:system vdb:data; do
+    qemu-img compare -U "$backup_dir/restored/${disk%%:*}.qcow2" "$demo_dir/${disk##*:}.qcow2" \
+        | sed "s|^|restored ${disk%%:*}: |"
+done
+
+echo "== The manifest of demo-vm:"
+"$venv/bin/python" -c 'import json, sys
+for b in json.load(open(sys.argv[1]))["backups"]:
+    print("  %s  %-11s parent=%s  read %s" % (b["name"], b["level"], b["parent"],
+          ", ".join("%s %.1f MiB" % (d["disk"], d["bytes_read"] / 2**20) for d in b["disks"])))' \
+    "$repository/demo-vm/manifest.json"
+echo "== Everything is kept in $backup_dir:"
+ls -lsh "$backup_dir" "$repository/demo-vm"
