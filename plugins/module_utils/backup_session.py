@@ -22,7 +22,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import Fle
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import create_image
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, node_bitmaps, select_disks
 
 BACKUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 EXPORT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -236,8 +236,8 @@ def start_backup(qmp, names, plan, check_mode):
     if check_mode:
         return plan.result()
     state = BackupState(names.state_file, dict(
-        backup_id=names.backup_id, complete=False, qmp_socket=qmp.socket_path, nbd_socket=plan.nbd_socket, nbd_server_started=False,
-        checkpoint=plan.checkpoint, disks=plan.disks, result=plan.result()))
+        backup_id=names.backup_id, complete=False, qmp_socket=qmp.socket_path, nbd_socket=plan.nbd_socket,
+        nbd_server_started=False, checkpoint=plan.checkpoint, disks=plan.disks, result=plan.result()))
     state.save()
     try:
         _create(qmp, plan, state)
@@ -303,11 +303,10 @@ def _start_nbd_server(qmp, plan, state):
 
 def _finish(qmp, plan, state):
     """Mark the backup complete, with the dirty counts of the frozen bitmaps."""
-    frozen = {node: bitmaps.get(plan.names.temp_bitmap) for node, bitmaps in
-              ((d.node, d.bitmaps) for d in list_disks(qmp))}
+    bitmaps = node_bitmaps(qmp)
     for disk in plan.disks:
         if disk["mode"] == "incremental":
-            disk["dirty_bytes"] = frozen[disk["node"]]["count"]
+            disk["dirty_bytes"] = bitmaps[disk["node"]][plan.names.temp_bitmap]["count"]
     state.data.update(complete=True, disks=plan.disks, result=plan.result())
     state.save()
     return state.data["result"]
@@ -315,14 +314,12 @@ def _finish(qmp, plan, state):
 
 def find_leftovers(qmp, names):
     """Every export, job, node and temporary bitmap in QEMU that carries this backup's names."""
-    bitmap_nodes = [node for node, bitmaps in
-                    ((d.node, d.bitmaps) for d in list_disks(qmp)) if names.temp_bitmap in bitmaps]
+    bitmaps = node_bitmaps(qmp)
     return dict(
         exports=[e["id"] for e in qmp.execute("query-block-exports") if names.owns(e["id"])],
         jobs=[j for j in qmp.execute("query-block-jobs") if names.owns(j["device"])],
-        nodes=[n["node-name"] for n in qmp.execute("query-named-block-nodes", {"flat": True})
-               if names.owns_node(n["node-name"])],
-        bitmap_nodes=bitmap_nodes,
+        nodes=[node for node in bitmaps if names.owns_node(node)],
+        bitmap_nodes=[node for node, named in bitmaps.items() if names.temp_bitmap in named],
     )
 
 
@@ -418,8 +415,8 @@ def _checkpoint_nodes(qmp, data):
     checkpoint = data.get("checkpoint")
     if not checkpoint:
         return []
-    nodes = {disk["node"] for disk in data.get("disks", [])}
-    return [disk.node for disk in list_disks(qmp) if disk.node in nodes and checkpoint in disk.bitmaps]
+    bitmaps = node_bitmaps(qmp)
+    return [disk["node"] for disk in data.get("disks", []) if checkpoint in bitmaps.get(disk["node"], {})]
 
 
 def plan_backup(qmp, names, disks, nbd_socket, registry, checkpoint=None, incremental=None,
