@@ -210,7 +210,8 @@ def main():
         for label, machine in (("64 GiB disk, 2 GiB data", big), ("1 TiB sparse disk", sparse)):
             vms.append(machine.start())
             other = start_backup(machine, scratch, "bench-big")
-            argv, stdin, dest = Copiers(other["url"], workdir, machine.disks["vda"].size, args.connections).ours("qcow2")
+            copier = Copiers(other["url"], workdir, machine.disks["vda"].size, args.connections)
+            argv, stdin, dest = copier.ours("qcow2")
             elapsed, output = timed(argv, stdin, env=copiers_env(argv))
             results_big[label] = (elapsed, peak_rss_mib(argv, stdin, env=copiers_env(argv)))
             os.unlink(dest)

@@ -340,7 +340,8 @@ class _Worker:
         while self.read_done:
             buf, offset = self.read_done.pop()
             self.stats.add_read(buf.size())
-            self.target.write(buf, offset, lambda errno_value, b=buf, o=offset: self._on_write(errno_value, b, "write", o))
+            self.target.write(buf, offset,
+                              lambda errno_value, b=buf, o=offset: self._on_write(errno_value, b, "write", o))
 
     def _wait(self):
         try:

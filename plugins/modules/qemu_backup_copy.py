@@ -46,8 +46,9 @@ options:
     default: false
   dirty_bitmap:
     description:
-      - The NBD meta context of changed blocks, RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks[].dirty_bitmap),
-        for an incremental copy. A bare bitmap name is taken as C(qemu:dirty-bitmap:NAME).
+      - For an incremental copy, the NBD meta context of changed blocks, as in
+        RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks[].dirty_bitmap).
+      - A bare bitmap name is taken as C(qemu:dirty-bitmap:NAME).
       - Needs O(backing) and O(format=qcow2).
     type: str
   backing:
@@ -252,9 +253,9 @@ def copy_backup(module):
     _sync_directory(dest_dir)
     elapsed = elapsed_since(started)
     module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
-    return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), removed_partials=stale, bytes_read=bytes_read, bytes_zeroed=bytes_zeroed,
-                bytes_unchanged=bytes_unchanged, connections=connections, elapsed=round(elapsed, 3),
-                throughput=int(bytes_read / elapsed))
+    return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), removed_partials=stale,
+                bytes_read=bytes_read, bytes_zeroed=bytes_zeroed, bytes_unchanged=bytes_unchanged,
+                connections=connections, elapsed=round(elapsed, 3), throughput=int(bytes_read / elapsed))
 
 
 def remove_stale_partials(directory):

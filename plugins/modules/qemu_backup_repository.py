@@ -130,11 +130,13 @@ plan:
       description: The name of the full backup that starts this backup's chain.
       type: str
     disks:
-      description: Per disk, C(disk), C(size), image C(file) and C(backing) (relative to the repository), C(expected_bytes).
+      description:
+        - Per disk, C(disk), C(size), image C(file) and C(backing) (relative to the repository), C(expected_bytes).
       type: list
       elements: dict
     expected_bytes:
-      description: Bytes the copies are expected to read at most (dirty bytes for an incremental, disk sizes for a full).
+      description:
+        - Bytes the copies are expected to read at most (dirty bytes for an incremental, disk sizes for a full).
       type: int
 backup:
   description: With O(action=record), the manifest entry.
@@ -146,7 +148,8 @@ pruned:
   type: list
   elements: str
 obsolete_checkpoints:
-  description: With O(action=prune), checkpoints the VM no longer needs (all but the newest backup's); the role removes them.
+  description:
+    - With O(action=prune), checkpoints the VM no longer needs (all but the newest backup's); the role removes them.
   returned: action is prune
   type: list
   elements: str

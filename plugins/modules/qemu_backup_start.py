@@ -43,7 +43,8 @@ options:
       - Name of a new checkpoint (a persistent dirty bitmap) added to every backed-up disk at the backup's
         point in time. A later O(incremental) backup since it reads only what changed after this backup.
       - Needs qcow2 disks. It must not exist yet on any of them.
-      - The checkpoint exists from the start on; if the copy fails, stop with O(fleetbackup.qemu.qemu_backup_stop#module:discard_checkpoint=true).
+      - The checkpoint exists from the start on; if the copy fails, stop with
+        O(fleetbackup.qemu.qemu_backup_stop#module:discard_checkpoint=true).
     type: str
   incremental:
     description:

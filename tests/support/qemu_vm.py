@@ -47,8 +47,11 @@ class Vm:
         if any(spec.bus == "scsi" for spec in self.disks.values()):
             cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
         for spec in self.disks.values():
-            cmd += ["-blockdev", "driver=file,filename=%s,node-name=%s-file,discard=unmap" % (self.image(spec.id), spec.id),
-                    "-blockdev", "driver=%s,file=%s-file,node-name=%s-fmt,discard=unmap" % (spec.format, spec.id, spec.id)]
+            # discard=unmap, so that a guest's discard really drops the data, as the replayed log does.
+            cmd += ["-blockdev", "driver=file,filename=%s,node-name=%s-file,discard=unmap"
+                    % (self.image(spec.id), spec.id),
+                    "-blockdev", "driver=%s,file=%s-file,node-name=%s-fmt,discard=unmap"
+                    % (spec.format, spec.id, spec.id)]
             device = "virtio-blk-pci" if spec.bus == "virtio" else "scsi-hd"
             cmd += ["-device", "%s,drive=%s-fmt,id=%s" % (device, spec.id, spec.id)]
         return cmd

@@ -53,7 +53,7 @@ def test_data_across_regions_out_of_order_with_a_partial_last_cluster(tmp_path):
 
 
 def test_overlay_with_zero_clusters_hides_the_backing_data(tmp_path):
-    base = reference(str(tmp_path / "base.qcow2"), 8 * MiB, ["write -P 0xaa 0 8M"], image_format="qcow2")
+    reference(str(tmp_path / "base.qcow2"), 8 * MiB, ["write -P 0xaa 0 8M"], image_format="qcow2")
     path = str(tmp_path / "top.qcow2")
     writer = Qcow2Writer(path, 8 * MiB, backing="base.qcow2", backing_format="qcow2")
     writer.write(b"\x55" * CLUSTER_SIZE, MiB)
