@@ -81,7 +81,7 @@ seealso:
 attributes:
   check_mode:
     support: full
-    description: Connects to nothing and writes nothing; reports whether O(dest) would be written.
+    description: Writes nothing; checks that O(src) answers and reports whether O(dest) would be written.
 """
 
 EXAMPLES = r"""
@@ -232,10 +232,11 @@ def copy_backup(module):
         changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), False)
         return dict(changed=changed, image=dest, disk_usage=_disk_usage(dest),
                     msg="dest exists; set force to replace it")
-    if module.check_mode:
-        return dict(changed=True, image=dest)
     bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
+    # Also in check mode: reading the export's size is harmless and proves src is right.
     size, connections = export_size_and_connections(params["src"], bitmap_context, params["connections"])
+    if module.check_mode:
+        return dict(changed=True, image=dest, size=size, connections=connections)
     stale = remove_stale_partials(dest_dir)
     partial = os.path.join(dest_dir, ".%s.part-%d" % (os.path.basename(dest), os.getpid()))
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None

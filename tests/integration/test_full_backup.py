@@ -111,6 +111,10 @@ def test_two_disks_share_one_point_in_time(vms, scratch, tmp_path):
 def test_start_copy_stop_again_change_nothing(vms, scratch, tmp_path):
     vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, MiB, 0x5A))
     first = start(vm, scratch)
+    # Sockets and scratch images hold disk contents: only their owner may open them.
+    assert os.stat(first["backup"]["nbd_socket"]).st_mode & 0o777 == 0o600
+    assert [os.stat(os.path.join(scratch, name)).st_mode & 0o777 for name in os.listdir(scratch)
+            if name.endswith(".scratch.qcow2")] == [0o600]
     second = start(vm, scratch)
     assert second["changed"] is False
     assert second["backup"] == first["backup"]
@@ -138,6 +142,8 @@ def test_check_mode_creates_nothing(vms, scratch, tmp_path):
     dest = str(tmp_path / "vda.qcow2")
     assert run_module("qemu_backup_copy", src=url, dest=dest, check_mode=True)["changed"] is True
     assert not os.path.exists(dest)
+    wrong = run_module("qemu_backup_copy", src=url.replace("vda", "nope"), dest=dest, check_mode=True)
+    assert wrong.failed and "Cannot connect" in wrong["msg"]
     would = stop(vm, scratch, check_mode=True)
     assert would["changed"] is True and would["removed"]["exports"] == ["fb-bk1-0"]
     assert vm.leftovers()["exports"]
