@@ -341,7 +341,12 @@ def running_backups(qmp):
 
 
 def stop_backup(qmp, names, registry, discard_checkpoint=False, check_mode=False):
-    """Remove everything the backup created, in QEMU and on disk. Returns what was (or would be) removed."""
+    """Remove everything the backup created, in QEMU and on disk.
+
+    Returns what was (or would be) removed, and whether the point-in-time view was still intact: every job of a
+    complete start still running. A job that ended early (its scratch image ran out of room, say) stopped
+    preserving old data, so what was copied since may mix two points in time; None when there was no backup.
+    """
     state = BackupState.load(names.state_file)
     data = state.data if state else {}
     leftovers = find_leftovers(qmp, names)
@@ -349,13 +354,15 @@ def stop_backup(qmp, names, registry, discard_checkpoint=False, check_mode=False
     if data.get("nbd_server_started") and os.path.exists(data["nbd_socket"]):
         files.append(data["nbd_socket"])
     checkpoint_nodes = _checkpoint_nodes(qmp, data) if discard_checkpoint else []
+    running = {job["device"] for job in leftovers["jobs"] if job.get("status") == "running"}
+    intact = all(disk["job"] in running for disk in data["disks"]) if data.get("complete") else None
     removed = dict(exports=leftovers["exports"], jobs=[j["device"] for j in leftovers["jobs"]],
                    nodes=[n for n in leftovers["nodes"] if not re.search(r"-f\d+$", n)],
                    files=files, nbd_server=bool(data.get("nbd_server_started")),
                    checkpoint=data.get("checkpoint") if checkpoint_nodes else None,
                    state_file=state is not None)
     if check_mode:
-        return removed
+        return removed, intact
     for export_id in leftovers["exports"]:
         qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
         qmp.wait_event("BLOCK_EXPORT_DELETED", id=export_id)
@@ -376,7 +383,7 @@ def stop_backup(qmp, names, registry, discard_checkpoint=False, check_mode=False
         _unlink(path)
     if state:
         state.remove()
-    return removed
+    return removed, intact
 
 
 def stop_dead_backup(names, qmp_socket, registry, discard_checkpoint=False, check_mode=False):

@@ -18,6 +18,8 @@ description:
   - When the VM itself is gone (its QMP socket is missing or refuses connections), the backup's QEMU objects went
     with it; the stop then removes the backup's files, if its state file names this same O(qmp_socket).
   - With nothing left to stop it reports no change.
+  - It reports in RV(intact) whether the point-in-time view held until the stop; stop before recording a backup as
+    good, as the M(fleetbackup.qemu.backup) role does.
 author:
   - fleetbackup.qemu developers
 extends_documentation_fragment:
@@ -52,6 +54,15 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+intact:
+  description:
+    - Whether the point-in-time view held until the stop, that is, every block job of the backup was still running.
+      When false, a job ended early (its scratch image ran out of room, say), QEMU stopped keeping the old data,
+      and a copy made since may mix two points in time. Do not keep such a backup.
+    - Null when there was no complete backup to stop, or when the VM was gone.
+  returned: success
+  type: bool
+  sample: true
 removed:
   description: What the stop removed (in check mode, what it would remove).
   returned: success
@@ -116,14 +127,16 @@ def stop(module):
     names = backup_names(params)
     try:
         with module.qmp() as qmp:
-            removed = stop_backup(qmp, names, module.checkpoints, params["discard_checkpoint"], module.check_mode)
+            removed, intact = stop_backup(qmp, names, module.checkpoints, params["discard_checkpoint"],
+                                          module.check_mode)
     except QmpUnreachable as err:
         removed = stop_dead_backup(names, params["qmp_socket"], module.checkpoints, params["discard_checkpoint"],
                                    module.check_mode)
         if removed is None:
             raise
+        intact = None  # a copy that finished read a sound view; one that did not has failed on its own
         module.warn("%s The VM took the backup's QEMU objects with it; its files were removed." % err)
-    return dict(changed=any(removed.values()), removed=removed)
+    return dict(changed=any(removed.values()), removed=removed, intact=intact)
 
 
 if __name__ == "__main__":

@@ -127,8 +127,22 @@ def test_start_copy_stop_again_change_nothing(vms, scratch, tmp_path):
     assert os.stat(dest).st_mtime_ns == before.st_mtime_ns
     forced = run_module("qemu_backup_copy", src=url, dest=dest, force=True)
     assert forced["changed"] is True and same(dest, vm.flushed_image("vda"))
-    assert stop(vm, scratch)["changed"] is True
-    assert stop(vm, scratch)["changed"] is False
+    stopped = stop(vm, scratch)
+    assert stopped["changed"] is True and stopped["intact"] is True
+    again = stop(vm, scratch)
+    assert again["changed"] is False and again["intact"] is None
+    assert_nothing_left(vm, scratch)
+
+
+def test_a_job_that_ended_early_makes_the_backup_not_intact(vms, scratch, tmp_path):
+    vm = vms([DiskSpec("vda"), DiskSpec("vdb")])
+    start(vm, scratch)
+    # As when a scratch image runs out of room: the job ends and QEMU stops keeping old data.
+    vm.qmp("block-job-cancel", device="fb-bk1-1", force=True)
+    vm.wait_event("BLOCK_JOB_CANCELLED", device="fb-bk1-1")
+    assert [job["id"] for job in vm.qmp("query-jobs")] == ["fb-bk1-0"]
+    stopped = stop(vm, scratch)
+    assert stopped["intact"] is False and stopped["removed"]["jobs"] == ["fb-bk1-0"]
     assert_nothing_left(vm, scratch)
 
 

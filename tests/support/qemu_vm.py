@@ -68,6 +68,14 @@ class Vm:
     def qmp(self, command, **arguments):
         return self.monitor.cmd(command, **arguments)
 
+    def wait_event(self, name, timeout=30.0, **match):
+        """The next event `name` whose data has every key=value of match, as the test monitor receives it."""
+        while True:
+            event = self.monitor.pull_event(wait=timeout)
+            data = event.get("data", {})
+            if event["event"] == name and all(data.get(key) == value for key, value in match.items()):
+                return event
+
     def node(self, disk_id):
         return "%s-fmt" % disk_id
 
