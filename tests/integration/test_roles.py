@@ -156,14 +156,22 @@ def test_failed_copy_leaves_the_repository_and_the_next_run_continues(vms, tmp_p
 
     vm.write("vda", 16 * MiB, 24 * MiB, 0x52)  # more than the file system holds
     rc, results, output = fleet.backup()
-    assert rc != 0 and "was not recorded" in " ".join(results["failures"]["vm1"]), output[-3000:]
-    assert "No space left on device" in output
+    failure = " ".join(results["failures"]["vm1"])
+    assert rc != 0 and "was not recorded" in failure and "No space left on device" in failure, output[-3000:]
     assert (small_filesystem / "vm1" / "manifest.json").read_bytes() == manifest
     assert fleet.images("vm1") == images and not [n for n in os.listdir(small_filesystem / "vm1") if ".part" in n]
     assert list(vm.named_bitmaps("vda")) == checkpoints
     assert_clean(vm, fleet.scratch)
 
-    subprocess.run(["mount", "-o", "remount,size=128m", str(small_filesystem)], check=True)
+    # A read-only destination fails the copy before it writes anything; the repository stays as it was.
+    subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
+    rc, results, output = fleet.backup()
+    assert rc != 0 and "not writable" in " ".join(results["failures"]["vm1"]), output[-3000:]
+    assert (small_filesystem / "vm1" / "manifest.json").read_bytes() == manifest
+    assert list(vm.named_bitmaps("vda")) == checkpoints
+    assert_clean(vm, fleet.scratch)
+
+    subprocess.run(["mount", "-o", "remount,rw,size=128m", str(small_filesystem)], check=True)
     marks.append(vm.mark("vda"))
     assert_ok(fleet.backup())
     backups = fleet.manifest("vm1")["backups"]
