@@ -3,10 +3,11 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The NBD layer: connect to an export, map its extents, copy it fast.
 
-The copy runs one thread per connection; each thread owns one source and one
-destination handle and keeps many asynchronous requests in flight. libnbd
-releases the GIL in every call, and data stays in nbd.Buffer objects, never
-in Python bytes.
+The copy runs one thread per NBD connection; each keeps many asynchronous
+reads in flight and writes each one out as it completes, into a target that
+all threads share (a raw file, or a qcow2 image written directly). libnbd and
+pwrite release the GIL, and data stays in nbd.Buffer objects, never in Python
+bytes.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents impor
     CONTEXT_ALLOCATION,
     CONTEXT_ALLOCATION_DEPTH,
     COPY,
-    align_extents,
     DIRTY_BITMAP_PREFIX,
     STATUS_WINDOW,
+    align_extents,
     clip,
     count_bytes,
     merge_extents,
@@ -123,7 +124,7 @@ class CopyStats:
         self.bytes_clean = 0
 
     def add_extents(self, extents):
-        data, zero, clean = count_bytes(extents)
+        _, zero, clean = count_bytes(extents)
         with self.lock:
             self.bytes_zeroed += zero
             self.bytes_clean += clean
