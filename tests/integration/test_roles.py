@@ -35,13 +35,14 @@ class Fleet:
             "qemu_restore_repository": str(self.repository),
         }}}))
 
-    def run(self, playbook, check=False, **extra_vars):
+    def run(self, playbook, check=False, crash=None, **extra_vars):
         self.runs += 1
         return run_playbook(os.path.join(PLAYBOOKS, playbook), str(self.inventory),
-                            str(self.tmp_path / ("results-%d.json" % self.runs)), extra_vars, check=check)
+                            str(self.tmp_path / ("results-%d.json" % self.runs)), extra_vars, check=check,
+                            crash=crash)
 
-    def backup(self, check=False, **extra_vars):
-        return self.run("fleet_backup.yml", check=check, **extra_vars)
+    def backup(self, check=False, crash=None, **extra_vars):
+        return self.run("fleet_backup.yml", check=check, crash=crash, **extra_vars)
 
     def restore(self, vm, dest, **extra_vars):
         return self.run("restore.yml", qemu_restore_dest=str(dest), fleet_group=vm, **extra_vars)
@@ -180,6 +181,34 @@ def test_failed_copy_leaves_the_repository_and_the_next_run_continues(vms, tmp_p
     dest = tmp_path / "restored"
     assert_ok(fleet.restore("vm1", dest))
     assert same(str(dest / "vda.qcow2"), vm.expected_image("vda", marks[1], str(tmp_path / "e.raw")))
+
+
+def test_qemu_killed_during_the_copy_leaves_the_repository_and_the_next_run_is_full(vms, tmp_path):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 4 * MiB, 0x91))
+    fleet = Fleet(tmp_path, {"vm1": vm})
+    assert_ok(fleet.backup())
+    manifest = (fleet.repository / "vm1" / "manifest.json").read_bytes()
+    images = fleet.images("vm1")
+    vm.write("vda", 8 * MiB, MiB, 0x92)
+    vm.flushed_image("vda")
+
+    rc, results, output = fleet.backup(crash=(vm.pid, "Copy each disk"))
+    assert rc != 0 and "was not recorded" in " ".join(results["failures"]["vm1"]), output[-3000:]
+    assert (fleet.repository / "vm1" / "manifest.json").read_bytes() == manifest
+    assert fleet.images("vm1") == images
+    assert os.listdir(fleet.scratch) == []  # the stop removed the scratch files of the dead VM
+
+    vm.kill()
+    vm.start()
+    mark = vm.mark("vda")
+    # The checkpoint of the first backup lived only in the killed QEMU: auto takes a full backup.
+    rerun = assert_ok(fleet.backup())
+    assert "full backup" in rerun["tasks"]["vm1"]["Report the plan"]["msg"]
+    assert [b["level"] for b in fleet.manifest("vm1")["backups"]] == ["full", "full"]
+    dest = tmp_path / "restored"
+    assert_ok(fleet.restore("vm1", dest))
+    assert same(str(dest / "vda.qcow2"), vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
+    assert_clean(vm, fleet.scratch)
 
 
 def test_retention_prunes_whole_old_chains(vms, tmp_path):

@@ -41,8 +41,11 @@ def ansible_bin(tool):
     return os.path.join(os.path.dirname(sys.executable), tool)
 
 
-def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False, forks=5):
-    """ansible-playbook with our results callback; returns (rc, results dict, output)."""
+def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False, forks=5, crash=None):
+    """ansible-playbook with our results callback; returns (rc, results dict, output).
+
+    crash: (pid, task name), to SIGKILL that process when the task starts.
+    """
     args = [ansible_bin("ansible-playbook"), playbook, "-i", inventory, "-f", str(forks)]
     if extra_vars:
         args += ["-e", json.dumps(extra_vars)]
@@ -51,6 +54,8 @@ def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False
     env = ansible_env()
     env.update(RESULTS_FILE=results_file, ANSIBLE_CALLBACKS_ENABLED="results_file",
                ANSIBLE_CALLBACK_PLUGINS=os.path.join(os.path.dirname(os.path.abspath(__file__)), "callback_plugins"))
+    if crash:
+        env.update(CRASH_PID=str(crash[0]), CRASH_AT_TASK=crash[1])
     process = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     with open(results_file) as stream:
         return process.returncode, json.load(stream), process.stdout.decode(errors="replace")

@@ -153,14 +153,16 @@ class Vm:
         """SIGKILL by PID, as a crash would, and wait until the process is gone."""
         if self.pid is None:
             return
-        pidfd = os.pidfd_open(self.pid)
         try:
-            os.kill(self.pid, signal.SIGKILL)
-            select.select([pidfd], [], [], 30)
+            pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
-            pass
-        finally:
-            os.close(pidfd)
+            pidfd = None  # already gone: a test crashed it on purpose
+        if pidfd is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                select.select([pidfd], [], [], 30)
+            finally:
+                os.close(pidfd)
         self._forget()
 
     def quit(self):

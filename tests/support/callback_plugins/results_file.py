@@ -1,7 +1,13 @@
-"""Write each host's recap, failures and registered debug results to the JSON file named by RESULTS_FILE."""
+"""Write each host's recap, failures and task results to the JSON file named by RESULTS_FILE.
+
+With CRASH_PID and CRASH_AT_TASK set, it also kills that process (a test's QEMU) with SIGKILL when the task of
+that name starts, and waits until it is gone: a crash at a known moment of a playbook.
+"""
 
 import json
 import os
+import select
+import signal
 
 from ansible.plugins.callback import CallbackBase
 
@@ -23,6 +29,16 @@ class CallbackModule(CallbackBase):
         super().__init__()
         self.failures = {}
         self.tasks = {}
+
+    def v2_playbook_on_task_start(self, task, is_conditional):
+        if task.name == os.environ.get("CRASH_AT_TASK"):
+            pid = int(os.environ["CRASH_PID"])
+            pidfd = os.pidfd_open(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                select.select([pidfd], [], [], 30)
+            finally:
+                os.close(pidfd)
 
     def v2_runner_on_failed(self, result, ignore_errors=False):
         if not ignore_errors:
