@@ -1,7 +1,5 @@
 """The parallel copy engine: exact output with 1 and 4 connections, full and incremental, multi-conn or not."""
 
-import os
-import select
 import signal
 import subprocess
 
@@ -9,6 +7,7 @@ import pytest
 
 from support.flows import Backups
 from support.modules import run_module
+from support.processes import end_process
 from support.qemu_vm import DiskSpec, MiB, same
 
 GiB = 1024 * MiB
@@ -81,12 +80,7 @@ def single_connection_export(tmp_path):
     with open(pid_file) as stream:
         pid = int(stream.read())
     yield image, "nbd+unix:///?socket=" + socket_path
-    pidfd = os.pidfd_open(pid)
-    try:
-        os.kill(pid, signal.SIGTERM)
-        select.select([pidfd], [], [], 30)
-    finally:
-        os.close(pidfd)
+    end_process(pid, signal.SIGTERM)
 
 
 def test_a_source_without_multi_conn_is_copied_over_one_connection(tmp_path, single_connection_export):

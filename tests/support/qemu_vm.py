@@ -8,12 +8,12 @@ be rebuilt offline.
 
 import json
 import os
-import select
-import signal
 import subprocess
 from collections import namedtuple
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from support.processes import end_process
 
 DiskSpec = namedtuple("DiskSpec", "id format size bus")
 DiskSpec.__new__.__defaults__ = ("qcow2", 64 * 1024 ** 2, "virtio")
@@ -153,26 +153,13 @@ class Vm:
         """SIGKILL by PID, as a crash would, and wait until the process is gone."""
         if self.pid is None:
             return
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            pidfd = None  # already gone: a test crashed it on purpose
-        if pidfd is not None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-                select.select([pidfd], [], [], 30)
-            finally:
-                os.close(pidfd)
+        end_process(self.pid)  # it may be gone already: a test crashed it on purpose
         self._forget()
 
     def quit(self):
         """A clean shutdown: QEMU stores persistent bitmaps on the way out."""
-        pidfd = os.pidfd_open(self.pid)
-        try:
-            self.qmp("quit")
-            select.select([pidfd], [], [], 60)
-        finally:
-            os.close(pidfd)
+        self.qmp("quit")
+        end_process(self.pid, None, 60)
         self._forget()
 
     def _forget(self):

@@ -6,10 +6,13 @@ that name starts, and waits until it is gone: a crash at a known moment of a pla
 
 import json
 import os
-import select
-import signal
+import sys
 
 from ansible.plugins.callback import CallbackBase
+
+# Loaded by ansible-playbook, outside pytest: the tests' support package sits two directories up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from support.processes import end_process  # noqa: E402
 
 DOCUMENTATION = """
 name: results_file
@@ -32,13 +35,7 @@ class CallbackModule(CallbackBase):
 
     def v2_playbook_on_task_start(self, task, is_conditional):
         if task.name == os.environ.get("CRASH_AT_TASK"):
-            pid = int(os.environ["CRASH_PID"])
-            pidfd = os.pidfd_open(pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-                select.select([pidfd], [], [], 30)
-            finally:
-                os.close(pidfd)
+            end_process(int(os.environ["CRASH_PID"]))
 
     def v2_runner_on_failed(self, result, ignore_errors=False):
         if not ignore_errors:
