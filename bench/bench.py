@@ -220,9 +220,10 @@ def main():
     finally:
         for machine in vms:
             machine.kill()
+        if not args.workdir:
+            shutil.rmtree(workdir)  # gigabytes of images; a --workdir given is the caller's to keep
 
     report(times, memory, inc_times, inc_result, full_engine, results_big, data, size)
-    shutil.rmtree(workdir)
 
 
 def report(times, memory, inc_times, inc_result, full_engine, results_big, data, size):
