@@ -207,7 +207,7 @@ def main():
         build_disk(big, "vda", 64 * GiB, data)
         sparse = make_vm(workdir, "sparse", 1024 * GiB)
         results_big = {}
-        for label, machine in (("64 GiB disk, 2 GiB data", big), ("1 TiB sparse disk", sparse)):
+        for label, machine in (("64 GiB disk, %d GiB data" % args.data_gib, big), ("1 TiB sparse disk", sparse)):
             vms.append(machine.start())
             other = start_backup(machine, scratch, "bench-big")
             copier = Copiers(other["url"], workdir, machine.disks["vda"].size, args.connections)
