@@ -219,7 +219,7 @@ def _check_checkpoint_target(disk, checkpoint):
 def running_backup(qmp, names):
     """The result of this backup if it runs completely; raises UserError if it is half there."""
     state = BackupState.load(names.state_file)
-    leftovers = find_leftovers(qmp, names)
+    leftovers = find_leftovers(qmp, names, node_bitmaps(qmp))
     if state is None and not any(leftovers.values()):
         return None
     if state is not None and state.data.get("complete"):
@@ -312,9 +312,11 @@ def _finish(qmp, plan, state):
     return state.data["result"]
 
 
-def find_leftovers(qmp, names):
-    """Every export, job, node and temporary bitmap in QEMU that carries this backup's names."""
-    bitmaps = node_bitmaps(qmp)
+def find_leftovers(qmp, names, bitmaps):
+    """Every export, job, node and temporary bitmap in QEMU that carries this backup's names.
+
+    bitmaps: node_bitmaps(), which callers also need for other questions.
+    """
     return dict(
         exports=[e["id"] for e in qmp.execute("query-block-exports") if names.owns(e["id"])],
         jobs=[j for j in qmp.execute("query-block-jobs") if names.owns(j["device"])],
@@ -349,11 +351,12 @@ def stop_backup(qmp, names, registry, discard_checkpoint=False, check_mode=False
     """
     state = BackupState.load(names.state_file)
     data = state.data if state else {}
-    leftovers = find_leftovers(qmp, names)
+    bitmaps = node_bitmaps(qmp)
+    leftovers = find_leftovers(qmp, names, bitmaps)
     files = [d["scratch_file"] for d in data.get("disks", []) if os.path.exists(d["scratch_file"])]
     if data.get("nbd_server_started") and os.path.exists(data["nbd_socket"]):
         files.append(data["nbd_socket"])
-    checkpoint_nodes = _checkpoint_nodes(qmp, data) if discard_checkpoint else []
+    checkpoint_nodes = _checkpoint_nodes(bitmaps, data) if discard_checkpoint else []
     running = {job["device"] for job in leftovers["jobs"] if job.get("status") == "running"}
     intact = all(disk["job"] in running for disk in data["disks"]) if data.get("complete") else None
     removed = dict(exports=leftovers["exports"], jobs=[j["device"] for j in leftovers["jobs"]],
@@ -418,11 +421,10 @@ def _stop_nbd_server(qmp):
             raise
 
 
-def _checkpoint_nodes(qmp, data):
+def _checkpoint_nodes(bitmaps, data):
     checkpoint = data.get("checkpoint")
     if not checkpoint:
         return []
-    bitmaps = node_bitmaps(qmp)
     return [disk["node"] for disk in data.get("disks", []) if checkpoint in bitmaps.get(disk["node"], {})]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import deque
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
@@ -412,7 +411,3 @@ def export_size_and_connections(src_url, bitmap_context, wanted):
         return handle.get_size(), wanted if handle.can_multi_conn() else 1
     finally:
         close_handle(handle)
-
-
-def elapsed_since(started):
-    return max(time.monotonic() - started, 1e-6)

@@ -166,7 +166,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
     MAX_REQUEST_SIZE,
     copy_to_image,
     dirty_context,
-    elapsed_since,
     export_size_and_connections,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, image_format_of
@@ -252,7 +251,7 @@ def copy_backup(module):
             os.unlink(partial)
         raise
     _sync_directory(dest_dir)
-    elapsed = elapsed_since(started)
+    elapsed = max(time.monotonic() - started, 1e-6)  # a tiny copy must not divide by zero
     module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
     return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), removed_partials=stale,
                 bytes_read=bytes_read, bytes_zeroed=bytes_zeroed, bytes_unchanged=bytes_unchanged,
