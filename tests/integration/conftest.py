@@ -5,13 +5,16 @@ from support.qemu_vm import Vm
 
 @pytest.fixture
 def vms(tmp_path):
-    """Make VMs in this test's directory; every one is killed by its PID at teardown, pass or fail."""
+    """Make VMs (kind: Vm, or GuestVm for a running guest) in this test's directory.
+
+    Every one is killed by its PID at teardown, pass or fail.
+    """
     started = []
 
-    def make(disks, name="vm", start=True, prepare=None):
+    def make(disks, name="vm", start=True, prepare=None, kind=Vm):
         workdir = tmp_path / name
         workdir.mkdir(exist_ok=True)
-        vm = Vm(str(workdir), disks)
+        vm = kind(str(workdir), disks)
         started.append(vm)
         if prepare:
             prepare(vm)
