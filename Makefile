@@ -10,7 +10,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_PYTHON_INTERPRETER := $(PY)
 
-.PHONY: all demo test unit integration bench deps install clean
+.PHONY: all demo test unit integration bench deps install guest-kit clean
 
 all: test
 
@@ -42,16 +42,20 @@ $(INSTALLED): $(VENV)/.ready $(SOURCES)
 
 install: $(INSTALLED)
 
+# The tests' tiny real guest (kernel + busybox initramfs), in build/guest-kit; the script skips a current kit.
+guest-kit:
+	guest/build-kit.sh >/dev/null
+
 demo: install
 	VENV=$(VENV) demo/run.sh
 
-test: install
+test: install guest-kit
 	cd tests && $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 unit: install
 	cd tests && $(PY) -m pytest -ra unit $(PYTEST_ARGS)
 
-integration: install
+integration: install guest-kit
 	cd tests && $(PY) -m pytest -ra integration $(PYTEST_ARGS)
 
 bench: install
