@@ -12,41 +12,34 @@ registry file per disk image, as libvirt keeps checkpoint metadata beside QEMU.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import PrivateDir
 
 
 class CheckpointRegistry:
-    """{image file: {checkpoint: {size, created}}}, one small JSON file per image."""
+    """{image file: {checkpoint: {size, created}}}, one small JSON file per image in our private directory."""
 
     def __init__(self, directory):
         self.directory = directory
 
-    def _path(self, image):
-        return os.path.join(self.directory, hashlib.sha1(image.encode()).hexdigest()[:20] + ".json")
+    @staticmethod
+    def _name(image):
+        return hashlib.sha1(image.encode()).hexdigest()[:20] + ".json"
 
     def _load(self, image):
         try:
-            with open(self._path(image)) as stream:
-                return json.load(stream).get("checkpoints", {})
-        except FileNotFoundError:
-            return {}
-        except ValueError:
+            record = PrivateDir(self.directory).read_json(self._name(image)) or {}
+        except UserError:
             return {}  # a damaged record only costs the resize check, never data
+        return record.get("checkpoints", {})
 
     def _save(self, image, checkpoints):
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            path = self._path(image)
-            temporary = path + ".tmp"
-            with open(temporary, "w") as stream:
-                json.dump(dict(image=image, checkpoints=checkpoints), stream, indent=1, sort_keys=True)
-            os.replace(temporary, path)
+            PrivateDir(self.directory).ensure().write_json(self._name(image), dict(image=image, checkpoints=checkpoints))
         except OSError as err:
-            raise UserError("Cannot write the checkpoint registry in %s (%s): make checkpoint_dir writable."
+            raise UserError("Cannot write the checkpoint registry in %s (%s): check state_dir."
                             % (self.directory, err.strerror)) from None
 
     def get(self, image, name):
@@ -68,6 +61,8 @@ class CheckpointRegistry:
 
 def checkpoint_problem(disk, name, registry):
     """Why checkpoint `name` cannot serve an incremental of `disk`, or None when it can."""
+    if disk.format != "qcow2":
+        return "disk %s is %s, which cannot hold checkpoints" % (disk.name, disk.format)
     bitmap = disk.bitmaps.get(name)
     if bitmap is None:
         return "checkpoint '%s' does not exist on disk %s" % (name, disk.name)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
@@ -16,36 +15,26 @@ class QemuImgError(FleetbackupError):
     """qemu-img failed; the message carries its own words."""
 
 
-def run_qemu_img(*args):
+def run_qemu_img(*args, pass_fds=()):
     try:
         process = subprocess.run(["qemu-img"] + [str(arg) for arg in args], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False, pass_fds=pass_fds)
     except FileNotFoundError:
         raise QemuImgError("qemu-img is not installed: install qemu-utils.") from None
     return process
 
 
-def _checked(*args):
-    process = run_qemu_img(*args)
+def checked_qemu_img(*args, pass_fds=()):
+    """qemu-img's output; QemuImgError with its own words when it fails."""
+    process = run_qemu_img(*args, pass_fds=pass_fds)
     if process.returncode != 0:
         raise QemuImgError("qemu-img %s failed: %s" % (args[0], process.stderr.decode(errors="replace").strip()))
     return process.stdout.decode()
 
 
-def create_image(path, image_format, size):
-    """Create a new, empty image readable only by its owner."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.close(fd)
-    try:
-        _checked("create", "-q", "-f", image_format, path, size)
-    except QemuImgError:
-        os.unlink(path)
-        raise
-
-
 def image_info(path, chain=False):
     args = ["info", "--output=json", "-U"] + (["--backing-chain"] if chain else []) + [path]
-    return json.loads(_checked(*args))
+    return json.loads(checked_qemu_img(*args))
 
 
 def images_equal(first, second):
@@ -61,7 +50,7 @@ def images_equal(first, second):
 
 def convert_image(source, target, target_format):
     """Flatten source, with its whole backing chain, into a new standalone image (sparse, out-of-order writes)."""
-    _checked("convert", "-U", "-W", "-O", target_format, source, target)
+    checked_qemu_img("convert", "-U", "-W", "-O", target_format, source, target)
 
 
 def check_image(path):

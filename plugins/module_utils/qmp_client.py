@@ -116,6 +116,11 @@ class QmpClient:
         except ExecInterruptedError:
             raise QmpError("QEMU closed the QMP connection during '%s': did the VM stop?" % command) from None
 
+    def execute_with_fd(self, fd, command, arguments):
+        """Hand QEMU a file descriptor (SCM_RIGHTS) for the command that takes it: add-fd or getfd."""
+        self._qmp.send_fd_scm(fd)
+        return self.execute(command, arguments)
+
     def transaction(self, actions):
         """Run actions atomically: all of them take effect, or none."""
         return self.execute("transaction", {"actions": [{"type": kind, "data": data} for kind, data in actions]})

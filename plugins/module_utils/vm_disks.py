@@ -8,10 +8,11 @@ from __future__ import annotations
 import re
 from collections import namedtuple
 
-Disk = namedtuple("Disk", "name node drive qdev format filename size read_only bitmaps")
+Disk = namedtuple("Disk", "name node root drive qdev format filename size read_only bitmaps")
 Disk.__doc__ = """One disk with a medium.
 
 name: the qdev id where the device has one, else the drive id, else the node name.
+node: the image node, below any filters; root: the node the device is attached to.
 bitmaps: {name: query dict} of named dirty bitmaps on the disk's node.
 """
 
@@ -35,7 +36,7 @@ def list_disks(qmp):
         node = _below_filters(inserted, nodes)
         name = match.group(1) if match else (qdev if qdev and "/" not in qdev else device["device"] or node)
         disks.append(Disk(
-            name=name, node=node["node-name"], drive=device["device"], qdev=qdev, format=node["drv"],
+            name=name, node=node["node-name"], root=inserted["node-name"], drive=device["device"], qdev=qdev, format=node["drv"],
             filename=node.get("file"), size=node["image"]["virtual-size"],
             read_only=inserted["ro"], bitmaps=bitmaps_by_node.get(node["node-name"], {})))
     return disks

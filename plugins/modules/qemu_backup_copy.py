@@ -20,6 +20,9 @@ description:
   - Several NBD connections copy in parallel when the export allows multi-conn, each with many requests in
     flight; memory stays bounded by O(connections) x O(requests) x O(request_size), whatever the disk's size.
   - An existing O(dest) is left alone and reported unchanged, unless O(force) is set.
+  - For a backup of M(fleetbackup.qemu.qemu_backup_start), it checks that the point-in-time view held until the
+    copy ended. When the guest overwrote data that the scratch space could not keep, the copy fails, saying so,
+    and keeps nothing.
 author:
   - fleetbackup.qemu developers
 extends_documentation_fragment:
@@ -161,12 +164,18 @@ import os
 import re
 import time
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
     MAX_REQUEST_SIZE,
     copy_to_image,
     dirty_context,
     export_size_and_connections,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time import (
+    SnapshotBroken,
+    broken_view_message,
+    export_view,
+    view_intact,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, image_format_of
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
@@ -234,6 +243,8 @@ def copy_backup(module):
     bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
     # Also in check mode: reading the export's size is harmless and proves src is right.
     size, connections = export_size_and_connections(params["src"], bitmap_context, params["connections"])
+    view = export_view(params["src"])
+    check_view(view)
     if module.check_mode:
         return dict(changed=True, image=dest, size=size, connections=connections)
     stale = remove_stale_partials(dest_dir)
@@ -242,9 +253,15 @@ def copy_backup(module):
     backing_format = image_format_of(params["backing"]) if backing else None
     started = time.monotonic()
     try:
-        bytes_read, bytes_zeroed, bytes_unchanged = copy_to_image(
-            params["src"], partial, params["format"], size, bitmap_context, backing, backing_format, connections,
-            params["requests"], params["request_size"])
+        try:
+            bytes_read, bytes_zeroed, bytes_unchanged = copy_to_image(
+                params["src"], partial, params["format"], size, bitmap_context, backing, backing_format, connections,
+                params["requests"], params["request_size"])
+        except FleetbackupError:
+            check_view(view)  # a broken view is the likelier cause, and the one to name
+            raise
+        # A view that still holds now held during every read of the copy: a broken one never heals.
+        check_view(view)
         os.rename(partial, dest)
     except BaseException:
         if os.path.exists(partial):
@@ -256,6 +273,12 @@ def copy_backup(module):
     return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), removed_partials=stale,
                 bytes_read=bytes_read, bytes_zeroed=bytes_zeroed, bytes_unchanged=bytes_unchanged,
                 connections=connections, elapsed=round(elapsed, 3), throughput=int(bytes_read / elapsed))
+
+
+def check_view(view):
+    """Fail if the backup's point-in-time view broke; views of exports that are not ours are not checked."""
+    if view is not None and not view_intact(view["probe_url"]):
+        raise SnapshotBroken(broken_view_message(view))
 
 
 def remove_stale_partials(directory):

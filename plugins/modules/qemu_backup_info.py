@@ -10,17 +10,19 @@ module: qemu_backup_info
 short_description: Describe a running QEMU VM's disks, checkpoints and running backups
 version_added: 0.1.0
 description:
-  - Read-only. For each disk with a medium it returns the node, image file, format and virtual size, and its
+  - For each disk with a medium it returns the node, image file, format and virtual size, and its
     checkpoints with their dirty byte counts. It also lists the backups running in the VM.
+  - It changes nothing, except to resume a VM whose vCPUs a killed fleetbackup run left paused (then it
+    reports a change and warns).
   - Use it to decide between a full and an incremental backup, or to estimate how much an incremental will read.
 author:
-  - fleetbackup.qemu developers
+  - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
-  - fleetbackup.qemu.qmp
+  - fleetbackup.qemu.vm
 attributes:
   check_mode:
     support: full
-    description: Never changes anything.
+    description: Reports without changing anything; a VM left paused by a killed run is only reported.
 """
 
 EXAMPLES = r"""
@@ -102,29 +104,33 @@ disks:
           description: Whether an incremental backup since this checkpoint can be taken.
           type: bool
 backups:
-  description: Running backups by backup_id.
+  description:
+    - The backups running on the VM, by backup_id, with whether their start completed and when it began
+      (null when fleetbackup's state does not know the backup).
   returned: success
   type: dict
-  sample: {"web1-nightly": {"exports": ["fb-web1-nightly-0"], "jobs": ["fb-web1-nightly-0"]}}
+  sample: {"web1-nightly": {"complete": true, "started": 1796000000}}
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session import running_backups
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import describe_checkpoints
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import QmpModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import VmModule
 
 
 def main():
-    module = QmpModule(argument_spec={}, supports_check_mode=True)
+    module = VmModule(argument_spec={}, supports_check_mode=True)
     module.run(describe)
 
 
 def describe(module):
-    with module.qmp() as qmp:
+    with module.vm() as vm:
+        resumed = [] if module.check_mode else vm.recover()
         disks = [dict(disk=disk.name, node=disk.node, file=disk.filename, format=disk.format, size=disk.size,
                       read_only=disk.read_only, checkpoints=describe_checkpoints(disk, module.checkpoints))
-                 for disk in list_disks(qmp)]
-        return dict(changed=False, disks=disks, backups=running_backups(qmp))
+                 for disk in vm.disks()]
+        backups = vm.describe_backups()
+    for warning in resumed:
+        module.warn(warning)
+    return dict(changed=bool(resumed), disks=disks, backups=backups)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,28 @@ module: qemu_backup_start
 short_description: Freeze a point-in-time view of a running QEMU VM's disks and export it over NBD
 version_added: 0.1.0
 description:
-  - Starts a pull-mode backup of a running QEMU VM over QMP. All chosen disks are frozen in one QMP
-    C(transaction), so they share a single point in time, while the guest keeps running and writing.
-  - Each disk's frozen view is exported read-only over NBD on a unix socket; copy it with
+  - Starts a pull-mode backup of a running QEMU VM over QMP. Every chosen disk gets a point-in-time view
+    at one single instant, while the guest keeps running and writing.
+  - Each disk's view is exported read-only over NBD on a unix socket; copy it with
     M(fleetbackup.qemu.qemu_backup_copy), then end the backup with M(fleetbackup.qemu.qemu_backup_stop).
-  - Overwritten blocks are kept in a qcow2 scratch image per disk in O(scratch_dir) until the stop.
-  - With O(checkpoint) it adds a persistent dirty bitmap to every disk in the same instant, and with
+  - The guest always wins. Data that the guest overwrites during the backup is first kept in a scratch image
+    (a copy-before-write filter with C(on-cbw-error=break-snapshot)). When the scratch space runs out, or keeping
+    old data takes longer than O(cbw_timeout), the guest's write lands anyway and only the backup's view breaks;
+    a copy of a broken view fails, and M(fleetbackup.qemu.qemu_backup_stop) reports RV(fleetbackup.qemu.qemu_backup_stop#module:intact=false).
+  - To give all disks one instant, the vCPUs of a running VM are paused while the filters are switched in and the
+    checkpoint bitmaps are set (a few milliseconds, returned in RV(backup.pause)). A paused or not yet started VM is
+    left as it is. A pause that a killed run left behind is resumed by the next start, stop or info of that VM.
+  - With O(checkpoint) it adds a persistent dirty bitmap to every qcow2 disk in the same instant, and with
     O(incremental) it exports only the blocks changed since an earlier checkpoint.
+  - One backup per VM runs at a time; a start while another backup of the VM runs fails and names it.
   - A failure at any step removes everything the start had created and names the failed step.
-  - Running it again with the same O(backup_id) while that backup runs reports no change and returns
-    the same result.
+  - Running it again with the same O(backup_id) and options while that backup runs reports no change and returns
+    the same result; the same id with other options fails.
 author:
-  - fleetbackup.qemu developers
+  - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
-  - fleetbackup.qemu.qmp
-  - fleetbackup.qemu.qmp.backup_id
+  - fleetbackup.qemu.vm
+  - fleetbackup.qemu.vm.backup_id
 options:
   disks:
     description:
@@ -32,17 +39,46 @@ options:
       - By default every writable disk that has a medium.
     type: list
     elements: str
+  scratch_dir:
+    description:
+      - Directory for the scratch images that keep the point-in-time view while the guest writes. They have no name
+        (they are opened and handed to QEMU as file descriptors), so nothing of them can be seen, planted or left
+        behind there, and QEMU may run as any user.
+      - Defaults to C(<state_dir>/scratch). A directory that other users can write into is refused unless it is
+        sticky, like C(/var/tmp).
+    type: path
+  scratch_min_free:
+    description:
+      - Free space that O(scratch_dir) must have for the start to go ahead, as a size (C(512M), C(2G)) or a
+        percentage of the total virtual size of the disks being backed up.
+      - The scratch space holds the old data of what the guest overwrites until the backup stops. Running out
+        never harms the guest; it only makes this backup fail, so the check makes it fail early instead.
+      - The default, 10% of the disks' size, covers a busy VM rewriting a tenth of its disks during one backup;
+        raise it for write-heavy VMs and long copies.
+    type: str
+    default: 10%
+  cbw_timeout:
+    description:
+      - Seconds a guest write may wait while QEMU keeps the old data it overwrites. After that the write goes
+        ahead and the backup's view breaks instead.
+      - The default of 10 s stays well below the guest's own disk timeouts (30 s for Linux SCSI disks, 60 s on
+        Windows), so a stalled scratch disk never makes a guest reset its disk, while a short stall of the scratch
+        storage does not break the backup.
+    type: int
+    default: 10
   nbd_socket:
     description:
-      - Path of the unix socket that QEMU's NBD server listens on for this backup. Made mode 0600.
-      - Defaults to C(<scratch_dir>/<backup_id>.nbd).
-      - QEMU runs one NBD server at a time, so one backup at a time runs per VM.
+      - Path of the unix socket that QEMU's NBD server listens on for this backup. The module creates it, mode
+        0600, and hands it to QEMU already listening.
+      - Defaults to C(nbd.sock) in the VM's directory under O(state_dir).
+      - Its directory must not be writable by other users unless it is sticky.
     type: path
   checkpoint:
     description:
       - Name of a new checkpoint (a persistent dirty bitmap) added to every backed-up disk at the backup's
         point in time. A later O(incremental) backup since it reads only what changed after this backup.
-      - Needs qcow2 disks. It must not exist yet on any of them.
+      - Needs qcow2 disks. It must not exist yet on any of them. With O(fallback_to_full), disks of other
+        formats are backed up in full without it, and RV(backup.disks[].reason) says so.
       - The checkpoint exists from the start on; if the copy fails, stop with
         O(fleetbackup.qemu.qemu_backup_stop#module:discard_checkpoint=true).
     type: str
@@ -54,8 +90,9 @@ options:
     type: str
   fallback_to_full:
     description:
-      - Where O(incremental) cannot be used on a disk (the checkpoint is missing, inconsistent after QEMU
-        died, or the disk was resized since it), back that disk up in full and say why in RV(backup.disks[].reason).
+      - Where O(incremental) or O(checkpoint) cannot be used on a disk (the checkpoint is missing, inconsistent after
+        QEMU died, the disk was resized since it, or the disk is not qcow2), back that disk up in full and say why in
+        RV(backup.disks[].reason).
       - Without it such a disk fails the start before anything is created.
     type: bool
     default: false
@@ -65,7 +102,8 @@ seealso:
 attributes:
   check_mode:
     support: full
-    description: Resolves the disks and checkpoints and returns the planned result; creates nothing.
+    description: Resolves the disks and checkpoints, checks the scratch space and returns the planned result; creates
+      nothing.
 """
 
 EXAMPLES = r"""
@@ -88,6 +126,7 @@ EXAMPLES = r"""
     checkpoint: c0001
     disks: [vda, vdb]
     scratch_dir: /srv/scratch
+    scratch_min_free: 20G
 
 - name: Incremental since c0001, opening c0002
   fleetbackup.qemu.qemu_backup_start:
@@ -111,7 +150,7 @@ backup:
     nbd_socket:
       description: The NBD server's unix socket.
       type: str
-      sample: /var/tmp/web1-nightly.nbd
+      sample: /var/lib/fleetbackup/vms/qmp-3c1f0a2b9d4e/nbd.sock
     checkpoint:
       description: The checkpoint created at this backup's point in time, if any.
       type: str
@@ -120,6 +159,12 @@ backup:
       description: The checkpoint this backup is incremental to, if any.
       type: str
       sample: c0001
+    pause:
+      description:
+        - Seconds the vCPUs were paused to give every disk the same instant; null when the VM was not running
+          (paused or not yet started), which needs no pause. Null in check mode.
+      type: float
+      sample: 0.008
     disks:
       description: One entry per disk.
       type: list
@@ -134,13 +179,14 @@ backup:
           type: str
           sample: disk0
         export:
-          description: The NBD export name.
+          description: The NBD export name, C(<backup id>/<start tag>/<disk>); the copy records it as the image's
+            identity.
           type: str
-          sample: vda
+          sample: web1-nightly/5f3a9c01/vda
         url:
-          description: NBD URL of the frozen view; the O(fleetbackup.qemu.qemu_backup_copy#module:src) to copy.
+          description: NBD URL of the point-in-time view; the O(fleetbackup.qemu.qemu_backup_copy#module:src) to copy.
           type: str
-          sample: nbd+unix:///vda?socket=/var/tmp/web1-nightly.nbd
+          sample: nbd+unix:///web1-nightly/5f3a9c01/vda?socket=/var/lib/fleetbackup/vms/qmp-3c1f0a2b9d4e/nbd.sock
         size:
           description: Virtual size in bytes.
           type: int
@@ -149,6 +195,10 @@ backup:
           description: C(full) or C(incremental).
           type: str
           sample: full
+        checkpoint:
+          description: Whether the disk got the new checkpoint.
+          type: bool
+          sample: true
         dirty_bitmap:
           description: For an incremental disk, the NBD meta context listing the changed blocks; else null.
           type: str
@@ -158,35 +208,24 @@ backup:
           type: int
           sample: 1048576
         reason:
-          description: Why a disk asked to be incremental is backed up in full, with O(fallback_to_full).
+          description: Why a disk asked to be incremental, or to get the checkpoint, did not, with O(fallback_to_full).
           type: str
           sample: checkpoint 'c0001' on disk vda is inconsistent (QEMU stopped uncleanly); it can only be removed
 """
 
-import os
-
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session import (
-    backup_names,
-    check_scratch_dir,
-    plan_backup,
-    running_backup,
-    start_backup,
-)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import (
-    BACKUP_ID_ARGUMENT_SPEC,
-    QmpModule,
-)
-
-# sun_path holds 108 bytes with its terminating NUL.
-MAX_SOCKET_PATH = 107
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import PrivateDir
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
 
 def main():
-    module = QmpModule(
+    module = VmModule(
         argument_spec=dict(
             BACKUP_ID_ARGUMENT_SPEC,
             disks=dict(type="list", elements="str"),
+            scratch_dir=dict(type="path"),
+            scratch_min_free=dict(type="str", default="10%"),
+            cbw_timeout=dict(type="int", default=10),
             nbd_socket=dict(type="path"),
             checkpoint=dict(type="str"),
             incremental=dict(type="str"),
@@ -199,22 +238,16 @@ def main():
 
 def start(module):
     params = module.params
-    names = backup_names(params)
-    check_scratch_dir(params["scratch_dir"])
-    nbd_socket = params["nbd_socket"] or names.default_socket
-    if len(nbd_socket.encode()) > MAX_SOCKET_PATH:
-        raise UserError("nbd_socket %s is longer than the %d bytes a unix socket path may have: choose a "
-                        "shorter nbd_socket or scratch_dir." % (nbd_socket, MAX_SOCKET_PATH))
-    if not os.path.isdir(os.path.dirname(nbd_socket)):
-        raise UserError("The directory of nbd_socket %s does not exist: create it or choose another path."
-                        % nbd_socket)
-    with module.qmp() as qmp:
-        running = running_backup(qmp, names)
-        if running is not None:
-            return dict(changed=False, backup=running.data["result"])
-        plan = plan_backup(qmp, names, params["disks"], nbd_socket, module.checkpoints, params["checkpoint"],
-                           params["incremental"], params["fallback_to_full"])
-        return dict(changed=True, backup=start_backup(qmp, names, plan, module.check_mode))
+    if not 1 <= params["cbw_timeout"] <= 3600:
+        raise UserError("cbw_timeout must be 1 to 3600 seconds, well below the guest's own disk timeouts.")
+    request = {key: params[key] for key in ("disks", "checkpoint", "incremental", "fallback_to_full", "nbd_socket",
+                                            "cbw_timeout", "scratch_min_free")}
+    request["scratch_dir"] = params["scratch_dir"] or PrivateDir(params["state_dir"]).ensure().child("scratch").path
+    with module.vm() as vm:
+        changed, backup, warnings = vm.start_backup(params["backup_id"], request, module.check_mode)
+    for warning in warnings:
+        module.warn(warning)
+    return dict(changed=changed, backup=backup)
 
 
 if __name__ == "__main__":

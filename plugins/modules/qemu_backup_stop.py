@@ -10,21 +10,23 @@ module: qemu_backup_stop
 short_description: End a backup started by qemu_backup_start and remove everything it created
 version_added: 0.1.0
 description:
-  - Removes the backup's NBD exports (waiting for C(BLOCK_EXPORT_DELETED)), stops the NBD server that the
-    backup started, cancels its block jobs (waiting for their events), deletes its scratch nodes, its
-    temporary bitmaps, its scratch images, its socket and its state file.
-  - It finds the backup's objects by their names, so it also cleans up after a start that was interrupted
-    half-way and after a copy that was killed.
-  - When the VM itself is gone (its QMP socket is missing or refuses connections), the backup's QEMU objects went
-    with it; the stop then removes the backup's files, if its state file names this same O(qmp_socket).
+  - Removes the backup's NBD exports (waiting for C(BLOCK_EXPORT_DELETED)) and the NBD server that the backup
+    started, puts every disk back on its own node, deletes the filters, the snapshot and scratch nodes, the
+    temporary bitmaps and the scratch images, the socket and the backup's state.
+  - It needs only the VM and the O(backup_id). It finds what the backup created in QEMU by its names and in
+    fleetbackup's private state, whatever O(fleetbackup.qemu.qemu_backup_start#module:scratch_dir) or
+    O(fleetbackup.qemu.qemu_backup_start#module:nbd_socket) the start used; so it also cleans up after a start
+    that was interrupted half-way and after a copy that was killed.
+  - When the VM itself is gone (its QMP socket is missing or refuses connections), the backup's QEMU objects and
+    scratch images went with it; the stop then removes the backup's socket and state.
   - With nothing left to stop it reports no change.
   - It reports in RV(intact) whether the point-in-time view held until the stop; stop before recording a backup as
     good, as the M(fleetbackup.qemu.backup) role does.
 author:
-  - fleetbackup.qemu developers
+  - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
-  - fleetbackup.qemu.qmp
-  - fleetbackup.qemu.qmp.backup_id
+  - fleetbackup.qemu.vm
+  - fleetbackup.qemu.vm.backup_id
 options:
   discard_checkpoint:
     description:
@@ -32,12 +34,14 @@ options:
         incremental starts from the last checkpoint whose backup completed.
     type: bool
     default: false
+requirements:
+  - libnbd's Python bindings (Debian package python3-libnbd), to probe the point-in-time view
 seealso:
   - module: fleetbackup.qemu.qemu_backup_start
 attributes:
   check_mode:
     support: full
-    description: Reports what would be removed; removes nothing.
+    description: Reports what would be removed and whether the view held; removes nothing.
 """
 
 EXAMPLES = r"""
@@ -56,9 +60,10 @@ EXAMPLES = r"""
 RETURN = r"""
 intact:
   description:
-    - Whether the point-in-time view held until the stop, that is, every block job of the backup was still running.
-      When false, a job ended early (its scratch image ran out of room, say), QEMU stopped keeping the old data,
-      and a copy made since may mix two points in time. Do not keep such a backup.
+    - Whether the point-in-time view held until the stop, that is, every snapshot of the backup could still be read.
+      When false, the guest overwrote data that could not be kept (the scratch space ran out, or a copy-before-write
+      took longer than O(fleetbackup.qemu.qemu_backup_start#module:cbw_timeout)); the guest's writes all landed,
+      and any copy that read the broken view has failed. Do not keep such a backup.
     - Null when there was no complete backup to stop, or when the VM was gone.
   returned: success
   type: bool
@@ -73,21 +78,16 @@ removed:
       type: list
       elements: str
       sample: [fb-web1-nightly-0]
-    jobs:
-      description: Block job ids.
-      type: list
-      elements: str
-      sample: [fb-web1-nightly-0]
     nodes:
-      description: Scratch block nodes.
+      description: Snapshot, filter and scratch block nodes.
       type: list
       elements: str
-      sample: [fb3c1f0a2b9d4e-s0]
+      sample: [fb3c1f0a2b9d4e-a0, fb3c1f0a2b9d4e-f0, fb3c1f0a2b9d4e-s0]
     files:
-      description: Scratch images and the NBD socket.
+      description: The NBD socket.
       type: list
       elements: str
-      sample: [/var/tmp/web1-nightly.vda.scratch.qcow2, /var/tmp/web1-nightly.nbd]
+      sample: [/var/lib/fleetbackup/vms/qmp-3c1f0a2b9d4e/nbd.sock]
     nbd_server:
       description: Whether the NBD server that the backup started was stopped.
       type: bool
@@ -97,26 +97,19 @@ removed:
       type: str
       sample: c0002
     state_file:
-      description: Whether the backup's state file was removed.
+      description: Whether the backup's state was removed.
       type: bool
       sample: true
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session import (
-    backup_names,
-    stop_backup,
-    stop_dead_backup,
-)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpUnreachable
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import (
-    BACKUP_ID_ARGUMENT_SPEC,
-    QmpModule,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
 
 def main():
-    module = QmpModule(
+    module = VmModule(
         argument_spec=dict(BACKUP_ID_ARGUMENT_SPEC, discard_checkpoint=dict(type="bool", default=False)),
+        needs_nbd=True,
         supports_check_mode=True,
     )
     module.run(stop)
@@ -124,18 +117,19 @@ def main():
 
 def stop(module):
     params = module.params
-    names = backup_names(params)
+    vm = module.vm()
     try:
-        with module.qmp() as qmp:
-            removed, intact = stop_backup(qmp, names, module.checkpoints, params["discard_checkpoint"],
-                                          module.check_mode)
+        with vm:
+            warnings, removed, intact = vm.stop_backup(params["backup_id"], params["discard_checkpoint"],
+                                                       module.check_mode)
     except QmpUnreachable as err:
-        removed = stop_dead_backup(names, params["qmp_socket"], module.checkpoints, params["discard_checkpoint"],
-                                   module.check_mode)
+        removed = vm.forget_dead_backup(params["backup_id"], params["discard_checkpoint"], module.check_mode)
         if removed is None:
             raise
-        intact = None  # a copy that finished read a sound view; one that did not has failed on its own
-        module.warn("%s The VM took the backup's QEMU objects with it; its files were removed." % err)
+        warnings, intact = ["%s The VM took the backup's QEMU objects and scratch images with it; its socket "
+                            "and state were removed." % err], None
+    for warning in warnings:
+        module.warn(warning)
     return dict(changed=any(removed.values()), removed=removed, intact=intact)
 
 

@@ -18,9 +18,9 @@ description:
     left by a QEMU that died, can only be removed).
   - All disks are changed in one QMP transaction.
 author:
-  - fleetbackup.qemu developers
+  - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
-  - fleetbackup.qemu.qmp
+  - fleetbackup.qemu.vm
 options:
   name:
     description: Name of the checkpoint.
@@ -66,12 +66,12 @@ disks:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_module import QmpModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import select_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import VmModule
 
 
 def main():
-    module = QmpModule(
+    module = VmModule(
         argument_spec=dict(
             name=dict(type="str", required=True),
             disks=dict(type="list", elements="str"),
@@ -88,8 +88,8 @@ def ensure_checkpoint(module):
         raise UserError("Invalid checkpoint name '%s': it must not be empty or start with 'fb-', which running "
                         "backups use for their own bitmaps." % name)
     present = module.params["state"] == "present"
-    with module.qmp() as qmp:
-        disks = list_disks(qmp)
+    with module.vm() as vm:
+        disks = vm.disks()
         if present or module.params["disks"]:
             try:
                 disks = select_disks(disks, module.params["disks"])
@@ -100,13 +100,9 @@ def ensure_checkpoint(module):
                 if disk.format != "qcow2":
                     raise UserError("Cannot add checkpoint '%s' to disk %s: it is %s, and persistent dirty bitmaps "
                                     "need qcow2. Name only qcow2 disks in disks." % (name, disk.name, disk.format))
-            todo = [disk for disk in disks if name not in disk.bitmaps]
-            action = ("block-dirty-bitmap-add", lambda d: dict(node=d.node, name=name, persistent=True))
-        else:
-            todo = [disk for disk in disks if name in disk.bitmaps]
-            action = ("block-dirty-bitmap-remove", lambda d: dict(node=d.node, name=name))
+        todo = [disk for disk in disks if (name in disk.bitmaps) != present]
         if todo and not module.check_mode:
-            qmp.transaction([(action[0], action[1](disk)) for disk in todo])
+            vm.change_checkpoint(name, todo, present)
             if present:
                 module.checkpoints.record(todo, name)
             else:

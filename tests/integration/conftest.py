@@ -11,10 +11,10 @@ def vms(tmp_path):
     """
     started = []
 
-    def make(disks, name="vm", start=True, prepare=None, kind=Vm):
+    def make(disks, name="vm", start=True, prepare=None, kind=Vm, **options):
         workdir = tmp_path / name
         workdir.mkdir(exist_ok=True)
-        vm = kind(str(workdir), disks)
+        vm = kind(str(workdir), disks, **options)
         started.append(vm)
         if prepare:
             prepare(vm)

@@ -31,7 +31,7 @@ def test_full_and_incremental_copies_are_exact(vms, tmp_path, connections):
     marks = {d: vm.mark(d) for d in vm.disks}
     full = flow.start("b1", disks=["vda"], checkpoint="c1")["backup"]
     raw_disk = flow.start("r1", disks=["sdb"], nbd_socket=str(tmp_path / "r1.nbd"))
-    assert raw_disk.failed and "only one NBD server" in raw_disk["msg"]
+    assert raw_disk.failed and "one backup per VM runs at a time" in raw_disk["msg"]
     copies = flow.copy_all(full, str(tmp_path), "b1", connections=connections, requests=4)
     assert copies["vda"]["connections"] == connections
     assert same(str(tmp_path / "b1.vda.qcow2"), vm.expected_image("vda", marks["vda"], str(tmp_path / "e1.raw")))

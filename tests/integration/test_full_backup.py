@@ -16,16 +16,15 @@ BACKUP = "bk1"
 
 
 def start(vm, scratch, **args):
-    return Backups(vm, os.path.dirname(scratch)).start(args.pop("backup_id", BACKUP), scratch_dir=scratch, **args)
+    return Backups(vm, os.path.dirname(scratch)).start(args.pop("backup_id", BACKUP), **args)
 
 
 def stop(vm, scratch, **args):
-    return Backups(vm, os.path.dirname(scratch)).stop(args.pop("backup_id", BACKUP), scratch_dir=scratch, **args)
+    return Backups(vm, os.path.dirname(scratch)).stop(args.pop("backup_id", BACKUP), **args)
 
 
 def assert_nothing_left(vm, scratch):
-    assert vm.leftovers() == dict(nodes=[], exports=[], jobs=[], bitmaps={d: [] for d in vm.disks})
-    assert os.listdir(scratch) == []
+    Backups(vm, os.path.dirname(scratch)).assert_nothing_left()
 
 
 def fill(vm):
@@ -111,10 +110,9 @@ def test_two_disks_share_one_point_in_time(vms, scratch, tmp_path):
 def test_start_copy_stop_again_change_nothing(vms, scratch, tmp_path):
     vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, MiB, 0x5A))
     first = start(vm, scratch)
-    # Sockets and scratch images hold disk contents: only their owner may open them.
+    # The socket gives the disk's contents: only its owner may open it. Scratch images have no name at all.
     assert os.stat(first["backup"]["nbd_socket"]).st_mode & 0o777 == 0o600
-    assert [os.stat(os.path.join(scratch, name)).st_mode & 0o777 for name in os.listdir(scratch)
-            if name.endswith(".scratch.qcow2")] == [0o600]
+    assert os.listdir(scratch) == [] and len(vm.qmp("query-fdsets")) == 1
     second = start(vm, scratch)
     assert second["changed"] is False
     assert second["backup"] == first["backup"]
@@ -134,18 +132,6 @@ def test_start_copy_stop_again_change_nothing(vms, scratch, tmp_path):
     assert_nothing_left(vm, scratch)
 
 
-def test_a_job_that_ended_early_makes_the_backup_not_intact(vms, scratch, tmp_path):
-    vm = vms([DiskSpec("vda"), DiskSpec("vdb")])
-    start(vm, scratch)
-    # As when a scratch image runs out of room: the job ends and QEMU stops keeping old data.
-    vm.qmp("block-job-cancel", device="fb-bk1-1", force=True)
-    vm.wait_event("BLOCK_JOB_CANCELLED", device="fb-bk1-1")
-    assert [job["id"] for job in vm.qmp("query-jobs")] == ["fb-bk1-0"]
-    stopped = stop(vm, scratch)
-    assert stopped["intact"] is False and stopped["removed"]["jobs"] == ["fb-bk1-0"]
-    assert_nothing_left(vm, scratch)
-
-
 def test_check_mode_creates_nothing(vms, scratch, tmp_path):
     vm = vms([DiskSpec("vda")])
     planned = start(vm, scratch, check_mode=True)
@@ -159,7 +145,7 @@ def test_check_mode_creates_nothing(vms, scratch, tmp_path):
     wrong = run_module("qemu_backup_copy", src=url.replace("vda", "nope"), dest=dest, check_mode=True)
     assert wrong.failed and "Cannot connect" in wrong["msg"]
     would = stop(vm, scratch, check_mode=True)
-    assert would["changed"] is True and would["removed"]["exports"] == ["fb-bk1-0"]
+    assert would["changed"] is True and would["removed"]["exports"] == ["fb-bk1-0", "fb-bk1-p0"]
     assert vm.leftovers()["exports"]
     stop(vm, scratch)
     assert_nothing_left(vm, scratch)
@@ -201,13 +187,16 @@ def test_stop_cleans_after_killed_copy_and_half_done_start(vms, scratch, tmp_pat
     assert not partial.exists() and alive.exists()
     assert stop(vm, scratch)["changed"] is True
     assert_nothing_left(vm, scratch)
-    # A start killed after its first QMP steps: a scratch node and a state file, nothing else.
+    # A start killed half-way: its export is missing, everything else is there.
     started = start(vm, scratch, backup_id="half")
     vm.qmp("block-export-del", id="fb-half-0", mode="hard")
+    vm.wait_event("BLOCK_EXPORT_DELETED", id="fb-half-0")
     again = start(vm, scratch, backup_id="half")
-    assert again.failed and "partly set up" in again["msg"] and "qemu_backup_stop" in again["msg"]
+    assert again.failed and "partly there" in again["msg"] and "qemu_backup_stop" in again["msg"]
+    other = start(vm, scratch, backup_id="other")
+    assert other.failed and "Backup half of" in other["msg"] and "backup_id: half" in other["msg"]
     removed = stop(vm, scratch, backup_id="half")
-    assert removed["changed"] is True and removed["removed"]["jobs"] == ["fb-half-0"]
+    assert removed["changed"] is True and len(removed["removed"]["nodes"]) == 3
     assert started["backup"]["nbd_socket"] in removed["removed"]["files"]
     assert_nothing_left(vm, scratch)
 
@@ -230,13 +219,14 @@ def test_ad_hoc_ansible_copy(vms, scratch, tmp_path):
 
 def test_bad_input_fails_clearly(vms, scratch, tmp_path):
     vm = vms([DiskSpec("vda")])
+    state_dir = str(tmp_path / "state")
     missing = run_module("qemu_backup_start", qmp_socket=str(tmp_path / "nope.sock"), backup_id="x",
-                         scratch_dir=scratch)
+                         scratch_dir=scratch, state_dir=state_dir)
     assert missing.failed and "does not exist" in missing["msg"] and "-qmp" in missing["msg"]
 
     nbd_socket = start(vm, scratch, backup_id="other")["backup"]["nbd_socket"]
     not_qemu = run_module("qemu_backup_start", qmp_socket=nbd_socket, backup_id="x", scratch_dir=scratch,
-                          qmp_timeout=3)
+                          state_dir=state_dir, qmp_timeout=3)
     assert not_qemu.failed and "QMP" in not_qemu["msg"]
     stop(vm, scratch, backup_id="other")
 
@@ -256,10 +246,25 @@ def test_bad_input_fails_clearly(vms, scratch, tmp_path):
         invalid = start(vm, scratch, backup_id=bad_id)
         assert invalid.failed and "Invalid backup_id" in invalid["msg"], bad_id
 
-    absent = start(vm, str(tmp_path / "no-such-dir"))
+    absent = start(vm, scratch, scratch_dir=str(tmp_path / "no-such-dir"))
     assert absent.failed and "scratch_dir" in absent["msg"] and "does not exist" in absent["msg"]
-    unwritable = start(vm, "/proc")
-    assert unwritable.failed and "not writable" in unwritable["msg"]
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    refused = start(vm, scratch, scratch_dir=str(shared))
+    assert refused.failed and "written by other users and is not sticky" in refused["msg"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    refused = start(vm, scratch, scratch_dir=str(foreign))
+    assert refused.failed and "belongs to uid 65534" in refused["msg"]
+    too_full = start(vm, scratch, scratch_min_free="100000T")
+    assert too_full.failed and "less than the" in too_full["msg"] and "scratch_min_free" in too_full["msg"]
+    bad_size = start(vm, scratch, scratch_min_free="lots")
+    assert bad_size.failed and "Invalid scratch_min_free" in bad_size["msg"]
+    for bad_timeout in (0, 4000):
+        refused = start(vm, scratch, cbw_timeout=bad_timeout)
+        assert refused.failed and "cbw_timeout must be" in refused["msg"]
 
     no_dir = run_module("qemu_backup_copy", src="nbd+unix:///vda?socket=/x", dest=str(tmp_path / "a" / "b.qcow2"))
     assert no_dir.failed and "does not exist" in no_dir["msg"]

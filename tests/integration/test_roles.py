@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from support.flows import assert_no_leftovers
 from support.modules import run_playbook
 from support.paths import COLLECTIONS
 from support.qemu_vm import DiskSpec, MiB, same
@@ -31,7 +32,7 @@ class Fleet:
             "ansible_python_interpreter": "{{ ansible_playbook_python }}",
             "qemu_backup_repository": str(self.repository),
             "qemu_backup_scratch_dir": str(self.scratch),
-            "qemu_backup_checkpoint_dir": str(tmp_path / "checkpoints"),
+            "qemu_backup_state_dir": str(tmp_path / "state"),
             "qemu_restore_repository": str(self.repository),
         }}}))
 
@@ -69,9 +70,7 @@ def assert_ok(result, changed=None):
 
 
 def assert_clean(vm, scratch):
-    leftovers = vm.leftovers()
-    assert leftovers["nodes"] == [] and leftovers["exports"] == [] and leftovers["jobs"] == []
-    assert all(bitmaps == [] for bitmaps in leftovers["bitmaps"].values())
+    assert_no_leftovers(vm)
     assert os.listdir(scratch) == []
 
 

@@ -1,4 +1,4 @@
-"""The modules as a test calls them on one VM: scratch and registry directories filled in."""
+"""The modules as a test calls them on one VM: a private state directory and a scratch directory filled in."""
 
 import os
 
@@ -8,26 +8,25 @@ from support.modules import run_module
 class Backups:
     def __init__(self, vm, workdir):
         self.vm = vm
+        self.state_dir = os.path.join(workdir, "state")
         self.scratch = os.path.join(workdir, "scratch")
-        self.registry = os.path.join(workdir, "checkpoints")
-        os.makedirs(self.scratch, exist_ok=True)
+        os.makedirs(self.scratch, mode=0o700, exist_ok=True)
 
-    def _qmp_args(self, args):
-        return dict(qmp_socket=self.vm.qmp_socket, checkpoint_dir=self.registry, **args)
+    def _vm_args(self, args):
+        return dict(qmp_socket=self.vm.qmp_socket, state_dir=self.state_dir, **args)
 
     def start(self, backup_id="bk1", **args):
         args.setdefault("scratch_dir", self.scratch)
-        return run_module("qemu_backup_start", **self._qmp_args(dict(backup_id=backup_id, **args)))
+        return run_module("qemu_backup_start", **self._vm_args(dict(backup_id=backup_id, **args)))
 
     def stop(self, backup_id="bk1", **args):
-        args.setdefault("scratch_dir", self.scratch)
-        return run_module("qemu_backup_stop", **self._qmp_args(dict(backup_id=backup_id, **args)))
+        return run_module("qemu_backup_stop", **self._vm_args(dict(backup_id=backup_id, **args)))
 
     def info(self, **args):
-        return run_module("qemu_backup_info", **self._qmp_args(args))
+        return run_module("qemu_backup_info", **self._vm_args(args))
 
     def checkpoint(self, name, **args):
-        return run_module("qemu_checkpoint", **self._qmp_args(dict(name=name, **args)))
+        return run_module("qemu_checkpoint", **self._vm_args(dict(name=name, **args)))
 
     def copy_all(self, backup, directory, prefix, previous_prefix=None, **args):
         """Copy every disk of a started backup to DIR/PREFIX.DISK.qcow2, as overlays of PREVIOUS_PREFIX."""
@@ -42,6 +41,17 @@ class Backups:
             results[disk["disk"]] = result
         return results
 
+    def vm_state_files(self):
+        """What the VM's private state directory holds besides its lock."""
+        vms = os.path.join(self.state_dir, "vms")
+        return sorted(name for vm in os.listdir(vms) for name in os.listdir(os.path.join(vms, vm)) if name != "lock")
+
     def assert_nothing_left(self):
-        assert self.vm.leftovers() == dict(nodes=[], exports=[], jobs=[], bitmaps={d: [] for d in self.vm.disks})
+        assert_no_leftovers(self.vm)
         assert os.listdir(self.scratch) == []
+        assert self.vm_state_files() == []
+
+
+def assert_no_leftovers(vm):
+    assert vm.leftovers() == dict(nodes=[], moved={}, exports=[], jobs=[], fdsets=[],
+                                  bitmaps={d: [] for d in vm.disks})

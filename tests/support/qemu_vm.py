@@ -1,9 +1,10 @@
-"""A real QEMU for tests: no guest, no CPU, disks on devices, two QMP monitors.
+"""A real, running QEMU for tests: no guest OS, disks on devices, two QMP monitors.
 
-The modules get qmp.sock; the test itself talks on test-qmp.sock, because a
-monitor serves one client at a time. Guest writes go through HMP qemu-io on the
-device, and every write is logged so that the disk's content at any moment can
-be rebuilt offline.
+The VM runs (status 'running') a firmware of one instruction, a halt with interrupts off,
+so it costs no CPU; paused=True starts it with -S instead. The modules get qmp.sock; the
+test itself talks on test-qmp.sock, because a monitor serves one client at a time. Guest
+writes go through HMP qemu-io on the device, and every write is logged so that the disk's
+content at any moment can be rebuilt offline.
 """
 
 import json
@@ -15,15 +16,25 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from support.processes import end_process
 
-DiskSpec = namedtuple("DiskSpec", "id format size bus")
-DiskSpec.__new__.__defaults__ = ("qcow2", 64 * 1024 ** 2, "virtio")
+DiskSpec = namedtuple("DiskSpec", "id format size bus iothread")
+DiskSpec.__new__.__defaults__ = ("qcow2", 64 * 1024 ** 2, "virtio", False)
 
 MiB = 1024 ** 2
+# The reset vector, 16 bytes below 4 GiB, is the end of the firmware: cli; hlt; jmp back to the hlt.
+HALT_FIRMWARE_TAIL = bytes([0xFA, 0xF4, 0xEB, 0xFD]) + bytes(12)
+
+
+def halt_firmware(directory):
+    path = os.path.join(directory, "halt.bin")
+    with open(path, "wb") as stream:
+        stream.write(bytes(64 * 1024 - len(HALT_FIRMWARE_TAIL)) + HALT_FIRMWARE_TAIL)
+    return path
 
 
 class Vm:
-    def __init__(self, workdir, disks):
+    def __init__(self, workdir, disks, paused=False):
         self.workdir = workdir
+        self.paused = paused
         self.disks = {spec.id: spec for spec in disks}
         self.qmp_socket = os.path.join(workdir, "qmp.sock")
         self.test_socket = os.path.join(workdir, "test-qmp.sock")
@@ -40,8 +51,9 @@ class Vm:
         return os.path.join(self.workdir, "%s.%s" % (disk_id, spec.format))
 
     def machine_args(self):
-        """No guest, and vCPUs that never start: KVM is fine for that."""
-        return ["-S", "-machine", "q35,accel=kvm:tcg"]
+        """No guest OS: a halted vCPU (KVM is fine for that), or vCPUs that never start."""
+        start = ["-S"] if self.paused else ["-bios", halt_firmware(self.workdir)]
+        return ["-machine", "q35,accel=kvm:tcg"] + start
 
     def command_line(self):
         cmd = ["qemu-system-x86_64", "-nodefaults", "-display", "none", *self.machine_args(),
@@ -57,6 +69,9 @@ class Vm:
                     "-blockdev", "driver=%s,file=%s-file,node-name=%s-fmt,discard=unmap"
                     % (spec.format, spec.id, spec.id)]
             device = "virtio-blk-pci" if spec.bus == "virtio" else "scsi-hd"
+            if spec.iothread:
+                cmd += ["-object", "iothread,id=io-%s" % spec.id]
+                device += ",iothread=io-%s" % spec.id
             cmd += ["-device", "%s,drive=%s-fmt,id=%s" % (device, spec.id, spec.id)]
         return cmd
 
@@ -143,15 +158,22 @@ class Vm:
         raise KeyError(disk_id)
 
     def leftovers(self):
-        """Everything in QEMU that a backup adds: nodes beyond the disks', exports, jobs, temporary bitmaps."""
+        """Everything in QEMU that a backup adds: nodes beyond the disks', devices moved off their node, exports,
+        jobs, temporary bitmaps, fdsets (scratch images)."""
         own_nodes = {"%s-file" % d for d in self.disks} | {self.node(d) for d in self.disks}
         return dict(
             nodes=[n["node-name"] for n in self.qmp("query-named-block-nodes", flat=True)
                    if n["node-name"] not in own_nodes],
+            moved={d["qdev"]: d["inserted"]["node-name"] for d in self.qmp("query-block")
+                   if d.get("inserted") and d["inserted"]["node-name"] not in own_nodes},
             exports=self.qmp("query-block-exports"),
             jobs=self.qmp("query-jobs"),
             bitmaps={d: sorted(b for b in self.named_bitmaps(d) if b.startswith("fb-")) for d in self.disks},
+            fdsets=[] if self.paused else self.qmp("query-fdsets"),
         )
+
+    def status(self):
+        return self.qmp("query-status")["status"]
 
     def kill(self):
         """SIGKILL by PID, as a crash would, and wait until the process is gone."""

@@ -11,6 +11,9 @@ class FakeQmp:
         answer = self.answers[command]
         return answer(arguments) if callable(answer) else answer
 
+    def transaction(self, actions):
+        return self.execute("transaction", {"actions": [{"type": kind, "data": data} for kind, data in actions]})
+
 
 def block_device(qdev, node, drv="qcow2", size=1 << 30, ro=False, device="", filename=None):
     return {"device": device, "qdev": qdev, "inserted": {

@@ -1,16 +1,19 @@
-"""Disk discovery, naming and the start transaction, against a fake monitor."""
+"""Disk discovery, plans, names and the bitmap transaction, against a fake monitor."""
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_session import (
-    BackupNames,
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
+    BackupPlan,
+    EXPORT_NAME,
     check_backup_id,
     export_names,
     nbd_url,
-    plan_backup,
+    request_differences,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time import describe_view, parse_view
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import QmpBackupNames, _freeze_bitmaps
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
 
 from fake_qmp import FakeQmp, bitmap, block_device, named_node
@@ -32,10 +35,23 @@ def fake_vm(bitmaps=()):
     })
 
 
+def request(**overrides):
+    values = dict(disks=None, checkpoint=None, incremental=None, fallback_to_full=False, scratch_dir="/s",
+                  nbd_socket=None, cbw_timeout=10, scratch_min_free="10%")
+    values.update(overrides)
+    return values
+
+
+def plan(qmp, backup_id="b1", wanted=None, **overrides):
+    disks = select_disks(list_disks(qmp), wanted)
+    return BackupPlan(backup_id, disks, request(disks=wanted, **overrides), REGISTRY, "/s/nbd.sock")
+
+
 def test_disks_are_named_by_qdev_id_and_empty_drives_are_skipped():
     disks = list_disks(fake_vm())
-    assert [(d.name, d.node, d.format) for d in disks] == [
-        ("vda", "disk0", "qcow2"), ("sd1", "#block123", "raw"), ("cd0", "#block200", "raw")]
+    assert [(d.name, d.node, d.root, d.format) for d in disks] == [
+        ("vda", "disk0", "disk0", "qcow2"), ("sd1", "#block123", "#block123", "raw"),
+        ("cd0", "#block200", "#block200", "raw")]
 
 
 def test_default_selection_is_every_writable_disk_and_any_id_selects():
@@ -57,64 +73,91 @@ def test_invalid_backup_ids_are_refused(bad):
         check_backup_id(bad)
 
 
-def test_names_fit_qemu_limits_and_ownership_is_exact():
-    names = BackupNames("x" * 32, "/var/tmp")
-    assert len(names.scratch_node(99)) <= 31
-    assert names.owns("fb-%s-0" % ("x" * 32))
-    short = BackupNames("a", "/s")
-    assert short.owns("fb-a-3") and not short.owns("fb-a-b-3") and not short.owns("fb-ab-3")
-    assert short.owns_node(short.scratch_node(1)) and not short.owns_node(BackupNames("b", "/s").scratch_node(1))
+def test_qemu_names_fit_qemu_limits_and_ownership_is_exact():
+    names = QmpBackupNames("x" * 32)
+    assert max(len(node) for node in names.nodes(99)) <= 31
+    assert names.owns_export("fb-%s-0" % ("x" * 32)) and names.owns_export("fb-%s-p3" % ("x" * 32))
+    short = QmpBackupNames("a")
+    assert short.owns_export("fb-a-3") and not short.owns_export("fb-a-b-3") and not short.owns_export("fb-ab-3")
+    assert not short.nodes(1) & QmpBackupNames("b").nodes(1)
 
 
-def test_export_names_are_unique_and_url_safe():
+def test_export_names_carry_the_backup_the_start_and_the_disk():
     class D:
         def __init__(self, name):
             self.name = name
     assert export_names([D("vda"), D("a/b c"), D("vda")]) == ["vda", "a_b_c", "vda_2"]
-    assert nbd_url("vda", "/tmp/x y.nbd") == "nbd+unix:///vda?socket=/tmp/x%20y.nbd"
+    assert nbd_url("b1/0a1b2c3d/vda", "/tmp/x y.nbd") == "nbd+unix:///b1/0a1b2c3d/vda?socket=/tmp/x%20y.nbd"
+    first, second = plan(fake_vm()), plan(fake_vm())
+    export = first.result()["disks"][0]["export"]
+    assert EXPORT_NAME.match(export).group("backup_id", "disk") == ("b1", "vda")
+    # The same backup id started again (the next night) is another backup.
+    assert export != second.result()["disks"][0]["export"]
 
 
-def test_incremental_transaction_freezes_the_bitmap_with_the_fleecing():
+def test_the_view_description_round_trips_and_foreign_ones_are_ignored():
+    text = describe_view("b1", "vda", "b1/0a1b2c3d/vda", "/scratch", 10)
+    assert parse_view(text) == dict(backup="b1", disk="vda", probe="b1/0a1b2c3d/vda/intact", scratch_dir="/scratch",
+                                    cbw_timeout=10)
+    assert parse_view("some qemu-nbd export") is None and parse_view(None) is None
+
+
+def test_incremental_bitmaps_freeze_in_one_transaction_with_the_new_checkpoint():
     qmp = fake_vm(bitmaps=[bitmap("c1", count=65536, granularity=131072)])
-    names = BackupNames("b2", "/s")
-    plan = plan_backup(qmp, names, ["vda"], "/s/b2.nbd", REGISTRY, checkpoint="c2", incremental="c1")
-    kinds = [(kind, data.get("job-id") or data.get("name") or data.get("target"))
-             for kind, data in plan.transaction_actions()]
-    assert kinds == [("block-dirty-bitmap-add", "fb-b2"), ("block-dirty-bitmap-merge", "fb-b2"),
-                     ("block-dirty-bitmap-add", "c2"), ("blockdev-backup", "fb-b2-0")]
-    temp = plan.transaction_actions()[0][1]
+    qmp.answers["transaction"] = {}
+    planned = plan(qmp, "b2", ["vda"], checkpoint="c2", incremental="c1")
+    _freeze_bitmaps(qmp, QmpBackupNames("b2"), planned)
+    (command, arguments), = [c for c in qmp.commands if c[0] == "transaction"]
+    actions = [(a["type"], a["data"]["name"] if "name" in a["data"] else a["data"]["target"])
+               for a in arguments["actions"]]
+    assert actions == [("block-dirty-bitmap-add", "fb-b2"), ("block-dirty-bitmap-merge", "fb-b2"),
+                       ("block-dirty-bitmap-add", "c2")]
+    temp = arguments["actions"][0]["data"]
     assert temp["disabled"] is True and temp["granularity"] == 131072 and temp["persistent"] is False
-    disk = plan.result()["disks"][0]
+    disk = planned.result()["disks"][0]
     assert disk["mode"] == "incremental" and disk["dirty_bitmap"] == "qemu:dirty-bitmap:fb-b2"
+
+
+def test_a_full_backup_without_checkpoint_needs_no_transaction():
+    qmp = fake_vm()
+    _freeze_bitmaps(qmp, QmpBackupNames("b1"), plan(qmp))
+    assert "transaction" not in [command for command, _ in qmp.commands]
 
 
 def test_incremental_problems_fail_or_fall_back_per_disk():
     qmp = fake_vm(bitmaps=[bitmap("c1", inconsistent=True)])
-    names = BackupNames("b3", "/s")
     with pytest.raises(UserError, match="inconsistent.*fallback_to_full"):
-        plan_backup(qmp, names, ["vda"], "/s/x.nbd", REGISTRY, incremental="c1")
-    plan = plan_backup(qmp, names, None, "/s/x.nbd", REGISTRY, incremental="c1", fallback_to_full=True)
-    assert [(d["disk"], d["mode"]) for d in plan.result()["disks"]] == [("vda", "full"), ("sd1", "full")]
-    assert "inconsistent" in plan.result()["disks"][0]["reason"]
-    assert "does not exist" in plan.result()["disks"][1]["reason"]
+        plan(qmp, "b3", ["vda"], incremental="c1")
+    planned = plan(qmp, "b3", incremental="c1", fallback_to_full=True)
+    assert [(d["disk"], d["mode"]) for d in planned.result()["disks"]] == [("vda", "full"), ("sd1", "full")]
+    assert "inconsistent" in planned.result()["disks"][0]["reason"]
+    assert "raw, which cannot hold checkpoints" in planned.result()["disks"][1]["reason"]
 
 
-def test_checkpoints_need_qcow2_and_a_new_name():
+def test_a_raw_disk_fails_a_checkpoint_or_is_backed_up_in_full_without_one():
     qmp = fake_vm(bitmaps=[bitmap("c1")])
-    names = BackupNames("b4", "/s")
     with pytest.raises(UserError, match="persistent dirty bitmaps need qcow2"):
-        plan_backup(qmp, names, ["sd1"], "/s/x.nbd", REGISTRY, checkpoint="c9")
+        plan(qmp, "b4", ["sd1"], checkpoint="c9")
     with pytest.raises(UserError, match="already exists"):
-        plan_backup(qmp, names, ["vda"], "/s/x.nbd", REGISTRY, checkpoint="c1")
+        plan(qmp, "b4", ["vda"], checkpoint="c1")
+    mixed = plan(qmp, "b4", checkpoint="c9", fallback_to_full=True).result()["disks"]
+    assert [(d["disk"], d["checkpoint"]) for d in mixed] == [("vda", True), ("sd1", False)]
+    assert "backed up in full every time" in mixed[1]["reason"]
 
 
 def test_a_resize_since_the_checkpoint_is_a_reason_for_a_full_backup(tmp_path):
-    registry = CheckpointRegistry(str(tmp_path))
+    registry = CheckpointRegistry(str(tmp_path / "registry"))
     disk = list_disks(fake_vm(bitmaps=[bitmap("c1")]))[0]
     registry.record([disk._replace(size=disk.size // 2)], "c1")
     qmp = fake_vm(bitmaps=[bitmap("c1")])
+    chosen = select_disks(list_disks(qmp), ["vda"])
     with pytest.raises(UserError, match="resized from 536870912 to 1073741824 bytes since checkpoint 'c1'"):
-        plan_backup(qmp, BackupNames("b5", "/s"), ["vda"], "/s/x.nbd", registry, incremental="c1")
+        BackupPlan("b5", chosen, request(incremental="c1"), registry, "/s/x.nbd")
     registry.forget([disk.filename], "c1")
-    plan = plan_backup(qmp, BackupNames("b5", "/s"), ["vda"], "/s/x.nbd", registry, incremental="c1")
-    assert plan.result()["disks"][0]["mode"] == "incremental"
+    planned = BackupPlan("b5", chosen, request(incremental="c1"), registry, "/s/x.nbd")
+    assert planned.result()["disks"][0]["mode"] == "incremental"
+
+
+def test_a_second_start_must_ask_for_the_same_backup():
+    assert request_differences(request(), request(scratch_min_free="1G")) == []
+    assert request_differences(request(), request(checkpoint="c1", cbw_timeout=5)) == ["checkpoint", "cbw_timeout"]

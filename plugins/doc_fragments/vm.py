@@ -1,0 +1,52 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    DOCUMENTATION = r"""
+options:
+  qmp_socket:
+    description:
+      - Path of the VM's QMP unix socket (C(-qmp unix:PATH,server=on,wait=off)).
+      - A QMP monitor serves one client at a time. libvirt holds the monitors of its VMs, so give
+        a VM meant for fleetbackup a C(-qmp) socket of its own; QEMU accepts several.
+    type: path
+    required: true
+  qmp_timeout:
+    description:
+      - Seconds to wait for QEMU's greeting, for each command and for each awaited event.
+      - A monitor busy with another client sends no greeting; the module then fails instead of hanging.
+    type: float
+    default: 10
+  state_dir:
+    description:
+      - fleetbackup's own directory on the hypervisor, created with mode 0700 if missing. It must belong to the
+        user the module runs as (root), and nobody else may write to it.
+      - It holds the state of running backups (C(vms/)), the checkpoint registry (C(checkpoints/)), which records
+        each checkpoint's disk size so that an incremental after a resize is refused, and, by default, the NBD
+        sockets and the scratch images.
+      - Every module must be given the same one for a VM.
+    type: path
+    default: /var/lib/fleetbackup
+requirements:
+  - qemu.qmp (Python package)
+  - QEMU 7.1 or newer
+notes:
+  - Run the module on the hypervisor that runs the VM; the sockets are local.
+  - This module belongs to the C(fleetbackup.qemu.vm) action group, so C(module_defaults) can set
+    O(qmp_socket) and O(state_dir) once for a play.
+"""
+
+    BACKUP_ID = r"""
+options:
+  backup_id:
+    description:
+      - Name of the backup. Every QEMU object that the backup creates is named from it, which is how
+        M(fleetbackup.qemu.qemu_backup_stop) finds them again with nothing but this id and the VM.
+      - Letters, digits, C(_) and C(-); at most 32 characters.
+    type: str
+    required: true
+"""

@@ -1,0 +1,121 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""What a backup start will do, whatever connection reaches the VM: disks, levels, exports and their names.
+
+Each start gets a tag of its own. Export names carry the backup id, the tag and the disk, so a copy can
+record exactly which backup an image holds, even when a backup id is used again the next night.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from urllib.parse import quote
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import checkpoint_problem
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
+
+BACKUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+EXPORT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+# <backup_id>/<start tag>/<disk>: what qemu_backup_copy records as the identity of an image.
+EXPORT_NAME = re.compile(r"^(?P<backup_id>[A-Za-z0-9_-]{1,32})/(?P<tag>[0-9a-f]{8})/(?P<disk>[A-Za-z0-9_.-]+)$")
+# The options that define a backup: a second start with the same id must ask for the same.
+REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "nbd_socket", "cbw_timeout")
+
+
+def check_backup_id(backup_id):
+    if not BACKUP_ID_PATTERN.match(backup_id or ""):
+        raise UserError("Invalid backup_id '%s': use 1 to 32 letters, digits, '_' or '-'." % backup_id)
+    return backup_id
+
+
+def export_names(disks):
+    """A unique, URL-safe NBD export name part per disk."""
+    names = []
+    for disk in disks:
+        name = EXPORT_NAME_UNSAFE.sub("_", disk.name)
+        names.append(name if name not in names else "%s_%d" % (name, len(names)))
+    return names
+
+
+def nbd_url(export, socket_path):
+    return "nbd+unix:///%s?socket=%s" % (quote(export), quote(socket_path, safe="/"))
+
+
+def request_differences(recorded, requested):
+    """The options in which two starts of one backup id differ."""
+    return [key for key in REQUEST_KEYS if recorded.get(key) != requested.get(key)]
+
+
+class BackupPlan:
+    """The disks of one start and what each of them will be: full or incremental, exported under which name."""
+
+    def __init__(self, backup_id, disks, request, registry, nbd_socket):
+        self.backup_id = backup_id
+        self.request = request
+        self.nbd_socket = nbd_socket
+        self.tag = secrets.token_hex(4)
+        self.checkpoint = request["checkpoint"]
+        self.incremental = request["incremental"]
+        self.chosen = disks
+        self.disks = []
+        for disk, export in zip(disks, export_names(disks)):
+            mode, reason = _disk_mode(disk, self.incremental, request["fallback_to_full"], registry)
+            checkpoint, checkpoint_reason = _checkpoint_for(disk, self.checkpoint, request["fallback_to_full"])
+            incremental = mode == "incremental"
+            export_name = "%s/%s/%s" % (backup_id, self.tag, export)
+            self.disks.append(dict(
+                disk=disk.name, node=disk.node, root=disk.root, qdev=disk.qdev, format=disk.format,
+                filename=disk.filename, size=disk.size, mode=mode, reason=reason or checkpoint_reason,
+                checkpoint=checkpoint, export=export_name, url=nbd_url(export_name, nbd_socket),
+                dirty_bitmap=dirty_context(temporary_bitmap(backup_id)) if incremental else None,
+                dirty_bytes=disk.bitmaps[self.incremental]["count"] if incremental else None,
+                granularity=disk.bitmaps[self.incremental]["granularity"] if incremental else None))
+
+    @property
+    def checkpoint_disks(self):
+        return [d for d in self.disks if d["checkpoint"]]
+
+    def result(self):
+        public = ("disk", "node", "export", "url", "size", "mode", "dirty_bitmap", "dirty_bytes", "checkpoint",
+                  "reason")
+        return dict(id=self.backup_id, nbd_socket=self.nbd_socket, checkpoint=self.checkpoint,
+                    incremental=self.incremental, pause=None, disks=[{key: disk[key] for key in public} for disk in self.disks])
+
+
+def temporary_bitmap(backup_id):
+    """The frozen copy of a checkpoint that an incremental backup exports."""
+    return "fb-%s" % backup_id
+
+
+def _disk_mode(disk, incremental, fallback_to_full, registry):
+    """('full' | 'incremental', reason for a full backup where an incremental was asked)."""
+    if not incremental:
+        return "full", None
+    problem = checkpoint_problem(disk, incremental, registry)
+    if problem is None:
+        return "incremental", None
+    if fallback_to_full:
+        return "full", problem
+    raise UserError("Cannot back up incrementally: %s. Take a full backup, or set fallback_to_full: true."
+                    % problem)
+
+
+def _checkpoint_for(disk, checkpoint, fallback_to_full):
+    """(whether disk gets the new checkpoint, why not) ; a disk that cannot hold one fails without the fallback."""
+    if not checkpoint:
+        return False, None
+    if checkpoint in disk.bitmaps:
+        raise UserError("Checkpoint '%s' already exists on disk %s: name the new checkpoint differently, or "
+                        "remove the old one with fleetbackup.qemu.qemu_checkpoint state=absent."
+                        % (checkpoint, disk.name))
+    if disk.format == "qcow2":
+        return True, None
+    if fallback_to_full:
+        return False, ("disk %s is %s, which cannot hold a checkpoint: it is backed up in full every time"
+                       % (disk.name, disk.format))
+    raise UserError("Cannot add checkpoint '%s' to disk %s: it is %s, and persistent dirty bitmaps need qcow2. "
+                    "Leave out the checkpoint, set fallback_to_full to back it up in full every time, or back up "
+                    "only the qcow2 disks." % (checkpoint, disk.name, disk.format))

@@ -1,0 +1,97 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A VM reached over a QMP socket of its own: the QMP implementation of VmConnection."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import BackupPlan
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import (
+    backup_is_whole,
+    check_fleecing_support,
+    resume_abandoned_pause,
+    running_backup_ids,
+    start_backup,
+    stop_backup,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import check_scratch_dir, minimum_free_bytes
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_connection import VmConnection
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
+
+# sun_path holds 108 bytes with its terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def qmp_vm_key(qmp_socket):
+    """The private-state key of the VM behind a QMP socket."""
+    return "qmp-" + hashlib.sha256(os.path.abspath(qmp_socket).encode()).hexdigest()[:12]
+
+
+class QmpVm(VmConnection):
+    def __init__(self, qmp_socket, timeout, state_dir, registry):
+        super().__init__(VmState(state_dir, qmp_vm_key(qmp_socket), "QMP socket %s" % qmp_socket), registry, timeout)
+        self.description = "the VM on QMP socket %s" % qmp_socket
+        self.qmp = QmpClient(qmp_socket, timeout)
+
+    def __enter__(self):
+        self.qmp.connect()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.qmp.close()
+
+    def recover(self):
+        message = resume_abandoned_pause(self.qmp, self.state)
+        return [message] if message else []
+
+    def disks(self):
+        return list_disks(self.qmp)
+
+    def running_backup_ids(self):
+        return running_backup_ids(self.qmp)
+
+    def plan(self, backup_id, request, check_mode):
+        check_fleecing_support(self.qmp)
+        try:
+            chosen = select_disks(self.disks(), request["disks"])
+        except LookupError as err:
+            raise UserError(str(err)) from None
+        if not chosen:
+            raise UserError("%s has no writable disk with a medium to back up; name disks explicitly."
+                            % self.description)
+        nbd_socket = request["nbd_socket"] or self.state.default_socket
+        check_socket_path(nbd_socket)
+        check_scratch_dir(request["scratch_dir"],
+                          minimum_free_bytes(request["scratch_min_free"], sum(disk.size for disk in chosen)))
+        return BackupPlan(backup_id, chosen, request, self.registry, nbd_socket)
+
+    def is_whole(self, record):
+        return backup_is_whole(self.qmp, record)
+
+    def create_backup(self, plan):
+        return start_backup(self.qmp, self.state, plan, self.registry)
+
+    def remove_backup(self, backup_id, discard_checkpoint, check_mode):
+        return stop_backup(self.qmp, self.state, backup_id, self.registry, discard_checkpoint, check_mode)
+
+    def change_checkpoint(self, name, disks, present):
+        if present:
+            action = ("block-dirty-bitmap-add", lambda d: dict(node=d.node, name=name, persistent=True))
+        else:
+            action = ("block-dirty-bitmap-remove", lambda d: dict(node=d.node, name=name))
+        with self.state.lock(self.timeout):
+            self.qmp.transaction([(action[0], action[1](disk)) for disk in disks])
+
+
+def check_socket_path(path):
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise UserError("nbd_socket %s is longer than the %d bytes a unix socket path may have: choose a shorter "
+                        "nbd_socket or state_dir." % (path, MAX_SOCKET_PATH))
+    check_trusted_directory(os.path.dirname(path), "nbd_socket", "room for the backup's NBD socket")

@@ -1,0 +1,124 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The seam between the modules and a VM: one interface; QMP (qmp_vm) answers it, libvirt will too.
+
+Modules ask a VmConnection for the disks, start and stop backups, and add or remove checkpoints; they
+never see which connection answers. Each connection keeps its state under <state_dir>/vms/<key>/ and
+serialises the changes it makes to a VM with that directory's lock.
+"""
+
+from __future__ import annotations
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
+    check_backup_id,
+    request_differences,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+
+
+class VmConnection:
+    """A VM's disks, checkpoints and backups. Subclasses implement the methods that raise NotImplementedError."""
+
+    # Used in messages: how a user names this VM in a module's options.
+    description = None
+
+    def __init__(self, state, registry, timeout):
+        self.state = state
+        self.registry = registry
+        self.timeout = timeout
+
+    def recover(self):
+        """Undo what a dead run of ours left on the VM (a vCPU pause); messages saying what was done."""
+        raise NotImplementedError
+
+    def disks(self):
+        """[vm_disks.Disk] with their checkpoints."""
+        raise NotImplementedError
+
+    def running_backup_ids(self):
+        """The ids of the backups that have anything on this VM."""
+        raise NotImplementedError
+
+    def is_whole(self, record):
+        """Whether everything of a completed start is still there on the VM."""
+        raise NotImplementedError
+
+    def create_backup(self, plan):
+        """Create the planned backup; its state record. On failure, removes everything it created."""
+        raise NotImplementedError
+
+    def remove_backup(self, backup_id, discard_checkpoint, check_mode):
+        """(what was removed, whether the point-in-time view held)."""
+        raise NotImplementedError
+
+    def change_checkpoint(self, name, disks, present):
+        """Add (present) or remove checkpoint name on disks, all at once."""
+        raise NotImplementedError
+
+    def plan(self, backup_id, request, check_mode):
+        """The BackupPlan of a new start, after every check that needs no change to the VM."""
+        raise NotImplementedError
+
+    def start_backup(self, backup_id, request, check_mode):
+        """(changed, result, warnings): a new backup, or the same one again. One backup per VM at a time."""
+        check_backup_id(backup_id)
+        with self.state.lock(self.timeout):
+            warnings = self.recover()
+            record = self.state.backup()
+            running = self.running_backup_ids() | ({record["backup_id"]} if record else set())
+            others = sorted(running - {backup_id})
+            if others:
+                raise UserError("Backup %s of %s is running: one backup per VM runs at a time. End it with "
+                                "fleetbackup.qemu.qemu_backup_stop (backup_id: %s, with this VM's connection "
+                                "options), then start again." % (others[0], self.description, others[0]))
+            if backup_id in running:
+                return False, self._same_backup(record, backup_id, request), warnings
+            plan = self.plan(backup_id, request, check_mode)
+            if check_mode:
+                return True, plan.result(), warnings
+            return True, self.create_backup(plan)["result"], warnings
+
+    def _same_backup(self, record, backup_id, request):
+        if record is None or record["backup_id"] != backup_id or not record["complete"] or not self.is_whole(record):
+            raise UserError("Backup '%s' of %s is only partly there (a start was interrupted, or its state is "
+                            "gone): run fleetbackup.qemu.qemu_backup_stop with backup_id %s, then start again."
+                            % (backup_id, self.description, backup_id))
+        differences = request_differences(record["request"], request)
+        if differences:
+            raise UserError("Backup '%s' of %s already runs with other options (%s differ): use the same options "
+                            "to get its result, or stop it and start again."
+                            % (backup_id, self.description, ", ".join(differences)))
+        return record["result"]
+
+    def describe_backups(self):
+        """{backup_id: {complete, started}} of the backups running on the VM."""
+        record = self.state.backup()
+        backups = {backup_id: dict(complete=False, started=None) for backup_id in self.running_backup_ids()}
+        if record is not None:
+            backups[record["backup_id"]] = dict(complete=record["complete"], started=record["started"])
+        return backups
+
+    def stop_backup(self, backup_id, discard_checkpoint, check_mode):
+        """(warnings, what was removed, whether the view held)."""
+        check_backup_id(backup_id)
+        with self.state.lock(self.timeout):
+            warnings = self.recover()
+            removed, intact = self.remove_backup(backup_id, discard_checkpoint, check_mode)
+            return warnings, removed, intact
+
+    def forget_dead_backup(self, backup_id, discard_checkpoint, check_mode):
+        """When the VM is gone, remove what is left of its backup: socket and state. None if none is known."""
+        with self.state.lock(self.timeout):
+            record = self.state.backup()
+            if record is None or record["backup_id"] != backup_id:
+                return None
+            checkpoint = record["checkpoint"] if discard_checkpoint else None
+            removed = dict(exports=[], nodes=[], nbd_server=False, checkpoint=checkpoint, state_file=True,
+                           files=[record["nbd_socket"]] if self.state.holds_socket(record) else [])
+            if not check_mode:
+                if checkpoint:
+                    self.registry.forget([d["filename"] for d in record["disks"] if d["checkpoint"]], checkpoint)
+                self.state.remove_backup(record)
+                self.state.forget_pause()
+            return removed

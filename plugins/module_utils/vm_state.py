@@ -1,0 +1,75 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""What fleetbackup keeps about one VM between module runs, in <state_dir>/vms/<vm key>/.
+
+The running backup (one per VM), a record of a vCPU pause in progress, the default NBD socket, and a lock
+that serialises the modules that change the VM. Nothing here can be written by anyone but us.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    PrivateDir,
+    process_alive,
+    this_process,
+)
+
+BACKUP = "backup.json"
+PAUSED = "paused.json"
+NBD_SOCKET = "nbd.sock"
+
+
+class VmState:
+    def __init__(self, state_dir, key, description):
+        self.description = description
+        self.dir = PrivateDir(state_dir).ensure().child("vms").child(key)
+
+    def lock(self, timeout):
+        """Serialise start, stop and checkpoint changes of this VM across processes."""
+        return self.dir.lock("lock", timeout, "VM %s" % self.description)
+
+    @property
+    def default_socket(self):
+        return self.dir.path_of(NBD_SOCKET)
+
+    def backup(self):
+        """The state of the running backup, or None."""
+        return self.dir.read_json(BACKUP)
+
+    def save_backup(self, data):
+        self.dir.write_json(BACKUP, data)
+
+    @staticmethod
+    def holds_socket(record):
+        """Whether the backup's socket path still holds the very socket its start bound (same device and inode)."""
+        if not record.get("socket_identity"):
+            return False
+        try:
+            info = os.lstat(record["nbd_socket"])
+        except FileNotFoundError:
+            return False
+        return stat.S_ISSOCK(info.st_mode) and [info.st_dev, info.st_ino] == record["socket_identity"]
+
+    def remove_backup(self, record):
+        """Remove the backup's socket, only if it is the one its start bound, and its state."""
+        if self.holds_socket(record):
+            os.unlink(record["nbd_socket"])
+        self.dir.remove(BACKUP)
+
+    def record_pause(self, backup_id):
+        """Written before the vCPUs stop: whoever finds it after we died knows the pause was ours."""
+        self.dir.write_json(PAUSED, dict(backup_id=backup_id, owner=this_process()))
+
+    def forget_pause(self):
+        self.dir.remove(PAUSED)
+
+    def abandoned_pause(self):
+        """The pause record of a run that died in its pause window, or None (no record, or its run still lives)."""
+        record = self.dir.read_json(PAUSED)
+        if record is None or process_alive(record["owner"]):
+            return None
+        return record
