@@ -138,16 +138,53 @@ def copiers_env(argv):
 
 
 def start_backup(vm, scratch, backup_id, **args):
+    return start_module(vm, scratch, backup_id, **args)["backup"]["disks"][0]
+
+
+def start_module(vm, scratch, backup_id, **args):
     result = run_module("qemu_backup_start", qmp_socket=vm.qmp_socket, backup_id=backup_id, scratch_dir=scratch,
-                        checkpoint_dir=os.path.join(scratch, "..", "checkpoints"), **args)
+                        state_dir=os.path.join(scratch, "..", "state"), **args)
     if result.failed:
         raise SystemExit(result["msg"])
-    return result["backup"]["disks"][0]
+    return result
 
 
 def stop_backup(vm, scratch, backup_id):
-    run_module("qemu_backup_stop", qmp_socket=vm.qmp_socket, backup_id=backup_id, scratch_dir=scratch,
-               checkpoint_dir=os.path.join(scratch, "..", "checkpoints"))
+    result = run_module("qemu_backup_stop", qmp_socket=vm.qmp_socket, backup_id=backup_id,
+                        state_dir=os.path.join(scratch, "..", "state"))
+    if result.failed or result["intact"] is not True:
+        raise SystemExit("stop failed: %s" % result)
+
+
+def bench_start_stop(workdir, scratch, rounds):
+    """Median wall time of the start and stop modules, and the vCPU pause, for a running VM of 1 and of 4 disks."""
+    results = {}
+    for disks in (1, 4):
+        path = os.path.join(workdir, "disks%d" % disks)
+        os.makedirs(path)
+        vm = Vm(path, [DiskSpec("vd%s" % "abcd"[index], size=GiB) for index in range(disks)]).start()
+        try:
+            starts, stops, pauses = [], [], []
+            for index in range(rounds):
+                began = time.monotonic()
+                pauses.append(start_module(vm, scratch, "bench-%d" % index, checkpoint="c%d" % index)["backup"]["pause"])
+                starts.append(time.monotonic() - began)
+                began = time.monotonic()
+                stop_backup(vm, scratch, "bench-%d" % index)
+                stops.append(time.monotonic() - began)
+        finally:
+            vm.kill()
+        results[disks] = (statistics.median(pauses), max(pauses), statistics.median(starts), statistics.median(stops))
+    return results
+
+
+def report_start_stop(results, rounds):
+    print()
+    print("| disks | vCPU pause, median ms | pause, max ms | start module, median s | stop module, median s |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for disks, (pause, longest, start, stop) in results.items():
+        print("| %d | %.1f | %.1f | %.2f | %.2f |" % (disks, pause * 1000, longest * 1000, start, stop))
+    print("(%d rounds each; every start opens a checkpoint, so its bitmap transaction is inside the pause)" % rounds)
 
 
 def main():
@@ -157,6 +194,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--workdir", default=None, help="default: a new directory under build/")
+    parser.add_argument("--only-start-stop", action="store_true", help="only time the start and stop modules")
     args = parser.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-", dir=os.path.join(ROOT, "build"))
@@ -166,6 +204,11 @@ def main():
     size, data = args.size_gib * GiB, args.data_gib * GiB
     vms = []
     try:
+        print("Timing start and stop of a running VM with 1 and 4 disks...", flush=True)
+        start_stop = bench_start_stop(workdir, scratch, 10)
+        report_start_stop(start_stop, 10)
+        if args.only_start_stop:
+            return
         print("Building a %d GiB disk with %d GiB of data..." % (args.size_gib, args.data_gib), flush=True)
         vm = make_vm(workdir, "vm", size)
         build_disk(vm, "vda", size, data)

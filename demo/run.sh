@@ -23,8 +23,10 @@ qemu-img create -q -f qcow2 "$demo_dir/data.qcow2" 512M
 qemu-io -f qcow2 -c 'write -P 0x11 0 64M' -c 'write -P 0x22 512M 32M' -c 'write -z 600M 16M' "$demo_dir/system.qcow2" >/dev/null
 qemu-io -f qcow2 -c 'write -P 0x33 100M 48M' "$demo_dir/data.qcow2" >/dev/null
 
-echo "== Starting QEMU (no guest needed: the disks are attached to virtio devices)"
-qemu-system-x86_64 -nodefaults -display none -S -machine q35,accel=kvm:tcg \
+echo "== Starting QEMU: a running VM whose only code halts its vCPU (no guest OS needed for the disks)"
+# The reset vector, at the end of the firmware: cli; hlt; jmp back to the hlt.
+{ head -c 65520 /dev/zero; printf '\xfa\xf4\xeb\xfd'; head -c 12 /dev/zero; } > "$demo_dir/halt.bin"
+qemu-system-x86_64 -nodefaults -display none -machine q35,accel=kvm:tcg -bios "$demo_dir/halt.bin" \
     -qmp "unix:$demo_dir/qmp.sock,server=on,wait=off" \
     -blockdev "driver=file,filename=$demo_dir/system.qcow2,node-name=system-file" \
     -blockdev "driver=qcow2,file=system-file,node-name=system" \
@@ -57,8 +59,7 @@ vms:
     ansible_connection: local
     ansible_python_interpreter: "{{ ansible_playbook_python }}"
     qemu_backup_repository: $repository
-    qemu_backup_scratch_dir: $demo_dir
-    qemu_backup_checkpoint_dir: $demo_dir/checkpoints
+    qemu_backup_state_dir: $demo_dir/state
     qemu_restore_repository: $repository
 INVENTORY
 "$venv/bin/ansible-playbook" -i "$demo_dir/inventory.yml" fleetbackup.qemu.fleet_backup

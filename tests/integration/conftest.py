@@ -1,10 +1,13 @@
+import os
+import subprocess
+
 import pytest
 
 from support.qemu_vm import Vm
 
 
 @pytest.fixture
-def vms(tmp_path):
+def vms(tmp_path, tmpfs):  # after tmpfs: VMs are killed before their scratch file systems are unmounted
     """Make VMs (kind: Vm, or GuestVm for a running guest) in this test's directory.
 
     Every one is killed by its PID at teardown, pass or fail.
@@ -30,3 +33,22 @@ def scratch(tmp_path):
     path = tmp_path / "scratch"
     path.mkdir()
     return str(path)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small file systems (a tmpfs of a given size) in this test's directory; unmounted at teardown."""
+    mounted = []
+
+    def mount(name, size):
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)

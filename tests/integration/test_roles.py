@@ -4,74 +4,14 @@ import json
 import os
 import subprocess
 
-import pytest
-
-from support.flows import assert_no_leftovers
-from support.modules import run_playbook
-from support.paths import COLLECTIONS
+from support.fleet import Fleet, assert_clean, assert_ok
+from support.modules import support_command
 from support.qemu_vm import DiskSpec, MiB, same
-
-PLAYBOOKS = os.path.join(COLLECTIONS, "ansible_collections", "fleetbackup", "qemu", "playbooks")
-
-
-class Fleet:
-    """An inventory of VMs on this machine, a repository, and runs of the collection's playbooks."""
-
-    def __init__(self, tmp_path, vms):
-        self.tmp_path = tmp_path
-        self.vms = vms
-        self.repository = tmp_path / "repository"
-        self.repository.mkdir(exist_ok=True)
-        self.scratch = tmp_path / "scratch"
-        self.scratch.mkdir(exist_ok=True)
-        self.inventory = tmp_path / "inventory.json"
-        self.runs = 0
-        hosts = {name: {"qemu_backup_qmp_socket": vm.qmp_socket} for name, vm in vms.items()}
-        self.inventory.write_text(json.dumps({"vms": {"hosts": hosts, "vars": {
-            "ansible_connection": "local",
-            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
-            "qemu_backup_repository": str(self.repository),
-            "qemu_backup_scratch_dir": str(self.scratch),
-            "qemu_backup_state_dir": str(tmp_path / "state"),
-            "qemu_restore_repository": str(self.repository),
-        }}}))
-
-    def run(self, playbook, check=False, crash=None, **extra_vars):
-        self.runs += 1
-        return run_playbook(os.path.join(PLAYBOOKS, playbook), str(self.inventory),
-                            str(self.tmp_path / ("results-%d.json" % self.runs)), extra_vars, check=check,
-                            crash=crash)
-
-    def backup(self, check=False, crash=None, **extra_vars):
-        return self.run("fleet_backup.yml", check=check, crash=crash, **extra_vars)
-
-    def restore(self, vm, dest, **extra_vars):
-        return self.run("restore.yml", qemu_restore_dest=str(dest), fleet_group=vm, **extra_vars)
-
-    def manifest(self, vm):
-        with open(self.repository / vm / "manifest.json") as stream:
-            return json.load(stream)
-
-    def images(self, vm):
-        return sorted(name for name in os.listdir(self.repository / vm) if name.endswith(".qcow2"))
 
 
 def two_disks(vm):
     vm.write("vda", 0, 4 * MiB, 0x11)
     vm.write("vdb", 8 * MiB, 2 * MiB, 0x22)
-
-
-def assert_ok(result, changed=None):
-    rc, results, output = result
-    assert rc == 0 and not results["failures"], output[-4000:]
-    if changed is not None:
-        assert {h: s["changed"] for h, s in results["stats"].items()} == changed, output[-4000:]
-    return results
-
-
-def assert_clean(vm, scratch):
-    assert_no_leftovers(vm)
-    assert os.listdir(scratch) == []
 
 
 def test_chain_restores_each_point_and_reruns_change_nothing(vms, tmp_path):
@@ -130,19 +70,9 @@ def test_max_age_and_check_mode_change_nothing(vms, tmp_path):
     assert_clean(vm, fleet.scratch)
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-    """A tmpfs of a few MiB: a copy into it fails half-way with ENOSPC, as on a full backup disk."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    path = tmp_path / "small"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0755", "tmpfs", str(path)], check=True)
-    yield path
-    subprocess.run(["umount", str(path)], check=True)
-
-
-def test_failed_copy_leaves_the_repository_and_the_next_run_continues(vms, tmp_path, small_filesystem):
+def test_failed_copy_leaves_the_repository_and_the_next_run_continues(vms, tmp_path, tmpfs):
+    small_filesystem = tmpfs("small", "12m")
+    small_filesystem.chmod(0o755)
     vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 4 * MiB, 0x51))
     fleet = Fleet(tmp_path, {"vm1": vm})
     fleet.repository = small_filesystem
@@ -191,7 +121,8 @@ def test_qemu_killed_during_the_copy_leaves_the_repository_and_the_next_run_is_f
     vm.write("vda", 8 * MiB, MiB, 0x92)
     vm.flushed_image("vda")
 
-    rc, results, output = fleet.backup(crash=(vm.pid, "Copy each disk"))
+    rc, results, output = fleet.backup(at_task=("Copy each disk", support_command(
+        "from support.processes import end_process; end_process(%d)" % vm.pid)))
     assert rc != 0 and "was not recorded" in " ".join(results["failures"]["vm1"]), output[-3000:]
     assert (fleet.repository / "vm1" / "manifest.json").read_bytes() == manifest
     assert fleet.images("vm1") == images

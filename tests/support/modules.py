@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from support.paths import COLLECTIONS, ROOT
+from support.paths import COLLECTIONS, ROOT, TESTS
 
 
 class ModuleResult(dict):
@@ -41,10 +41,10 @@ def ansible_bin(tool):
     return os.path.join(os.path.dirname(sys.executable), tool)
 
 
-def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False, forks=5, crash=None):
+def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False, forks=5, at_task=None):
     """ansible-playbook with our results callback; returns (rc, results dict, output).
 
-    crash: (pid, task name), to SIGKILL that process when the task starts.
+    at_task: (task name, argv), a command to run when that task first starts.
     """
     args = [ansible_bin("ansible-playbook"), playbook, "-i", inventory, "-f", str(forks)]
     if extra_vars:
@@ -54,8 +54,13 @@ def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False
     env = ansible_env()
     env.update(RESULTS_FILE=results_file, ANSIBLE_CALLBACKS_ENABLED="results_file",
                ANSIBLE_CALLBACK_PLUGINS=os.path.join(os.path.dirname(os.path.abspath(__file__)), "callback_plugins"))
-    if crash:
-        env.update(CRASH_PID=str(crash[0]), CRASH_AT_TASK=crash[1])
+    if at_task:
+        env.update(AT_TASK=at_task[0], AT_TASK_COMMAND=json.dumps(at_task[1]))
     process = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     with open(results_file) as stream:
         return process.returncode, json.load(stream), process.stdout.decode(errors="replace")
+
+
+def support_command(code):
+    """argv that runs Python code with the tests' support package importable, for at_task."""
+    return [sys.executable, "-c", "import sys; sys.path.insert(0, %r); %s" % (TESTS, code)]

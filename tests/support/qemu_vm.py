@@ -14,6 +14,7 @@ from collections import namedtuple
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from support.modules import support_command
 from support.processes import end_process
 
 DiskSpec = namedtuple("DiskSpec", "id format size bus iothread")
@@ -38,6 +39,8 @@ class Vm:
         self.disks = {spec.id: spec for spec in disks}
         self.qmp_socket = os.path.join(workdir, "qmp.sock")
         self.test_socket = os.path.join(workdir, "test-qmp.sock")
+        # For a process that acts as the guest while a playbook runs (the test holds test-qmp.sock).
+        self.hook_socket = os.path.join(workdir, "hook-qmp.sock")
         self.pid = None
         self.monitor = None
         self.writes = {spec.id: [] for spec in disks}
@@ -59,6 +62,7 @@ class Vm:
         cmd = ["qemu-system-x86_64", "-nodefaults", "-display", "none", *self.machine_args(),
                "-qmp", "unix:%s,server=on,wait=off" % self.qmp_socket,
                "-qmp", "unix:%s,server=on,wait=off" % self.test_socket,
+               "-qmp", "unix:%s,server=on,wait=off" % self.hook_socket,
                "-daemonize", "-pidfile", os.path.join(self.workdir, "qemu.pid")]
         if any(spec.bus == "scsi" for spec in self.disks.values()):
             cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
@@ -107,17 +111,23 @@ class Vm:
             subprocess.run(["qemu-io", "-f", spec.format, "-c", io_command, self.image(disk_id)],
                            check=True, stdout=subprocess.DEVNULL)
         else:
-            output = self.qmp("human-monitor-command",
-                              **{"command-line": 'qemu-io -d %s "%s"' % (self._qdev_backend(disk_id), io_command)})
-            if output.strip():
-                raise AssertionError("qemu-io %r failed: %s" % (io_command, output))
+            guest_io(self.monitor, self._qdev_backend(disk_id), [io_command])
         self.writes[disk_id].append(io_command)
+
+    def writes_by_hook(self, disk_id, offset, length, pattern):
+        """argv of a process that writes as the guest through hook-qmp.sock, for a playbook's at_task.
+
+        The write is logged now: take marks before the playbook runs, and after it.
+        """
+        io_command = "write -P 0x%02x %d %d" % (pattern, offset, length)
+        self.writes[disk_id].append(io_command)
+        return support_command("from support.qemu_vm import guest_io_on; guest_io_on(%r, %r, [%r, 'flush'])"
+                               % (self.hook_socket, self._qdev_backend(disk_id), io_command))
 
     def flushed_image(self, disk_id):
         """The disk's image file, after QEMU has written out its caches, for reading with qemu-img -U."""
         if self.pid is not None:
-            self.qmp("human-monitor-command",
-                     **{"command-line": 'qemu-io -d %s "flush"' % self._qdev_backend(disk_id)})
+            guest_io(self.monitor, self._qdev_backend(disk_id), ["flush"])
         return self.image(disk_id)
 
     def write(self, disk_id, offset, length, pattern):
@@ -196,6 +206,24 @@ class Vm:
                 pass  # the process is gone, and so is the socket
         self.monitor = None
         self.pid = None
+
+
+def guest_io(monitor, qdev_backend, io_commands):
+    """Run qemu-io commands through a device's backend, as the guest would write."""
+    for io_command in io_commands:
+        output = monitor.cmd("human-monitor-command",
+                             **{"command-line": 'qemu-io -d %s "%s"' % (qdev_backend, io_command)})
+        if output.strip():
+            raise AssertionError("qemu-io %r failed: %s" % (io_command, output))
+
+
+def guest_io_on(socket_path, qdev_backend, io_commands):
+    monitor = QEMUMonitorProtocol(socket_path)
+    monitor.connect()
+    try:
+        guest_io(monitor, qdev_backend, io_commands)
+    finally:
+        monitor.close()
 
 
 def same(first, second):

@@ -161,3 +161,35 @@ def test_a_resize_since_the_checkpoint_is_a_reason_for_a_full_backup(tmp_path):
 def test_a_second_start_must_ask_for_the_same_backup():
     assert request_differences(request(), request(scratch_min_free="1G")) == []
     assert request_differences(request(), request(checkpoint="c1", cbw_timeout=5)) == ["checkpoint", "cbw_timeout"]
+
+
+def test_a_qom_set_error_is_checked_against_what_is_attached():
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import set_drive
+
+    def refuse(arguments):
+        raise QmpCommandError("qom-set", "GenericError", "reported, whatever happened")
+
+    swapped = FakeQmp({"qom-set": refuse, "query-block": [block_device("vda", "filter0")]})
+    set_drive(swapped, "vda", "filter0")  # QEMU said no, yet swapped: the device is where we wanted it
+    unchanged = FakeQmp({"qom-set": refuse, "query-block": [block_device("vda", "disk0")]})
+    with pytest.raises(QmpCommandError, match="reported"):
+        set_drive(unchanged, "vda", "filter0")
+
+
+def schema(cbw_members, drivers):
+    return [{"name": "1", "meta-type": "object", "members": [{"name": m, "type": "str"} for m in cbw_members]},
+            {"name": "2", "meta-type": "enum", "values": list(drivers)}]
+
+
+def test_a_qemu_without_break_snapshot_is_refused_naming_the_version_needed():
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import check_fleecing_support
+
+    version = {"qemu": {"major": 7, "minor": 0, "micro": 0}}
+    old = FakeQmp({"query-qmp-schema": schema(["file", "target"], ["qcow2", "copy-before-write"]),
+                   "query-version": version})
+    with pytest.raises(UserError, match="QEMU 7.0.0 cannot fleece without risk.*Upgrade QEMU to 7.1"):
+        check_fleecing_support(old)
+    new = FakeQmp({"query-qmp-schema": schema(["on-cbw-error", "cbw-timeout"], ["qcow2", "snapshot-access"]),
+                   "query-version": version})
+    check_fleecing_support(new)

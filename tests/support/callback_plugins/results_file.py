@@ -1,18 +1,14 @@
 """Write each host's recap, failures and task results to the JSON file named by RESULTS_FILE.
 
-With CRASH_PID and CRASH_AT_TASK set, it also kills that process (a test's QEMU) with SIGKILL when the task of
-that name starts, and waits until it is gone: a crash at a known moment of a playbook.
+With AT_TASK and AT_TASK_COMMAND (a JSON argv) set, it also runs that command when the task of that name first
+starts, and waits for it: something happens at a known moment of a playbook (a crash, guest writes).
 """
 
 import json
 import os
-import sys
+import subprocess
 
 from ansible.plugins.callback import CallbackBase
-
-# Loaded by ansible-playbook, outside pytest: the tests' support package sits two directories up.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from support.processes import end_process  # noqa: E402
 
 DOCUMENTATION = """
 name: results_file
@@ -32,10 +28,12 @@ class CallbackModule(CallbackBase):
         super().__init__()
         self.failures = {}
         self.tasks = {}
+        self.hook_ran = False
 
     def v2_playbook_on_task_start(self, task, is_conditional):
-        if task.name == os.environ.get("CRASH_AT_TASK"):
-            end_process(int(os.environ["CRASH_PID"]))
+        if task.name == os.environ.get("AT_TASK") and not self.hook_ran:
+            self.hook_ran = True
+            subprocess.run(json.loads(os.environ["AT_TASK_COMMAND"]), check=True)
 
     def v2_runner_on_failed(self, result, ignore_errors=False):
         if not ignore_errors:

@@ -1,0 +1,270 @@
+"""The guest always wins: a backup may break, the VM never does. One point in time for all disks; exact pauses."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from support.fleet import Fleet, assert_clean, assert_ok
+from support.flows import Backups
+from support.guest import GuestVm, RECORD_SIZE, record_block, record_location
+from support.modules import run_module
+from support.qemu_vm import DiskSpec, MiB, same
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils import qmp_fleecing
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
+
+BROKEN = "point-in-time view of disk vda broke while it was copied"
+
+
+def new_events(vm):
+    """The names of the events that the test monitor received since the last call."""
+    return {event["event"] for event in vm.monitor.get_events()}
+
+
+def assert_image_reads(image, image_format, pattern, length):
+    """Out of band, after QEMU let go: the guest's writes really landed (HMP qemu-io hides failed writes)."""
+    check = subprocess.run(["qemu-io", "-f", image_format, "-r", "-c", "read -P 0x%02x 0 %d" % (pattern, length),
+                            image], stdout=subprocess.PIPE, text=True, check=True)
+    assert "Pattern verification failed" not in check.stdout, check.stdout
+
+
+def test_a_full_scratch_breaks_the_backup_never_the_guest(vms, tmp_path, tmpfs):
+    def prepare(vm):
+        vm.write("vda", 0, 64 * MiB, 0x5A)
+        vm.write("vdb", 0, 4 * MiB, 0x5B)
+
+    vm = vms([DiskSpec("vda", size=96 * MiB), DiskSpec("vdb", iothread=True)], prepare=prepare)
+    scratch = str(tmpfs("scratch8m", "8m"))
+    flow = Backups(vm, str(tmp_path))
+    started = flow.start("b1", scratch_dir=scratch, scratch_min_free="4M")["backup"]
+    assert vm.status() == "running" and started["pause"] > 0 and new_events(vm) == {"STOP", "RESUME"}
+    # The guest overwrites 64 MiB of data that existed at the start: eight times what the scratch space holds.
+    for step in range(64):
+        vm.write("vda", step * MiB, MiB, 0xA7)
+    assert vm.status() == "running" and not new_events(vm) & {"STOP", "BLOCK_IO_ERROR"}
+
+    vda = next(d for d in started["disks"] if d["disk"] == "vda")
+    copied = run_module("qemu_backup_copy", src=vda["url"], dest=str(tmp_path / "vda.qcow2"))
+    assert copied.failed and BROKEN in copied["msg"] and scratch in copied["msg"] and "cbw_timeout" in copied["msg"]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".vda.qcow2")]
+    stopped = flow.stop("b1")
+    assert stopped["changed"] is True and stopped["intact"] is False
+    flow.assert_nothing_left()  # devices back on their own nodes, the iothread disk too
+    assert vm.status() == "running"
+    vm.quit()
+    assert_image_reads(vm.image("vda"), "qcow2", 0xA7, 64 * MiB)
+
+
+def test_the_pause_is_only_for_a_running_vm_and_the_run_state_comes_back(vms, tmp_path):
+    running = vms([DiskSpec("vda"), DiskSpec("vdb")], name="running")
+    flow = Backups(running, str(tmp_path / "running"))
+    backup = flow.start("b1")["backup"]
+    assert 0 < backup["pause"] < 1 and running.status() == "running"
+    assert new_events(running) == {"STOP", "RESUME"}
+    flow.stop("b1")
+    assert running.status() == "running"
+
+    running.qmp("stop")  # paused by its owner: no guest write can come, so no pause, and it stays paused
+    assert flow.start("b2")["backup"]["pause"] is None and running.status() == "paused"
+    flow.stop("b2")
+    assert running.status() == "paused"
+
+    prelaunch = vms([DiskSpec("vda")], name="prelaunch", paused=True)
+    flow = Backups(prelaunch, str(tmp_path / "prelaunch"))
+    assert flow.start("b1")["backup"]["pause"] is None and prelaunch.status() == "prelaunch"
+    flow.stop("b1")
+    assert prelaunch.status() == "prelaunch"
+    flow.assert_nothing_left()
+
+
+def pause_in_a_child(vm, state_dir, signum):
+    """Fork a run of ours that pauses the VM and sends itself signum in the pause window; its wait status."""
+    child = os.fork()
+    if child == 0:
+        try:
+            qmp = QmpClient(vm.qmp_socket)
+            qmp.connect()
+            with qmp_fleecing.VcpuPause(qmp, VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM"), "dying"):
+                os.kill(os.getpid(), signum)
+        finally:
+            os._exit(0)
+    return os.waitpid(child, 0)[1]
+
+
+def test_a_run_killed_in_the_pause_window_never_leaves_the_vm_paused(vms, tmp_path):
+    vm = vms([DiskSpec("vda")])
+    flow = Backups(vm, str(tmp_path))
+    paused_record = os.path.join(flow.state_dir, "vms", qmp_vm_key(vm.qmp_socket), "paused.json")
+
+    # SIGTERM waits for the cont: the run dies of it only once the VM runs again.
+    status = pause_in_a_child(vm, flow.state_dir, signal.SIGTERM)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert vm.status() == "running" and not os.path.exists(paused_record)
+
+    # SIGKILL cannot wait: the record says the pause was ours, and the next info resumes the VM.
+    status = pause_in_a_child(vm, flow.state_dir, signal.SIGKILL)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert vm.status() == "paused" and os.path.exists(paused_record)
+    info = flow.info()
+    assert info["changed"] is True and "died while it had the vCPUs paused" in json.dumps(info["warnings"])
+    assert vm.status() == "running" and not os.path.exists(paused_record)
+
+    # Only such a VM: one that its owner paused stays paused through info, start and stop.
+    vm.qmp("stop")
+    assert flow.info()["changed"] is False
+    flow.start("b1")
+    flow.stop("b1")
+    assert vm.status() == "paused"
+
+
+def records_in(image, image_format, disk):
+    """The indexes of the guest's numbered records that a disk image (or backup image) of `disk` holds."""
+    raw = image + ".records.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-f", image_format, "-O", "raw", image, raw], check=True)
+    found = set()
+    with open(raw, "rb") as stream:
+        data = stream.read()
+    os.unlink(raw)
+    for offset in range(0, len(data), RECORD_SIZE):
+        block = data[offset:offset + RECORD_SIZE]
+        if block.startswith(b"REC "):
+            index = int(block[4:12])
+            assert block == record_block(index) and record_location(index) == (disk, offset), (disk, offset)
+            found.add(index)
+    return found
+
+
+def backup_records(flow, vm, backup, tmp_path, name):
+    """Copy both disks of a running backup, stop it; the records the backups hold, and the records on the disks."""
+    found = set()
+    for disk in backup["disks"]:
+        dest = str(tmp_path / ("%s.%s.qcow2" % (name, disk["disk"])))
+        assert not run_module("qemu_backup_copy", src=disk["url"], dest=dest).failed
+        found |= records_in(dest, "qcow2", disk["disk"])
+    assert flow.stop(backup["id"])["intact"] is True
+    live = records_in(vm.image("vda"), "raw", "vda") | records_in(vm.image("vdb"), "raw", "vdb")
+    return found, live
+
+
+def is_prefix(records):
+    return records == set(range(len(records)))
+
+
+class NoPause:
+    """The test-only variant: the filters go in while the vCPUs run."""
+
+    def __init__(self, qmp, state, backup_id):
+        self.seconds = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+
+def start_without_pause(vm, flow, backup_id, monkeypatch, delay):
+    """Start a backup in this process with the vCPUs running and `delay` seconds between the disks' filters."""
+    switch = qmp_fleecing.set_drive
+
+    def slowly(qmp, qdev, node):
+        switch(qmp, qdev, node)
+        time.sleep(delay)  # widens the window between the two disks' points in time, on purpose
+
+    monkeypatch.setattr(qmp_fleecing, "set_drive", slowly)
+    registry = CheckpointRegistry(os.path.join(flow.state_dir, "checkpoints"))
+    request = dict(disks=None, checkpoint=None, incremental=None, fallback_to_full=False, nbd_socket=None,
+                   cbw_timeout=10, scratch_min_free="0", scratch_dir=flow.scratch)
+    try:
+        with QmpVm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
+            plan = connection.plan(backup_id, request, False)
+            return qmp_fleecing.start_backup(connection.qmp, connection.state, plan, registry,
+                                             pause=NoPause)["result"]
+    finally:
+        monkeypatch.setattr(qmp_fleecing, "set_drive", switch)
+
+
+def test_writes_racing_the_start_on_two_disks_give_one_point_in_time(vms, tmp_path, monkeypatch):
+    vm = vms([DiskSpec("vda", format="raw"), DiskSpec("vdb", format="raw")], kind=GuestVm)
+    assert vm.wait_ready() == ["vda", "vdb"]
+    vm.send("records 1000000")
+    vm.wait_line("FBG RECORDS STARTED")
+    flow = Backups(vm, str(tmp_path))
+
+    for attempt in range(3):
+        backup = flow.start("real%d" % attempt)["backup"]
+        assert backup["pause"] > 0
+        found, live = backup_records(flow, vm, backup, tmp_path, "real%d" % attempt)
+        # Records landed before the point in time and after it, and the backups hold exactly a prefix.
+        assert found and max(live) > max(found) and is_prefix(found), sorted(found)[-20:]
+
+    # The same start with the vCPUs running and a delay between the disks mixes two points in time.
+    mixed = 0
+    for attempt in range(3):
+        backup = start_without_pause(vm, flow, "racy%d" % attempt, monkeypatch, delay=0.3)
+        found, live = backup_records(flow, vm, backup, tmp_path, "racy%d" % attempt)
+        assert found and max(live) > max(found)
+        mixed += not is_prefix(found)
+        if mixed:
+            break
+    assert mixed, "the test could not tell one point in time from two"
+    flow.assert_nothing_left()
+    assert vm.status() == "running"
+
+
+def test_a_real_guest_overwriting_more_than_the_scratch_holds_keeps_running(vms, tmp_path, tmpfs):
+    vm = vms([DiskSpec("vda", size=320 * MiB)], kind=GuestVm,
+             prepare=lambda vm: vm.write("vda", 0, 256 * MiB, 0x11))
+    assert vm.wait_ready() == ["vda"]
+    scratch = str(tmpfs("scratch48m", "48m"))
+    flow = Backups(vm, str(tmp_path))
+    backup = flow.start("b1", scratch_dir=scratch, scratch_min_free="1M")["backup"]
+    new_events(vm)
+    # The guest's own virtio-blk driver overwrites 256 MiB with O_DIRECT while the backup runs.
+    assert vm.run("overwrite vda 256 170", timeout=300) == ["0", str(256 * MiB)]
+    assert vm.status() == "running" and not new_events(vm) & {"STOP", "BLOCK_IO_ERROR"}
+    copied = run_module("qemu_backup_copy", src=backup["disks"][0]["url"], dest=str(tmp_path / "vda.qcow2"))
+    assert copied.failed and BROKEN in copied["msg"] and scratch in copied["msg"]
+    stopped = flow.stop("b1")
+    assert stopped["intact"] is False and vm.status() == "running"
+    flow.assert_nothing_left()
+    assert vm.run("sync") == ["0"]
+    vm.quit()
+    assert_image_reads(vm.image("vda"), "qcow2", 170, 256 * MiB)
+
+
+def test_the_role_with_too_little_scratch_fails_that_vm_alone_and_recovers(vms, tmp_path, tmpfs):
+    machines = {name: vms([DiskSpec("vda", size=96 * MiB)], name=name,
+                          prepare=lambda vm: vm.write("vda", 0, 64 * MiB, 0x61))
+                for name in ("vm1", "vm2")}
+    fleet = Fleet(tmp_path, machines)
+    small = tmpfs("scratch8m", "8m")
+    inventory = json.loads(fleet.inventory.read_text())
+    inventory["vms"]["hosts"]["vm1"]["qemu_backup_scratch_dir"] = str(small)
+    inventory["vms"]["vars"]["qemu_backup_scratch_min_free"] = "1M"
+    fleet.inventory.write_text(json.dumps(inventory))
+    assert_ok(fleet.backup())
+    manifest = (fleet.repository / "vm1" / "manifest.json").read_bytes()
+    images = fleet.images("vm1")
+
+    vm1 = machines["vm1"]
+    overwrite = vm1.writes_by_hook("vda", 0, 64 * MiB, 0x62)
+    rc, results, output = fleet.backup(at_task=("Copy each disk", overwrite))
+    assert rc != 0 and list(results["failures"]) == ["vm1"], output[-3000:]
+    assert "broke while it was copied" in " ".join(results["failures"]["vm1"])
+    assert (fleet.repository / "vm1" / "manifest.json").read_bytes() == manifest and fleet.images("vm1") == images
+    assert len(fleet.manifest("vm2")["backups"]) == 2
+    assert_clean(vm1, fleet.scratch)
+    assert os.listdir(small) == [] and vm1.status() == "running"
+
+    mark = vm1.mark("vda")
+    assert_ok(fleet.backup())
+    assert [b["level"] for b in fleet.manifest("vm1")["backups"]] == ["full", "incremental"]
+    restored = tmp_path / "restored"
+    assert_ok(fleet.restore("vm1", restored))
+    assert same(str(restored / "vda.qcow2"), vm1.expected_image("vda", mark, str(tmp_path / "expected.raw")))

@@ -1,0 +1,65 @@
+"""An inventory of test VMs on this machine, a repository, and runs of the collection's playbooks."""
+
+import json
+import os
+
+from support.flows import assert_no_leftovers
+from support.modules import run_playbook
+from support.paths import COLLECTIONS
+
+PLAYBOOKS = os.path.join(COLLECTIONS, "ansible_collections", "fleetbackup", "qemu", "playbooks")
+
+
+class Fleet:
+    """An inventory of VMs on this machine, a repository, and runs of the collection's playbooks."""
+
+    def __init__(self, tmp_path, vms):
+        self.tmp_path = tmp_path
+        self.vms = vms
+        self.repository = tmp_path / "repository"
+        self.repository.mkdir(exist_ok=True)
+        self.scratch = tmp_path / "scratch"
+        self.scratch.mkdir(exist_ok=True)
+        self.inventory = tmp_path / "inventory.json"
+        self.runs = 0
+        hosts = {name: {"qemu_backup_qmp_socket": vm.qmp_socket} for name, vm in vms.items()}
+        self.inventory.write_text(json.dumps({"vms": {"hosts": hosts, "vars": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+            "qemu_backup_repository": str(self.repository),
+            "qemu_backup_scratch_dir": str(self.scratch),
+            "qemu_backup_state_dir": str(tmp_path / "state"),
+            "qemu_restore_repository": str(self.repository),
+        }}}))
+
+    def run(self, playbook, check=False, at_task=None, **extra_vars):
+        self.runs += 1
+        return run_playbook(os.path.join(PLAYBOOKS, playbook), str(self.inventory),
+                            str(self.tmp_path / ("results-%d.json" % self.runs)), extra_vars, check=check,
+                            at_task=at_task)
+
+    def backup(self, check=False, at_task=None, **extra_vars):
+        return self.run("fleet_backup.yml", check=check, at_task=at_task, **extra_vars)
+
+    def restore(self, vm, dest, **extra_vars):
+        return self.run("restore.yml", qemu_restore_dest=str(dest), fleet_group=vm, **extra_vars)
+
+    def manifest(self, vm):
+        with open(self.repository / vm / "manifest.json") as stream:
+            return json.load(stream)
+
+    def images(self, vm):
+        return sorted(name for name in os.listdir(self.repository / vm) if name.endswith(".qcow2"))
+
+
+def assert_ok(result, changed=None):
+    rc, results, output = result
+    assert rc == 0 and not results["failures"], output[-4000:]
+    if changed is not None:
+        assert {h: s["changed"] for h, s in results["stats"].items()} == changed, output[-4000:]
+    return results
+
+
+def assert_clean(vm, scratch):
+    assert_no_leftovers(vm)
+    assert os.listdir(scratch) == []
