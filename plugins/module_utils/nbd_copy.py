@@ -302,7 +302,9 @@ class _Worker:
                 self._start(*operations.pop())
             if self.error:
                 raise NbdError(self.error)
-            if self.in_flight == 0 and not self.read_done:
+            if self.read_done:
+                continue  # take() maps with block status, inside which libnbd may complete our reads
+            if self.in_flight == 0:
                 return
             self._wait()
 

@@ -2,6 +2,7 @@
 
 import signal
 import subprocess
+import threading
 
 import pytest
 
@@ -9,6 +10,11 @@ from support.flows import Backups
 from support.modules import run_module
 from support.processes import end_process
 from support.qemu_vm import DiskSpec, MiB, same
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
+    copy_to_image,
+    export_size_and_connections,
+)
 
 GiB = 1024 * MiB
 
@@ -63,30 +69,85 @@ def test_full_and_incremental_copies_are_exact(vms, tmp_path, connections):
         assert subprocess.run(["qemu-img", "check", str(tmp_path / image)], stdout=subprocess.PIPE).returncode == 0
 
 
+def make_image(path, size, writes):
+    """A qcow2 image of size bytes holding the qemu-io writes (pattern, offset, length)."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)], check=True)
+    commands = []
+    for pattern, offset, length in writes:
+        commands += ["-c", "write -P 0x%x %d %d" % (pattern, offset, length)]
+    subprocess.run(["qemu-io", "-f", "qcow2"] + commands + [path], check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
 @pytest.fixture
-def single_connection_export(tmp_path):
-    """qemu-nbd serving an image without multi-conn (its default --shared=1), to many clients in turn (-t).
+def serve(tmp_path):
+    """serve(image, *options): qemu-nbd -r -t exporting image; returns (url, pid). Each is ended by its PID."""
+    pids = []
 
-    Ended by its PID.
-    """
-    image = str(tmp_path / "source.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "256M"], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 1M 3M", "-c", "write -P 0x62 200M 1M", image],
-                   check=True, stdout=subprocess.DEVNULL)
-    socket_path, pid_file = str(tmp_path / "src.sock"), str(tmp_path / "qemu-nbd.pid")
-    # --fork returns once the socket listens.
-    subprocess.run(["qemu-nbd", "-r", "-t", "-f", "qcow2", "--fork", "--pid-file", pid_file, "-k", socket_path, image],
-                   check=True)
-    with open(pid_file) as stream:
-        pid = int(stream.read())
-    yield image, "nbd+unix:///?socket=" + socket_path
-    end_process(pid, signal.SIGTERM)
+    def start(image, *options):
+        socket_path = str(tmp_path / ("nbd%d.sock" % len(pids)))
+        pid_file = socket_path + ".pid"
+        # --fork returns once the socket listens.
+        subprocess.run(["qemu-nbd", "-r", "-t", "-f", "qcow2", "--fork", "--pid-file", pid_file, "-k", socket_path]
+                       + list(options) + [image], check=True)
+        with open(pid_file) as stream:
+            pids.append(int(stream.read()))
+        return "nbd+unix:///?socket=" + socket_path, pids[-1]
+
+    yield start
+    for pid in pids:
+        end_process(pid, signal.SIGTERM)
 
 
-def test_a_source_without_multi_conn_is_copied_over_one_connection(tmp_path, single_connection_export):
-    image, url = single_connection_export
+def copy_within(seconds, url, dest, image_format, **options):
+    """The engine copies url to dest in this process; a copy still running after seconds fails the test."""
+    size, connections = export_size_and_connections(url, None, 4)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["counts"] = copy_to_image(url, dest, image_format, size, connections=connections, **options)
+        except Exception as err:  # pylint: disable=broad-except
+            outcome["error"] = err
+
+    # A daemon thread, so that a hung copy fails this test instead of hanging the run.
+    thread = threading.Thread(target=run, name="test-copy", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the copy of %s hangs: still running after %d s" % (url, seconds)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["counts"]
+
+
+def test_a_source_without_multi_conn_is_copied_over_one_connection(tmp_path, serve):
+    image = make_image(str(tmp_path / "source.qcow2"), 256 * MiB, [(0x61, MiB, 3 * MiB), (0x62, 200 * MiB, MiB)])
+    url, _ = serve(image)  # without --shared: one client at a time, so no multi-conn
     for image_format in ("qcow2", "raw"):
         dest = str(tmp_path / ("copy." + image_format))
         result = run_module("qemu_backup_copy", src=url, dest=dest, format=image_format, connections=4)
         assert result["connections"] == 1 and result["bytes_read"] == 4 * MiB
         assert same(dest, image)
+
+
+@pytest.mark.parametrize("image_format", ["qcow2", "raw"])
+def test_data_before_a_hole_larger_than_a_status_window_is_copied_without_hanging(tmp_path, serve, image_format):
+    # Reads in flight when the last window is mapped complete inside that block status; they hung the copy.
+    image = make_image(str(tmp_path / "source.qcow2"), 3 * GiB, [(0x5a, 0, 256 * MiB)])
+    url, _ = serve(image, "--shared=1")
+    dest = str(tmp_path / ("copy." + image_format))
+    assert copy_within(60, url, dest, image_format)[0] == 256 * MiB
+    assert same(dest, image)
+
+
+@pytest.mark.parametrize("options", [(), ("--shared=4",), ("-A",), ("--shared=4", "-A")], ids=["plain", "shared4", "A", "shared4+A"])
+@pytest.mark.parametrize("size", [3 * GiB, 5 * GiB, 17 * GiB], ids=lambda size: "%dG" % (size // GiB))
+def test_sparse_disks_from_qemu_nbd_copy_exactly(tmp_path, serve, size, options):
+    # Data at the start, across the first status window's end, and up to an unaligned end of the disk.
+    writes = [(0x11, 0, 8 * MiB), (0x12, 2 * GiB - MiB, 2 * MiB), (0x13, size - 3 * MiB + 512, 3 * MiB - 512)]
+    image = make_image(str(tmp_path / "source.qcow2"), size, writes)
+    url, _ = serve(image, *options)
+    for image_format in ("qcow2", "raw"):
+        dest = str(tmp_path / ("copy." + image_format))
+        copy_within(60, url, dest, image_format)
+        assert same(dest, image), image_format
