@@ -18,7 +18,7 @@ from collections import deque
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import write_all
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import create_image_file, write_all
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.write_behind import WriteBehind
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import (
     CONTEXT_ALLOCATION,
@@ -184,23 +184,21 @@ class FileTarget:
 
     alignment = 1
 
-    def __init__(self, path):
-        self.fd = os.open(path, os.O_WRONLY)
+    def __init__(self, path, size):
+        self.path = path
+        self.size = size
+        self.fd = create_image_file(path)
         self._write_behind = WriteBehind(self.fd)
 
     def planned(self, operations, mapped_through):
         """Nothing to prepare: a raw file has no metadata."""
 
-    def write(self, buf, offset, done):
-        try:
-            write_all(self.fd, buf.to_buffer(), offset)
-            self._write_behind.written(offset, buf.size())
-        except OSError as err:
-            done(err.errno)
-        else:
-            done(0)
+    def write(self, buf, offset):
+        write_all(self.fd, buf.to_buffer(), offset, self.path)
+        self._write_behind.written(offset, buf.size())
 
     def finish(self):
+        os.ftruncate(self.fd, self.size)  # the size of the disk, also where its end is a hole
         os.fdatasync(self.fd)
 
     def close(self):
@@ -230,23 +228,19 @@ class Qcow2Target:
             self._mapped = mapped_through
             self._release_done_regions()
 
-    def write(self, buf, offset, done):
-        self._finish_operation(lambda: self.writer.write(buf.to_buffer(), offset), offset, buf.size(), done)
+    def write(self, buf, offset):
+        self.writer.write(buf.to_buffer(), offset)
+        self._operation_done(offset, buf.size())
 
-    def zero(self, offset, length, done):
-        self._finish_operation(lambda: self.writer.zero(offset, length), offset, length, done)
+    def zero(self, offset, length):
+        self.writer.zero(offset, length)
+        self._operation_done(offset, length)
 
-    def _finish_operation(self, operation, offset, length, done):
-        try:
-            operation()
-        except OSError as err:
-            done(err.errno)
-            return
+    def _operation_done(self, offset, length):
         with self._lock:
             for region in self._regions(offset, length):
                 self._pending[region] -= 1
             self._release_done_regions()
-        done(0)
 
     @staticmethod
     def _regions(offset, length):
@@ -309,14 +303,14 @@ class _Worker:
             self._wait()
 
     def _start(self, kind, offset, length):
+        if kind != COPY:
+            self.target.zero(offset, length)
+            return
         self.in_flight += 1
-        if kind == COPY:
-            buf = self.free.pop()
-            if buf.size() != length:
-                buf = nbd.Buffer(length)
-            self.src.aio_pread(buf, offset, completion=lambda err: self._on_read(err.value, buf, offset))
-        else:
-            self.target.zero(offset, length, lambda errno_value: self._on_write(errno_value, None, "zero", offset))
+        buf = self.free.pop()
+        if buf.size() != length:
+            buf = nbd.Buffer(length)
+        self.src.aio_pread(buf, offset, completion=lambda err: self._on_read(err.value, buf, offset))
 
     # Completion callbacks run inside libnbd: they only record, never call a handle.
     def _on_read(self, errno_value, buf, offset):
@@ -324,14 +318,6 @@ class _Worker:
             self._fail("read", offset, errno_value)
         else:
             self.read_done.append((buf, offset))
-        return 1
-
-    def _on_write(self, errno_value, buf, kind, offset):
-        self.in_flight -= 1
-        if buf is not None:
-            self.free.append(buf)
-        if errno_value:
-            self._fail(kind, offset, errno_value)
         return 1
 
     def _fail(self, kind, offset, errno_value):
@@ -342,8 +328,9 @@ class _Worker:
         while self.read_done:
             buf, offset = self.read_done.pop()
             self.stats.add_read(buf.size())
-            self.target.write(buf, offset,
-                              lambda errno_value, b=buf, o=offset: self._on_write(errno_value, b, "write", o))
+            self.target.write(buf, offset)
+            self.in_flight -= 1
+            self.free.append(buf)
 
     def _wait(self):
         try:
@@ -390,9 +377,7 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
     """
     try:
         if image_format == "raw":
-            with open(path, "xb") as stream:
-                stream.truncate(size)
-            target = FileTarget(path)
+            target = FileTarget(path, size)
         else:
             target = Qcow2Target(path, size, backing, backing_format)
         try:
