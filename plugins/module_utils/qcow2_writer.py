@@ -167,12 +167,6 @@ class Qcow2Writer:
         os.close(self.fd)
 
 
-def image_format_of(path):
-    """qcow2 or raw, from the file's magic: all a backing file's header needs, without a qemu-img process."""
-    with open(path, "rb") as stream:
-        return "qcow2" if stream.read(4) == MAGIC else "raw"
-
-
 class ImageWriteError(FleetbackupError):
     """Writing an image file failed; the message names the file."""
 

@@ -3,6 +3,7 @@ from QEMU and from qemu-nbd, for disks past many status windows; and failing fas
 dies or hangs, or one of its threads fails."""
 
 import ctypes
+import json
 import os
 import re
 import select
@@ -141,6 +142,21 @@ def test_a_source_without_multi_conn_is_copied_over_one_connection(tmp_path, ser
         result = run_module("qemu_backup_copy", src=url, dest=dest, format=image_format, connections=4)
         assert result["connections"] == 1 and result["bytes_read"] == 4 * MiB
         assert same(dest, image)
+
+
+def test_the_backing_format_is_the_one_given_never_guessed_from_the_backing_file(tmp_path, serve):
+    url, _ = serve(make_image(str(tmp_path / "source.qcow2"), 64 * MiB, [(0x51, 0, MiB)]))
+    # A raw disk whose guest wrote a qcow2 magic at its start: those bytes must not decide its format.
+    with open(tmp_path / "b1.vda.raw", "wb") as backing:
+        backing.write(b"QFI\xfb")
+        backing.truncate(64 * MiB)
+    dest = str(tmp_path / "b2.vda.qcow2")
+    assert not run_module("qemu_backup_copy", src=url, dest=dest, backing=str(tmp_path / "b1.vda.raw"),
+                          backing_format="raw").failed
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", dest], check=True,
+                                     stdout=subprocess.PIPE).stdout)
+    assert info["backing-filename"] == "b1.vda.raw" and info["backing-filename-format"] == "raw"
+    assert same(dest, str(tmp_path / "source.qcow2"))
 
 
 @pytest.mark.parametrize("image_format", ["qcow2", "raw"])
