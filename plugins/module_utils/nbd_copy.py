@@ -8,17 +8,23 @@ reads in flight and writes each one out as it completes, into a target that
 all threads share (a raw file, or a qcow2 image written directly). libnbd and
 pwrite release the GIL, and data stays in nbd.Buffer objects, never in Python
 bytes.
+
+No wait is unbounded. Every call that needs an answer from the server is
+asynchronous and polled: a server that sends nothing for io_timeout seconds
+(IO_TIMEOUT by default) fails the copy, and the first thread that fails stops
+all the others.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import write_all
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import create_image_file, write_all
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.write_behind import WriteBehind
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import (
     CONTEXT_ALLOCATION,
@@ -45,6 +51,16 @@ except ImportError as import_error:
 BATCH_BYTES = 4 * 1024 ** 2
 # QEMU refuses reads larger than this.
 MAX_REQUEST_SIZE = 32 * 1024 ** 2
+# The read buffers of a copy, connections x requests x request_size, stay within this: 64 times the default,
+# far past the point where more stop helping, and little beside the VMs that the hypervisor's memory is for.
+MAX_BUFFER_BYTES = 1024 ** 3
+# Seconds a server may send nothing before the copy fails. A healthy one answers in milliseconds; this
+# outlasts stalls of busy storage (and a 32 MiB read at 1 MiB/s) and still fails a scheduled run in a minute.
+IO_TIMEOUT = 60
+# Waits wake this often (seconds) to see whether another thread has failed.
+POLL_SLICE = 0.1
+ADVICE = ("check that the backup is started (src is the url that qemu_backup_start returned) and that the VM or "
+          "qemu-nbd serving it is alive and not stopped, then copy again")
 
 
 class NbdError(FleetbackupError):
@@ -56,61 +72,104 @@ def dirty_context(bitmap):
     return bitmap if bitmap.startswith(DIRTY_BITMAP_PREFIX) else DIRTY_BITMAP_PREFIX + bitmap
 
 
-def open_source(url, bitmap_context=None):
-    """Connect to a read-only export asking for the contexts that the copy needs."""
-    handle = nbd.NBD()
-    handle.set_handle_name("fleetbackup-src")
-    for context in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context):
-        if context:
-            handle.add_meta_context(context)
-    try:
-        handle.connect_uri(url)
-    except nbd.Error as err:
-        raise NbdError("Cannot connect to NBD export %s: %s. Is the backup started, and is src "
-                       "the url that qemu_backup_start returned?" % (url, err)) from None
-    if not handle.can_meta_context(CONTEXT_ALLOCATION):
-        close_handle(handle)
-        raise NbdError("NBD export %s does not report base:allocation; it cannot be copied sparsely." % url)
-    if bitmap_context and not handle.can_meta_context(bitmap_context):
-        close_handle(handle)
-        raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the "
-                       "dirty_bitmap that qemu_backup_start returned for this disk." % (url, bitmap_context))
-    return handle
+class Abort:
+    """The first failure of a copy. Once it is set, every thread stops issuing work and returns."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.message = None
+
+    def fail(self, message):
+        with self._lock:
+            self.message = self.message or message
 
 
-def close_handle(handle):
-    """Disconnect politely; the handle itself is freed with its last reference."""
-    try:
-        handle.shutdown()
-    except nbd.Error:
-        pass  # already disconnected, or never connected
+class Aborted(Exception):
+    """Raised in a thread that must stop because another one failed: the copy reports that failure."""
 
 
-def read_extents(handle, start, length, bitmap_context=None):
-    """Yield the merged Extents of [start, start+length), asked in bounded windows."""
-    contexts = [c for c in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context)
-                if c and handle.can_meta_context(c)]
-    end = start + length
-    offset = start
-    while offset < end:
-        replies = {context: [] for context in contexts}
+class Connection:
+    """A connection to the export, asking for the contexts that the copy needs.
 
-        def collect(context, _offset, entries, _error):
-            # libnbd passes a flat list: length, flags, length, flags...
-            if context in replies:
-                replies[context].extend(zip(entries[0::2], entries[1::2]))
-            return 0
+    Every wait on it ends once the server has sent nothing for io_timeout
+    seconds, or as soon as the copy that it serves fails (abort).
+    """
 
-        window = min(STATUS_WINDOW, end - offset)
+    def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None):
+        self.url = url
+        self.bitmap_context = bitmap_context
+        self.io_timeout = io_timeout
+        self.abort = abort
+        self.handle = nbd.NBD()
+        self.handle.set_handle_name("fleetbackup-src")
+        self.contexts = [c for c in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context) if c]
+        for context in self.contexts:
+            self.handle.add_meta_context(context)
+        # Not connect_uri: it waits forever for a server that accepts and never answers.
+        self._call("connect to", self.handle.aio_connect_uri, url)
+        self.wait_until(lambda: not self.handle.aio_is_connecting(), "connect to")
+        if not self.handle.can_meta_context(CONTEXT_ALLOCATION):
+            raise NbdError("NBD export %s does not report base:allocation; it cannot be copied sparsely." % url)
+        if bitmap_context and not self.handle.can_meta_context(bitmap_context):
+            raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
+                           "that qemu_backup_start returned for this disk." % (url, bitmap_context))
+        self.contexts = [c for c in self.contexts if self.handle.can_meta_context(c)]
+
+    def failure(self, action, reason):
+        """The error for a failed action ("connect to", "read offset 0 of"...) on the export."""
+        return NbdError("Cannot %s NBD export %s: %s; %s." % (action, self.url, reason, ADVICE))
+
+    def _call(self, action, function, *args):
         try:
-            handle.block_status(window, offset, collect)
+            return function(*args)
         except nbd.Error as err:
-            raise NbdError("Block status at offset %d failed: %s" % (offset, err)) from None
-        extents = clip(merge_extents(offset, replies, bitmap_context), end)
-        if not extents:
-            raise NbdError("The NBD server answered block status at offset %d with no extent." % offset)
-        yield from extents
-        offset = extents[-1].start + extents[-1].length
+            raise self.failure(action, err) from None
+
+    def wait_until(self, finished, action):
+        """Poll until finished() is true: the server must show life every io_timeout seconds."""
+        deadline = time.monotonic() + self.io_timeout
+        while not self._call(action, finished):
+            if self.abort is not None and self.abort.message:
+                raise Aborted()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self.failure(action, "its server sent nothing for %g s. It is hung, or busy with another client "
+                                           "(qemu-nbd without --shared serves one at a time)" % self.io_timeout)
+            if self._call(action, self.handle.poll, max(1, int(min(left, POLL_SLICE) * 1000))):
+                deadline = time.monotonic() + self.io_timeout
+
+    def read(self, buf, offset, completion):
+        """Start reading len(buf) bytes at offset; completion(errno) runs inside a later wait."""
+        self._call("read offset %d of" % offset, self.handle.aio_pread, buf, offset, lambda err: completion(err.value))
+
+    def extents(self, start, length):
+        """Yield the merged Extents of [start, start+length), asked in bounded windows."""
+        end = start + length
+        offset = start
+        while offset < end:
+            replies = {context: [] for context in self.contexts}
+
+            def collect(context, _offset, entries, _error):
+                # libnbd passes a flat list: length, flags, length, flags...
+                if context in replies:
+                    replies[context].extend(zip(entries[0::2], entries[1::2]))
+                return 0
+
+            action = "get block status at offset %d of" % offset
+            cookie = self._call(action, self.handle.aio_block_status, min(STATUS_WINDOW, end - offset), offset, collect)
+            self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
+            extents = clip(merge_extents(offset, replies, self.bitmap_context), end)
+            if not extents:
+                raise NbdError("The NBD server answered block status at offset %d with no extent." % offset)
+            yield from extents
+            offset = extents[-1].start + extents[-1].length
+
+    def close(self):
+        """Say goodbye when idle, and close at once: a server that does not answer cannot hold this up."""
+        if self.handle.aio_is_ready():
+            self.handle.aio_disconnect(0)  # sent now; the server's answer is not awaited
+        # The last reference to the handle: libnbd closes the socket and drops the callbacks of unanswered reads.
+        self.handle = None
 
 
 class CopyStats:
@@ -141,22 +200,27 @@ class WorkQueue:
     that every connection stays busy.
     """
 
-    def __init__(self, size, request_size, zero_target, bitmap_context, stats, target):
+    def __init__(self, size, request_size, zero_target, stats, target, abort):
         self._size = size
+        self._abort = abort
         self._target = target
         self._mapped = 0
         self._ready = deque()
         self._lock = threading.Lock()
         self._request_size = request_size
         self._zero_target = zero_target
-        self._bitmap_context = bitmap_context
         self._stats = stats
 
-    def take(self, handle):
-        """The next batch of operations, mapping more of the disk with `handle` when needed; None at the end."""
+    def take(self, src):
+        """The next batch of operations, mapping more of the disk over Connection src when needed.
+
+        None at the end, and once the copy has failed.
+        """
         with self._lock:
+            if self._abort.message:
+                return None
             while not self._ready and self._mapped < self._size:
-                self._map_window(handle)
+                self._map_window(src)
             batch = []
             data = 0
             while self._ready and data < BATCH_BYTES:
@@ -165,10 +229,9 @@ class WorkQueue:
                 data += operation[2] if operation[0] == COPY else 0
             return batch or None
 
-    def _map_window(self, handle):
+    def _map_window(self, src):
         length = min(STATUS_WINDOW, self._size - self._mapped)
-        extents = align_extents(list(read_extents(handle, self._mapped, length, self._bitmap_context)),
-                                self._target.alignment)
+        extents = align_extents(list(src.extents(self._mapped, length)), self._target.alignment)
         self._mapped += length
         self._stats.add_extents(extents)
         operations = list(plan_operations(extents, self._request_size, self._zero_target))
@@ -184,23 +247,21 @@ class FileTarget:
 
     alignment = 1
 
-    def __init__(self, path):
-        self.fd = os.open(path, os.O_WRONLY)
+    def __init__(self, path, size):
+        self.path = path
+        self.size = size
+        self.fd = create_image_file(path)
         self._write_behind = WriteBehind(self.fd)
 
     def planned(self, operations, mapped_through):
         """Nothing to prepare: a raw file has no metadata."""
 
-    def write(self, buf, offset, done):
-        try:
-            write_all(self.fd, buf.to_buffer(), offset)
-            self._write_behind.written(offset, buf.size())
-        except OSError as err:
-            done(err.errno)
-        else:
-            done(0)
+    def write(self, buf, offset):
+        write_all(self.fd, buf.to_buffer(), offset, self.path)
+        self._write_behind.written(offset, buf.size())
 
     def finish(self):
+        os.ftruncate(self.fd, self.size)  # the size of the disk, also where its end is a hole
         os.fdatasync(self.fd)
 
     def close(self):
@@ -230,23 +291,19 @@ class Qcow2Target:
             self._mapped = mapped_through
             self._release_done_regions()
 
-    def write(self, buf, offset, done):
-        self._finish_operation(lambda: self.writer.write(buf.to_buffer(), offset), offset, buf.size(), done)
+    def write(self, buf, offset):
+        self.writer.write(buf.to_buffer(), offset)
+        self._operation_done(offset, buf.size())
 
-    def zero(self, offset, length, done):
-        self._finish_operation(lambda: self.writer.zero(offset, length), offset, length, done)
+    def zero(self, offset, length):
+        self.writer.zero(offset, length)
+        self._operation_done(offset, length)
 
-    def _finish_operation(self, operation, offset, length, done):
-        try:
-            operation()
-        except OSError as err:
-            done(err.errno)
-            return
+    def _operation_done(self, offset, length):
         with self._lock:
             for region in self._regions(offset, length):
                 self._pending[region] -= 1
             self._release_done_regions()
-        done(0)
 
     @staticmethod
     def _regions(offset, length):
@@ -274,112 +331,104 @@ class _Worker:
         self.queue = queue
         self.stats = stats
         self.free = [nbd.Buffer(request_size) for _ in range(requests)]
-        self.requests = requests
-        self.in_flight = 0
-        self.read_done = []
-        self.error = None
+        self.reading = 0  # reads on the wire
+        self.read_done = []  # reads completed and not yet written
+        self.read_error = None
 
     def run(self):
         try:
             self._copy()
+        except Aborted:
+            pass  # the failure of another thread, which the copy reports
         except Exception as err:  # pylint: disable=broad-except
-            # A thread's exception would otherwise vanish and the copy look complete.
-            self.error = self.error or str(err)
+            # Stops the other threads; a thread's exception would otherwise vanish and the copy look complete.
+            self.src.abort.fail(str(err))
 
     def _copy(self):
         operations = []
         exhausted = False
         while True:
+            if self.read_error:
+                raise self.read_error
             self._write_completed_reads()
-            while self.in_flight < self.requests and not self.error:
-                if not operations:
-                    planned = None if exhausted else self.queue.take(self.src)
-                    if planned is None:
-                        exhausted = True
-                        break
-                    operations = planned[::-1]
-                    continue
-                self._start(*operations.pop())
-            if self.error:
-                raise NbdError(self.error)
-            if self.in_flight == 0 and not self.read_done:
+            while self.free and not exhausted:
+                if operations:
+                    self._start(*operations.pop())
+                else:
+                    batch = self.queue.take(self.src)
+                    exhausted = batch is None
+                    operations = (batch or [])[::-1]
+            if self.read_done:
+                continue  # take() maps with block status, inside which libnbd may complete our reads
+            if not self.reading:
                 return
-            self._wait()
+            self.src.wait_until(lambda: self.read_done or self.read_error, "read from")
 
     def _start(self, kind, offset, length):
-        self.in_flight += 1
-        if kind == COPY:
-            buf = self.free.pop()
-            if buf.size() != length:
-                buf = nbd.Buffer(length)
-            self.src.aio_pread(buf, offset, completion=lambda err: self._on_read(err.value, buf, offset))
-        else:
-            self.target.zero(offset, length, lambda errno_value: self._on_write(errno_value, None, "zero", offset))
+        if kind != COPY:
+            self.target.zero(offset, length)
+            return
+        buf = self.free.pop()
+        if buf.size() != length:
+            buf = nbd.Buffer(length)
+        self.reading += 1
+        self.src.read(buf, offset, lambda errno_value: self._on_read(errno_value, buf, offset))
 
     # Completion callbacks run inside libnbd: they only record, never call a handle.
     def _on_read(self, errno_value, buf, offset):
+        self.reading -= 1
         if errno_value:
-            self._fail("read", offset, errno_value)
+            self.free.append(buf)
+            self.read_error = self.read_error or self.src.failure("read offset %d of" % offset,
+                                                                  os.strerror(errno_value))
         else:
             self.read_done.append((buf, offset))
         return 1
 
-    def _on_write(self, errno_value, buf, kind, offset):
-        self.in_flight -= 1
-        if buf is not None:
-            self.free.append(buf)
-        if errno_value:
-            self._fail(kind, offset, errno_value)
-        return 1
-
-    def _fail(self, kind, offset, errno_value):
-        if self.error is None:
-            self.error = "%s at offset %d failed: %s" % (kind.capitalize(), offset, os.strerror(errno_value))
-
     def _write_completed_reads(self):
         while self.read_done:
             buf, offset = self.read_done.pop()
+            self.target.write(buf, offset)
             self.stats.add_read(buf.size())
-            self.target.write(buf, offset,
-                              lambda errno_value, b=buf, o=offset: self._on_write(errno_value, b, "write", o))
-
-    def _wait(self):
-        try:
-            self.src.poll(-1)
-        except nbd.Error as err:
-            raise NbdError("The NBD server failed during the copy: %s" % err) from None
+            self.free.append(buf)
 
 
 def copy(src_url, target, size, connections, bitmap_context=None, zero_target=True, requests=16,
-         request_size=256 * 1024):
+         request_size=256 * 1024, io_timeout=IO_TIMEOUT):
     """Copy the export at src_url into target over `connections` connections, one thread each.
 
-    Returns (bytes_read, bytes_zeroed, bytes_clean).
+    Every thread has ended when this returns or raises. Returns (bytes_read, bytes_zeroed, bytes_clean).
     """
+    abort = Abort()
     stats = CopyStats()
-    queue = WorkQueue(size, request_size, zero_target, bitmap_context, stats, target)
-    workers = []
+    queue = WorkQueue(size, request_size, zero_target, stats, target, abort)
+    sources = []
+    threads = []
     try:
         for _ in range(connections):
-            workers.append(_Worker(open_source(src_url, bitmap_context), target, queue, stats, requests,
-                                   request_size))
-        threads = [threading.Thread(target=worker.run, name="copy-%d" % index)
-                   for index, worker in enumerate(workers)]
-        for thread in threads:
+            sources.append(Connection(src_url, bitmap_context, io_timeout, abort))
+        for index, source in enumerate(sources):
+            thread = threading.Thread(target=_Worker(source, target, queue, stats, requests, request_size).run,
+                                      name="copy-%d" % index)
             thread.start()
+            threads.append(thread)
         for thread in threads:
             thread.join()
+    except BaseException:
+        abort.fail("The copy was interrupted.")
+        raise
     finally:
-        for worker in workers:
-            close_handle(worker.src)
-    errors = [worker.error for worker in workers if worker.error]
-    if errors:
-        raise NbdError(errors[0])
+        for thread in threads:
+            thread.join()  # prompt: every wait of a thread ends once the copy has failed
+        for source in sources:
+            source.close()
+    if abort.message:
+        raise FleetbackupError(abort.message)
     return stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean
 
 
 def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format=None,
-                  connections=4, requests=16, request_size=256 * 1024):
+                  connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT):
     """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
 
     backing is stored as given: keep it relative to the image's directory.
@@ -388,14 +437,12 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
     """
     try:
         if image_format == "raw":
-            with open(path, "xb") as stream:
-                stream.truncate(size)
-            target = FileTarget(path)
+            target = FileTarget(path, size)
         else:
             target = Qcow2Target(path, size, backing, backing_format)
         try:
             counts = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
-                          request_size)
+                          request_size, io_timeout)
             target.finish()
             return counts
         finally:
@@ -404,10 +451,10 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
         raise FleetbackupError("Writing %s failed: %s" % (path, err.strerror or err)) from None
 
 
-def export_size_and_connections(src_url, bitmap_context, wanted):
+def export_size_and_connections(src_url, bitmap_context, wanted, io_timeout=IO_TIMEOUT):
     """Probe the export: its size, and how many connections it allows (1 without multi-conn)."""
-    handle = open_source(src_url, bitmap_context)
+    src = Connection(src_url, bitmap_context, io_timeout)
     try:
-        return handle.get_size(), wanted if handle.can_multi_conn() else 1
+        return src.handle.get_size(), wanted if src.handle.can_multi_conn() else 1
     finally:
-        close_handle(handle)
+        src.close()

@@ -14,12 +14,14 @@ header goes last, so a copy that dies leaves an image nothing will open.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import sys
 import threading
 from array import array
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.write_behind import WriteBehind
 
 CLUSTER_BITS = 16
@@ -33,6 +35,7 @@ OFLAG_COPIED = 1 << 63  # refcount is exactly 1
 OFLAG_ZERO = 1  # v3: the cluster reads as zeros
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_END = 0
+MAX_BACKING_NAME = 1023  # bytes: QEMU refuses to open an image whose backing file name is longer
 
 
 def _clusters(length):
@@ -48,6 +51,8 @@ class Qcow2Writer:
     """
 
     def __init__(self, path, size, backing=None, backing_format="qcow2"):
+        if backing:
+            check_backing_name(backing)
         self.path = path
         self.size = size
         self.backing = backing
@@ -57,7 +62,7 @@ class Qcow2Writer:
         self._l2 = {}
         self._l1_clusters = _clusters(self.l1_size * 8)
         self._next_cluster = 1 + self._l1_clusters  # cluster 0 is the header, then the L1 table
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.fd = create_image_file(path)
         self._write_behind = WriteBehind(self.fd)
 
     @property
@@ -87,7 +92,7 @@ class Qcow2Writer:
         with self._lock:
             host = self._allocate(_clusters(len(data)))
             self._map(offset, len(data), lambda index: (host + index * CLUSTER_SIZE) | OFLAG_COPIED)
-        write_all(self.fd, data, host)
+        write_all(self.fd, data, host, self.path)
         self._write_behind.written(host, len(data))
 
     def zero(self, offset, length):
@@ -110,7 +115,7 @@ class Qcow2Writer:
                 return
             host = self._allocate(1)
             self._l1[region] = host | OFLAG_COPIED
-        os.pwrite(self.fd, _big_endian(table), host)
+        write_all(self.fd, _big_endian(table), host, self.path)
 
     def finish(self):
         """Write the remaining tables, the refcounts and the header, and make it all durable."""
@@ -133,14 +138,14 @@ class Qcow2Writer:
             counts = array("H", bytes(CLUSTER_SIZE))
             covered = min(REFCOUNTS_PER_BLOCK, total - block * REFCOUNTS_PER_BLOCK)
             counts[:covered] = array("H", [1]) * covered
-            os.pwrite(self.fd, _big_endian(counts), (first_block + block) * CLUSTER_SIZE)
+            write_all(self.fd, _big_endian(counts), (first_block + block) * CLUSTER_SIZE, self.path)
             refcount_table[block] = (first_block + block) * CLUSTER_SIZE
-        os.pwrite(self.fd, _big_endian(refcount_table), table_offset)
-        os.pwrite(self.fd, _big_endian(self._l1), CLUSTER_SIZE)
+        write_all(self.fd, _big_endian(refcount_table), table_offset, self.path)
+        write_all(self.fd, _big_endian(self._l1), CLUSTER_SIZE, self.path)
         os.ftruncate(self.fd, self._next_cluster * CLUSTER_SIZE)
         os.fdatasync(self.fd)
         # The header last: until it is there, the file is no image at all.
-        os.pwrite(self.fd, self._header(table_offset, table_clusters), 0)
+        write_all(self.fd, self._header(table_offset, table_clusters), 0, self.path)
         os.fdatasync(self.fd)
 
     def _header(self, refcount_table_offset, refcount_table_clusters):
@@ -149,7 +154,7 @@ class Qcow2Writer:
         if self.backing:
             name = self._backing_format.encode()
             extensions += struct.pack(">II", EXT_BACKING_FORMAT, len(name)) + name + bytes(-len(name) % 8)
-            backing = self.backing.encode()
+            backing = os.fsencode(self.backing)
         extensions += struct.pack(">II", EXT_END, 0)
         backing_offset = HEADER_LENGTH + len(extensions) if backing else 0
         header = struct.pack(
@@ -162,19 +167,47 @@ class Qcow2Writer:
         os.close(self.fd)
 
 
-def image_format_of(path):
-    """qcow2 or raw, from the file's magic: all a backing file's header needs, without a qemu-img process."""
-    with open(path, "rb") as stream:
-        return "qcow2" if stream.read(4) == MAGIC else "raw"
+class ImageWriteError(FleetbackupError):
+    """Writing an image file failed; the message names the file."""
 
 
-def write_all(fd, data, offset):
-    """pwrite all of data (a bytes-like object); a regular file may take it in parts."""
+def check_backing_name(name):
+    """Refuse a backing file name that qcow2 cannot store."""
+    length = len(os.fsencode(name))
+    if length > MAX_BACKING_NAME:
+        raise UserError("The backing file name %s... is %d bytes long, more than the %d that qcow2 stores. It is "
+                        "kept relative to the directory of dest: keep the previous backup nearer, or use shorter "
+                        "names." % (name[:60], length, MAX_BACKING_NAME))
+
+
+def create_image_file(path):
+    """A new file at path, open for writing, mode 0600 whatever the umask; never through a symbolic link."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise ImageWriteError("Cannot create %s: %s. Nothing may be at that path, not even a symbolic link: "
+                              "remove what is there, then copy again." % (path, err.strerror)) from None
+    os.fchmod(fd, 0o600)  # the umask may have taken bits away; an image must be readable by its owner
+    return fd
+
+
+def write_all(fd, data, offset, path):
+    """pwrite all of data (a bytes-like object) at offset into file path, or raise ImageWriteError.
+
+    A regular file may take a write in parts: the rest is written again, and
+    the error (say, no space) comes from that second write.
+    """
     view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            if not written:
+                raise OSError(errno.EIO, "the file took none of the bytes")
+            view = view[written:]
+            offset += written
+    except OSError as err:
+        raise ImageWriteError("Writing %s at byte %d failed: %s. Check the space and health of its file system, "
+                              "then copy again." % (path, offset, err.strerror)) from None
 
 
 def _big_endian(table):

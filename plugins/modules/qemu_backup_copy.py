@@ -32,6 +32,7 @@ options:
     description:
       - NBD URL of the export, as in RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks[].url),
         for example C(nbd+unix:///vda?socket=/var/tmp/web1.nbd).
+      - A server that sends nothing for 60 seconds, while connecting or during the copy, fails the copy.
     type: str
     required: true
   dest:
@@ -57,8 +58,17 @@ options:
   backing:
     description:
       - The previous backup of this disk, which O(dest) is an overlay of. It is stored relative to the
-        directory of O(dest), so that the backup repository can be moved as a whole.
+        directory of O(dest), so that the backup repository can be moved as a whole; that relative name
+        must fit in the 1023 bytes that qcow2 stores.
     type: path
+  backing_format:
+    description:
+      - Format of O(backing), as recorded when it was written; stored in the header of O(dest).
+      - It is never guessed from the first bytes of O(backing), which a guest could have written to look like
+        any format.
+    type: str
+    choices: [qcow2, raw]
+    default: qcow2
   connections:
     description: NBD connections to copy with, when the export allows several (multi-conn); else one.
     type: int
@@ -71,6 +81,7 @@ options:
     description:
       - Bytes per read request, a multiple of 64 KiB up to 32 MiB (QEMU's limit). Small requests, many in flight,
         copy fastest.
+      - O(connections) x O(requests) x O(request_size), the memory of the read buffers, may be at most 1 GiB.
     type: int
     default: 262144
   mode:
@@ -166,6 +177,7 @@ import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
+    MAX_BUFFER_BYTES,
     MAX_REQUEST_SIZE,
     copy_to_image,
     dirty_context,
@@ -177,7 +189,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time imp
     export_view,
     view_intact,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, image_format_of
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, check_backing_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 
 
@@ -194,6 +206,7 @@ def main():
             force=dict(type="bool", default=False),
             dirty_bitmap=dict(type="str"),
             backing=dict(type="path"),
+            backing_format=dict(type="str", choices=["qcow2", "raw"], default="qcow2"),
             connections=dict(type="int", default=4),
             requests=dict(type="int", default=16),
             request_size=dict(type="int", default=256 * 1024),
@@ -221,6 +234,12 @@ def check_params(params):
     if not CLUSTER_SIZE <= params["request_size"] <= MAX_REQUEST_SIZE or params["request_size"] % CLUSTER_SIZE:
         raise UserError("request_size must be a multiple of %d from %d to %d (QEMU's limit)."
                         % (CLUSTER_SIZE, CLUSTER_SIZE, MAX_REQUEST_SIZE))
+    buffers = params["connections"] * params["requests"] * params["request_size"]
+    if buffers > MAX_BUFFER_BYTES:
+        raise UserError("connections x requests x request_size = %d x %d x %d = %d bytes of read buffers, more than "
+                        "the %d (1 GiB) a copy may take: lower one of them."
+                        % (params["connections"], params["requests"], params["request_size"], buffers,
+                           MAX_BUFFER_BYTES))
     if params["dirty_bitmap"] and not params["backing"]:
         raise UserError("An incremental copy (dirty_bitmap) needs backing: the previous backup of this disk.")
     if params["backing"]:
@@ -229,6 +248,7 @@ def check_params(params):
         if not os.path.isfile(params["backing"]):
             raise UserError("backing %s does not exist: it must be the previous backup of this disk."
                             % params["backing"])
+        check_backing_name(os.path.relpath(params["backing"], dest_dir))
     return dest_dir
 
 
@@ -250,13 +270,12 @@ def copy_backup(module):
     stale = remove_stale_partials(dest_dir)
     partial = os.path.join(dest_dir, ".%s.part-%d" % (os.path.basename(dest), os.getpid()))
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
-    backing_format = image_format_of(params["backing"]) if backing else None
     started = time.monotonic()
     try:
         try:
             bytes_read, bytes_zeroed, bytes_unchanged = copy_to_image(
-                params["src"], partial, params["format"], size, bitmap_context, backing, backing_format, connections,
-                params["requests"], params["request_size"])
+                params["src"], partial, params["format"], size, bitmap_context, backing, params["backing_format"],
+                connections, params["requests"], params["request_size"])
         except FleetbackupError:
             check_view(view)  # a broken view is the likelier cause, and the one to name
             raise

@@ -1,12 +1,23 @@
-"""The qcow2 writer's images, checked by qemu-img: structure (check), content (compare) and backing."""
+"""The qcow2 writer's images, checked by qemu-img: structure (check), content (compare) and backing;
+and how image files are created and written: safely, and every write checked."""
 
+import errno
 import json
 import os
 import subprocess
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, REGION, Qcow2Writer
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import FileTarget
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import (
+    CLUSTER_SIZE,
+    MAX_BACKING_NAME,
+    REGION,
+    ImageWriteError,
+    Qcow2Writer,
+    create_image_file,
+)
 
 MiB = 1024 ** 2
 
@@ -74,5 +85,76 @@ def test_an_image_without_its_header_is_no_image(tmp_path):
     writer.write(b"\x01" * CLUSTER_SIZE, 0)
     writer.close()  # killed before finish()
     assert qemu_img("info", "-f", "qcow2", path).returncode != 0
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ImageWriteError, match="Cannot create .*dead.qcow2: File exists"):
         Qcow2Writer(path, 4 * MiB)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o277])
+def test_image_files_are_created_mode_0600_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        os.close(create_image_file(str(tmp_path / "new.raw")))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "new.raw").st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("target", [Qcow2Writer, FileTarget])
+@pytest.mark.parametrize("planted", ["file", "symlink", "dangling symlink"])
+def test_nothing_already_at_the_path_is_written_through_or_replaced(tmp_path, planted, target):
+    victim = tmp_path / "victim"
+    path = tmp_path / "image.part-1"
+    if planted != "dangling symlink":
+        victim.write_bytes(b"precious")
+    if planted == "file":
+        path.write_bytes(b"precious")
+    else:
+        path.symlink_to(victim)
+    with pytest.raises(ImageWriteError, match="Cannot create .*image.part-1: File exists.*symbolic link"):
+        target(str(path), 4 * MiB)
+    assert not os.path.exists(victim) if planted == "dangling symlink" else victim.read_bytes() == b"precious"
+    assert path.is_symlink() == (planted != "file")
+
+
+def test_a_backing_name_longer_than_qcow2_stores_is_refused_before_any_file_is_made(tmp_path):
+    path = tmp_path / "top.qcow2"
+    with pytest.raises(UserError, match="1024 bytes long, more than the 1023"):
+        Qcow2Writer(str(path), 4 * MiB, backing="b" * (MAX_BACKING_NAME + 1))
+    assert not path.exists()
+    writer = Qcow2Writer(str(path), 4 * MiB, backing="b" * MAX_BACKING_NAME)
+    writer.finish()
+    writer.close()
+    info = json.loads(qemu_img("info", "--output=json", "-U", "--force-share", str(path)).stdout)
+    assert info["backing-filename"] == "b" * MAX_BACKING_NAME
+
+
+def test_metadata_written_in_parts_is_written_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "out.qcow2")
+    writer = Qcow2Writer(path, 2 * REGION)
+    writer.write(b"\x11" * CLUSTER_SIZE, REGION + CLUSTER_SIZE)
+    pwrite = os.pwrite
+    # A file that takes at most 1000 bytes a call: the tables, refcounts and header all need several.
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: pwrite(fd, memoryview(data)[:1000], offset))
+    writer.finish()
+    writer.close()
+    check(path)
+    expected = reference(str(tmp_path / "ref.raw"), 2 * REGION, ["write -P 0x11 %d 64k" % (REGION + CLUSTER_SIZE)])
+    assert qemu_img("compare", path, expected).returncode == 0
+
+
+@pytest.mark.parametrize("failure", ["no space", "nothing written"])
+def test_a_failed_metadata_write_names_the_file(tmp_path, monkeypatch, failure):
+    path = str(tmp_path / "out.qcow2")
+    writer = Qcow2Writer(path, 4 * MiB)
+    writer.write(b"\x11" * CLUSTER_SIZE, 0)
+
+    def broken(fd, data, offset):
+        if failure == "no space":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return 0
+
+    monkeypatch.setattr(os, "pwrite", broken)
+    reason = "No space left on device" if failure == "no space" else "the file took none of the bytes"
+    with pytest.raises(ImageWriteError, match="Writing .*out.qcow2 at byte [0-9]+ failed: %s" % reason):
+        writer.finish()
+    writer.close()
