@@ -22,6 +22,7 @@ EXPORT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 # <backup_id>/<start tag>/<disk>: what qemu_backup_copy records as the identity of an image.
 EXPORT_NAME = re.compile(r"^(?P<backup_id>[A-Za-z0-9_-]{1,32})/(?P<tag>[0-9a-f]{8})/(?P<disk>[A-Za-z0-9_.-]+)$")
 # The options that define a backup: a second start with the same id must ask for the same.
+MAX_CBW_TIMEOUT = 60
 REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "nbd_socket", "cbw_timeout")
 
 
@@ -29,6 +30,23 @@ def check_backup_id(backup_id):
     if not BACKUP_ID_PATTERN.match(backup_id or ""):
         raise UserError("Invalid backup_id '%s': use 1 to 32 letters, digits, '_' or '-'." % backup_id)
     return backup_id
+
+
+def check_checkpoint_name(name, option):
+    """A checkpoint name: not empty, and not fb-..., which running backups use for their own bitmaps."""
+    if name is not None and (not name or name.startswith("fb-") or len(name) > 1023):
+        raise UserError("Invalid %s '%s': a checkpoint name must not be empty or start with 'fb-', which running "
+                        "backups use for their own bitmaps." % (option, name))
+    return name
+
+
+def check_request(request):
+    """The checks of a start's options that need no VM."""
+    check_checkpoint_name(request["checkpoint"], "checkpoint")
+    check_checkpoint_name(request["incremental"], "incremental")
+    if not 1 <= request["cbw_timeout"] <= MAX_CBW_TIMEOUT:
+        raise UserError("cbw_timeout must be 1 to %d seconds: a guest write waits that long at most, and guests "
+                        "reset a disk that does not answer within 30 s (Linux SCSI)." % MAX_CBW_TIMEOUT)
 
 
 def export_names(disks):
@@ -73,10 +91,6 @@ class BackupPlan:
                 dirty_bitmap=dirty_context(temporary_bitmap(backup_id)) if incremental else None,
                 dirty_bytes=disk.bitmaps[self.incremental]["count"] if incremental else None,
                 granularity=disk.bitmaps[self.incremental]["granularity"] if incremental else None))
-
-    @property
-    def checkpoint_disks(self):
-        return [d for d in self.disks if d["checkpoint"]]
 
     def result(self):
         public = ("disk", "node", "export", "url", "size", "mode", "dirty_bitmap", "dirty_bytes", "checkpoint",

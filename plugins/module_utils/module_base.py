@@ -22,6 +22,10 @@ class FleetbackupModule(AnsibleModule):
                 "is unrelated), with an interpreter that sees them"),
                 exception=str(LIBNBD_IMPORT_ERROR))
 
+    def warn_all(self, messages):
+        for message in messages:
+            self.warn(message)
+
     def run(self, main):
         """Call main(self) and exit with its result; our errors become fail_json."""
         try:

@@ -24,6 +24,7 @@ from collections import deque
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import create_image_file, write_all
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.write_behind import WriteBehind
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import (
@@ -433,13 +434,17 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
 
     backing is stored as given: keep it relative to the image's directory.
 
-    The image is complete and durable when this returns. Returns (bytes_read, bytes_zeroed, bytes_clean).
+    The image is complete and durable when this returns. When it fails, the image it created is gone, and
+    nothing that was at path before is ever touched. Returns (bytes_read, bytes_zeroed, bytes_clean).
     """
     try:
         if image_format == "raw":
             target = FileTarget(path, size)
         else:
             target = Qcow2Target(path, size, backing, backing_format)
+    except OSError as err:
+        raise FleetbackupError("Writing %s failed: %s" % (path, err.strerror or err)) from None
+    try:
         try:
             counts = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
                           request_size, io_timeout)
@@ -447,8 +452,11 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
             return counts
         finally:
             target.close()
-    except OSError as err:
-        raise FleetbackupError("Writing %s failed: %s" % (path, err.strerror or err)) from None
+    except BaseException as err:
+        remove_file(path)  # ours: the target above created it
+        if isinstance(err, OSError):
+            raise FleetbackupError("Writing %s failed: %s" % (path, err.strerror or err)) from None
+        raise
 
 
 def export_size_and_connections(src_url, bitmap_context, wanted, io_timeout=IO_TIMEOUT):

@@ -17,7 +17,7 @@ ends in one it did not.)
 from __future__ import annotations
 
 import json
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
 
@@ -51,16 +51,24 @@ def parse_view(description):
 
 
 def export_view(url):
-    """The view that our data export at url describes, with its probe's URL; None for any other export."""
+    """The view that our data export at url describes, with its probe's URL.
+
+    None for an export without our description (another NBD server's). Failing to connect raises: a copy must
+    never skip the check because the server did not answer.
+    """
     import nbd  # the callers (copy, stop) require libnbd
 
     handle = nbd.NBD()
     handle.set_full_info(True)
     try:
         handle.connect_uri(url)
+    except nbd.Error as err:
+        _close(handle)
+        raise FleetbackupError("Cannot connect to NBD export %s: %s" % (url, err)) from None
+    try:
         view = parse_view(handle.get_export_description())
     except nbd.Error:
-        return None  # the copy itself says why it cannot connect
+        return None  # the server gave no description
     finally:
         _close(handle)
     if view is not None:
@@ -73,6 +81,12 @@ def _with_export(url, export):
     location, question, query = url.partition("?")
     authority_end = location.index("/", location.index("//") + 2)
     return location[:authority_end] + "/" + quote(export) + question + query
+
+
+def export_name_of(url):
+    """The export name an NBD URL names (nbd+unix:///NAME?socket=..., nbd://host/NAME)."""
+    location = url.partition("?")[0]
+    return unquote(location[location.index("/", location.index("//") + 2) + 1:])
 
 
 def view_intact(probe_url):

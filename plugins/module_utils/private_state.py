@@ -70,10 +70,17 @@ class PrivateDir:
         """Create the directory (mode 0700) if it is missing; refuse one that someone else could change."""
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
-            info = os.lstat(self.path)
         except OSError as err:
             raise UserError("Cannot create the private directory %s (%s): run as root, or choose another "
                             "state_dir." % (self.path, err.strerror)) from None
+        return self.check()
+
+    def check(self):
+        """Refuse the directory, if it exists, when anyone but this user could enter or change it."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return self
         if not stat.S_ISDIR(info.st_mode):
             raise UserError("%s is not a directory (a symlink?): fleetbackup keeps its state only in a real "
                             "directory of its own. Remove it, or choose another state_dir." % self.path)
@@ -81,12 +88,17 @@ class PrivateDir:
             raise UserError("%s belongs to uid %d, not to this user (uid %d): fleetbackup keeps its state only in "
                             "a directory of its own. Choose another state_dir." % (self.path, info.st_uid,
                                                                                    os.geteuid()))
-        if stat.S_IMODE(info.st_mode) != 0o700:
-            os.chmod(self.path, 0o700, follow_symlinks=False)
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            raise UserError("%s has mode %o: others could have put files there. Check what it holds, then "
+                            "chmod 0700 it, or choose another state_dir." % (self.path, stat.S_IMODE(info.st_mode)))
         return self
 
-    def child(self, name):
-        return PrivateDir(os.path.join(self.path, check_plain_name(name, "Directory name"))).ensure()
+    def prepare(self, create=True):
+        """ensure() it, or for a read-only run only check() it."""
+        return self.ensure() if create else self.check()
+
+    def child(self, name, create=True):
+        return PrivateDir(os.path.join(self.path, check_plain_name(name, "Directory name"))).prepare(create)
 
     def path_of(self, name):
         return os.path.join(self.path, check_plain_name(name, "File name"))
@@ -94,7 +106,8 @@ class PrivateDir:
     def read_json(self, name):
         """The JSON in file `name`, or None when there is none; a file we did not create is refused."""
         try:
-            fd = os.open(self.path_of(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO in its place must not hang us; fstat below refuses it.
+            fd = os.open(self.path_of(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as err:
@@ -113,19 +126,7 @@ class PrivateDir:
                                 % (self.path_of(name), err)) from None
 
     def write_json(self, name, data):
-        """Replace file `name` atomically and durably with data as JSON."""
-        target = self.path_of(name)
-        temporary = create_exclusive(self.path, ".%s.%s" % (name, secrets.token_hex(4)))
-        try:
-            with os.fdopen(temporary.fd, "w") as stream:
-                json.dump(data, stream, indent=1, sort_keys=True)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.rename(temporary.path, target)
-        except BaseException:
-            remove_file(temporary.path)
-            raise
-        sync_directory(self.path)
+        write_json_atomic(self.path, check_plain_name(name, "File name"), data)
 
     def remove(self, name):
         """Remove file `name`; True when it was there."""
@@ -134,8 +135,12 @@ class PrivateDir:
     @contextmanager
     def lock(self, name, timeout, holder_description):
         """Hold an exclusive lock on file `name` for the block; wait at most timeout seconds for it."""
-        fd = os.open(self.path_of(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path_of(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise UserError("%s is not a lock file that fleetbackup made: remove it after checking what it is."
+                                % self.path_of(name))
             deadline = time.monotonic() + timeout
             while True:
                 try:
@@ -169,6 +174,21 @@ def create_exclusive(directory, name, flags=os.O_WRONLY):
         raise UserError("%s already exists: remove it after checking that nothing uses it." % path) from None
     os.fchmod(fd, 0o600)
     return CreatedFile(path, fd)
+
+
+def write_json_atomic(directory, name, data):
+    """Replace file `name` in directory atomically and durably with data as JSON, through a fresh 0600 file."""
+    temporary = create_exclusive(directory, ".%s.%s" % (name, secrets.token_hex(4)))
+    try:
+        with os.fdopen(temporary.fd, "w") as stream:
+            json.dump(data, stream, indent=1, sort_keys=True)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.rename(temporary.path, os.path.join(directory, name))
+    except BaseException:
+        remove_file(temporary.path)
+        raise
+    sync_directory(directory)
 
 
 def remove_file(path):

@@ -22,6 +22,7 @@ import threading
 from array import array
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import create_exclusive
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.write_behind import WriteBehind
 
 CLUSTER_BITS = 16
@@ -183,12 +184,9 @@ def check_backing_name(name):
 def create_image_file(path):
     """A new file at path, open for writing, mode 0600 whatever the umask; never through a symbolic link."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as err:
-        raise ImageWriteError("Cannot create %s: %s. Nothing may be at that path, not even a symbolic link: "
-                              "remove what is there, then copy again." % (path, err.strerror)) from None
-    os.fchmod(fd, 0o600)  # the umask may have taken bits away; an image must be readable by its owner
-    return fd
+        return create_exclusive(os.path.dirname(path) or ".", os.path.basename(path), os.O_RDWR).fd
+    except UserError as err:
+        raise ImageWriteError("%s Nothing may be at that path, not even a symbolic link." % err) from None
 
 
 def write_all(fd, data, offset, path):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
@@ -48,9 +49,17 @@ def images_equal(first, second):
     return process.returncode == 0
 
 
-def convert_image(source, target, target_format):
-    """Flatten source, with its whole backing chain, into a new standalone image (sparse, out-of-order writes)."""
-    checked_qemu_img("convert", "-U", "-W", "-O", target_format, source, target)
+def convert_into(source, fd, target_format, size):
+    """Flatten source, with its whole backing chain, into the empty file open at fd (sparse, out-of-order writes).
+
+    qemu-img gets the file as /dev/fd/N: it never opens a path that someone could have swapped.
+    """
+    target = "/dev/fd/%d" % fd
+    if target_format == "raw":
+        os.ftruncate(fd, size)
+    else:
+        checked_qemu_img("create", "-q", "-f", target_format, target, size, pass_fds=(fd,))
+    checked_qemu_img("convert", "-U", "-W", "-n", "-O", target_format, source, target, pass_fds=(fd,))
 
 
 def check_image(path):

@@ -13,7 +13,11 @@ still lands; only the snapshot breaks, and the probe fails from then on.
 Every disk switches to its filter, and the bitmap transaction runs, while the vCPUs are paused: one
 point in time for the whole VM. What a backup created is found again from QEMU itself: objects are
 named from the backup id, and each disk's fdset carries, in its opaque string, the device and the node
-to put back.
+to put back and the NBD socket that the backup bound.
+
+Block status of the scratch image is not a tracked request, so in principle a guest write could land
+between its two halves (the scratch's own allocation, then the disk's); on QEMU 7.2 both halves hold the
+node's qcow2 lock or run without yielding, and the copy-before-write waits for them.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time imp
     view_intact,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError, QmpError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import create_scratch_image
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
 
 MINIMUM_QEMU = "7.1"
 FDSET_MARK = "fleetbackup "
@@ -65,32 +71,41 @@ class QmpBackupNames:
         return "%s-f%d" % (self._node_prefix, index)
 
     def probe_node(self, index):
-        return "%s-a%d" % (self._node_prefix, index)
+        return "%s-p%d" % (self._node_prefix, index)
 
     def nodes(self, index):
-        """The nodes that disk `index` of this backup may have."""
-        return {self.probe_node(index), self.filter_node(index), self.scratch_node(index)}
+        """The nodes of disk `index`, in the order teardown deletes them."""
+        return [self.probe_node(index), self.filter_node(index), self.scratch_node(index)]
 
     def owns_export(self, export_id):
         match = EXPORT_ID.match(export_id or "")
         return bool(match) and match.group("backup_id") == self.backup_id
 
-    def fdset_opaque(self, index, disk):
+    def fdset_opaque(self, index, disk, socket_path, socket_identity):
         """What teardown needs of a disk, kept in QEMU: it outlives any file of ours."""
-        return FDSET_MARK + json.dumps(dict(backup=self.backup_id, index=index, qdev=disk["qdev"],
-                                            root=disk["root"]), sort_keys=True)
+        return FDSET_MARK + json.dumps(dict(backup=self.backup_id, index=index, qdev=disk["qdev"], root=disk["root"],
+                                            socket=socket_path, socket_identity=socket_identity), sort_keys=True)
 
 
 def our_fdsets(qmp):
-    """[(fdset id, {backup, index, qdev, root})] of every backup in this QEMU."""
+    """[(fdset id, {backup, index, qdev, root, socket, socket_identity})] of every backup in this QEMU."""
     found = []
     for fdset in qmp.execute("query-fdsets"):
         for fd in fdset["fds"]:
-            opaque = fd.get("opaque") or ""
-            if opaque.startswith(FDSET_MARK):
-                found.append((fdset["fdset-id"], json.loads(opaque[len(FDSET_MARK):])))
+            record = _parse_opaque(fd.get("opaque"))
+            if record is not None:
+                found.append((fdset["fdset-id"], record))
                 break
     return found
+
+
+def _parse_opaque(opaque):
+    if not (opaque or "").startswith(FDSET_MARK):
+        return None
+    try:
+        return json.loads(opaque[len(FDSET_MARK):])
+    except ValueError:
+        return None  # not one of ours after all
 
 
 def running_backup_ids(qmp):
@@ -100,7 +115,7 @@ def running_backup_ids(qmp):
     """
     nodes = {entry["node-name"] for entry in qmp.execute("query-named-block-nodes", {"flat": True})}
     ids = {record["backup"] for _, record in our_fdsets(qmp)
-           if QmpBackupNames(record["backup"]).nodes(record["index"]) & nodes}
+           if set(QmpBackupNames(record["backup"]).nodes(record["index"])) & nodes}
     for export in qmp.execute("query-block-exports"):
         match = EXPORT_ID.match(export["id"])
         if match:
@@ -128,11 +143,20 @@ def check_fleecing_support(qmp):
                         % (version["major"], version["minor"], version["micro"], MINIMUM_QEMU))
 
 
+class VmLeftPaused(FleetbackupError):
+    """The vCPUs could not be resumed: the one failure the user must hear about first."""
+
+
+class Interrupted(FleetbackupError):
+    """A signal came while the vCPUs were paused; the start rolls back instead of dying half-way."""
+
+
 class VcpuPause:
     """Stops the vCPUs of a running VM for the block, and only of a running one; puts the run state back.
 
-    The pause is recorded before the stop, and SIGTERM, SIGHUP and SIGINT wait until the cont, so
-    that a run which dies in the window leaves a record by which a later run resumes the VM.
+    The pause is recorded before the stop. SIGTERM, SIGHUP and SIGINT are held until the cont, then turned
+    into an error that rolls the start back. A run killed by SIGKILL in the window leaves the record, by
+    which a later start, stop or info resumes the VM.
     """
 
     def __init__(self, qmp, state, backup_id):
@@ -140,25 +164,55 @@ class VcpuPause:
         self.state = state
         self.backup_id = backup_id
         self.seconds = None
+        self._stopped_at = None
+        self._handlers = {}
+        self._signals = []
 
     def __enter__(self):
         if self.qmp.execute("query-status")["status"] != "running":
             return self  # paused, prelaunch...: no guest write can come, and the state stays as it was
         self.state.record_pause(self.backup_id)
+        self._handlers = {signum: signal.signal(signum, self._hold) for signum in HELD_SIGNALS}
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        self._started = time.monotonic()
-        self.qmp.execute("stop")
+        self._stopped_at = time.monotonic()
+        try:
+            self.qmp.execute("stop")
+        except BaseException:
+            self._resume()  # a late answer to stop may still have paused the VM
+            raise
         return self
 
+    def _hold(self, signum, frame):
+        self._signals.append(signal.Signals(signum).name)
+
     def __exit__(self, *exc_info):
-        if not hasattr(self, "_started"):
-            return
+        if self._stopped_at is not None:
+            self._resume()
+
+    def _resume(self):
         try:
-            self.qmp.execute("cont")
-            self.seconds = round(time.monotonic() - self._started, 6)
+            cont(self.qmp)
+            self.seconds = round(time.monotonic() - self._stopped_at, 6)
             self.state.forget_pause()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # a held signal reaches _hold here
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+            self._stopped_at = None
+        if self._signals:
+            raise Interrupted("%s arrived while the vCPUs were paused" % " and ".join(self._signals))
+
+
+def cont(qmp):
+    """Resume the vCPUs, trying twice; VmLeftPaused if the VM still does not run."""
+    for _ in range(2):
+        try:
+            qmp.execute("cont")
+            return
+        except QmpError as err:
+            failure = err
+    raise VmLeftPaused("THE VM IS LEFT PAUSED: resuming its vCPUs failed (%s). Resume it with the QMP command "
+                       "'cont'; the next fleetbackup start, stop or info of this VM resumes it too." % failure)
 
 
 def resume_abandoned_pause(qmp, state):
@@ -168,7 +222,7 @@ def resume_abandoned_pause(qmp, state):
         return None
     status = qmp.execute("query-status")["status"]
     if status == "paused":
-        qmp.execute("cont")
+        cont(qmp)
     state.forget_pause()
     return ("A fleetbackup run (pid %d, backup %s) died while it had the vCPUs paused; the VM was %s."
             % (record["owner"]["pid"], record["backup_id"],
@@ -183,8 +237,10 @@ def start_backup(qmp, state, plan, registry, pause=VcpuPause):
                   nbd_server_started=False, checkpoint=plan.checkpoint, disks=plan.disks, result=plan.result(),
                   started=int(time.time()))
     state.save_backup(record)
+    listener = None
     try:
-        _prepare_filters(qmp, names, plan)
+        listener = _step("listening on the NBD socket", _listen, plan.nbd_socket, record, state)
+        _prepare_filters(qmp, names, plan, record)
         with pause(qmp, state, plan.backup_id) as paused:
             _step("the bitmap transaction", _freeze_bitmaps, qmp, names, plan)
             for index, disk in enumerate(plan.disks):
@@ -192,14 +248,17 @@ def start_backup(qmp, state, plan, registry, pause=VcpuPause):
                       disk["qdev"], names.filter_node(index))
         registry.record([disk for disk, planned in zip(plan.chosen, plan.disks) if planned["checkpoint"]],
                         plan.checkpoint)
-        _export(qmp, names, plan, record, state)
+        _export(qmp, names, plan, record, state, listener)
+        for disk in plan.disks:
+            if disk["mode"] == "incremental":
+                disk["dirty_bytes"] = _bitmap_count(qmp, disk["node"], names.temp_bitmap)
+        record.update(complete=True, disks=plan.disks, result=dict(plan.result(), pause=paused.seconds))
+        state.save_backup(record)
     except (FleetbackupError, OSError) as err:
         _roll_back(qmp, state, names, registry, err)
-    for index, disk in enumerate(plan.disks):
-        if disk["mode"] == "incremental":
-            disk["dirty_bytes"] = _bitmap_count(qmp, disk["node"], names.temp_bitmap)
-    record.update(complete=True, disks=plan.disks, result=dict(plan.result(), pause=paused.seconds))
-    state.save_backup(record)
+    finally:
+        if listener is not None:
+            listener.close()  # QEMU holds its own descriptor of it
     return record
 
 
@@ -216,24 +275,43 @@ def _step(name, action, *args):
 
 
 def _roll_back(qmp, state, names, registry, err):
+    paused = "THE VM IS LEFT PAUSED" in str(err)
     try:
         stop_backup(qmp, state, names.backup_id, registry, discard_checkpoint=True)
     except (FleetbackupError, OSError) as cleanup_error:
         raise UserError("Starting backup '%s' failed: %s. Cleaning up failed too: %s" % (
             names.backup_id, err, cleanup_error)) from None
-    raise UserError("Starting backup '%s' failed: %s. Everything it had created was removed."
-                    % (names.backup_id, err)) from None
+    raise UserError("Starting backup '%s' failed: %s. Everything it had created was removed%s."
+                    % (names.backup_id, err, "; the VM is still paused" if paused else "")) from None
 
 
-def _prepare_filters(qmp, names, plan):
+def _listen(path, record, state):
+    """Bind and listen on path ourselves, mode 0600; QEMU will get the listening socket, never the path."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+    except OSError as err:
+        listener.close()
+        raise UserError("cannot listen on %s (%s): remove it if no backup uses it, or choose another nbd_socket"
+                        % (path, err.strerror)) from None
+    os.chmod(path, 0o600)  # nobody can connect before the listen below
+    created = os.lstat(path)
+    record["socket_identity"] = [created.st_dev, created.st_ino]
+    state.save_backup(record)
+    listener.listen(16)
+    return listener
+
+
+def _prepare_filters(qmp, names, plan, record):
     """Everything that can be made before the pause: scratch images, their nodes, the filters."""
     scratch_dir = plan.request["scratch_dir"]
     for index, disk in enumerate(plan.disks):
         fd = _step("creating the scratch image of disk %s in %s" % (disk["disk"], scratch_dir),
                    create_scratch_image, scratch_dir, disk["size"])
         try:
+            opaque = names.fdset_opaque(index, disk, plan.nbd_socket, record["socket_identity"])
             fdset = _step("handing the scratch image of disk %s to QEMU" % disk["disk"], qmp.execute_with_fd, fd,
-                          "add-fd", {"opaque": names.fdset_opaque(index, disk)})["fdset-id"]
+                          "add-fd", {"opaque": opaque})["fdset-id"]
         finally:
             os.close(fd)
         _step("adding the scratch node of disk %s" % disk["disk"], qmp.execute, "blockdev-add", {
@@ -278,11 +356,11 @@ def set_drive(qmp, qdev, node):
             raise
 
 
-def _export(qmp, names, plan, record, state):
+def _export(qmp, names, plan, record, state, listener):
     for index, disk in enumerate(plan.disks):
         _step("adding the probe node of disk %s" % disk["disk"], qmp.execute, "blockdev-add", {
             "driver": "snapshot-access", "node-name": names.probe_node(index), "file": names.filter_node(index)})
-    _step("starting the NBD server", _start_nbd_server, qmp, names, plan.nbd_socket, record, state)
+    _step("starting the NBD server", _start_nbd_server, qmp, names, listener, record, state)
     for index, disk in enumerate(plan.disks):
         export = {"type": "nbd", "id": names.export_id(index), "node-name": names.scratch_node(index),
                   "name": disk["export"], "writable": False, "allocation-depth": True,
@@ -296,28 +374,14 @@ def _export(qmp, names, plan, record, state):
             "name": probe_export_name(disk["export"]), "writable": False})
 
 
-def _start_nbd_server(qmp, names, path, record, state):
-    """Listen on path ourselves, mode 0600, and hand QEMU the listening socket: QEMU opens no path."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _start_nbd_server(qmp, names, listener, record, state):
+    """QEMU serves NBD on the socket we listen on: it opens no path of ours."""
+    qmp.execute_with_fd(listener.fileno(), "getfd", {"fdname": names.socket_fd})
     try:
-        try:
-            listener.bind(path)
-        except OSError as err:
-            raise UserError("cannot listen on %s (%s): remove it if no backup uses it, or choose another "
-                            "nbd_socket" % (path, err.strerror)) from None
-        os.chmod(path, 0o600)
-        created = os.lstat(path)
-        record["socket_identity"] = [created.st_dev, created.st_ino]
-        state.save_backup(record)
-        listener.listen(16)
-        qmp.execute_with_fd(listener.fileno(), "getfd", {"fdname": names.socket_fd})
-        try:
-            qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": names.socket_fd}}})
-        except QmpCommandError as err:
-            qmp.execute("closefd", {"fdname": names.socket_fd})
-            raise UserError("%s. QEMU runs only one NBD server: stop whatever else uses it first" % err) from None
-    finally:
-        listener.close()
+        qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": names.socket_fd}}})
+    except QmpCommandError as err:
+        qmp.execute("closefd", {"fdname": names.socket_fd})
+        raise UserError("%s. QEMU runs only one NBD server: stop whatever else uses it first" % err) from None
     record["nbd_server_started"] = True
     state.save_backup(record)
 
@@ -325,71 +389,107 @@ def _start_nbd_server(qmp, names, path, record, state):
 def _bitmap_count(qmp, node, bitmap):
     for entry in qmp.execute("query-named-block-nodes", {"flat": True}):
         if entry["node-name"] == node:
-            return next(b["count"] for b in entry.get("dirty-bitmaps", []) if b.get("name") == bitmap)
-    raise UserError("Disk node %s is gone from QEMU." % node)
+            for info in entry.get("dirty-bitmaps", []):
+                if info.get("name") == bitmap:
+                    return info["count"]
+    raise UserError("Bitmap %s of disk node %s is gone from QEMU." % (bitmap, node))
+
+
+class Teardown:
+    """What stopping a backup removes, found in QEMU and in fleetbackup's state; run() removes it.
+
+    It needs nothing of the start's options: QEMU's own objects name what to remove, and the fdsets' opaque
+    strings hold the devices, their nodes and the socket, even when the state is gone.
+    """
+
+    def __init__(self, qmp, state, backup_id, discard_checkpoint):
+        self.qmp = qmp
+        self.state = state
+        self.names = names = QmpBackupNames(backup_id)
+        record = state.backup()
+        self.record = record if record is not None and record["backup_id"] == backup_id else None
+        self.fdsets = [(fdset, disk) for fdset, disk in our_fdsets(qmp) if disk["backup"] == backup_id]
+        self.exports = sorted(e["id"] for e in qmp.execute("query-block-exports") if names.owns_export(e["id"]))
+        present = {entry["node-name"]: entry for entry in qmp.execute("query-named-block-nodes", {"flat": True})}
+        indexes = sorted({disk["index"] for _, disk in self.fdsets})
+        self.nodes = [node for index in indexes for node in names.nodes(index) if node in present]
+        self.devices = [disk for _, disk in self.fdsets
+                        if attached_node(qmp, disk["qdev"]) == names.filter_node(disk["index"])]
+        # Only the frozen copy an incremental made: never a checkpoint that happens to share the name.
+        self.bitmap_nodes = [node for node, entry in present.items()
+                             if _bitmap(entry, names.temp_bitmap, persistent=False)]
+        self.checkpoint = self.record["checkpoint"] if self.record and discard_checkpoint else None
+        self.checkpoint_disks = [disk for disk in self.record["disks"] if disk["checkpoint"]
+                                 and _bitmap(present.get(disk["node"]), self.checkpoint)] if self.checkpoint else []
+        # Our exports live only on the NBD server we started.
+        self.nbd_server = bool(self.exports) or bool(self.record and self.record["nbd_server_started"])
+        sockets = {(disk["socket"], tuple(disk["socket_identity"])) for _, disk in self.fdsets
+                   if disk.get("socket_identity")}
+        if self.record and self.record["socket_identity"]:
+            sockets.add((self.record["nbd_socket"], tuple(self.record["socket_identity"])))
+        self.sockets = [path for path, identity in sorted(sockets) if VmState.holds_socket(path, identity)]
+
+    @property
+    def removed(self):
+        return dict(exports=self.exports, nodes=self.nodes, devices=[disk["qdev"] for disk in self.devices],
+                    bitmaps=len(self.bitmap_nodes), scratch_images=len(self.fdsets), nbd_server=self.nbd_server,
+                    files=self.sockets, checkpoint=self.checkpoint if self.checkpoint_disks else None,
+                    state_file=self.record is not None)
+
+    def intact(self):
+        """Whether the point-in-time view of a completed start still holds; None when there is none."""
+        record = self.record
+        if not record or not record["complete"]:
+            return None
+        return backup_is_whole(self.qmp, record) and all(
+            view_intact(nbd_url(probe_export_name(d["export"]), record["nbd_socket"])) for d in record["disks"])
+
+    def run(self, registry):
+        qmp, names = self.qmp, self.names
+        for export_id in self.exports:
+            qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
+            qmp.wait_event("BLOCK_EXPORT_DELETED", id=export_id)
+        if self.nbd_server:
+            _stop_nbd_server(qmp)
+        # The probe holds the filter's source consistent: it goes before the devices can move back.
+        self._delete(names.probe_node)
+        for disk in self.devices:
+            set_drive(qmp, disk["qdev"], disk["root"])
+        self._delete(names.filter_node)
+        self._delete(names.scratch_node)
+        for node in self.bitmap_nodes:
+            qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": names.temp_bitmap})
+        for disk in self.checkpoint_disks:
+            qmp.execute("block-dirty-bitmap-remove", {"node": disk["node"], "name": self.checkpoint})
+        if self.checkpoint_disks:
+            registry.forget([disk["filename"] for disk in self.checkpoint_disks], self.checkpoint)
+        for fdset, _ in self.fdsets:
+            qmp.execute("remove-fd", {"fdset-id": fdset})
+        for path in self.sockets:
+            remove_file(path)  # QEMU may have unlinked it already when it closed the listener, if it could
+        if self.record:
+            self.state.forget_backup()
+
+    def _delete(self, node_of):
+        for _, disk in self.fdsets:
+            node = node_of(disk["index"])
+            if node in self.nodes:
+                self.qmp.execute("blockdev-del", {"node-name": node})
 
 
 def stop_backup(qmp, state, backup_id, registry, discard_checkpoint=False, check_mode=False):
-    """Remove everything the backup created in QEMU and on disk; (what was removed, whether the view held).
-
-    The view held when the start completed and every snapshot still reads; None when there was no backup.
-    """
-    names = QmpBackupNames(backup_id)
-    record = state.backup()
-    if record is not None and record["backup_id"] != backup_id:
-        record = None  # another backup's state: not ours to touch
-    fdsets = [(fdset, disk) for fdset, disk in our_fdsets(qmp) if disk["backup"] == backup_id]
-    exports = sorted(e["id"] for e in qmp.execute("query-block-exports") if names.owns_export(e["id"]))
-    nodes = {entry["node-name"]: entry for entry in qmp.execute("query-named-block-nodes", {"flat": True})}
-    indexes = sorted({disk["index"] for _, disk in fdsets})
-    checkpoint = record.get("checkpoint") if record and discard_checkpoint else None
-    checkpoint_nodes = [d["node"] for d in record["disks"] if checkpoint and d["checkpoint"]
-                        and _has_bitmap(nodes.get(d["node"]), checkpoint)] if record else []
-    intact = None
-    if record and record["complete"]:
-        intact = backup_is_whole(qmp, record) and all(
-            view_intact(nbd_url(probe_export_name(d["export"]), record["nbd_socket"])) for d in record["disks"])
-    removed = dict(exports=exports, nodes=[n for i in indexes for n in (names.probe_node(i), names.filter_node(i),
-                                                                         names.scratch_node(i)) if n in nodes],
-                   nbd_server=bool(record and record["nbd_server_started"]),
-                   files=[record["nbd_socket"]] if record and state.holds_socket(record) else [],
-                   checkpoint=checkpoint if checkpoint_nodes else None, state_file=record is not None)
-    if check_mode:
-        return removed, intact
-    for export_id in exports:
-        qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
-        qmp.wait_event("BLOCK_EXPORT_DELETED", id=export_id)
-    if removed["nbd_server"]:
-        _stop_nbd_server(qmp)
-    for index in indexes:
-        _delete_node(qmp, nodes, names.probe_node(index))
-    for _, disk in fdsets:
-        if attached_node(qmp, disk["qdev"]) == names.filter_node(disk["index"]):
-            set_drive(qmp, disk["qdev"], disk["root"])
-    for index in indexes:
-        _delete_node(qmp, nodes, names.filter_node(index))
-        _delete_node(qmp, nodes, names.scratch_node(index))
-    for node, entry in nodes.items():
-        if _has_bitmap(entry, names.temp_bitmap):
-            qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": names.temp_bitmap})
-    for node in checkpoint_nodes:
-        qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": checkpoint})
-    if checkpoint_nodes:
-        registry.forget([d["filename"] for d in record["disks"] if d["node"] in checkpoint_nodes], checkpoint)
-    for fdset, _ in fdsets:
-        qmp.execute("remove-fd", {"fdset-id": fdset})
-    if record:
-        state.remove_backup(record)
-    return removed, intact
+    """Remove everything the backup created in QEMU and on disk; (what was removed, whether the view held)."""
+    teardown = Teardown(qmp, state, backup_id, discard_checkpoint)
+    intact = teardown.intact()
+    if not check_mode:
+        teardown.run(registry)
+    return teardown.removed, intact
 
 
-def _has_bitmap(node_entry, name):
-    return bool(node_entry) and any(b.get("name") == name for b in node_entry.get("dirty-bitmaps", []))
-
-
-def _delete_node(qmp, nodes, node):
-    if node in nodes:
-        qmp.execute("blockdev-del", {"node-name": node})
+def _bitmap(node_entry, name, persistent=None):
+    """Whether a node has a bitmap of that name (and, if given, that persistence)."""
+    return bool(node_entry) and any(b.get("name") == name and persistent in (None, b.get("persistent"))
+                                    for b in node_entry.get("dirty-bitmaps", []))
 
 
 def _stop_nbd_server(qmp):

@@ -31,12 +31,13 @@ MAX_SOCKET_PATH = 107
 
 def qmp_vm_key(qmp_socket):
     """The private-state key of the VM behind a QMP socket."""
-    return "qmp-" + hashlib.sha256(os.path.abspath(qmp_socket).encode()).hexdigest()[:12]
+    return "qmp-" + hashlib.sha256(os.path.realpath(qmp_socket).encode()).hexdigest()[:12]
 
 
 class QmpVm(VmConnection):
-    def __init__(self, qmp_socket, timeout, state_dir, registry):
-        super().__init__(VmState(state_dir, qmp_vm_key(qmp_socket), "QMP socket %s" % qmp_socket), registry, timeout)
+    def __init__(self, qmp_socket, timeout, state_dir, registry, read_only=False):
+        state = VmState(state_dir, qmp_vm_key(qmp_socket), "QMP socket %s" % qmp_socket, read_only)
+        super().__init__(state, registry, timeout)
         self.description = "the VM on QMP socket %s" % qmp_socket
         self.qmp = QmpClient(qmp_socket, timeout)
 
@@ -47,7 +48,7 @@ class QmpVm(VmConnection):
     def __exit__(self, *exc_info):
         self.qmp.close()
 
-    def recover(self):
+    def undo_abandoned(self):
         message = resume_abandoned_pause(self.qmp, self.state)
         return [message] if message else []
 
@@ -67,7 +68,7 @@ class QmpVm(VmConnection):
             raise UserError("%s has no writable disk with a medium to back up; name disks explicitly."
                             % self.description)
         nbd_socket = request["nbd_socket"] or self.state.default_socket
-        check_socket_path(nbd_socket)
+        check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
         check_scratch_dir(request["scratch_dir"],
                           minimum_free_bytes(request["scratch_min_free"], sum(disk.size for disk in chosen)))
         return BackupPlan(backup_id, chosen, request, self.registry, nbd_socket)
@@ -79,19 +80,24 @@ class QmpVm(VmConnection):
         return start_backup(self.qmp, self.state, plan, self.registry)
 
     def remove_backup(self, backup_id, discard_checkpoint, check_mode):
-        return stop_backup(self.qmp, self.state, backup_id, self.registry, discard_checkpoint, check_mode)
+        removed, intact = stop_backup(self.qmp, self.state, backup_id, self.registry, discard_checkpoint, check_mode)
+        if removed["scratch_images"] and self.qmp.execute("query-status")["status"] != "running":
+            self.notes.append("The VM is not running: QEMU lets go of the backup's scratch images, and their space, "
+                              "only once it runs again.")
+        return removed, intact
 
-    def change_checkpoint(self, name, disks, present):
+    def set_bitmaps(self, name, disks, present):
         if present:
-            action = ("block-dirty-bitmap-add", lambda d: dict(node=d.node, name=name, persistent=True))
+            self.qmp.transaction([("block-dirty-bitmap-add", dict(node=d.node, name=name, persistent=True))
+                                  for d in disks])
         else:
-            action = ("block-dirty-bitmap-remove", lambda d: dict(node=d.node, name=name))
-        with self.state.lock(self.timeout):
-            self.qmp.transaction([(action[0], action[1](disk)) for disk in disks])
+            self.qmp.transaction([("block-dirty-bitmap-remove", dict(node=d.node, name=name)) for d in disks])
 
 
-def check_socket_path(path):
+def check_socket_path(path, given):
+    """A socket path that fits sun_path, in a directory where nobody can swap it (ours needs no check)."""
     if len(path.encode()) > MAX_SOCKET_PATH:
         raise UserError("nbd_socket %s is longer than the %d bytes a unix socket path may have: choose a shorter "
                         "nbd_socket or state_dir." % (path, MAX_SOCKET_PATH))
-    check_trusted_directory(os.path.dirname(path), "nbd_socket", "room for the backup's NBD socket")
+    if given:
+        check_trusted_directory(os.path.dirname(path), "nbd_socket", "room for the backup's NBD socket")

@@ -1,23 +1,38 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""A VM's backup repository: its images and a manifest of the complete backups.
+"""A VM's backup repository: its images, a manifest of the complete backups, and the lease of the run at work.
 
 Only a backup whose copies all finished is ever written to the manifest, and
 the manifest is replaced atomically, so a failed or killed run leaves the
 repository as it was. Chains start at a full backup; incrementals are qcow2
-overlays on their parent's images.
+overlays on their parent's images; a disk that cannot hold a checkpoint (raw)
+is backed up in full in every backup.
+
+A repository may sit on a shared file system: every name read from the
+manifest or given for a VM must be a plain name inside the VM's directory
+before any file is touched.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
+import secrets
+import socket
 import time
+from contextlib import contextmanager
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    check_plain_name,
+    remove_file,
+    sync_directory,
+    write_json_atomic,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -36,47 +51,55 @@ def parse_duration(value):
 
 def backup_id_for(vm, name):
     """A backup_id unique per VM and run, within QEMU's 32 characters."""
-    return "%s-%s-%s" % (UNSAFE.sub("", vm)[:8] or "vm", hashlib.sha1(vm.encode()).hexdigest()[:6],
-                         name.replace("T", "").rstrip("Z"))
+    return "%s-%s-%s" % (UNSAFE.sub("", vm)[:6] or "vm", hashlib.sha1(vm.encode()).hexdigest()[:4],
+                         name.replace("T", "").replace("Z", ""))
 
 
 class Repository:
-    def __init__(self, path):
-        self.path = path
-        self.manifest_path = os.path.join(path, MANIFEST)
+    """The directory <root>/<vm> of one VM."""
 
-    def load(self, vm=None):
+    def __init__(self, root, vm):
+        self.vm = check_plain_name(vm, "VM name")
+        self.path = os.path.join(root, vm)
+        self.manifest_path = os.path.join(self.path, MANIFEST)
+
+    def load(self):
         try:
-            with open(self.manifest_path) as stream:
-                data = json.load(stream)
+            fd = os.open(self.manifest_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            return dict(format=MANIFEST_FORMAT, vm=vm, backups=[])
+            return dict(format=MANIFEST_FORMAT, vm=self.vm, backups=[])
+        except OSError as err:
+            raise UserError("Cannot read the manifest %s (%s): it must be a plain file." % (self.manifest_path,
+                                                                                          err.strerror)) from None
+        try:
+            with os.fdopen(fd) as stream:
+                data = json.load(stream)
         except ValueError as err:
             raise UserError("The manifest %s is damaged (%s): restore it from a copy; its images are untouched."
                             % (self.manifest_path, err)) from None
         if data.get("format") != MANIFEST_FORMAT:
             raise UserError("The manifest %s has format %s; this collection reads format %d."
                             % (self.manifest_path, data.get("format"), MANIFEST_FORMAT))
+        for backup in data["backups"]:
+            for disk in backup["disks"]:
+                where = "in backup %s of %s" % (backup.get("name"), self.manifest_path)
+                check_plain_name(disk["file"], "Image " + where)
+                check_plain_name(disk["disk"], "Disk " + where)
         return data
 
     def save(self, data):
         """Replace the manifest atomically and durably."""
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        temporary = self.manifest_path + ".tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, self.manifest_path)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_json_atomic(self.path, MANIFEST, data)
 
     def image(self, file_name):
-        return os.path.join(self.path, file_name)
+        return os.path.join(self.path, check_plain_name(file_name, "Image name"))
+
+    def remove_images(self, file_names):
+        """Delete images of this VM's directory; the names removed."""
+        removed = [name for name in file_names if remove_file(self.image(name))]
+        if removed:
+            sync_directory(self.path)
+        return removed
 
     def find(self, data, name=None):
         """The named backup, or the newest; UserError when there is none."""
@@ -92,8 +115,9 @@ class Repository:
                         % (name, self.path, ", ".join(b["name"] for b in backups)))
 
 
-def plan(data, vm, level, max_age, vm_disks, wanted_disks, now):
+def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
     """Decide what a run does: nothing (not due), a full backup, or an incremental on the newest backup."""
+    vm = repository.vm
     backups = data["backups"]
     newest = backups[-1] if backups else None
     if newest and max_age and now - newest["finished"] < max_age:
@@ -104,7 +128,7 @@ def plan(data, vm, level, max_age, vm_disks, wanted_disks, now):
     if wanted_disks and len(disks) != len(set(wanted_disks)):
         known = ", ".join(d["disk"] for d in vm_disks)
         raise UserError("Some of the disks %s are not on VM %s; its disks are: %s." % (wanted_disks, vm, known))
-    problem = _incremental_problem(newest, disks)
+    problem = _incremental_problem(repository, data, newest, disks)
     if level == "full" or (level == "auto" and problem):
         chosen, parent = "full", None
         reason = "level full was asked" if level == "full" else problem
@@ -116,10 +140,13 @@ def plan(data, vm, level, max_age, vm_disks, wanted_disks, now):
     by_disk = {d["disk"]: d for d in parent["disks"]} if parent else {}
     planned = []
     for disk in disks:
-        checkpoint = _checkpoint(disk, parent["checkpoint"]) if parent else None
+        continues = parent is not None and _holds_checkpoints(disk)
+        checkpoint = _checkpoint(disk, parent["checkpoint"]) if continues else None
         planned.append(dict(
             disk=disk["disk"], size=disk["size"], file="%s.%s.qcow2" % (name, UNSAFE.sub("_", disk["disk"])),
-            backing=by_disk[disk["disk"]]["file"] if parent else None,
+            backing=by_disk[disk["disk"]]["file"] if continues else None,
+            backing_format=by_disk[disk["disk"]].get("format", "qcow2") if continues else None,
+            reason=None if continues or not parent else "a %s disk is backed up in full every time" % disk["format"],
             expected_bytes=checkpoint["dirty_bytes"] if checkpoint else disk["size"]))
     return dict(
         due=True, reason=reason, name=name, level=chosen, backup_id=backup_id_for(vm, name),
@@ -128,7 +155,11 @@ def plan(data, vm, level, max_age, vm_disks, wanted_disks, now):
         disks=planned, expected_bytes=sum(d["expected_bytes"] for d in planned), started=now)
 
 
-def _incremental_problem(newest, disks):
+def _holds_checkpoints(disk):
+    return disk.get("format", "qcow2") == "qcow2"
+
+
+def _incremental_problem(repository, data, newest, disks):
     """Why the newest backup cannot be the parent of an incremental now, or None."""
     if newest is None:
         return "the repository has no complete backup yet"
@@ -136,7 +167,12 @@ def _incremental_problem(newest, disks):
     if sorted(previous) != sorted(d["disk"] for d in disks):
         return "the disks changed since backup %s (%s, now %s)" % (
             newest["name"], ", ".join(sorted(previous)), ", ".join(sorted(d["disk"] for d in disks)))
-    for disk in disks:
+    if not any(_holds_checkpoints(disk) for disk in disks):
+        return "no disk of the VM can hold a checkpoint (none is qcow2)"
+    missing = missing_images(repository, data, newest)
+    if missing:
+        return "image %s, which the chain of %s needs, is missing from the repository" % (missing[0], newest["name"])
+    for disk in (d for d in disks if _holds_checkpoints(d)):
         checkpoint = _checkpoint(disk, newest["checkpoint"])
         if checkpoint is None:
             return "checkpoint %s of backup %s is missing on disk %s" % (newest["checkpoint"], newest["name"],
@@ -154,14 +190,27 @@ def _checkpoint(disk, name):
 
 
 def _unique_name(backups, now):
-    name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    """The time, and a random part: two runs in the same second never share a name."""
     taken = {b["name"] for b in backups}
-    suffix = 1
-    unique = name
-    while unique in taken:
-        suffix += 1
-        unique = "%s-%d" % (name, suffix)
-    return unique
+    while True:
+        name = "%s-%s" % (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)), secrets.token_hex(2))
+        if name not in taken:
+            return name
+
+
+def chain_of(data, backup):
+    """The backups whose images `backup` needs, itself first, back to its full backup."""
+    by_name = {b["name"]: b for b in data["backups"]}
+    chain = [backup]
+    while chain[-1].get("parent"):
+        chain.append(by_name[chain[-1]["parent"]])
+    return chain
+
+
+def missing_images(repository, data, backup):
+    """The images of backup's chain that are not in the repository."""
+    return [disk["file"] for member in chain_of(data, backup) for disk in member["disks"]
+            if not os.path.isfile(repository.image(disk["file"]))]
 
 
 def record(data, planned, started_disks, copies, now):
@@ -175,8 +224,9 @@ def record(data, planned, started_disks, copies, now):
     disks = []
     for disk in planned["disks"]:
         full = modes[disk["disk"]] == "full"
-        disks.append(dict(disk=disk["disk"], file=disk["file"], size=disk["size"], bytes_read=read[disk["disk"]],
-                          mode=modes[disk["disk"]], backing=None if full else disk["backing"]))
+        disks.append(dict(disk=disk["disk"], file=disk["file"], format="qcow2", size=disk["size"],
+                          bytes_read=read[disk["disk"]], mode=modes[disk["disk"]],
+                          backing=None if full else disk["backing"]))
     level = "full" if all(d["mode"] == "full" for d in disks) else "incremental"
     entry = dict(name=planned["name"], level=level, parent=None if level == "full" else planned["parent"],
                  chain=planned["name"] if level == "full" else planned["chain"],
@@ -203,3 +253,75 @@ def obsolete_checkpoints(data, pruned):
     newest = data["backups"][-1]["checkpoint"] if data["backups"] else None
     names = [b["checkpoint"] for b in data["backups"] + pruned if b.get("checkpoint")]
     return sorted(set(names) - {newest})
+
+
+LEASE = "lock"
+
+
+class Lease:
+    """Who is at work on a VM's repository: one run at a time, across hosts, surviving the run's short processes.
+
+    The lock file holds the holding run's id, a description of it, and an expiry that the run renews at each
+    step. A run killed by SIGKILL renews nothing, and its lease lapses when it expires. Reading and changing the
+    lease happens under an exclusive flock of the file itself, which is never replaced.
+    """
+
+    def __init__(self, repository):
+        self.repository = repository
+        self.path = os.path.join(repository.path, LEASE)
+
+    def take(self, run_id, holder, ttl, now):
+        """Take the lease for run_id, or renew it; UserError naming the holder when another live run has it."""
+        with self._locked() as (fd, current):
+            if current and current["run_id"] != run_id and current["expires"] > now:
+                raise UserError(
+                    "The repository of %s (%s) is locked by another run: %s, run %s, since %s, until %s unless it "
+                    "renews. One run per VM works on a repository at a time; wait for it. A run that died frees the "
+                    "lock when it expires." % (self.repository.vm, self.repository.path, current["holder"],
+                                               current["run_id"], _utc(current["taken"]), _utc(current["expires"])))
+            taken = current["taken"] if current and current["run_id"] == run_id else now
+            lease = dict(run_id=run_id, holder=holder, host=socket.gethostname(), taken=taken, expires=now + ttl)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(lease, sort_keys=True).encode(), 0)
+            os.fsync(fd)
+            return dict(lease, taken_over=current if current and current["run_id"] != run_id else None)
+
+    def check(self, run_id, now):
+        """UserError unless run_id holds the lease now: a run must not write once another has taken over."""
+        with self._locked() as (_, current):
+            if not current or current["run_id"] != run_id or current["expires"] <= now:
+                raise UserError("Run %s no longer holds the lease of %s (%s): it expired or another run took it. "
+                                "Nothing was written; run the backup again." % (run_id, self.repository.path,
+                                                                               current and current["holder"]))
+
+    def release(self, run_id):
+        """Give the lease up if run_id holds it; whether it did."""
+        with self._locked() as (fd, current):
+            if not current or current["run_id"] != run_id:
+                return False
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+            return True
+
+    @contextmanager
+    def _locked(self):
+        """(fd, the current lease or None) under an exclusive flock of the lease file."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise UserError("Cannot open the lease %s of the repository (%s): the repository must be writable by "
+                            "this user, and the lease a plain file." % (self.path, err.strerror)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            content = os.pread(fd, 65536, 0)
+            try:
+                current = json.loads(content) if content else None
+            except ValueError:
+                current = None  # torn by a crash mid-write: nobody holds it
+            yield fd, current
+        finally:
+            os.close(fd)
+
+
+def _utc(seconds):
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))

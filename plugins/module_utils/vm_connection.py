@@ -10,6 +10,8 @@ serialises the changes it makes to a VM with that directory's lock.
 
 from __future__ import annotations
 
+import os
+
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
     check_backup_id,
     request_differences,
@@ -27,9 +29,19 @@ class VmConnection:
         self.state = state
         self.registry = registry
         self.timeout = timeout
+        self.notes = []  # for the user, as warnings
 
     def recover(self):
-        """Undo what a dead run of ours left on the VM (a vCPU pause); messages saying what was done."""
+        """Undo what a dead run of ours left on the VM (a vCPU pause), noting it; whether anything was undone.
+
+        Not in check mode: a read-only run changes nothing.
+        """
+        undone = [] if self.state.read_only else self.undo_abandoned()
+        self.notes.extend(undone)
+        return bool(undone)
+
+    def undo_abandoned(self):
+        """Undo what a dead run of ours left on the VM; messages saying what was done."""
         raise NotImplementedError
 
     def disks(self):
@@ -52,8 +64,8 @@ class VmConnection:
         """(what was removed, whether the point-in-time view held)."""
         raise NotImplementedError
 
-    def change_checkpoint(self, name, disks, present):
-        """Add (present) or remove checkpoint name on disks, all at once."""
+    def set_bitmaps(self, name, disks, present):
+        """Add (present) or remove the checkpoint's bitmaps on disks, all at once."""
         raise NotImplementedError
 
     def plan(self, backup_id, request, check_mode):
@@ -61,10 +73,10 @@ class VmConnection:
         raise NotImplementedError
 
     def start_backup(self, backup_id, request, check_mode):
-        """(changed, result, warnings): a new backup, or the same one again. One backup per VM at a time."""
+        """(changed, result): a new backup, or the same one again. One backup per VM at a time."""
         check_backup_id(backup_id)
         with self.state.lock(self.timeout):
-            warnings = self.recover()
+            resumed = self.recover()
             record = self.state.backup()
             running = self.running_backup_ids() | ({record["backup_id"]} if record else set())
             others = sorted(running - {backup_id})
@@ -73,11 +85,11 @@ class VmConnection:
                                 "fleetbackup.qemu.qemu_backup_stop (backup_id: %s, with this VM's connection "
                                 "options), then start again." % (others[0], self.description, others[0]))
             if backup_id in running:
-                return False, self._same_backup(record, backup_id, request), warnings
+                return resumed, self._same_backup(record, backup_id, request)
             plan = self.plan(backup_id, request, check_mode)
             if check_mode:
-                return True, plan.result(), warnings
-            return True, self.create_backup(plan)["result"], warnings
+                return True, plan.result()
+            return True, self.create_backup(plan)["result"]
 
     def _same_backup(self, record, backup_id, request):
         if record is None or record["backup_id"] != backup_id or not record["complete"] or not self.is_whole(record):
@@ -99,13 +111,22 @@ class VmConnection:
             backups[record["backup_id"]] = dict(complete=record["complete"], started=record["started"])
         return backups
 
+    def change_checkpoint(self, name, disks, present):
+        """Add (present) or remove checkpoint name on disks, all at once, and keep the registry in step."""
+        with self.state.lock(self.timeout):
+            self.set_bitmaps(name, disks, present)
+            if present:
+                self.registry.record(disks, name)
+            else:
+                self.registry.forget([disk.filename for disk in disks], name)
+
     def stop_backup(self, backup_id, discard_checkpoint, check_mode):
-        """(warnings, what was removed, whether the view held)."""
+        """(changed, what was removed, whether the view held)."""
         check_backup_id(backup_id)
         with self.state.lock(self.timeout):
-            warnings = self.recover()
+            resumed = self.recover()
             removed, intact = self.remove_backup(backup_id, discard_checkpoint, check_mode)
-            return warnings, removed, intact
+            return resumed or any(removed.values()), removed, intact
 
     def forget_dead_backup(self, backup_id, discard_checkpoint, check_mode):
         """When the VM is gone, remove what is left of its backup: socket and state. None if none is known."""
@@ -114,11 +135,14 @@ class VmConnection:
             if record is None or record["backup_id"] != backup_id:
                 return None
             checkpoint = record["checkpoint"] if discard_checkpoint else None
+            ours = record["socket_identity"] and self.state.holds_socket(record["nbd_socket"], record["socket_identity"])
             removed = dict(exports=[], nodes=[], nbd_server=False, checkpoint=checkpoint, state_file=True,
-                           files=[record["nbd_socket"]] if self.state.holds_socket(record) else [])
+                           files=[record["nbd_socket"]] if ours else [])
             if not check_mode:
                 if checkpoint:
                     self.registry.forget([d["filename"] for d in record["disks"] if d["checkpoint"]], checkpoint)
-                self.state.remove_backup(record)
+                if ours:
+                    os.unlink(record["nbd_socket"])
+                self.state.forget_backup()
                 self.state.forget_pause()
             return removed

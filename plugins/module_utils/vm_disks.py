@@ -58,11 +58,6 @@ def _below_filters(inserted, nodes):
     return node
 
 
-def node_bitmaps(qmp):
-    """{node name: {bitmap name: info}} for every named block node."""
-    return {node["node-name"]: _named_bitmaps(node) for node in qmp.execute("query-named-block-nodes", {"flat": True})}
-
-
 def _named_bitmaps(node):
     """{name: info} of a node's dirty bitmaps; the unnamed one a block job adds is no checkpoint."""
     return {bitmap["name"]: bitmap for bitmap in node.get("dirty-bitmaps", []) if bitmap.get("name")}

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import os
-
 from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
@@ -18,6 +16,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import
     QEMU_QMP_IMPORT_ERROR,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import registry_dir
 
 VM_ARGUMENT_SPEC = dict(
     qmp_socket=dict(type="path", required=True),
@@ -41,8 +40,9 @@ class VmModule(FleetbackupModule):
     @property
     def checkpoints(self):
         """The registry of what QEMU does not record about checkpoints."""
-        return CheckpointRegistry(os.path.join(self.params["state_dir"], "checkpoints"))
+        return CheckpointRegistry(registry_dir(self.params["state_dir"]))
 
     def vm(self):
         """The VM's connection, to use in a with block."""
-        return QmpVm(self.params["qmp_socket"], self.params["qmp_timeout"], self.params["state_dir"], self.checkpoints)
+        return QmpVm(self.params["qmp_socket"], self.params["qmp_timeout"], self.params["state_dir"], self.checkpoints,
+                     read_only=self.check_mode)

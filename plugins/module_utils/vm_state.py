@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from contextlib import nullcontext
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
     PrivateDir,
@@ -23,13 +24,27 @@ PAUSED = "paused.json"
 NBD_SOCKET = "nbd.sock"
 
 
+def default_scratch_dir(state_dir, check_mode=False):
+    return PrivateDir(state_dir).prepare(not check_mode).child("scratch", not check_mode).path
+
+
+def registry_dir(state_dir):
+    return os.path.join(state_dir, "checkpoints")
+
+
 class VmState:
-    def __init__(self, state_dir, key, description):
+    """One VM's directory. Read-only (for check mode), it creates nothing: a missing directory is no state."""
+
+    def __init__(self, state_dir, key, description, read_only=False):
         self.description = description
-        self.dir = PrivateDir(state_dir).ensure().child("vms").child(key)
+        self.read_only = read_only
+        create = not read_only
+        self.dir = PrivateDir(state_dir).prepare(create).child("vms", create).child(key, create)
 
     def lock(self, timeout):
         """Serialise start, stop and checkpoint changes of this VM across processes."""
+        if self.read_only:
+            return nullcontext()
         return self.dir.lock("lock", timeout, "VM %s" % self.description)
 
     @property
@@ -44,20 +59,15 @@ class VmState:
         self.dir.write_json(BACKUP, data)
 
     @staticmethod
-    def holds_socket(record):
-        """Whether the backup's socket path still holds the very socket its start bound (same device and inode)."""
-        if not record.get("socket_identity"):
-            return False
+    def holds_socket(path, identity):
+        """Whether path still holds the very socket a start bound there: its device and inode, not just a name."""
         try:
-            info = os.lstat(record["nbd_socket"])
+            info = os.lstat(path)
         except FileNotFoundError:
             return False
-        return stat.S_ISSOCK(info.st_mode) and [info.st_dev, info.st_ino] == record["socket_identity"]
+        return stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == tuple(identity)
 
-    def remove_backup(self, record):
-        """Remove the backup's socket, only if it is the one its start bound, and its state."""
-        if self.holds_socket(record):
-            os.unlink(record["nbd_socket"])
+    def forget_backup(self):
         self.dir.remove(BACKUP)
 
     def record_pause(self, backup_id):

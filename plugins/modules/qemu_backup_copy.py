@@ -19,7 +19,10 @@ description:
     so O(dest) never holds a partial backup. Partial images that killed copies left in that directory are deleted.
   - Several NBD connections copy in parallel when the export allows multi-conn, each with many requests in
     flight; memory stays bounded by O(connections) x O(requests) x O(request_size), whatever the disk's size.
-  - An existing O(dest) is left alone and reported unchanged, unless O(force) is set.
+  - An existing O(dest) is reported unchanged only when it provably holds this very backup. Each copy records, in the
+    extended attribute C(user.fleetbackup.backup) of the image, the export it read (whose name carries the backup id,
+    the start and the disk), the disk's size and the changed-block context. Any other O(dest) makes the copy fail,
+    saying what it holds, unless O(force) is set.
   - For a backup of M(fleetbackup.qemu.qemu_backup_start), it checks that the point-in-time view held until the
     copy ended. When the guest overwrote data that the scratch space could not keep, the copy fails, saying so,
     and keeps nothing.
@@ -45,7 +48,7 @@ options:
     choices: [qcow2, raw]
     default: qcow2
   force:
-    description: Replace an existing O(dest).
+    description: Replace an existing O(dest), whatever it holds.
     type: bool
     default: false
   dirty_bitmap:
@@ -171,8 +174,11 @@ throughput:
   sample: 671088640
 """
 
+import errno
+import json
 import os
 import re
+import stat
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
@@ -186,15 +192,19 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time import (
     SnapshotBroken,
     broken_view_message,
+    export_name_of,
     export_view,
     view_intact,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file, sync_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, check_backing_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 
 
 # A copy writes .<dest name>.part-<its PID> and renames it when complete.
 PARTIAL = re.compile(r"^\..+\.part-(\d+)$")
+# Which backup an image holds: its export (backup id, start tag, disk), size and changed-block context.
+IDENTITY_XATTR = "user.fleetbackup.backup"
 
 
 def main():
@@ -256,15 +266,20 @@ def copy_backup(module):
     params = module.params
     dest_dir = check_params(params)
     dest = params["dest"]
-    if os.path.exists(dest) and not params["force"]:
-        changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), False)
-        return dict(changed=changed, image=dest, disk_usage=_disk_usage(dest),
-                    msg="dest exists; set force to replace it")
     bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
     # Also in check mode: reading the export's size is harmless and proves src is right.
     size, connections = export_size_and_connections(params["src"], bitmap_context, params["connections"])
     view = export_view(params["src"])
     check_view(view)
+    identity = dict(export=export_name_of(params["src"]), size=size, bitmap=bitmap_context)
+    if os.path.lexists(dest) and not params["force"]:
+        held = recorded_identity(dest)
+        if held != identity:
+            raise UserError("dest %s already holds %s, not this export's %s: it is another backup, or one that "
+                            "cannot be identified. Choose another dest, or set force to replace it."
+                            % (dest, describe_identity(held), describe_identity(identity)))
+        changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), False)
+        return dict(changed=changed, image=dest, disk_usage=_disk_usage(dest), msg="dest holds this very backup")
     if module.check_mode:
         return dict(changed=True, image=dest, size=size, connections=connections)
     stale = remove_stale_partials(dest_dir)
@@ -272,26 +287,58 @@ def copy_backup(module):
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
     started = time.monotonic()
     try:
-        try:
-            bytes_read, bytes_zeroed, bytes_unchanged = copy_to_image(
-                params["src"], partial, params["format"], size, bitmap_context, backing, params["backing_format"],
-                connections, params["requests"], params["request_size"])
-        except FleetbackupError:
-            check_view(view)  # a broken view is the likelier cause, and the one to name
-            raise
+        bytes_read, bytes_zeroed, bytes_unchanged = copy_to_image(
+            params["src"], partial, params["format"], size, bitmap_context, backing, params["backing_format"],
+            connections, params["requests"], params["request_size"])
+    except FleetbackupError:
+        check_view(view)  # a broken view is the likelier cause, and the one to name
+        raise
+    try:
         # A view that still holds now held during every read of the copy: a broken one never heals.
         check_view(view)
+        if not record_identity(partial, identity):
+            module.warn("The file system of %s keeps no extended attributes: a later copy cannot prove that dest "
+                        "holds this backup, and will need force." % dest_dir)
         os.rename(partial, dest)
     except BaseException:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        remove_file(partial)  # ours: copy_to_image made it
         raise
-    _sync_directory(dest_dir)
+    sync_directory(dest_dir)
     elapsed = max(time.monotonic() - started, 1e-6)  # a tiny copy must not divide by zero
     module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
     return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), removed_partials=stale,
                 bytes_read=bytes_read, bytes_zeroed=bytes_zeroed, bytes_unchanged=bytes_unchanged,
                 connections=connections, elapsed=round(elapsed, 3), throughput=int(bytes_read / elapsed))
+
+
+def recorded_identity(path):
+    """The identity a copy recorded on the image at path, or None (none recorded, or no xattr support)."""
+    try:
+        return json.loads(os.getxattr(path, IDENTITY_XATTR, follow_symlinks=False))
+    except OSError as err:
+        if err.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
+            return None
+        raise
+    except ValueError:
+        return None
+
+
+def record_identity(path, identity):
+    """Record which backup the image holds; False where the file system keeps no extended attributes."""
+    try:
+        os.setxattr(path, IDENTITY_XATTR, json.dumps(identity, sort_keys=True).encode(), follow_symlinks=False)
+        return True
+    except OSError as err:
+        if err.errno == errno.ENOTSUP:
+            return False
+        raise
+
+
+def describe_identity(identity):
+    if not identity:
+        return "an image with no record of its backup"
+    return "export %s (%d bytes%s)" % (identity["export"], identity["size"],
+                                       ", changes in %s" % identity["bitmap"] if identity["bitmap"] else "")
 
 
 def check_view(view):
@@ -301,13 +348,18 @@ def check_view(view):
 
 
 def remove_stale_partials(directory):
-    """Delete the partial images that killed copies left in directory (their PID is gone)."""
+    """Delete the partial images that killed copies left in directory: files of ours whose copy's PID is gone.
+
+    A name proves nothing: only a regular file that this user owns is taken for one of ours.
+    """
     removed = []
     for name in os.listdir(directory):
         match = PARTIAL.match(name)
         if match and not _running(int(match.group(1))):
-            os.unlink(os.path.join(directory, name))
-            removed.append(name)
+            info = os.lstat(os.path.join(directory, name))
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
     return removed
 
 
@@ -323,15 +375,6 @@ def _running(pid):
 
 def _disk_usage(path):
     return os.stat(path).st_blocks * 512
-
-
-def _sync_directory(path):
-    """Make the rename durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -123,14 +123,14 @@ def main():
 
 def describe(module):
     with module.vm() as vm:
-        resumed = [] if module.check_mode else vm.recover()
+        with vm.state.lock(vm.timeout):
+            resumed = vm.recover()
         disks = [dict(disk=disk.name, node=disk.node, file=disk.filename, format=disk.format, size=disk.size,
                       read_only=disk.read_only, checkpoints=describe_checkpoints(disk, module.checkpoints))
                  for disk in vm.disks()]
         backups = vm.describe_backups()
-    for warning in resumed:
-        module.warn(warning)
-    return dict(changed=bool(resumed), disks=disks, backups=backups)
+    module.warn_all(vm.notes)
+    return dict(changed=resumed, disks=disks, backups=backups)
 
 
 if __name__ == "__main__":

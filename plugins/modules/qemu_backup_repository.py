@@ -7,36 +7,57 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: qemu_backup_repository
-short_description: Plan, record and prune the backups in a VM's backup repository
+short_description: Lock, plan, record and prune the backups in a VM's backup repository
 version_added: 0.1.0
 description:
-  - A repository directory per VM holds its backup images and a manifest, C(manifest.json), of the complete
-    backups. The manifest is replaced atomically and only ever lists backups whose copies all finished.
+  - A repository directory per VM, C(<repository>/<vm>), holds its backup images and a manifest, C(manifest.json), of
+    the complete backups. The manifest is replaced atomically and only ever lists backups whose copies all finished.
+  - O(action=lock) takes the repository's lease for a run, or renews it. One run at a time works on a VM's
+    repository, even when its steps run on several hosts; a second run fails at once, naming the one that holds
+    the lease. The lease expires after O(lock_ttl) seconds unless renewed, so a run that was killed frees it.
+    O(action=unlock) gives it up.
   - O(action=plan) decides what a run does, from the manifest and the VM's disks and checkpoints as
     M(fleetbackup.qemu.qemu_backup_info) returns them. It never changes anything.
   - O(action=record) appends a complete backup. O(action=prune) deletes whole old chains, images and entries.
+    O(action=discard) deletes the images a failed run wrote, and only those the manifest does not list.
+    All three need the lease (O(run_id)).
+  - Every name that comes from the manifest or the inventory (VM, disk, image file) must be a plain file name inside
+    the VM's directory, or nothing is touched.
   - The M(fleetbackup.qemu.backup) role chains this module with the backup modules; use the role.
 author:
-  - fleetbackup.qemu developers
+  - fleetbackup.qemu developers (@fleetbackup)
 options:
-  path:
-    description: The VM's repository directory, C(<repository>/<vm>).
+  repository:
+    description: The repository, a directory with one subdirectory per VM.
     type: path
+    required: true
+  vm:
+    description: The VM's name, its subdirectory in the repository; a plain file name.
+    type: str
     required: true
   action:
     description: What to do.
     type: str
-    choices: [plan, record, prune]
+    choices: [lock, unlock, plan, record, prune, discard]
     required: true
-  vm:
-    description: The VM's name, recorded in the manifest and used in backup ids.
+  run_id:
+    description:
+      - The run that holds (or takes) the lease. O(action=lock) makes one up when it is not given, and returns it.
+      - Required by unlock, record, prune and discard.
     type: str
-    required: true
+  holder:
+    description: With O(action=lock), who the run is, for the message another run gets while this one holds the lease.
+    type: str
+    default: a fleetbackup run
+  lock_ttl:
+    description: With O(action=lock), seconds until the lease expires unless the run renews it.
+    type: int
+    default: 3600
   level:
     description:
       - With O(action=plan), C(full), C(incremental), or C(auto), which takes a full backup when there is no complete
-        chain or its last checkpoint cannot be used on the VM (missing, inconsistent, disk resized or disks changed),
-        and an incremental otherwise.
+        chain, its last checkpoint cannot be used on the VM (missing, inconsistent, disk resized or disks changed),
+        or an image the chain needs is missing from the repository; and an incremental otherwise.
     type: str
     choices: [auto, full, incremental]
     default: auto
@@ -55,7 +76,7 @@ options:
     type: list
     elements: str
   planned:
-    description: With O(action=record), the RV(plan) of this run.
+    description: With O(action=record) or O(action=discard), the RV(plan) of this run.
     type: dict
   started_disks:
     description: With O(action=record), RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks) of this run.
@@ -74,13 +95,21 @@ options:
 attributes:
   check_mode:
     support: full
-    description: O(action=plan) runs as usual; record and prune report what they would change.
+    description: O(action=plan) runs as usual; the other actions report what they would change and change nothing.
 """
 
 EXAMPLES = r"""
+- name: Take the lease of web1's repository for this run
+  fleetbackup.qemu.qemu_backup_repository:
+    repository: /backup
+    vm: web1
+    action: lock
+    holder: "nightly play on {{ inventory_hostname }}"
+  register: lease
+
 - name: What is due?
   fleetbackup.qemu.qemu_backup_repository:
-    path: /backup/web1
+    repository: /backup
     vm: web1
     action: plan
     max_age: 12h
@@ -89,13 +118,37 @@ EXAMPLES = r"""
 
 - name: Keep the two newest chains
   fleetbackup.qemu.qemu_backup_repository:
-    path: /backup/web1
+    repository: /backup
     vm: web1
     action: prune
     keep_chains: 2
+    run_id: "{{ lease.lease.run_id }}"
 """
 
 RETURN = r"""
+lease:
+  description: With O(action=lock), the lease this run holds now.
+  returned: action is lock
+  type: dict
+  contains:
+    run_id:
+      description: The run's id; pass it to the later actions of the run.
+      type: str
+    holder:
+      description: Who the run is.
+      type: str
+    host:
+      description: The host the lease was taken on.
+      type: str
+    taken:
+      description: When the run first took the lease, in seconds since the epoch.
+      type: int
+    expires:
+      description: When the lease expires unless renewed, in seconds since the epoch.
+      type: int
+    taken_over:
+      description: The expired lease of a run that had died, which this run took over; else null.
+      type: dict
 plan:
   description: With O(action=plan), what the run will do.
   returned: action is plan
@@ -108,9 +161,9 @@ plan:
       description: Why this level, or why nothing is due.
       type: str
     name:
-      description: The new backup's name, a UTC time.
+      description: The new backup's name, a UTC time and a random part.
       type: str
-      sample: 20261129T020000Z
+      sample: 20261129T020000Z-3f2a
     level:
       description: C(full) or C(incremental).
       type: str
@@ -131,7 +184,9 @@ plan:
       type: str
     disks:
       description:
-        - Per disk, C(disk), C(size), image C(file) and C(backing) (relative to the repository), C(expected_bytes).
+        - Per disk, C(disk), C(size), image C(file), C(backing) and C(backing_format) (the parent's image, relative to
+          the VM's directory, for an incremental), C(expected_bytes), and C(reason) when a disk of an incremental is
+          backed up in full (a raw disk).
       type: list
       elements: dict
     expected_bytes:
@@ -147,6 +202,11 @@ pruned:
   returned: action is prune
   type: list
   elements: str
+discarded:
+  description: With O(action=discard), the images deleted.
+  returned: action is discard
+  type: list
+  elements: str
 obsolete_checkpoints:
   description:
     - With O(action=prune), checkpoints the VM no longer needs (all but the newest backup's); the role removes them.
@@ -156,10 +216,13 @@ obsolete_checkpoints:
 """
 
 import os
+import secrets
 import time
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import (
+    Lease,
     Repository,
     obsolete_checkpoints,
     parse_duration,
@@ -172,9 +235,12 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import
 def main():
     module = FleetbackupModule(
         argument_spec=dict(
-            path=dict(type="path", required=True),
-            action=dict(type="str", choices=["plan", "record", "prune"], required=True),
+            repository=dict(type="path", required=True),
             vm=dict(type="str", required=True),
+            action=dict(type="str", choices=["lock", "unlock", "plan", "record", "prune", "discard"], required=True),
+            run_id=dict(type="str"),
+            holder=dict(type="str", default="a fleetbackup run"),
+            lock_ttl=dict(type="int", default=3600),
             level=dict(type="str", choices=["auto", "full", "incremental"], default="auto"),
             max_age=dict(type="str", default="0"),
             vm_disks=dict(type="list", elements="dict"),
@@ -185,24 +251,62 @@ def main():
             keep_chains=dict(type="int", default=0),
         ),
         required_if=[("action", "plan", ["vm_disks"]),
-                     ("action", "record", ["planned", "started_disks", "copies"])],
+                     ("action", "record", ["planned", "started_disks", "copies", "run_id"]),
+                     ("action", "discard", ["planned", "run_id"]),
+                     ("action", "prune", ["run_id"]), ("action", "unlock", ["run_id"])],
         supports_check_mode=True,
     )
     module.run(ACTIONS[module.params["action"]])
 
 
+def repository_of(module):
+    return Repository(module.params["repository"], module.params["vm"])
+
+
+def held_lease(module, repository):
+    """The lease, after checking that this run still holds it."""
+    lease = Lease(repository)
+    lease.check(module.params["run_id"], time.time())
+    return lease
+
+
+def lock_action(module):
+    params = module.params
+    repository = repository_of(module)
+    run_id = params["run_id"] or secrets.token_hex(8)
+    if params["lock_ttl"] < 60:
+        raise UserError("lock_ttl must be at least 60 seconds: the run renews the lease only between its steps.")
+    if module.check_mode:
+        return dict(changed=False, lease=dict(run_id=run_id, holder=params["holder"]))
+    try:
+        os.makedirs(repository.path, mode=0o700, exist_ok=True)
+    except OSError as err:
+        raise UserError("Cannot create %s (%s): make the repository writable by this user."
+                        % (repository.path, err.strerror)) from None
+    lease = Lease(repository).take(run_id, params["holder"], params["lock_ttl"], int(time.time()))
+    return dict(changed=True, lease=lease)
+
+
+def unlock_action(module):
+    repository = repository_of(module)
+    if module.check_mode or not os.path.isdir(repository.path):
+        return dict(changed=False)
+    return dict(changed=Lease(repository).release(module.params["run_id"]))
+
+
 def plan_action(module):
     params = module.params
-    repository = Repository(params["path"])
-    planned = plan(repository.load(params["vm"]), params["vm"], params["level"], parse_duration(params["max_age"]),
+    repository = repository_of(module)
+    planned = plan(repository, repository.load(), params["level"], parse_duration(params["max_age"]),
                    params["vm_disks"], params["disks"], int(time.time()))
     return dict(changed=False, plan=planned)
 
 
 def record_action(module):
     params = module.params
-    repository = Repository(params["path"])
-    data = repository.load(params["vm"])
+    repository = repository_of(module)
+    held_lease(module, repository)
+    data = repository.load()
     entry = record(data, params["planned"], params["started_disks"], params["copies"], int(time.time()))
     if not module.check_mode:
         repository.save(data)
@@ -211,22 +315,31 @@ def record_action(module):
 
 def prune_action(module):
     params = module.params
-    repository = Repository(params["path"])
-    data = repository.load(params["vm"])
+    repository = repository_of(module)
+    held_lease(module, repository)
+    data = repository.load()
     pruned, files = prune(data, params["keep_chains"])
     if pruned and not module.check_mode:
         # The manifest goes first: a run killed half-way leaves unlisted files, never listed missing ones.
         repository.save(data)
-        for file_name in files:
-            try:
-                os.unlink(repository.image(file_name))
-            except FileNotFoundError:
-                pass
+        repository.remove_images(files)
     return dict(changed=bool(pruned), pruned=[b["name"] for b in pruned],
                 obsolete_checkpoints=obsolete_checkpoints(data, pruned))
 
 
-ACTIONS = dict(plan=plan_action, record=record_action, prune=prune_action)
+def discard_action(module):
+    repository = repository_of(module)
+    held_lease(module, repository)
+    listed = {disk["file"] for backup in repository.load()["backups"] for disk in backup["disks"]}
+    written = [disk["file"] for disk in module.params["planned"]["disks"] if disk["file"] not in listed]
+    present = [name for name in written if os.path.lexists(repository.image(name))]
+    if module.check_mode:
+        return dict(changed=bool(present), discarded=present)
+    return dict(changed=bool(present), discarded=repository.remove_images(present))
+
+
+ACTIONS = dict(lock=lock_action, unlock=unlock_action, plan=plan_action, record=record_action, prune=prune_action,
+               discard=discard_action)
 
 
 if __name__ == "__main__":

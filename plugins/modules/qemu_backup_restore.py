@@ -16,13 +16,19 @@ description:
     against the chain's top), and only then renamed into place.
   - An existing image with the same content is left alone and reported unchanged. One with other content is
     replaced only with O(force).
-  - It reads the repository only; it needs no running QEMU.
+  - It reads the repository only; it needs no running QEMU. Every file name read from the manifest must be a
+    plain name inside the VM's directory.
+  - The temporary image is created with mode 0600 from the start and never through a symlink.
 author:
-  - fleetbackup.qemu developers
+  - fleetbackup.qemu developers (@fleetbackup)
 options:
   repository:
-    description: The VM's repository directory, C(<repository>/<vm>), holding C(manifest.json).
+    description: The repository, a directory with one subdirectory per VM.
     type: path
+    required: true
+  vm:
+    description: The VM's name, its subdirectory in the repository, holding C(manifest.json).
+    type: str
     required: true
   backup:
     description: Name of the backup to restore, as in the manifest; the newest complete backup by default.
@@ -55,13 +61,15 @@ attributes:
 EXAMPLES = r"""
 - name: Restore web1 as of its newest backup
   fleetbackup.qemu.qemu_backup_restore:
-    repository: /backup/web1
+    repository: /backup
+    vm: web1
     dest: /var/lib/vms/web1-restored
 
 - name: Restore the system disk as of a given backup, as raw
   fleetbackup.qemu.qemu_backup_restore:
-    repository: /backup/web1
-    backup: 20261128T020000Z
+    repository: /backup
+    vm: web1
+    backup: 20261128T020000Z-3f2a
     disks: [vda]
     format: raw
     dest: /srv/restore
@@ -106,11 +114,12 @@ import os
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
     check_image,
-    convert_image,
+    convert_into,
     image_info,
     images_equal,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import create_exclusive, remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
 
 
@@ -118,6 +127,7 @@ def main():
     module = FleetbackupModule(
         argument_spec=dict(
             repository=dict(type="path", required=True),
+            vm=dict(type="str", required=True),
             backup=dict(type="str"),
             dest=dict(type="path", required=True),
             format=dict(type="str", choices=["qcow2", "raw"], default="qcow2"),
@@ -133,9 +143,10 @@ def restore(module):
     params = module.params
     if not os.path.isdir(params["dest"]):
         raise UserError("dest %s is not a directory: create it first." % params["dest"])
-    repository = Repository(params["repository"])
+    repository = Repository(params["repository"], params["vm"])
     if not os.path.exists(repository.manifest_path):
-        raise UserError("%s is no backup repository: it has no manifest.json." % params["repository"])
+        raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (repository.path,
+                                                                                         params["vm"]))
     backup = repository.find(repository.load(), params["backup"])
     disks = _chosen_disks(backup, params["disks"])
     results = [_restore_disk(module, repository, disk) for disk in disks]
@@ -170,18 +181,19 @@ def _restore_disk(module, repository, disk):
     result["changed"] = True
     if module.check_mode:
         return result
-    partial = os.path.join(params["dest"], ".%s.part-%d" % (os.path.basename(target), os.getpid()))
+    partial = create_exclusive(params["dest"], ".%s.part-%d" % (os.path.basename(target), os.getpid()), os.O_RDWR)
     try:
-        convert_image(source, partial, params["format"])
-        os.chmod(partial, 0o600)
+        try:
+            convert_into(source, partial.fd, params["format"], result["size"])
+        finally:
+            os.close(partial.fd)
         if params["format"] == "qcow2":
-            check_image(partial)
-        if not images_equal(source, partial):
+            check_image(partial.path)
+        if not images_equal(source, partial.path):
             raise UserError("The restored image of disk %s differs from its backup %s." % (disk["disk"], source))
-        os.rename(partial, target)
+        os.rename(partial.path, target)
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        remove_file(partial.path)  # nothing is left there after the rename
     return result
 
 

@@ -27,6 +27,7 @@ description:
   - A failure at any step removes everything the start had created and names the failed step.
   - Running it again with the same O(backup_id) and options while that backup runs reports no change and returns
     the same result; the same id with other options fails.
+  - Checkpoint names must not start with C(fb-), which running backups use for their own bitmaps.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
@@ -59,8 +60,8 @@ options:
     default: 10%
   cbw_timeout:
     description:
-      - Seconds a guest write may wait while QEMU keeps the old data it overwrites. After that the write goes
-        ahead and the backup's view breaks instead.
+      - Seconds a guest write may wait while QEMU keeps the old data it overwrites, 1 to 60. After that the write
+        goes ahead and the backup's view breaks instead.
       - The default of 10 s stays well below the guest's own disk timeouts (30 s for Linux SCSI disks, 60 s on
         Windows), so a stalled scratch disk never makes a guest reset its disk, while a short stall of the scratch
         storage does not break the backup.
@@ -213,8 +214,8 @@ backup:
           sample: checkpoint 'c0001' on disk vda is inconsistent (QEMU stopped uncleanly); it can only be removed
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import PrivateDir
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import check_request
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import default_scratch_dir
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
 
@@ -238,15 +239,13 @@ def main():
 
 def start(module):
     params = module.params
-    if not 1 <= params["cbw_timeout"] <= 3600:
-        raise UserError("cbw_timeout must be 1 to 3600 seconds, well below the guest's own disk timeouts.")
     request = {key: params[key] for key in ("disks", "checkpoint", "incremental", "fallback_to_full", "nbd_socket",
                                             "cbw_timeout", "scratch_min_free")}
-    request["scratch_dir"] = params["scratch_dir"] or PrivateDir(params["state_dir"]).ensure().child("scratch").path
+    request["scratch_dir"] = params["scratch_dir"] or default_scratch_dir(params["state_dir"], module.check_mode)
+    check_request(request)
     with module.vm() as vm:
-        changed, backup, warnings = vm.start_backup(params["backup_id"], request, module.check_mode)
-    for warning in warnings:
-        module.warn(warning)
+        changed, backup = vm.start_backup(params["backup_id"], request, module.check_mode)
+    module.warn_all(vm.notes)
     return dict(changed=changed, backup=backup)
 
 

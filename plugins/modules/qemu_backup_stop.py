@@ -120,17 +120,17 @@ def stop(module):
     vm = module.vm()
     try:
         with vm:
-            warnings, removed, intact = vm.stop_backup(params["backup_id"], params["discard_checkpoint"],
-                                                       module.check_mode)
+            changed, removed, intact = vm.stop_backup(params["backup_id"], params["discard_checkpoint"],
+                                                      module.check_mode)
     except QmpUnreachable as err:
         removed = vm.forget_dead_backup(params["backup_id"], params["discard_checkpoint"], module.check_mode)
         if removed is None:
             raise
-        warnings, intact = ["%s The VM took the backup's QEMU objects and scratch images with it; its socket "
-                            "and state were removed." % err], None
-    for warning in warnings:
-        module.warn(warning)
-    return dict(changed=any(removed.values()), removed=removed, intact=intact)
+        changed, intact = True, None
+        vm.notes.append("%s The VM took the backup's QEMU objects and scratch images with it; its socket and state "
+                        "were removed." % err)
+    module.warn_all(vm.notes)
+    return dict(changed=changed, removed=removed, intact=intact)
 
 
 if __name__ == "__main__":

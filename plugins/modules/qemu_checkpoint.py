@@ -65,6 +65,7 @@ disks:
   sample: [vda, vdb]
 """
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import check_checkpoint_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import select_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import VmModule
@@ -83,10 +84,7 @@ def main():
 
 
 def ensure_checkpoint(module):
-    name = module.params["name"]
-    if not name or name.startswith("fb-"):
-        raise UserError("Invalid checkpoint name '%s': it must not be empty or start with 'fb-', which running "
-                        "backups use for their own bitmaps." % name)
+    name = check_checkpoint_name(module.params["name"], "checkpoint name")
     present = module.params["state"] == "present"
     with module.vm() as vm:
         disks = vm.disks()
@@ -103,10 +101,6 @@ def ensure_checkpoint(module):
         todo = [disk for disk in disks if (name in disk.bitmaps) != present]
         if todo and not module.check_mode:
             vm.change_checkpoint(name, todo, present)
-            if present:
-                module.checkpoints.record(todo, name)
-            else:
-                module.checkpoints.forget([disk.filename for disk in todo], name)
     return dict(changed=bool(todo), disks=[disk.name for disk in todo])
 
 

@@ -138,6 +138,7 @@ def test_check_mode_creates_nothing(vms, scratch, tmp_path):
     assert planned["changed"] is True
     assert planned["backup"]["disks"][0]["disk"] == "vda"
     assert_nothing_left(vm, scratch)
+    assert not (tmp_path / "state").exists()  # not even fleetbackup's own directory
     url = start(vm, scratch)["backup"]["disks"][0]["url"]
     dest = str(tmp_path / "vda.qcow2")
     assert run_module("qemu_backup_copy", src=url, dest=dest, check_mode=True)["changed"] is True

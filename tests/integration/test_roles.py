@@ -5,6 +5,7 @@ import os
 import subprocess
 
 from support.fleet import Fleet, assert_clean, assert_ok
+from support.flows import vm_state_files
 from support.modules import support_command
 from support.qemu_vm import DiskSpec, MiB, same
 
@@ -30,7 +31,7 @@ def test_chain_restores_each_point_and_reruns_change_nothing(vms, tmp_path):
     assert backups[1]["disks"][0]["bytes_read"] == MiB
     # Only the newest checkpoint stays in QEMU: the next incremental starts from it.
     assert list(vm.named_bitmaps("vda")) == [backups[2]["checkpoint"]]
-    assert_clean(vm, fleet.scratch)
+    assert_clean(vm)
 
     for point, backup in enumerate(backups):
         dest = tmp_path / ("restore-%d" % point)
@@ -67,7 +68,7 @@ def test_max_age_and_check_mode_change_nothing(vms, tmp_path):
     assert "incremental backup" in message and "vda" in message and "2.00 MB" in message
     assert len(fleet.manifest("vm1")["backups"]) == 1
     assert len(vm.named_bitmaps("vda")) == 1
-    assert_clean(vm, fleet.scratch)
+    assert_clean(vm)
 
 
 def test_failed_copy_leaves_the_repository_and_the_next_run_continues(vms, tmp_path, tmpfs):
@@ -91,15 +92,16 @@ def test_failed_copy_leaves_the_repository_and_the_next_run_continues(vms, tmp_p
     assert (small_filesystem / "vm1" / "manifest.json").read_bytes() == manifest
     assert fleet.images("vm1") == images and not [n for n in os.listdir(small_filesystem / "vm1") if ".part" in n]
     assert list(vm.named_bitmaps("vda")) == checkpoints
-    assert_clean(vm, fleet.scratch)
+    assert_clean(vm)
 
     # A read-only destination fails the copy before it writes anything; the repository stays as it was.
     subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
     rc, results, output = fleet.backup()
-    assert rc != 0 and "not writable" in " ".join(results["failures"]["vm1"]), output[-3000:]
+    failure = " ".join(results["failures"]["vm1"])
+    assert rc != 0 and "Cannot open the lease" in failure and "Read-only file system" in failure, output[-3000:]
     assert (small_filesystem / "vm1" / "manifest.json").read_bytes() == manifest
     assert list(vm.named_bitmaps("vda")) == checkpoints
-    assert_clean(vm, fleet.scratch)
+    assert_clean(vm)
 
     subprocess.run(["mount", "-o", "remount,rw,size=128m", str(small_filesystem)], check=True)
     marks.append(vm.mark("vda"))
@@ -126,7 +128,7 @@ def test_qemu_killed_during_the_copy_leaves_the_repository_and_the_next_run_is_f
     assert rc != 0 and "was not recorded" in " ".join(results["failures"]["vm1"]), output[-3000:]
     assert (fleet.repository / "vm1" / "manifest.json").read_bytes() == manifest
     assert fleet.images("vm1") == images
-    assert os.listdir(fleet.scratch) == []  # the stop removed the scratch files of the dead VM
+    assert vm_state_files(str(tmp_path / "state")) == []  # the stop removed the dead backup's socket and state
 
     vm.kill()
     vm.start()
@@ -138,7 +140,7 @@ def test_qemu_killed_during_the_copy_leaves_the_repository_and_the_next_run_is_f
     dest = tmp_path / "restored"
     assert_ok(fleet.restore("vm1", dest))
     assert same(str(dest / "vda.qcow2"), vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
-    assert_clean(vm, fleet.scratch)
+    assert_clean(vm)
 
 
 def test_retention_prunes_whole_old_chains(vms, tmp_path):
@@ -174,4 +176,55 @@ def test_fleet_playbook_backs_up_vms_in_parallel_and_isolates_failures(vms, tmp_
         assert len(backups) == 1
         image = fleet.repository / name / backups[0]["disks"][0]["file"]
         assert same(str(image), vm.flushed_image("vda"))
-        assert_clean(vm, fleet.scratch)
+        assert_clean(vm)
+
+
+def test_a_second_run_for_the_same_vm_fails_fast_while_the_first_holds_the_repository(vms, tmp_path):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, MiB, 0x71))
+    fleet = Fleet(tmp_path, {"vm1": vm})
+    mark = vm.mark("vda")
+    # While the first run copies, a second one (say, the nightly next to the hourly) runs from start to end.
+    second = tmp_path / "second"
+    rc, results, output = fleet.backup(at_task=("Copy each disk", fleet.command("fleet_backup.yml", second,
+                                                                                  qemu_backup_level="full")))
+    assert_ok((rc, results, output))
+    second_rc, second_results = fleet.outcome(second)
+    failure = " ".join(second_results["failures"]["vm1"])
+    assert second_rc != 0 and "is locked by another run: play 'Back up the fleet' for vm1" in failure
+    assert "wait for it" in failure
+    backups = fleet.manifest("vm1")["backups"]
+    assert len(backups) == 1 and fleet.images("vm1") == [backups[0]["disks"][0]["file"]]
+    restored = tmp_path / "restored"
+    assert_ok(fleet.restore("vm1", restored))
+    assert same(str(restored / "vda.qcow2"), vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
+    # The lease is given up: the next run goes ahead.
+    assert_ok(fleet.backup())
+    assert len(fleet.manifest("vm1")["backups"]) == 2
+
+
+def test_a_vm_with_a_qcow2_and_a_raw_disk_keeps_an_incremental_chain(vms, tmp_path):
+    def prepare(vm):
+        vm.write("vda", 0, 2 * MiB, 0x81)
+        vm.write("sdb", 4 * MiB, MiB, 0x82)
+
+    vm = vms([DiskSpec("vda"), DiskSpec("sdb", format="raw", size=16 * MiB, bus="scsi")], prepare=prepare)
+    fleet = Fleet(tmp_path, {"vm1": vm})
+    marks = []
+    for step in range(3):
+        marks.append({d: vm.mark(d) for d in vm.disks})
+        results = assert_ok(fleet.backup())
+        vm.write("vda", (step + 4) * MiB, MiB, 0x90 + step)
+        vm.write("sdb", step * MiB, 4096, 0xA0 + step)
+    report = results["tasks"]["vm1"]["Report the plan"]["msg"]
+    assert "incremental backup" in report and "a raw disk is backed up in full every time" in report
+    backups = fleet.manifest("vm1")["backups"]
+    assert [b["level"] for b in backups] == ["full", "incremental", "incremental"]
+    assert [[(d["disk"], d["mode"]) for d in b["disks"]] for b in backups[1:]] == [
+        [("vda", "incremental"), ("sdb", "full")]] * 2
+    assert list(vm.named_bitmaps("vda")) == [backups[-1]["checkpoint"]]
+    for point, backup in enumerate(backups):
+        dest = tmp_path / ("restore-%d" % point)
+        assert_ok(fleet.restore("vm1", dest, qemu_restore_backup=backup["name"]))
+        for disk in vm.disks:
+            expected = vm.expected_image(disk, marks[point][disk], str(tmp_path / ("e-%d-%s.raw" % (point, disk))))
+            assert same(str(dest / ("%s.qcow2" % disk)), expected)

@@ -4,7 +4,7 @@ import json
 import os
 
 from support.flows import assert_no_leftovers
-from support.modules import run_playbook
+from support.modules import ansible_bin, run_playbook
 from support.paths import COLLECTIONS
 
 PLAYBOOKS = os.path.join(COLLECTIONS, "ansible_collections", "fleetbackup", "qemu", "playbooks")
@@ -38,6 +38,20 @@ class Fleet:
                             str(self.tmp_path / ("results-%d.json" % self.runs)), extra_vars, check=check,
                             at_task=at_task)
 
+    def command(self, playbook, directory, **extra_vars):
+        """argv of a whole other ansible-playbook run of a playbook, for a hook; its outcome lands in directory."""
+        directory.mkdir()
+        return ["sh", "-c", 'env -u AT_TASK -u AT_TASK_COMMAND RESULTS_FILE="$1/results.json" "$2" "$3" -i "$4" '
+                '-e "$5" > "$1/output" 2>&1; echo $? > "$1/rc"', "run", str(directory),
+                ansible_bin("ansible-playbook"), os.path.join(PLAYBOOKS, playbook), str(self.inventory),
+                json.dumps(extra_vars)]
+
+    @staticmethod
+    def outcome(directory):
+        """(rc, results) of a run that command() started."""
+        with open(directory / "results.json") as stream:
+            return int((directory / "rc").read_text()), json.load(stream)
+
     def backup(self, check=False, at_task=None, **extra_vars):
         return self.run("fleet_backup.yml", check=check, at_task=at_task, **extra_vars)
 
@@ -60,6 +74,5 @@ def assert_ok(result, changed=None):
     return results
 
 
-def assert_clean(vm, scratch):
+def assert_clean(vm):
     assert_no_leftovers(vm)
-    assert os.listdir(scratch) == []

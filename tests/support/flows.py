@@ -42,16 +42,27 @@ class Backups:
         return results
 
     def vm_state_files(self):
-        """What the VM's private state directory holds besides its lock."""
-        vms = os.path.join(self.state_dir, "vms")
-        return sorted(name for vm in os.listdir(vms) for name in os.listdir(os.path.join(vms, vm)) if name != "lock")
+        return vm_state_files(self.state_dir)
 
     def assert_nothing_left(self):
         assert_no_leftovers(self.vm)
-        assert os.listdir(self.scratch) == []
         assert self.vm_state_files() == []
 
 
+def vm_state_files(state_dir):
+    """What the VMs' private state directories hold besides their locks: a backup's state, socket, pause record."""
+    vms = os.path.join(state_dir, "vms")
+    if not os.path.isdir(vms):
+        return []
+    return sorted(name for vm in os.listdir(vms) for name in os.listdir(os.path.join(vms, vm)) if name != "lock")
+
+
+def used_bytes(path):
+    """Bytes in use on the file system of path (a test's own tmpfs)."""
+    fs = os.statvfs(path)
+    return (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+
 def assert_no_leftovers(vm):
-    assert vm.leftovers() == dict(nodes=[], moved={}, exports=[], jobs=[], fdsets=[],
+    """Nothing of a backup in QEMU, and no scratch image held open (they have no name: look at QEMU's descriptors)."""
+    assert vm.leftovers() == dict(nodes=[], moved={}, exports=[], jobs=[], fdsets=[], deleted_files=[],
                                   bitmaps={d: [] for d in vm.disks})

@@ -86,10 +86,16 @@ class GuestVm(Vm):
     def wait_ready(self, timeout=60.0):
         """Wait until the guest's drivers are loaded; the disks it sees, e.g. ["vda", "vdb"].
 
-        The guest may have booted before we connected, and its unprompted READY is then lost: ask.
+        The guest may have booted before we connected, and its unprompted READY is then lost: ask. A ping sent
+        while the guest was opening its console may arrive cut ("ng"): a marker that no command answers, sent
+        after READY, consumes every answer to such debris before it can be taken for a later command's.
         """
         self.send("ping")
-        return self.wait_line("FBG READY", timeout).split()[2:]
+        disks = self.wait_line("FBG READY", timeout).split()[2:]
+        marker = "marker-%d" % time.monotonic_ns()
+        self.send(marker)
+        self.wait_line("FBG ERROR unknown %s" % marker, timeout)
+        return disks
 
     def run(self, command, timeout=60.0):
         """Run a command to its end: the words after "FBG DONE <command>". GuestError if the guest refuses it."""

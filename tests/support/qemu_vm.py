@@ -33,9 +33,10 @@ def halt_firmware(directory):
 
 
 class Vm:
-    def __init__(self, workdir, disks, paused=False):
+    def __init__(self, workdir, disks, paused=False, runas=None):
         self.workdir = workdir
         self.paused = paused
+        self.runas = runas  # a user QEMU switches to once its images and sockets are open
         self.disks = {spec.id: spec for spec in disks}
         self.qmp_socket = os.path.join(workdir, "qmp.sock")
         self.test_socket = os.path.join(workdir, "test-qmp.sock")
@@ -64,6 +65,8 @@ class Vm:
                "-qmp", "unix:%s,server=on,wait=off" % self.test_socket,
                "-qmp", "unix:%s,server=on,wait=off" % self.hook_socket,
                "-daemonize", "-pidfile", os.path.join(self.workdir, "qemu.pid")]
+        if self.runas:
+            cmd += ["-runas", self.runas]
         if any(spec.bus == "scsi" for spec in self.disks.values()):
             cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
         for spec in self.disks.values():
@@ -180,7 +183,14 @@ class Vm:
             jobs=self.qmp("query-jobs"),
             bitmaps={d: sorted(b for b in self.named_bitmaps(d) if b.startswith("fb-")) for d in self.disks},
             fdsets=[] if self.paused else self.qmp("query-fdsets"),
+            deleted_files=[] if self.paused else self.deleted_files(),
         )
+
+    def deleted_files(self):
+        """The unlinked files QEMU holds open: nameless scratch images that were not let go."""
+        fd_dir = "/proc/%d/fd" % self.pid
+        targets = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+        return [target for target in targets if target.endswith(" (deleted)")]
 
     def status(self):
         return self.qmp("query-status")["status"]

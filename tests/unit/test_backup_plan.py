@@ -79,7 +79,7 @@ def test_qemu_names_fit_qemu_limits_and_ownership_is_exact():
     assert names.owns_export("fb-%s-0" % ("x" * 32)) and names.owns_export("fb-%s-p3" % ("x" * 32))
     short = QmpBackupNames("a")
     assert short.owns_export("fb-a-3") and not short.owns_export("fb-a-b-3") and not short.owns_export("fb-ab-3")
-    assert not short.nodes(1) & QmpBackupNames("b").nodes(1)
+    assert not set(short.nodes(1)) & set(QmpBackupNames("b").nodes(1))
 
 
 def test_export_names_carry_the_backup_the_start_and_the_disk():

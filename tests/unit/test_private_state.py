@@ -22,14 +22,17 @@ def mode(path):
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-def test_a_private_dir_is_made_0700_and_a_loose_one_of_ours_is_tightened(tmp_path):
+def test_a_private_dir_is_made_0700_and_a_loose_one_is_refused(tmp_path):
     made = PrivateDir(str(tmp_path / "a" / "b")).ensure()
     assert mode(made.path) == 0o700
     loose = tmp_path / "loose"
-    loose.mkdir(mode=0o777)
-    loose.chmod(0o777)
-    PrivateDir(str(loose)).ensure()
-    assert mode(loose) == 0o700
+    loose.mkdir()
+    loose.chmod(0o755)
+    with pytest.raises(UserError, match="has mode 755: others could have put files there"):
+        PrivateDir(str(loose)).ensure()
+    # A read-only run (check mode) creates nothing, and finds nothing in a directory that is not there.
+    missing = PrivateDir(str(tmp_path / "missing")).prepare(create=False)
+    assert missing.read_json("x.json") is None and not os.path.exists(missing.path)
 
 
 def test_a_private_dir_that_is_a_symlink_or_someone_elses_is_refused(tmp_path):

@@ -85,7 +85,7 @@ def test_an_image_without_its_header_is_no_image(tmp_path):
     writer.write(b"\x01" * CLUSTER_SIZE, 0)
     writer.close()  # killed before finish()
     assert qemu_img("info", "-f", "qcow2", path).returncode != 0
-    with pytest.raises(ImageWriteError, match="Cannot create .*dead.qcow2: File exists"):
+    with pytest.raises(ImageWriteError, match="dead.qcow2 already exists"):
         Qcow2Writer(path, 4 * MiB)
 
 
@@ -110,7 +110,7 @@ def test_nothing_already_at_the_path_is_written_through_or_replaced(tmp_path, pl
         path.write_bytes(b"precious")
     else:
         path.symlink_to(victim)
-    with pytest.raises(ImageWriteError, match="Cannot create .*image.part-1: File exists.*symbolic link"):
+    with pytest.raises(ImageWriteError, match="image.part-1 already exists.*symbolic link"):
         target(str(path), 4 * MiB)
     assert not os.path.exists(victim) if planted == "dangling symlink" else victim.read_bytes() == b"precious"
     assert path.is_symlink() == (planted != "file")

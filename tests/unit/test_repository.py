@@ -1,9 +1,14 @@
-"""The repository's decisions: when a run is due, which level, what to prune."""
+"""The repository's decisions: when a run is due, which level, what to prune, who holds the lease."""
+
+import json
+import os
 
 import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import (
+    Lease,
+    Repository,
     backup_id_for,
     obsolete_checkpoints,
     parse_duration,
@@ -15,14 +20,29 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import
 NOW = 1_800_000_000
 
 
-def vm_disk(name="vda", size=1 << 30, checkpoints=(), read_only=False):
-    return dict(disk=name, node=name + "-node", size=size, read_only=read_only, checkpoints=[
+def vm_disk(name="vda", size=1 << 30, checkpoints=(), read_only=False, image_format="qcow2"):
+    return dict(disk=name, node=name + "-node", size=size, read_only=read_only, format=image_format, checkpoints=[
         dict(name=c, dirty_bytes=65536, usable=usable) for c, usable in checkpoints])
 
 
-def backup(name, level="full", chain=None, checkpoint=None, finished=NOW - 7200, size=1 << 30):
+def backup(name, level="full", chain=None, checkpoint=None, finished=NOW - 7200, size=1 << 30, parent=None):
     return dict(name=name, level=level, chain=chain or name, checkpoint=checkpoint or "ckpt-" + name,
-                finished=finished, disks=[dict(disk="vda", file=name + ".vda.qcow2", size=size)])
+                finished=finished, parent=parent, disks=[dict(disk="vda", file=name + ".vda.qcow2", size=size)])
+
+
+@pytest.fixture
+def repository(tmp_path):
+    """A repository whose manifest lists what a test puts in data; images exist for the backups listed."""
+    repo = Repository(str(tmp_path), "vm")
+    os.makedirs(repo.path)
+    return repo
+
+
+def with_images(repository, data):
+    for entry in data["backups"]:
+        for disk in entry["disks"]:
+            open(repository.image(disk["file"]), "w").close()
+    return data
 
 
 @pytest.mark.parametrize("text,seconds", [("0", 0), ("90", 90), ("30m", 1800), ("12h", 43200), ("7d", 604800),
@@ -37,36 +57,68 @@ def test_bad_duration_says_what_is_accepted():
 
 
 def test_backup_ids_fit_qemu_and_differ_per_vm():
-    first = backup_id_for("web-server.example.org", "20261129T020000Z")
-    second = backup_id_for("web", "20261129T020000Z")
+    first = backup_id_for("web-server.example.org", "20261129T020000Z-3f2a")
+    second = backup_id_for("web", "20261129T020000Z-3f2a")
     assert len(first) <= 32 and first != second
 
 
-def test_first_run_is_full_and_a_young_backup_means_nothing_is_due():
+def test_first_run_is_full_and_a_young_backup_means_nothing_is_due(repository):
     data = dict(backups=[])
-    planned = plan(data, "vm", "auto", 3600, [vm_disk(), vm_disk("cdrom", read_only=True)], None, NOW)
+    planned = plan(repository, data, "auto", 3600, [vm_disk(), vm_disk("cdrom", read_only=True)], None, NOW)
     assert (planned["level"], planned["incremental"], [d["disk"] for d in planned["disks"]]) == ("full", None, ["vda"])
     data["backups"].append(backup("b1", finished=NOW - 60))
-    assert plan(data, "vm", "auto", 3600, [vm_disk()], None, NOW)["due"] is False
+    assert plan(repository, data, "auto", 3600, [vm_disk()], None, NOW)["due"] is False
 
 
-def test_auto_continues_the_chain_only_while_its_checkpoint_is_usable():
-    data = dict(backups=[backup("b1")])
-    good = plan(data, "vm", "auto", 0, [vm_disk(checkpoints=[("ckpt-b1", True)])], None, NOW)
+def test_names_are_unique_within_one_second(repository):
+    names = {plan(repository, dict(backups=[]), "full", 0, [vm_disk()], None, NOW)["name"] for _ in range(50)}
+    assert len(names) == 50 and all(name.startswith("20270115T080000Z-") for name in names)
+
+
+def test_auto_continues_the_chain_only_while_its_checkpoint_is_usable(repository):
+    data = with_images(repository, dict(backups=[backup("b1")]))
+    good = plan(repository, data, "auto", 0, [vm_disk(checkpoints=[("ckpt-b1", True)])], None, NOW)
     assert (good["level"], good["parent"], good["incremental"]) == ("incremental", "b1", "ckpt-b1")
-    assert good["disks"][0]["backing"] == "b1.vda.qcow2" and good["expected_bytes"] == 65536
+    assert good["disks"][0]["backing"] == "b1.vda.qcow2" and good["disks"][0]["backing_format"] == "qcow2"
+    assert good["expected_bytes"] == 65536
     for disks, reason in (([vm_disk()], "missing"), ([vm_disk(checkpoints=[("ckpt-b1", False)])], "cannot be used"),
                           ([vm_disk(size=2 << 30, checkpoints=[("ckpt-b1", True)])], "resized"),
                           ([vm_disk(checkpoints=[("ckpt-b1", True)]), vm_disk("vdb")], "disks changed")):
-        fallback = plan(data, "vm", "auto", 0, disks, None, NOW)
+        fallback = plan(repository, data, "auto", 0, disks, None, NOW)
         assert fallback["level"] == "full" and reason in fallback["reason"]
         with pytest.raises(UserError, match=reason):
-            plan(data, "vm", "incremental", 0, disks, None, NOW)
+            plan(repository, data, "incremental", 0, disks, None, NOW)
 
 
-def test_record_uses_what_the_start_really_did_and_prune_drops_whole_chains():
+def test_a_missing_image_of_the_chain_makes_auto_take_a_full_backup(repository):
+    data = with_images(repository, dict(backups=[backup("b1"), backup("b2", "incremental", "b1", parent="b1")]))
+    disks = [vm_disk(checkpoints=[("ckpt-b2", True)])]
+    assert plan(repository, data, "auto", 0, disks, None, NOW)["level"] == "incremental"
+    os.unlink(repository.image("b1.vda.qcow2"))
+    planned = plan(repository, data, "auto", 0, disks, None, NOW)
+    assert planned["level"] == "full" and "b1.vda.qcow2, which the chain of b2 needs, is missing" in planned["reason"]
+
+
+def test_a_raw_disk_is_full_in_every_backup_while_the_qcow2_disks_continue(repository):
     data = dict(backups=[backup("b1")])
-    planned = plan(data, "vm", "auto", 0, [vm_disk(checkpoints=[("ckpt-b1", True)])], None, NOW)
+    data["backups"][0]["disks"].append(dict(disk="sdb", file="b1.sdb.qcow2", size=1 << 20))
+    with_images(repository, data)
+    disks = [vm_disk(checkpoints=[("ckpt-b1", True)]), vm_disk("sdb", size=1 << 20, image_format="raw")]
+    planned = plan(repository, data, "auto", 0, disks, None, NOW)
+    assert planned["level"] == "incremental"
+    vda, sdb = planned["disks"]
+    assert (vda["backing"], sdb["backing"]) == ("b1.vda.qcow2", None)
+    assert "raw disk is backed up in full every time" in sdb["reason"] and sdb["expected_bytes"] == 1 << 20
+    entry = record(data, planned, [dict(disk="vda", mode="incremental"), dict(disk="sdb", mode="full")],
+                   [dict(disk="vda", bytes_read=1), dict(disk="sdb", bytes_read=2)], NOW)
+    assert entry["level"] == "incremental" and [d["backing"] for d in entry["disks"]] == ["b1.vda.qcow2", None]
+    only_raw = plan(repository, dict(backups=[]), "auto", 0, disks[1:], None, NOW)
+    assert only_raw["level"] == "full"
+
+
+def test_record_uses_what_the_start_really_did_and_prune_drops_whole_chains(repository):
+    data = with_images(repository, dict(backups=[backup("b1")]))
+    planned = plan(repository, data, "auto", 0, [vm_disk(checkpoints=[("ckpt-b1", True)])], None, NOW)
     entry = record(data, planned, [dict(disk="vda", mode="full")], [dict(item=dict(disk="vda"), bytes_read=7)], NOW)
     assert (entry["level"], entry["chain"], entry["parent"]) == ("full", entry["name"], None)
     with pytest.raises(UserError, match="not copied"):
@@ -77,3 +129,39 @@ def test_record_uses_what_the_start_really_did_and_prune_drops_whole_chains():
     assert [b["name"] for b in data["backups"]] == ["b1", "c1"]
     assert obsolete_checkpoints(data, pruned) == ["ckpt-a1", "ckpt-a2", "ckpt-b1"]
     assert prune(data, 0) == ([], [])
+
+
+@pytest.mark.parametrize("field,value", [("file", "../../etc/passwd"), ("file", "/etc/passwd"), ("disk", "a/b")])
+def test_a_manifest_naming_a_path_outside_the_vm_directory_is_refused(repository, field, value):
+    data = dict(format=1, vm="vm", backups=[backup("b1")])
+    data["backups"][0]["disks"][0][field] = value
+    with open(repository.manifest_path, "w") as stream:
+        json.dump(data, stream)
+    with pytest.raises(UserError, match="not a plain file name"):
+        repository.load()
+
+
+@pytest.mark.parametrize("vm", ["..", "a/b", "../other", ""])
+def test_a_vm_name_must_be_plain(tmp_path, vm):
+    with pytest.raises(UserError, match="VM name"):
+        Repository(str(tmp_path), vm)
+
+
+def test_the_lease_is_one_run_at_a_time_until_it_expires(repository):
+    lease = Lease(repository)
+    first = lease.take("run1", "hourly play", 600, NOW)
+    assert first["expires"] == NOW + 600 and first["taken_over"] is None
+    with pytest.raises(UserError, match="locked by another run: nightly|locked by another run: hourly play"):
+        lease.take("run2", "nightly play", 600, NOW + 10)
+    renewed = lease.take("run1", "hourly play", 600, NOW + 300)
+    assert renewed["taken"] == NOW and renewed["expires"] == NOW + 900
+    lease.check("run1", NOW + 899)
+    with pytest.raises(UserError, match="no longer holds the lease"):
+        lease.check("run2", NOW + 10)
+    # run1 died: once its lease expired, another run takes it over, and run1 may no longer write.
+    later = lease.take("run2", "nightly play", 600, NOW + 901)
+    assert later["taken_over"]["run_id"] == "run1"
+    with pytest.raises(UserError, match="no longer holds the lease"):
+        lease.check("run1", NOW + 902)
+    assert lease.release("run1") is False and lease.release("run2") is True
+    assert lease.take("run3", "x", 600, NOW + 903)["run_id"] == "run3"
