@@ -141,22 +141,28 @@ class PrivateDir:
             if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
                 raise UserError("%s is not a lock file that fleetbackup made: remove it after checking what it is."
                                 % self.path_of(name))
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                        raise UserError("%s is busy: %s holds it for more than %ss. Wait for it to finish."
-                                        % (holder_description, holder, timeout)) from None
-                    time.sleep(LOCK_POLL)
+            if not flock_within(fd, timeout):
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                raise UserError("%s is busy: %s holds it for more than %ss. Wait for it to finish."
+                                % (holder_description, holder, timeout))
             os.ftruncate(fd, 0)
             os.pwrite(fd, ("fleetbackup pid %d on %s" % (os.getpid(), socket.gethostname())).encode(), 0)
             yield
         finally:
             os.close(fd)
+
+
+def flock_within(fd, seconds):
+    """Take an exclusive flock on fd, waiting at most `seconds`; whether it was taken."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL)
 
 
 class CreatedFile:

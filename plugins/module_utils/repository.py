@@ -16,7 +16,6 @@ before any file is touched.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from contextlib import contextmanager
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
     check_plain_name,
+    flock_within,
     remove_file,
     sync_directory,
     write_json_atomic,
@@ -256,6 +256,7 @@ def obsolete_checkpoints(data, pruned):
 
 
 LEASE = "lock"
+LEASE_LOCK_WAIT = 30
 
 
 class Lease:
@@ -312,7 +313,9 @@ class Lease:
             raise UserError("Cannot open the lease %s of the repository (%s): the repository must be writable by "
                             "this user, and the lease a plain file." % (self.path, err.strerror)) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not flock_within(fd, LEASE_LOCK_WAIT):
+                raise UserError("The lease %s stayed locked for %ds, though its holders keep it for milliseconds: "
+                                "is its file system hung?" % (self.path, LEASE_LOCK_WAIT))
             content = os.pread(fd, 65536, 0)
             try:
                 current = json.loads(content) if content else None
