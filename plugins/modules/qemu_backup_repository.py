@@ -23,7 +23,7 @@ description:
     All three need the lease (O(run_id)).
   - Every name that comes from the manifest or the inventory (VM, disk, image file) must be a plain file name inside
     the VM's directory, or nothing is touched.
-  - The M(fleetbackup.qemu.backup) role chains this module with the backup modules; use the role.
+  - The C(fleetbackup.qemu.qemu_backup) role chains this module with the backup modules; use the role.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
 options:

@@ -21,7 +21,7 @@ description:
     scratch images went with it; the stop then removes the backup's socket and state.
   - With nothing left to stop it reports no change.
   - It reports in RV(intact) whether the point-in-time view held until the stop; stop before recording a backup as
-    good, as the M(fleetbackup.qemu.backup) role does.
+    good, as the C(fleetbackup.qemu.qemu_backup) role does.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
