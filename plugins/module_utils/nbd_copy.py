@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import deque
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
@@ -57,8 +56,8 @@ MAX_BUFFER_BYTES = 1024 ** 3
 # Seconds a server may send nothing before the copy fails. A healthy one answers in milliseconds; this
 # outlasts stalls of busy storage (and a 32 MiB read at 1 MiB/s) and still fails a scheduled run in a minute.
 IO_TIMEOUT = 60
-# Waits wake this often (seconds) to see whether another thread has failed.
-POLL_SLICE = 0.1
+# Waits wake this often (milliseconds) to see whether another thread has failed.
+POLL_SLICE_MS = 100
 ADVICE = ("check that the backup is started (src is the url that qemu_backup_start returned) and that the VM or "
           "qemu-nbd serving it is alive and not stopped, then copy again")
 
@@ -127,20 +126,22 @@ class Connection:
 
     def wait_until(self, finished, action):
         """Poll until finished() is true: the server must show life every io_timeout seconds."""
-        deadline = time.monotonic() + self.io_timeout
-        while not self._call(action, finished):
-            if self.abort is not None and self.abort.message:
-                raise Aborted()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self.failure(action, "its server sent nothing for %g s. It is hung, or busy with another client "
-                                           "(qemu-nbd without --shared serves one at a time)" % self.io_timeout)
-            if self._call(action, self.handle.poll, max(1, int(min(left, POLL_SLICE) * 1000))):
-                deadline = time.monotonic() + self.io_timeout
+        idle_ms = 0
+        try:
+            while not finished():
+                if self.abort is not None and self.abort.message:
+                    raise Aborted()
+                # poll answers 0 only when its whole slice passed with nothing from the server.
+                idle_ms = 0 if self.handle.poll(POLL_SLICE_MS) else idle_ms + POLL_SLICE_MS
+                if idle_ms >= self.io_timeout * 1000:
+                    raise self.failure(action, "its server sent nothing for %g s. It is hung, or busy with another "
+                                               "client (qemu-nbd without --shared serves one at a time)" % self.io_timeout)
+        except nbd.Error as err:
+            raise self.failure(action, err) from None
 
     def read(self, buf, offset, completion):
-        """Start reading len(buf) bytes at offset; completion(errno) runs inside a later wait."""
-        self._call("read offset %d of" % offset, self.handle.aio_pread, buf, offset, lambda err: completion(err.value))
+        """Start reading len(buf) bytes at offset; libnbd calls completion(error) inside a later wait."""
+        self._call("read offset %d of" % offset, self.handle.aio_pread, buf, offset, completion)
 
     def extents(self, start, length):
         """Yield the merged Extents of [start, start+length), asked in bounded windows."""
@@ -372,7 +373,7 @@ class _Worker:
         if buf.size() != length:
             buf = nbd.Buffer(length)
         self.reading += 1
-        self.src.read(buf, offset, lambda errno_value: self._on_read(errno_value, buf, offset))
+        self.src.read(buf, offset, lambda error: self._on_read(error.value, buf, offset))
 
     # Completion callbacks run inside libnbd: they only record, never call a handle.
     def _on_read(self, errno_value, buf, offset):
