@@ -23,7 +23,11 @@ from collections import deque
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import create_image_file, write_all
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import (
+    create_image_file,
+    write_all,
+    write_failure,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.write_behind import WriteBehind
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import (
     CONTEXT_ALLOCATION,
@@ -108,7 +112,8 @@ class Connection:
         self._call("connect to", self.handle.aio_connect_uri, url)
         self.wait_until(lambda: not self.handle.aio_is_connecting(), "connect to")
         if not self.handle.can_meta_context(CONTEXT_ALLOCATION):
-            raise NbdError("NBD export %s does not report base:allocation; it cannot be copied sparsely." % url)
+            raise NbdError("NBD export %s does not report base:allocation, so it cannot be copied sparsely: export "
+                           "it from QEMU or qemu-nbd, which do." % url)
         if bitmap_context and not self.handle.can_meta_context(bitmap_context):
             raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
                            "that qemu_backup_start returned for this disk." % (url, bitmap_context))
@@ -161,7 +166,7 @@ class Connection:
             self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
             extents = clip(merge_extents(offset, replies, self.bitmap_context), end)
             if not extents:
-                raise NbdError("The NBD server answered block status at offset %d with no extent." % offset)
+                raise self.failure(action, "its server answered with no extent")
             yield from extents
             offset = extents[-1].start + extents[-1].length
 
@@ -428,7 +433,7 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
     return stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean
 
 
-def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format=None,
+def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format="qcow2",
                   connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT):
     """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
 
@@ -449,7 +454,7 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
         finally:
             target.close()
     except OSError as err:
-        raise FleetbackupError("Writing %s failed: %s" % (path, err.strerror or err)) from None
+        raise write_failure(path, err.strerror or err) from None
 
 
 def export_size_and_connections(src_url, bitmap_context, wanted, io_timeout=IO_TIMEOUT):

@@ -187,7 +187,7 @@ def create_image_file(path):
     except OSError as err:
         raise ImageWriteError("Cannot create %s: %s. Nothing may be at that path, not even a symbolic link: "
                               "remove what is there, then copy again." % (path, err.strerror)) from None
-    os.fchmod(fd, 0o600)  # the umask may have taken bits away; an image must be readable by its owner
+    os.fchmod(fd, 0o600)  # a umask such as 0277 would have left 0400
     return fd
 
 
@@ -206,8 +206,13 @@ def write_all(fd, data, offset, path):
             view = view[written:]
             offset += written
     except OSError as err:
-        raise ImageWriteError("Writing %s at byte %d failed: %s. Check the space and health of its file system, "
-                              "then copy again." % (path, offset, err.strerror)) from None
+        raise write_failure("%s at byte %d" % (path, offset), err.strerror) from None
+
+
+def write_failure(what, reason):
+    """The error for a failed write of `what` (a file, or a place in it)."""
+    return ImageWriteError("Writing %s failed: %s. Check the space and health of its file system, then copy again."
+                           % (what, reason))
 
 
 def _big_endian(table):
