@@ -76,15 +76,20 @@ def dirty_context(bitmap):
 
 
 class Abort:
-    """The first failure of a copy. Once it is set, every thread stops issuing work and returns."""
+    """The first failure (exception) of a copy. Once it is set, every thread stops issuing work and returns."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.message = None
+        self.error = None
 
-    def fail(self, message):
+    def fail(self, error):
         with self._lock:
-            self.message = self.message or message
+            self.error = self.error or error
+
+    def take(self):
+        """Hand the failure over: kept here, its traceback's frames (which hold this) would make a cycle."""
+        error, self.error = self.error, None
+        return error
 
 
 class Aborted(Exception):
@@ -108,15 +113,19 @@ class Connection:
         self.contexts = [c for c in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context) if c]
         for context in self.contexts:
             self.handle.add_meta_context(context)
-        # Not connect_uri: it waits forever for a server that accepts and never answers.
-        self._call("connect to", self.handle.aio_connect_uri, url)
-        self.wait_until(lambda: not self.handle.aio_is_connecting(), "connect to")
-        if not self.handle.can_meta_context(CONTEXT_ALLOCATION):
-            raise NbdError("NBD export %s does not report base:allocation, so it cannot be copied sparsely: export "
-                           "it from QEMU or qemu-nbd, which do." % url)
-        if bitmap_context and not self.handle.can_meta_context(bitmap_context):
-            raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
-                           "that qemu_backup_start returned for this disk." % (url, bitmap_context))
+        try:
+            # Not connect_uri: it waits forever for a server that accepts and never answers.
+            self._call("connect to", self.handle.aio_connect_uri, url)
+            self.wait_until(lambda: not self.handle.aio_is_connecting(), "connect to")
+            if not self.handle.can_meta_context(CONTEXT_ALLOCATION):
+                raise NbdError("NBD export %s does not report base:allocation, so it cannot be copied sparsely: "
+                               "export it from QEMU or qemu-nbd, which do." % url)
+            if bitmap_context and not self.handle.can_meta_context(bitmap_context):
+                raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
+                               "that qemu_backup_start returned for this disk." % (url, bitmap_context))
+        except BaseException:
+            self.close()  # now: the traceback, which holds this object, would keep the socket open
+            raise
         self.contexts = [c for c in self.contexts if self.handle.can_meta_context(c)]
 
     def failure(self, action, reason):
@@ -134,7 +143,7 @@ class Connection:
         idle_ms = 0
         try:
             while not finished():
-                if self.abort is not None and self.abort.message:
+                if self.abort is not None and self.abort.error:
                     raise Aborted()
                 # poll answers 0 only when its whole slice passed with nothing from the server.
                 idle_ms = 0 if self.handle.poll(POLL_SLICE_MS) else idle_ms + POLL_SLICE_MS
@@ -223,7 +232,7 @@ class WorkQueue:
         None at the end, and once the copy has failed.
         """
         with self._lock:
-            if self._abort.message:
+            if self._abort.error:
                 return None
             while not self._ready and self._mapped < self._size:
                 self._map_window(src)
@@ -347,8 +356,8 @@ class _Worker:
         except Aborted:
             pass  # the failure of another thread, which the copy reports
         except Exception as err:  # pylint: disable=broad-except
-            # Stops the other threads; a thread's exception would otherwise vanish and the copy look complete.
-            self.src.abort.fail(str(err))
+            # Stops the other threads, and the copy raises it: it would otherwise vanish with this thread.
+            self.src.abort.fail(err)
 
     def _copy(self):
         operations = []
@@ -421,15 +430,15 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
         for thread in threads:
             thread.join()
     except BaseException:
-        abort.fail("The copy was interrupted.")
+        abort.fail(Aborted())  # stops the threads; the exception itself goes on up
         raise
     finally:
         for thread in threads:
             thread.join()  # prompt: every wait of a thread ends once the copy has failed
         for source in sources:
             source.close()
-    if abort.message:
-        raise FleetbackupError(abort.message)
+    if abort.error:
+        raise abort.take()
     return stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean
 
 
