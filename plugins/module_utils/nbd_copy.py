@@ -93,7 +93,7 @@ class Abort:
 
 
 class Aborted(Exception):
-    """Raised in a thread that must stop because another one failed: the copy reports that failure."""
+    """The copy failed elsewhere (in another thread, or the caller was interrupted): this thread must stop."""
 
 
 class Connection:
