@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import deque
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import create_image_file, write_all
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import (
+    create_image_file,
+    write_all,
+    write_failure,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.write_behind import WriteBehind
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import (
     CONTEXT_ALLOCATION,
@@ -58,8 +61,8 @@ MAX_BUFFER_BYTES = 1024 ** 3
 # Seconds a server may send nothing before the copy fails. A healthy one answers in milliseconds; this
 # outlasts stalls of busy storage (and a 32 MiB read at 1 MiB/s) and still fails a scheduled run in a minute.
 IO_TIMEOUT = 60
-# Waits wake this often (seconds) to see whether another thread has failed.
-POLL_SLICE = 0.1
+# Waits wake this often (milliseconds) to see whether another thread has failed.
+POLL_SLICE_MS = 100
 ADVICE = ("check that the backup is started (src is the url that qemu_backup_start returned) and that the VM or "
           "qemu-nbd serving it is alive and not stopped, then copy again")
 
@@ -74,19 +77,24 @@ def dirty_context(bitmap):
 
 
 class Abort:
-    """The first failure of a copy. Once it is set, every thread stops issuing work and returns."""
+    """The first failure (exception) of a copy. Once it is set, every thread stops issuing work and returns."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.message = None
+        self.error = None
 
-    def fail(self, message):
+    def fail(self, error):
         with self._lock:
-            self.message = self.message or message
+            self.error = self.error or error
+
+    def take(self):
+        """Hand the failure over: kept here, its traceback's frames (which hold this) would make a cycle."""
+        error, self.error = self.error, None
+        return error
 
 
 class Aborted(Exception):
-    """Raised in a thread that must stop because another one failed: the copy reports that failure."""
+    """The copy failed elsewhere (in another thread, or the caller was interrupted): this thread must stop."""
 
 
 class Connection:
@@ -106,14 +114,19 @@ class Connection:
         self.contexts = [c for c in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context) if c]
         for context in self.contexts:
             self.handle.add_meta_context(context)
-        # Not connect_uri: it waits forever for a server that accepts and never answers.
-        self._call("connect to", self.handle.aio_connect_uri, url)
-        self.wait_until(lambda: not self.handle.aio_is_connecting(), "connect to")
-        if not self.handle.can_meta_context(CONTEXT_ALLOCATION):
-            raise NbdError("NBD export %s does not report base:allocation; it cannot be copied sparsely." % url)
-        if bitmap_context and not self.handle.can_meta_context(bitmap_context):
-            raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
-                           "that qemu_backup_start returned for this disk." % (url, bitmap_context))
+        try:
+            # Not connect_uri: it waits forever for a server that accepts and never answers.
+            self._call("connect to", self.handle.aio_connect_uri, url)
+            self.wait_until(lambda: not self.handle.aio_is_connecting(), "connect to")
+            if not self.handle.can_meta_context(CONTEXT_ALLOCATION):
+                raise NbdError("NBD export %s does not report base:allocation, so it cannot be copied sparsely: "
+                               "export it from QEMU or qemu-nbd, which do." % url)
+            if bitmap_context and not self.handle.can_meta_context(bitmap_context):
+                raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
+                               "that qemu_backup_start returned for this disk." % (url, bitmap_context))
+        except BaseException:
+            self.close()  # now: the traceback, which holds this object, would keep the socket open
+            raise
         self.contexts = [c for c in self.contexts if self.handle.can_meta_context(c)]
 
     def failure(self, action, reason):
@@ -128,20 +141,22 @@ class Connection:
 
     def wait_until(self, finished, action):
         """Poll until finished() is true: the server must show life every io_timeout seconds."""
-        deadline = time.monotonic() + self.io_timeout
-        while not self._call(action, finished):
-            if self.abort is not None and self.abort.message:
-                raise Aborted()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self.failure(action, "its server sent nothing for %g s. It is hung, or busy with another client "
-                                           "(qemu-nbd without --shared serves one at a time)" % self.io_timeout)
-            if self._call(action, self.handle.poll, max(1, int(min(left, POLL_SLICE) * 1000))):
-                deadline = time.monotonic() + self.io_timeout
+        idle_ms = 0
+        try:
+            while not finished():
+                if self.abort is not None and self.abort.error:
+                    raise Aborted()
+                # poll answers 0 only when its whole slice passed with nothing from the server.
+                idle_ms = 0 if self.handle.poll(POLL_SLICE_MS) else idle_ms + POLL_SLICE_MS
+                if idle_ms >= self.io_timeout * 1000:
+                    raise self.failure(action, "its server sent nothing for %g s. It is hung, or busy with another "
+                                               "client (qemu-nbd without --shared serves one at a time)" % self.io_timeout)
+        except nbd.Error as err:
+            raise self.failure(action, err) from None
 
     def read(self, buf, offset, completion):
-        """Start reading len(buf) bytes at offset; completion(errno) runs inside a later wait."""
-        self._call("read offset %d of" % offset, self.handle.aio_pread, buf, offset, lambda err: completion(err.value))
+        """Start reading len(buf) bytes at offset; libnbd calls completion(error) inside a later wait."""
+        self._call("read offset %d of" % offset, self.handle.aio_pread, buf, offset, completion)
 
     def extents(self, start, length):
         """Yield the merged Extents of [start, start+length), asked in bounded windows."""
@@ -161,7 +176,7 @@ class Connection:
             self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
             extents = clip(merge_extents(offset, replies, self.bitmap_context), end)
             if not extents:
-                raise NbdError("The NBD server answered block status at offset %d with no extent." % offset)
+                raise self.failure(action, "its server answered with no extent")
             yield from extents
             offset = extents[-1].start + extents[-1].length
 
@@ -218,7 +233,7 @@ class WorkQueue:
         None at the end, and once the copy has failed.
         """
         with self._lock:
-            if self._abort.message:
+            if self._abort.error:
                 return None
             while not self._ready and self._mapped < self._size:
                 self._map_window(src)
@@ -342,8 +357,8 @@ class _Worker:
         except Aborted:
             pass  # the failure of another thread, which the copy reports
         except Exception as err:  # pylint: disable=broad-except
-            # Stops the other threads; a thread's exception would otherwise vanish and the copy look complete.
-            self.src.abort.fail(str(err))
+            # Stops the other threads, and the copy raises it: it would otherwise vanish with this thread.
+            self.src.abort.fail(err)
 
     def _copy(self):
         operations = []
@@ -373,7 +388,7 @@ class _Worker:
         if buf.size() != length:
             buf = nbd.Buffer(length)
         self.reading += 1
-        self.src.read(buf, offset, lambda errno_value: self._on_read(errno_value, buf, offset))
+        self.src.read(buf, offset, lambda error: self._on_read(error.value, buf, offset))
 
     # Completion callbacks run inside libnbd: they only record, never call a handle.
     def _on_read(self, errno_value, buf, offset):
@@ -416,19 +431,19 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
         for thread in threads:
             thread.join()
     except BaseException:
-        abort.fail("The copy was interrupted.")
+        abort.fail(Aborted())  # stops the threads; the exception itself goes on up
         raise
     finally:
         for thread in threads:
             thread.join()  # prompt: every wait of a thread ends once the copy has failed
         for source in sources:
             source.close()
-    if abort.message:
-        raise FleetbackupError(abort.message)
+    if abort.error:
+        raise abort.take()
     return stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean
 
 
-def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format=None,
+def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format="qcow2",
                   connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT):
     """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
 
@@ -443,7 +458,7 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
         else:
             target = Qcow2Target(path, size, backing, backing_format)
     except OSError as err:
-        raise FleetbackupError("Writing %s failed: %s" % (path, err.strerror or err)) from None
+        raise write_failure(path, err.strerror or err) from None
     try:
         try:
             counts = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
@@ -455,7 +470,7 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
     except BaseException as err:
         remove_file(path)  # ours: the target above created it
         if isinstance(err, OSError):
-            raise FleetbackupError("Writing %s failed: %s" % (path, err.strerror or err)) from None
+            raise write_failure(path, err.strerror or err) from None
         raise
 
 

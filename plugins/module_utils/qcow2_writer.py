@@ -204,8 +204,13 @@ def write_all(fd, data, offset, path):
             view = view[written:]
             offset += written
     except OSError as err:
-        raise ImageWriteError("Writing %s at byte %d failed: %s. Check the space and health of its file system, "
-                              "then copy again." % (path, offset, err.strerror)) from None
+        raise write_failure("%s at byte %d" % (path, offset), err.strerror) from None
+
+
+def write_failure(what, reason):
+    """The error for a failed write of `what` (a file, or a place in it)."""
+    return ImageWriteError("Writing %s failed: %s. Check the space and health of its file system, then copy again."
+                           % (what, reason))
 
 
 def _big_endian(table):

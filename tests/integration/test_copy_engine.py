@@ -3,6 +3,7 @@ from QEMU and from qemu-nbd, for disks past many status windows; and failing fas
 dies or hangs, or one of its threads fails."""
 
 import ctypes
+import gc
 import json
 import os
 import re
@@ -212,6 +213,8 @@ def copy_threads():
 
 
 def open_sockets():
+    """The sockets this process holds open that not even the garbage collector can free."""
+    gc.collect()
     names = []
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -248,10 +251,12 @@ def test_a_server_that_accepts_and_never_answers_fails_the_connect_after_the_io_
         silent.bind(path)
         silent.listen(8)  # the kernel accepts connections; nothing ever answers them
         url = "nbd+unix:///?socket=" + path
+        sockets = open_sockets()
         started = time.monotonic()
         with pytest.raises(FleetbackupError, match="Cannot connect to NBD export .*: its server sent nothing for 2 s"):
             copy_to_image(url, str(tmp_path / "copy.raw"), "raw", GiB, connections=2, io_timeout=2)
         assert 2 <= time.monotonic() - started < 5
+        assert open_sockets() == sockets
 
 
 @pytest.mark.parametrize("options,connections", [((), 1), (("--shared=4",), 4)], ids=["1 connection", "4"])
