@@ -60,7 +60,6 @@ vms:
     ansible_python_interpreter: "{{ ansible_playbook_python }}"
     qemu_backup_repository: $repository
     qemu_backup_state_dir: $demo_dir/state
-    qemu_restore_repository: $repository
 INVENTORY
 "$venv/bin/ansible-playbook" -i "$demo_dir/inventory.yml" fleetbackup.qemu.fleet_backup
 

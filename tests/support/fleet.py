@@ -29,7 +29,6 @@ class Fleet:
             "qemu_backup_repository": str(self.repository),
             "qemu_backup_scratch_dir": str(self.scratch),
             "qemu_backup_state_dir": str(tmp_path / "state"),
-            "qemu_restore_repository": str(self.repository),
         }}}))
 
     def run(self, playbook, check=False, at_task=None, **extra_vars):
