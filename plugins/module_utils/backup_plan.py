@@ -23,7 +23,8 @@ EXPORT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 EXPORT_NAME = re.compile(r"^(?P<backup_id>[A-Za-z0-9_-]{1,32})/(?P<tag>[0-9a-f]{8})/(?P<disk>[A-Za-z0-9_.-]+)$")
 # The options that define a backup: a second start with the same id must ask for the same.
 MAX_CBW_TIMEOUT = 60
-REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "nbd_socket", "cbw_timeout")
+REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "scratch_size", "nbd_socket",
+                "cbw_timeout")
 
 
 def check_backup_id(backup_id):
@@ -74,6 +75,7 @@ class BackupPlan:
         self.backup_id = backup_id
         self.request = request
         self.nbd_socket = nbd_socket
+        self.scratch_dir = request["scratch_dir"]
         self.tag = secrets.token_hex(4)
         self.checkpoint = request["checkpoint"]
         self.incremental = request["incremental"]

@@ -71,6 +71,10 @@ class NbdError(FleetbackupError):
     """An NBD failure, phrased for the user."""
 
 
+class NbdTimeout(NbdError):
+    """The server sent nothing for io_timeout seconds."""
+
+
 def dirty_context(bitmap):
     """The meta context that exports dirty bitmap `bitmap`."""
     return bitmap if bitmap.startswith(DIRTY_BITMAP_PREFIX) else DIRTY_BITMAP_PREFIX + bitmap
@@ -104,13 +108,14 @@ class Connection:
     seconds, or as soon as the copy that it serves fails (abort).
     """
 
-    def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None):
+    def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None, full_info=False):
         self.url = url
         self.bitmap_context = bitmap_context
         self.io_timeout = io_timeout
         self.abort = abort
         self.handle = nbd.NBD()
         self.handle.set_handle_name("fleetbackup-src")
+        self.handle.set_full_info(full_info)  # the export's description comes only with full info
         self.contexts = [c for c in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context) if c]
         for context in self.contexts:
             self.handle.add_meta_context(context)
@@ -149,10 +154,24 @@ class Connection:
                 # poll answers 0 only when its whole slice passed with nothing from the server.
                 idle_ms = 0 if self.handle.poll(POLL_SLICE_MS) else idle_ms + POLL_SLICE_MS
                 if idle_ms >= self.io_timeout * 1000:
-                    raise self.failure(action, "its server sent nothing for %g s. It is hung, or busy with another "
-                                               "client (qemu-nbd without --shared serves one at a time)" % self.io_timeout)
+                    raise NbdTimeout(str(self.failure(action, "its server sent nothing for %g s. It is hung, or busy "
+                                                              "with another client (qemu-nbd without --shared serves "
+                                                              "one at a time)" % self.io_timeout)))
         except nbd.Error as err:
             raise self.failure(action, err) from None
+
+    def description(self):
+        """The export's description, or None when its server gave none (connect with full_info)."""
+        try:
+            return self.handle.get_export_description()
+        except nbd.Error:
+            return None
+
+    def read_now(self, length, offset):
+        """Read length bytes at offset and wait for them, within io_timeout."""
+        action = "read offset %d of" % offset
+        cookie = self._call(action, self.handle.aio_pread, nbd.Buffer(length), offset)
+        self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
 
     def read(self, buf, offset, completion):
         """Start reading len(buf) bytes at offset; libnbd calls completion(error) inside a later wait."""

@@ -20,6 +20,7 @@ import json
 from urllib.parse import quote, unquote
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import Connection, NbdError, NbdTimeout
 
 DESCRIPTION_MARK = "fleetbackup point-in-time view "
 PROBE_SUFFIX = "/intact"
@@ -56,21 +57,11 @@ def export_view(url):
     None for an export without our description (another NBD server's). Failing to connect raises: a copy must
     never skip the check because the server did not answer.
     """
-    import nbd  # the callers (copy, stop) require libnbd
-
-    handle = nbd.NBD()
-    handle.set_full_info(True)
+    connection = Connection(url, full_info=True)
     try:
-        handle.connect_uri(url)
-    except nbd.Error as err:
-        _close(handle)
-        raise FleetbackupError("Cannot connect to NBD export %s: %s" % (url, err)) from None
-    try:
-        view = parse_view(handle.get_export_description())
-    except nbd.Error:
-        return None  # the server gave no description
+        view = parse_view(connection.description())
     finally:
-        _close(handle)
+        connection.close()
     if view is not None:
         view["probe_url"] = _with_export(url, view["probe"])
     return view
@@ -90,27 +81,22 @@ def export_name_of(url):
 
 
 def view_intact(probe_url):
-    """Whether the probe export still reads: False once the snapshot broke."""
-    import nbd  # the callers (copy, stop) require libnbd
+    """Whether the probe export still reads: False once the snapshot broke, or when the probe is gone.
 
-    handle = nbd.NBD()
+    NbdTimeout when its server does not answer: that proves nothing either way.
+    """
+    connection = None
     try:
-        handle.connect_uri(probe_url)
-        handle.pread(min(PROBE_BYTES, handle.get_size()), 0)
+        connection = Connection(probe_url)
+        connection.read_now(PROBE_BYTES, 0)
         return True
-    except nbd.Error:
+    except NbdTimeout:
+        raise
+    except NbdError:
         return False
     finally:
-        _close(handle)
-
-
-def _close(handle):
-    import nbd
-
-    try:
-        handle.shutdown()
-    except nbd.Error:
-        pass  # never connected, or already gone
+        if connection is not None:
+            connection.close()
 
 
 def broken_view_message(view):
@@ -118,5 +104,5 @@ def broken_view_message(view):
     return ("The backup's point-in-time view of disk %s broke while it was copied: the guest overwrote data "
             "that QEMU could not keep, because the scratch space in %s ran out or keeping it took longer than "
             "cbw_timeout (%ss). The guest's writes all landed; only this backup is lost. Give scratch_dir more "
-            "room (scratch_min_free) or raise cbw_timeout, stop the backup, and run it again."
+            "room (scratch_size) or raise cbw_timeout, stop the backup, and run it again."
             % (view["disk"], view["scratch_dir"], view["cbw_timeout"]))

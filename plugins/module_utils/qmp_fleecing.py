@@ -31,6 +31,7 @@ import socket
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import nbd_url, temporary_bitmap
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import NbdTimeout
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time import (
     describe_view,
     probe_export_name,
@@ -171,9 +172,9 @@ class VcpuPause:
     def __enter__(self):
         if self.qmp.execute("query-status")["status"] != "running":
             return self  # paused, prelaunch...: no guest write can come, and the state stays as it was
-        self.state.record_pause(self.backup_id)
         self._handlers = {signum: signal.signal(signum, self._hold) for signum in HELD_SIGNALS}
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        self.state.record_pause(self.backup_id)
         self._stopped_at = time.monotonic()
         try:
             self.qmp.execute("stop")
@@ -275,9 +276,9 @@ def _step(name, action, *args):
 
 
 def _roll_back(qmp, state, names, registry, err):
-    paused = "THE VM IS LEFT PAUSED" in str(err)
+    paused = isinstance(err, VmLeftPaused)
     try:
-        stop_backup(qmp, state, names.backup_id, registry, discard_checkpoint=True)
+        Teardown(qmp, state, names.backup_id, discard_checkpoint=True).run(registry)
     except (FleetbackupError, OSError) as cleanup_error:
         raise UserError("Starting backup '%s' failed: %s. Cleaning up failed too: %s" % (
             names.backup_id, err, cleanup_error)) from None
@@ -304,19 +305,21 @@ def _listen(path, record, state):
 
 def _prepare_filters(qmp, names, plan, record):
     """Everything that can be made before the pause: scratch images, their nodes, the filters."""
-    scratch_dir = plan.request["scratch_dir"]
+    scratch_dir = plan.scratch_dir
     for index, disk in enumerate(plan.disks):
         fd = _step("creating the scratch image of disk %s in %s" % (disk["disk"], scratch_dir),
-                   create_scratch_image, scratch_dir, disk["size"])
+                   create_scratch_image, scratch_dir, disk["size"], disk["scratch_room"])
         try:
             opaque = names.fdset_opaque(index, disk, plan.nbd_socket, record["socket_identity"])
             fdset = _step("handing the scratch image of disk %s to QEMU" % disk["disk"], qmp.execute_with_fd, fd,
                           "add-fd", {"opaque": opaque})["fdset-id"]
         finally:
             os.close(fd)
+        # The raw node caps the image at its reserved room: beyond it, writes fail and break the snapshot.
         _step("adding the scratch node of disk %s" % disk["disk"], qmp.execute, "blockdev-add", {
-            "driver": "qcow2", "node-name": names.scratch_node(index), "discard": "unmap",
-            "file": {"driver": "file", "filename": "/dev/fdset/%d" % fdset}, "backing": disk["root"]})
+            "driver": "qcow2", "node-name": names.scratch_node(index), "discard": "unmap", "backing": disk["root"],
+            "file": {"driver": "raw", "size": disk["scratch_room"],
+                     "file": {"driver": "file", "filename": "/dev/fdset/%d" % fdset}}})
         _step("adding the copy-before-write filter of disk %s" % disk["disk"], qmp.execute, "blockdev-add", {
             "driver": "copy-before-write", "node-name": names.filter_node(index), "file": disk["root"],
             "target": names.scratch_node(index), "on-cbw-error": "break-snapshot",
@@ -348,7 +351,12 @@ def attached_node(qmp, qdev):
 
 
 def set_drive(qmp, qdev, node):
-    """Attach the device to node. Some QEMU builds report an error yet swap the node: trust query-block."""
+    """Attach the device to node. Some QEMU builds report an error yet swap the node: trust query-block.
+
+    A device already on node is left alone: QEMU 7.2 aborts on a qom-set to the node it has.
+    """
+    if attached_node(qmp, qdev) == node:
+        return
     try:
         qmp.execute("qom-set", {"path": qdev, "property": "drive", "value": node})
     except QmpCommandError:
@@ -364,8 +372,8 @@ def _export(qmp, names, plan, record, state, listener):
     for index, disk in enumerate(plan.disks):
         export = {"type": "nbd", "id": names.export_id(index), "node-name": names.scratch_node(index),
                   "name": disk["export"], "writable": False, "allocation-depth": True,
-                  "description": describe_view(plan.backup_id, disk["disk"], disk["export"],
-                                               plan.request["scratch_dir"], plan.request["cbw_timeout"])}
+                  "description": describe_view(plan.backup_id, disk["disk"], disk["export"], plan.scratch_dir,
+                                               plan.request["cbw_timeout"])}
         if disk["mode"] == "incremental":
             export["bitmaps"] = [{"node": disk["node"], "name": names.temp_bitmap}]
         _step("exporting disk %s over NBD" % disk["disk"], qmp.execute, "block-export-add", export)
@@ -376,14 +384,16 @@ def _export(qmp, names, plan, record, state, listener):
 
 def _start_nbd_server(qmp, names, listener, record, state):
     """QEMU serves NBD on the socket we listen on: it opens no path of ours."""
+    record["nbd_server_started"] = True  # before, so that a start killed right after it still stops it
+    state.save_backup(record)
     qmp.execute_with_fd(listener.fileno(), "getfd", {"fdname": names.socket_fd})
     try:
         qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": names.socket_fd}}})
     except QmpCommandError as err:
         qmp.execute("closefd", {"fdname": names.socket_fd})
+        record["nbd_server_started"] = False  # it is someone else's: ours never started
+        state.save_backup(record)
         raise UserError("%s. QEMU runs only one NBD server: stop whatever else uses it first" % err) from None
-    record["nbd_server_started"] = True
-    state.save_backup(record)
 
 
 def _bitmap_count(qmp, node, bitmap):
@@ -408,13 +418,15 @@ class Teardown:
         self.names = names = QmpBackupNames(backup_id)
         record = state.backup()
         self.record = record if record is not None and record["backup_id"] == backup_id else None
+        # On a VM that is not running, removed fdsets linger: an id used again may have several per disk.
         self.fdsets = [(fdset, disk) for fdset, disk in our_fdsets(qmp) if disk["backup"] == backup_id]
+        disks = {disk["index"]: disk for _, disk in self.fdsets}
         self.exports = sorted(e["id"] for e in qmp.execute("query-block-exports") if names.owns_export(e["id"]))
         present = {entry["node-name"]: entry for entry in qmp.execute("query-named-block-nodes", {"flat": True})}
-        indexes = sorted({disk["index"] for _, disk in self.fdsets})
-        self.nodes = [node for index in indexes for node in names.nodes(index) if node in present]
-        self.devices = [disk for _, disk in self.fdsets
-                        if attached_node(qmp, disk["qdev"]) == names.filter_node(disk["index"])]
+        self.nodes = [node for index in sorted(disks) for node in names.nodes(index) if node in present]
+        self.devices = [disk for index, disk in sorted(disks.items())
+                        if attached_node(qmp, disk["qdev"]) == names.filter_node(index)]
+        self.scratch_images = sum(names.scratch_node(index) in present for index in disks)
         # Only the frozen copy an incremental made: never a checkpoint that happens to share the name.
         self.bitmap_nodes = [node for node, entry in present.items()
                              if _bitmap(entry, names.temp_bitmap, persistent=False)]
@@ -423,26 +435,44 @@ class Teardown:
                                  and _bitmap(present.get(disk["node"]), self.checkpoint)] if self.checkpoint else []
         # Our exports live only on the NBD server we started.
         self.nbd_server = bool(self.exports) or bool(self.record and self.record["nbd_server_started"])
-        sockets = {(disk["socket"], tuple(disk["socket_identity"])) for _, disk in self.fdsets
-                   if disk.get("socket_identity")}
+        self.sockets, self.foreign_sockets = self._sockets(disks.values())
+
+    def _sockets(self, disks):
+        """(the sockets to remove, those named only by QEMU outside our own directory, which we leave alone).
+
+        A socket counts only where it is the very one a start bound there (device and inode).
+        """
+        named = {(disk["socket"], tuple(disk["socket_identity"])) for disk in disks if disk.get("socket_identity")}
         if self.record and self.record["socket_identity"]:
-            sockets.add((self.record["nbd_socket"], tuple(self.record["socket_identity"])))
-        self.sockets = [path for path, identity in sorted(sockets) if VmState.holds_socket(path, identity)]
+            named.add((self.record["nbd_socket"], tuple(self.record["socket_identity"])))
+        ours, foreign = [], []
+        for path, identity in sorted(named):
+            if VmState.holds_socket(path, identity):
+                trusted = os.path.dirname(path) == self.state.dir.path or (
+                    self.record is not None and path == self.record["nbd_socket"])
+                (ours if trusted else foreign).append(path)
+        return ours, foreign
 
     @property
     def removed(self):
         return dict(exports=self.exports, nodes=self.nodes, devices=[disk["qdev"] for disk in self.devices],
-                    bitmaps=len(self.bitmap_nodes), scratch_images=len(self.fdsets), nbd_server=self.nbd_server,
+                    bitmaps=len(self.bitmap_nodes), scratch_images=self.scratch_images, nbd_server=self.nbd_server,
                     files=self.sockets, checkpoint=self.checkpoint if self.checkpoint_disks else None,
                     state_file=self.record is not None)
 
     def intact(self):
-        """Whether the point-in-time view of a completed start still holds; None when there is none."""
+        """Whether the point-in-time view of a completed start still holds; None when there is none.
+
+        A probe that QEMU does not answer proves nothing: not intact.
+        """
         record = self.record
         if not record or not record["complete"]:
             return None
-        return backup_is_whole(self.qmp, record) and all(
-            view_intact(nbd_url(probe_export_name(d["export"]), record["nbd_socket"])) for d in record["disks"])
+        try:
+            return backup_is_whole(self.qmp, record) and all(
+                view_intact(nbd_url(probe_export_name(d["export"]), record["nbd_socket"])) for d in record["disks"])
+        except NbdTimeout:
+            return False
 
     def run(self, registry):
         qmp, names = self.qmp, self.names
@@ -452,11 +482,11 @@ class Teardown:
         if self.nbd_server:
             _stop_nbd_server(qmp)
         # The probe holds the filter's source consistent: it goes before the devices can move back.
-        self._delete(names.probe_node)
+        self._delete("-p")
         for disk in self.devices:
             set_drive(qmp, disk["qdev"], disk["root"])
-        self._delete(names.filter_node)
-        self._delete(names.scratch_node)
+        self._delete("-f")
+        self._delete("-s")
         for node in self.bitmap_nodes:
             qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": names.temp_bitmap})
         for disk in self.checkpoint_disks:
@@ -470,20 +500,11 @@ class Teardown:
         if self.record:
             self.state.forget_backup()
 
-    def _delete(self, node_of):
-        for _, disk in self.fdsets:
-            node = node_of(disk["index"])
-            if node in self.nodes:
+    def _delete(self, kind):
+        """blockdev-del our nodes of one kind (-p probe, -f filter, -s scratch)."""
+        for node in self.nodes:
+            if node.rstrip("0123456789").endswith(kind):
                 self.qmp.execute("blockdev-del", {"node-name": node})
-
-
-def stop_backup(qmp, state, backup_id, registry, discard_checkpoint=False, check_mode=False):
-    """Remove everything the backup created in QEMU and on disk; (what was removed, whether the view held)."""
-    teardown = Teardown(qmp, state, backup_id, discard_checkpoint)
-    intact = teardown.intact()
-    if not check_mode:
-        teardown.run(registry)
-    return teardown.removed, intact
 
 
 def _bitmap(node_entry, name, persistent=None):

@@ -16,11 +16,15 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing impo
     backup_is_whole,
     check_fleecing_support,
     resume_abandoned_pause,
+    Teardown,
     running_backup_ids,
     start_backup,
-    stop_backup,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import check_scratch_dir, minimum_free_bytes
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import (
+    check_scratch_dir,
+    scratch_bytes,
+    scratch_shares,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_connection import VmConnection
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
@@ -69,9 +73,15 @@ class QmpVm(VmConnection):
                             % self.description)
         nbd_socket = request["nbd_socket"] or self.state.default_socket
         check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
-        check_scratch_dir(request["scratch_dir"],
-                          minimum_free_bytes(request["scratch_min_free"], sum(disk.size for disk in chosen)))
-        return BackupPlan(backup_id, chosen, request, self.registry, nbd_socket)
+        shares = scratch_shares(scratch_bytes(request["scratch_size"], sum(disk.size for disk in chosen)),
+                                [disk.size for disk in chosen])
+        scratch_dir = request["scratch_dir"] or self.state.default_scratch_dir
+        check_scratch_dir(scratch_dir, sum(shares), ours=not request["scratch_dir"])
+        plan = BackupPlan(backup_id, chosen, request, self.registry, nbd_socket)
+        plan.scratch_dir = scratch_dir
+        for disk, share in zip(plan.disks, shares):
+            disk["scratch_room"] = share
+        return plan
 
     def is_whole(self, record):
         return backup_is_whole(self.qmp, record)
@@ -80,11 +90,17 @@ class QmpVm(VmConnection):
         return start_backup(self.qmp, self.state, plan, self.registry)
 
     def remove_backup(self, backup_id, discard_checkpoint, check_mode):
-        removed, intact = stop_backup(self.qmp, self.state, backup_id, self.registry, discard_checkpoint, check_mode)
-        if removed["scratch_images"] and self.qmp.execute("query-status")["status"] != "running":
+        teardown = Teardown(self.qmp, self.state, backup_id, discard_checkpoint)
+        intact = teardown.intact()
+        if not check_mode:
+            teardown.run(self.registry)
+        if teardown.scratch_images and self.qmp.execute("query-status")["status"] != "running":
             self.notes.append("The VM is not running: QEMU lets go of the backup's scratch images, and their space, "
                               "only once it runs again.")
-        return removed, intact
+        for path in teardown.foreign_sockets:
+            self.notes.append("QEMU names %s as this backup's socket, outside fleetbackup's own directory: it was "
+                              "left alone; remove it if nothing uses it." % path)
+        return teardown.removed, intact
 
     def set_bitmaps(self, name, disks, present):
         if present:

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from contextlib import contextmanager
 
@@ -65,12 +66,15 @@ class Repository:
 
     def load(self):
         try:
-            fd = os.open(self.manifest_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.manifest_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return dict(format=MANIFEST_FORMAT, vm=self.vm, backups=[])
         except OSError as err:
             raise UserError("Cannot read the manifest %s (%s): it must be a plain file." % (self.manifest_path,
                                                                                           err.strerror)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError("The manifest %s is not a regular file: remove what is there." % self.manifest_path)
         try:
             with os.fdopen(fd) as stream:
                 data = json.load(stream)
@@ -203,7 +207,11 @@ def chain_of(data, backup):
     by_name = {b["name"]: b for b in data["backups"]}
     chain = [backup]
     while chain[-1].get("parent"):
-        chain.append(by_name[chain[-1]["parent"]])
+        parent = chain[-1]["parent"]
+        if parent not in by_name:
+            raise UserError("Backup %s needs backup %s, which the manifest no longer lists: take a full backup."
+                            % (chain[-1]["name"], parent))
+        chain.append(by_name[parent])
     return chain
 
 
@@ -308,10 +316,15 @@ class Lease:
     def _locked(self):
         """(fd, the current lease or None) under an exclusive flock of the lease file."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise UserError("Cannot open the lease %s of the repository (%s): the repository must be writable by "
                             "this user, and the lease a plain file." % (self.path, err.strerror)) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
+            os.close(fd)
+            raise UserError("The lease %s is not a file that fleetbackup made (a link, or another user's): remove it "
+                            "after checking what it is." % self.path)
         try:
             if not flock_within(fd, LEASE_LOCK_WAIT):
                 raise UserError("The lease %s stayed locked for %ds, though its holders keep it for milliseconds: "

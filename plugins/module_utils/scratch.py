@@ -6,6 +6,10 @@
 Scratch images have no name. They are made with O_TMPFILE (or named and unlinked at once where a file
 system lacks it) and handed to QEMU as file descriptors. So QEMU may run as any user, nobody can plant
 or swap them, and they vanish when QEMU lets go of them, even when QEMU or a module dies.
+
+Each one's room is reserved (fallocate) when the backup starts and never grows: QEMU sees it through a
+raw node of that size. So a backup never competes with the VMs for space on the scratch file system,
+even when their disks live there too; a backup that needs more breaks instead.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state imp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import checked_qemu_img
 
 PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+CLUSTER = 64 * 1024
+# Room for a qcow2 image's header and first tables, whatever share a disk gets.
+MIN_SCRATCH = 1024 * 1024
 
 
-def minimum_free_bytes(setting, disks_size):
-    """scratch_min_free in bytes: a size (512M, 2G, bytes) or a percentage of the backed-up disks' total size."""
+def scratch_bytes(setting, disks_size):
+    """scratch_size in bytes: a size (512M, 2G, bytes) or a percentage of the backed-up disks' total size."""
     text = str(setting)
     percent = PERCENT.match(text)
     if percent:
@@ -36,28 +43,49 @@ def minimum_free_bytes(setting, disks_size):
     try:
         return human_to_bytes(text)
     except ValueError:
-        raise UserError("Invalid scratch_min_free '%s': give a size like 512M or 2G, or a percentage of the disks' "
+        raise UserError("Invalid scratch_size '%s': give a size like 512M or 2G, or a percentage of the disks' "
                         "size like 10%%." % text) from None
 
 
-def check_scratch_dir(path, needed_bytes):
-    """Refuse a scratch_dir that others could write into without the sticky bit, or that lacks room."""
-    check_trusted_directory(path, "scratch_dir", "room for what the guest overwrites during the backup")
+def scratch_shares(total, disk_sizes):
+    """Each disk's part of the scratch room, by its size, in whole clusters and at least MIN_SCRATCH."""
+    whole = sum(disk_sizes) or 1
+    return [max(MIN_SCRATCH, -(-total * size // whole // CLUSTER) * CLUSTER) for size in disk_sizes]
+
+
+def check_scratch_dir(path, needed_bytes, ours=False):
+    """Refuse a scratch_dir that others could write into without the sticky bit, or that lacks the room.
+
+    ours: fleetbackup's own private directory, which a check-mode run may not have created yet.
+    """
+    if ours:
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+    else:
+        check_trusted_directory(path, "scratch_dir", "room for what the guest overwrites during the backup")
     fs = os.statvfs(path)
     free = fs.f_bavail * fs.f_frsize
     if free < needed_bytes:
-        raise UserError("scratch_dir %s has %d MiB free, less than the %d MiB that scratch_min_free asks for: free "
-                        "some room, point scratch_dir at a bigger file system, or lower scratch_min_free. If the "
+        raise UserError("scratch_dir %s has %d MiB free, less than the %d MiB of scratch_size to reserve: free "
+                        "some room, point scratch_dir at a bigger file system, or lower scratch_size. If the "
                         "scratch space runs out during the backup, only the backup fails, never the guest."
                         % (path, free >> 20, needed_bytes >> 20))
     return free
 
 
-def create_scratch_image(directory, size):
-    """A new, nameless qcow2 image of `size` bytes in directory; returns its file descriptor (read-write)."""
+def create_scratch_image(directory, size, room):
+    """A new, nameless qcow2 image for a disk of `size` bytes, in a file of `room` bytes reserved in directory.
+
+    Returns its file descriptor (read-write). qcow2 takes free clusters inside the file before it grows it.
+    """
     fd = _nameless_file(directory)
     try:
         checked_qemu_img("create", "-q", "-f", "qcow2", "/dev/fd/%d" % fd, size, pass_fds=(fd,))
+        os.posix_fallocate(fd, 0, room)
+    except OSError as err:
+        os.close(fd)
+        raise UserError("Cannot reserve %d MiB of scratch space in %s (%s): free some room or lower scratch_size."
+                        % (room >> 20, directory, err.strerror)) from None
     except BaseException:
         os.close(fd)
         raise

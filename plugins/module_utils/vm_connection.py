@@ -40,6 +40,11 @@ class VmConnection:
         self.notes.extend(undone)
         return bool(undone)
 
+    def recover_now(self):
+        """recover() for a module that changes nothing else: under the VM's lock."""
+        with self.state.lock(self.timeout):
+            return self.recover()
+
     def undo_abandoned(self):
         """Undo what a dead run of ours left on the VM; messages saying what was done."""
         raise NotImplementedError

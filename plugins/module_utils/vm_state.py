@@ -24,10 +24,6 @@ PAUSED = "paused.json"
 NBD_SOCKET = "nbd.sock"
 
 
-def default_scratch_dir(state_dir, check_mode=False):
-    return PrivateDir(state_dir).prepare(not check_mode).child("scratch", not check_mode).path
-
-
 def registry_dir(state_dir):
     return os.path.join(state_dir, "checkpoints")
 
@@ -39,7 +35,9 @@ class VmState:
         self.description = description
         self.read_only = read_only
         create = not read_only
-        self.dir = PrivateDir(state_dir).prepare(create).child("vms", create).child(key, create)
+        root = PrivateDir(state_dir).prepare(create)
+        self.default_scratch_dir = root.child("scratch", create).path
+        self.dir = root.child("vms", create).child(key, create)
 
     def lock(self, timeout):
         """Serialise start, stop and checkpoint changes of this VM across processes."""

@@ -178,6 +178,7 @@ import errno
 import json
 import os
 import re
+import socket
 import stat
 import time
 
@@ -201,8 +202,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer impo
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 
 
-# A copy writes .<dest name>.part-<its PID> and renames it when complete.
-PARTIAL = re.compile(r"^\..+\.part-(\d+)$")
+# A copy writes .<dest name>.part-<its PID>@<its host> and renames it when complete.
+PARTIAL = re.compile(r"^\..+\.part-(\d+)@(.+)$")
 # Which backup an image holds: its export (backup id, start tag, disk), size and changed-block context.
 IDENTITY_XATTR = "user.fleetbackup.backup"
 
@@ -271,7 +272,9 @@ def copy_backup(module):
     size, connections = export_size_and_connections(params["src"], bitmap_context, params["connections"])
     view = export_view(params["src"])
     check_view(view)
-    identity = dict(export=export_name_of(params["src"]), size=size, bitmap=bitmap_context)
+    identity = dict(export=export_name_of(params["src"]), size=size, bitmap=bitmap_context, format=params["format"],
+                    backing=os.path.relpath(params["backing"], dest_dir) if params["backing"] else None,
+                    backing_format=params["backing_format"] if params["backing"] else None)
     if os.path.lexists(dest) and not params["force"]:
         held = recorded_identity(dest)
         if held != identity:
@@ -283,7 +286,7 @@ def copy_backup(module):
     if module.check_mode:
         return dict(changed=True, image=dest, size=size, connections=connections)
     stale = remove_stale_partials(dest_dir)
-    partial = os.path.join(dest_dir, ".%s.part-%d" % (os.path.basename(dest), os.getpid()))
+    partial = os.path.join(dest_dir, ".%s.part-%d@%s" % (os.path.basename(dest), os.getpid(), socket.gethostname()))
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
     started = time.monotonic()
     try:
@@ -337,8 +340,10 @@ def record_identity(path, identity):
 def describe_identity(identity):
     if not identity:
         return "an image with no record of its backup"
-    return "export %s (%d bytes%s)" % (identity["export"], identity["size"],
-                                       ", changes in %s" % identity["bitmap"] if identity["bitmap"] else "")
+    return "export %s (%s, %d bytes%s%s)" % (
+        identity["export"], identity.get("format"), identity["size"],
+        ", changes in %s" % identity["bitmap"] if identity["bitmap"] else "",
+        ", over %s" % identity["backing"] if identity.get("backing") else "")
 
 
 def check_view(view):
@@ -348,14 +353,15 @@ def check_view(view):
 
 
 def remove_stale_partials(directory):
-    """Delete the partial images that killed copies left in directory: files of ours whose copy's PID is gone.
+    """Delete the partial images that killed copies on this host left in directory: files of ours whose copy is gone.
 
-    A name proves nothing: only a regular file that this user owns is taken for one of ours.
+    A name proves nothing: only a regular file that this user owns is taken for one of ours. A partial of another
+    host (a shared repository) may belong to a copy running there: it is left alone.
     """
     removed = []
     for name in os.listdir(directory):
         match = PARTIAL.match(name)
-        if match and not _running(int(match.group(1))):
+        if match and match.group(2) == socket.gethostname() and not _running(int(match.group(1))):
             info = os.lstat(os.path.join(directory, name))
             if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
                 os.unlink(os.path.join(directory, name))

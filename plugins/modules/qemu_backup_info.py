@@ -123,8 +123,7 @@ def main():
 
 def describe(module):
     with module.vm() as vm:
-        with vm.state.lock(vm.timeout):
-            resumed = vm.recover()
+        resumed = vm.recover_now()
         disks = [dict(disk=disk.name, node=disk.node, file=disk.filename, format=disk.format, size=disk.size,
                       read_only=disk.read_only, checkpoints=describe_checkpoints(disk, module.checkpoints))
                  for disk in vm.disks()]

@@ -192,8 +192,9 @@ def _restore_disk(module, repository, disk):
         if not images_equal(source, partial.path):
             raise UserError("The restored image of disk %s differs from its backup %s." % (disk["disk"], source))
         os.rename(partial.path, target)
-    finally:
-        remove_file(partial.path)  # nothing is left there after the rename
+    except BaseException:
+        remove_file(partial.path)  # ours: made above, and not yet renamed
+        raise
     return result
 
 

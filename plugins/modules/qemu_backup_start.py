@@ -48,12 +48,15 @@ options:
       - Defaults to C(<state_dir>/scratch). A directory that other users can write into is refused unless it is
         sticky, like C(/var/tmp).
     type: path
-  scratch_min_free:
+  scratch_size:
     description:
-      - Free space that O(scratch_dir) must have for the start to go ahead, as a size (C(512M), C(2G)) or a
-        percentage of the total virtual size of the disks being backed up.
-      - The scratch space holds the old data of what the guest overwrites until the backup stops. Running out
-        never harms the guest; it only makes this backup fail, so the check makes it fail early instead.
+      - Room reserved in O(scratch_dir) for this backup's scratch images, as a size (C(512M), C(2G)) or a
+        percentage of the total virtual size of the disks being backed up; shared among the disks by their size.
+      - The start reserves it (fallocate) before anything else, and fails clearly when O(scratch_dir) lacks it.
+        The scratch images never grow beyond it, so the backup never takes space from the VMs, even when their
+        disks share the file system of O(scratch_dir).
+      - The scratch space holds the old data of what the guest overwrites until the backup stops. A guest that
+        overwrites more breaks the backup, never its own writes.
       - The default, 10% of the disks' size, covers a busy VM rewriting a tenth of its disks during one backup;
         raise it for write-heavy VMs and long copies.
     type: str
@@ -127,7 +130,7 @@ EXAMPLES = r"""
     checkpoint: c0001
     disks: [vda, vdb]
     scratch_dir: /srv/scratch
-    scratch_min_free: 20G
+    scratch_size: 20G
 
 - name: Incremental since c0001, opening c0002
   fleetbackup.qemu.qemu_backup_start:
@@ -215,7 +218,6 @@ backup:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import check_request
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import default_scratch_dir
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
 
@@ -225,7 +227,7 @@ def main():
             BACKUP_ID_ARGUMENT_SPEC,
             disks=dict(type="list", elements="str"),
             scratch_dir=dict(type="path"),
-            scratch_min_free=dict(type="str", default="10%"),
+            scratch_size=dict(type="str", default="10%"),
             cbw_timeout=dict(type="int", default=10),
             nbd_socket=dict(type="path"),
             checkpoint=dict(type="str"),
@@ -240,8 +242,7 @@ def main():
 def start(module):
     params = module.params
     request = {key: params[key] for key in ("disks", "checkpoint", "incremental", "fallback_to_full", "nbd_socket",
-                                            "cbw_timeout", "scratch_min_free")}
-    request["scratch_dir"] = params["scratch_dir"] or default_scratch_dir(params["state_dir"], module.check_mode)
+                                            "cbw_timeout", "scratch_size", "scratch_dir")}
     check_request(request)
     with module.vm() as vm:
         changed, backup = vm.start_backup(params["backup_id"], request, module.check_mode)

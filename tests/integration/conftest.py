@@ -14,8 +14,8 @@ def vms(tmp_path, tmpfs):  # after tmpfs: VMs are killed before their scratch fi
     """
     started = []
 
-    def make(disks, name="vm", start=True, prepare=None, kind=Vm, **options):
-        workdir = tmp_path / name
+    def make(disks, name="vm", start=True, prepare=None, kind=Vm, under=None, **options):
+        workdir = (under or tmp_path) / name
         workdir.mkdir(exist_ok=True)
         vm = kind(str(workdir), disks, **options)
         started.append(vm)

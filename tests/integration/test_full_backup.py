@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -179,13 +180,19 @@ def test_stop_cleans_after_killed_copy_and_half_done_start(vms, scratch, tmp_pat
     stuck.pread(4096, 0)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    partial = tmp_path / (".old.qcow2.part-%d" % dead.pid)
+    host = socket.gethostname()
+    partial = tmp_path / (".old.qcow2.part-%d@%s" % (dead.pid, host))
     partial.write_bytes(b"half a backup")
-    alive = tmp_path / (".other.qcow2.part-%d" % os.getpid())
+    alive = tmp_path / (".other.qcow2.part-%d@%s" % (os.getpid(), host))
     alive.write_bytes(b"a copy still running")
+    elsewhere = tmp_path / (".third.qcow2.part-%d@another-host" % dead.pid)  # a shared repository's
+    elsewhere.write_bytes(b"a copy on another host")
+    foreign = tmp_path / (".fourth.qcow2.part-%d@%s" % (dead.pid, host))
+    foreign.write_bytes(b"looks like ours, is not ours")
+    os.chown(foreign, 65534, 65534)
     copied = run_module("qemu_backup_copy", src=url, dest=str(tmp_path / "new.qcow2"))
     assert copied["removed_partials"] == [partial.name]
-    assert not partial.exists() and alive.exists()
+    assert not partial.exists() and alive.exists() and elsewhere.exists() and foreign.exists()
     assert stop(vm, scratch)["changed"] is True
     assert_nothing_left(vm, scratch)
     # A start killed half-way: its export is missing, everything else is there.
@@ -259,10 +266,10 @@ def test_bad_input_fails_clearly(vms, scratch, tmp_path):
     os.chown(foreign, 65534, 65534)
     refused = start(vm, scratch, scratch_dir=str(foreign))
     assert refused.failed and "belongs to uid 65534" in refused["msg"]
-    too_full = start(vm, scratch, scratch_min_free="100000T")
-    assert too_full.failed and "less than the" in too_full["msg"] and "scratch_min_free" in too_full["msg"]
-    bad_size = start(vm, scratch, scratch_min_free="lots")
-    assert bad_size.failed and "Invalid scratch_min_free" in bad_size["msg"]
+    too_full = start(vm, scratch, scratch_size="100000T")
+    assert too_full.failed and "less than the" in too_full["msg"] and "scratch_size" in too_full["msg"]
+    bad_size = start(vm, scratch, scratch_size="lots")
+    assert bad_size.failed and "Invalid scratch_size" in bad_size["msg"]
     for bad_timeout in (0, 4000):
         refused = start(vm, scratch, cbw_timeout=bad_timeout)
         assert refused.failed and "cbw_timeout must be" in refused["msg"]

@@ -30,7 +30,7 @@ def assert_image_reads(image, image_format, pattern, length):
     """Out of band, after QEMU let go: the guest's writes really landed (HMP qemu-io hides failed writes)."""
     check = subprocess.run(["qemu-io", "-f", image_format, "-r", "-c", "read -P 0x%02x 0 %d" % (pattern, length),
                             image], stdout=subprocess.PIPE, text=True, check=True)
-    assert "Pattern verification failed" not in check.stdout, check.stdout
+    assert "read %d/%d bytes" % (length, length) in check.stdout, check.stdout
 
 
 def test_a_full_scratch_breaks_the_backup_never_the_guest(vms, tmp_path, tmpfs):
@@ -41,7 +41,7 @@ def test_a_full_scratch_breaks_the_backup_never_the_guest(vms, tmp_path, tmpfs):
     vm = vms([DiskSpec("vda", size=96 * MiB), DiskSpec("vdb", iothread=True)], prepare=prepare)
     scratch = str(tmpfs("scratch8m", "8m"))
     flow = Backups(vm, str(tmp_path))
-    started = flow.start("b1", scratch_dir=scratch, scratch_min_free="4M")["backup"]
+    started = flow.start("b1", scratch_dir=scratch, scratch_size="4M")["backup"]
     assert vm.status() == "running" and started["pause"] > 0 and new_events(vm) == {"STOP", "RESUME"}
     # The guest overwrites 64 MiB of data that existed at the start: eight times what the scratch space holds.
     for step in range(64):
@@ -58,6 +58,30 @@ def test_a_full_scratch_breaks_the_backup_never_the_guest(vms, tmp_path, tmpfs):
     assert vm.status() == "running"
     vm.quit()
     assert_image_reads(vm.image("vda"), "qcow2", 0xA7, 64 * MiB)
+
+
+def test_a_backup_never_takes_space_from_the_vms_on_its_file_system(vms, tmp_path, tmpfs):
+    shared = tmpfs("shared", "64m")  # the VM's disk and the scratch space on one small file system
+    vm = vms([DiskSpec("vda", size=48 * MiB)], under=shared, prepare=lambda vm: vm.write("vda", 0, 24 * MiB, 0x61))
+    scratch = shared / "scratch"
+    scratch.mkdir(mode=0o700)
+    flow = Backups(vm, str(tmp_path))
+    flow.start("b1", scratch_dir=str(scratch), scratch_size="8M")
+    reserved = used_bytes(shared)
+    # The guest overwrites three times the scratch room, then fills the rest of its disk with new data, for
+    # which the file system has just enough room: the backup must not have taken any of it.
+    for step in range(24):
+        vm.write("vda", step * MiB, MiB, 0x62)
+    assert used_bytes(shared) == reserved  # the scratch image never grew beyond its room
+    for step in range(24, 48):
+        vm.write("vda", step * MiB, MiB, 0x63)
+    assert vm.status() == "running" and flow.stop("b1")["intact"] is False
+    flow.assert_nothing_left()
+    vm.quit()
+    assert_image_reads(vm.image("vda"), "qcow2", 0x62, 24 * MiB)
+    check = subprocess.run(["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x63 24M 24M", vm.image("vda")],
+                           stdout=subprocess.PIPE, text=True, check=True)
+    assert "read 25165824/25165824 bytes" in check.stdout, check.stdout
 
 
 def test_the_pause_is_only_for_a_running_vm_and_the_run_state_comes_back(vms, tmp_path):
@@ -79,6 +103,12 @@ def test_the_pause_is_only_for_a_running_vm_and_the_run_state_comes_back(vms, tm
     assert flow.start("b1")["backup"]["pause"] is None and prelaunch.status() == "prelaunch"
     flow.stop("b1")
     assert prelaunch.status() == "prelaunch"
+    flow.assert_nothing_left()
+    # The same id again: QEMU keeps the first scratch fdset until the VM runs, and must not be confused by it.
+    assert flow.start("b1")["changed"] is True
+    stopped = flow.stop("b1")
+    assert stopped["changed"] is True and stopped["removed"]["devices"] == ["/machine/peripheral/vda/virtio-backend"]
+    assert flow.stop("b1")["changed"] is False and prelaunch.status() == "prelaunch"
     flow.assert_nothing_left()
 
 
@@ -189,7 +219,7 @@ def start_without_pause(vm, flow, backup_id, monkeypatch, delay):
     monkeypatch.setattr(qmp_fleecing, "set_drive", slowly)
     registry = CheckpointRegistry(os.path.join(flow.state_dir, "checkpoints"))
     request = dict(disks=None, checkpoint=None, incremental=None, fallback_to_full=False, nbd_socket=None,
-                   cbw_timeout=10, scratch_min_free="0", scratch_dir=flow.scratch)
+                   cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch)
     try:
         with QmpVm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
             plan = connection.plan(backup_id, request, False)
@@ -233,7 +263,7 @@ def test_a_real_guest_overwriting_more_than_the_scratch_holds_keeps_running(vms,
     assert vm.wait_ready() == ["vda"]
     scratch = str(tmpfs("scratch48m", "48m"))
     flow = Backups(vm, str(tmp_path))
-    backup = flow.start("b1", scratch_dir=scratch, scratch_min_free="1M")["backup"]
+    backup = flow.start("b1", scratch_dir=scratch, scratch_size="1M")["backup"]
     new_events(vm)
     # The guest's own virtio-blk driver overwrites 256 MiB with O_DIRECT while the backup runs.
     assert vm.run("overwrite vda 256 170", timeout=300) == ["0", str(256 * MiB)]
@@ -256,7 +286,7 @@ def test_the_role_with_too_little_scratch_fails_that_vm_alone_and_recovers(vms, 
     small = tmpfs("scratch8m", "8m")
     inventory = json.loads(fleet.inventory.read_text())
     inventory["vms"]["hosts"]["vm1"]["qemu_backup_scratch_dir"] = str(small)
-    inventory["vms"]["vars"]["qemu_backup_scratch_min_free"] = "1M"
+    inventory["vms"]["vars"]["qemu_backup_scratch_size"] = "1M"
     fleet.inventory.write_text(json.dumps(inventory))
     assert_ok(fleet.backup())
     manifest = (fleet.repository / "vm1" / "manifest.json").read_bytes()

@@ -25,7 +25,7 @@ def start_in_process(vm, flow, fail):
     """Start a backup through the module_utils in this process; fail(command, arguments, real) runs each QMP call."""
     registry = CheckpointRegistry(os.path.join(flow.state_dir, "checkpoints"))
     request = dict(disks=None, checkpoint="c1", incremental=None, fallback_to_full=False, nbd_socket=None,
-                   cbw_timeout=10, scratch_min_free="0", scratch_dir=flow.scratch)
+                   cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch)
     with QmpVm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
         qmp = connection.qmp
         real_execute, real_with_fd = qmp.execute, qmp.execute_with_fd

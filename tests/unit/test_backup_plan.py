@@ -37,7 +37,7 @@ def fake_vm(bitmaps=()):
 
 def request(**overrides):
     values = dict(disks=None, checkpoint=None, incremental=None, fallback_to_full=False, scratch_dir="/s",
-                  nbd_socket=None, cbw_timeout=10, scratch_min_free="10%")
+                  nbd_socket=None, cbw_timeout=10, scratch_size="10%")
     values.update(overrides)
     return values
 
@@ -159,8 +159,9 @@ def test_a_resize_since_the_checkpoint_is_a_reason_for_a_full_backup(tmp_path):
 
 
 def test_a_second_start_must_ask_for_the_same_backup():
-    assert request_differences(request(), request(scratch_min_free="1G")) == []
-    assert request_differences(request(), request(checkpoint="c1", cbw_timeout=5)) == ["checkpoint", "cbw_timeout"]
+    assert request_differences(request(), request()) == []
+    assert request_differences(request(), request(checkpoint="c1", scratch_size="1G", cbw_timeout=5)) == [
+        "checkpoint", "scratch_size", "cbw_timeout"]
 
 
 def test_a_qom_set_error_is_checked_against_what_is_attached():

@@ -14,7 +14,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state imp
     process_alive,
     this_process,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import minimum_free_bytes
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import scratch_bytes, scratch_shares
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
 
 
@@ -96,8 +96,14 @@ def test_a_shared_directory_is_refused_unless_sticky(tmp_path):
 
 @pytest.mark.parametrize("setting,size,expected", [("10%", 1000, 100), ("0", 1000, 0), ("2G", 1, 2 << 30),
                                                    ("512M", 1, 512 << 20), ("12.5%", 800, 100)])
-def test_scratch_min_free_is_a_size_or_a_share_of_the_disks(setting, size, expected):
-    assert minimum_free_bytes(setting, size) == expected
+def test_scratch_size_is_a_size_or_a_share_of_the_disks(setting, size, expected):
+    assert scratch_bytes(setting, size) == expected
+
+
+def test_the_scratch_room_is_shared_by_disk_size_in_whole_clusters():
+    assert scratch_shares(100 << 20, [3 << 30, 1 << 30]) == [75 << 20, 25 << 20]
+    assert scratch_shares(0, [1 << 30, 1 << 30]) == [1 << 20, 1 << 20]  # room for the image's own tables
+    assert all(share % 65536 == 0 for share in scratch_shares(1000003, [7, 11, 13]))
 
 
 def test_a_pause_record_is_abandoned_only_when_its_process_is_gone(tmp_path):

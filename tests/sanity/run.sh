@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# make sanity: ansible-test sanity (offline), ansible-lint --profile production, antsibull-changelog lint,
+# and the execution environment's introspection, on a snapshot of the working tree.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+venv=${VENV:-$root/.venv}
+snapshot=$root/build/sanity/ansible_collections/fleetbackup/qemu
+
+# ansible-test needs the collection at .../ansible_collections/<namespace>/<name>, in git.
+rm -rf "$root/build/sanity"
+mkdir -p "$snapshot"
+(cd "$root" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$snapshot")
+git -C "$snapshot" init -q
+git -C "$snapshot" add -A
+git -C "$snapshot" -c user.name=sanity -c user.email=sanity@localhost commit -q -m snapshot
+
+# ansible-test downloads get-pip.py before anything else; it looks in its cache first.
+pip_version=$("$venv/bin/python" -c 'import types
+from ansible_test._internal.python_requirements import get_venv_packages
+print(get_venv_packages(types.SimpleNamespace(version="3.11"))["pip"])')
+mkdir -p ~/.ansible/test/cache
+install -m 0644 "$root/tests/sanity/get_pip_standin.py" ~/.ansible/test/cache/get_pip_${pip_version//./_}.py
+
+echo "== ansible-test sanity"
+(cd "$snapshot" && "$venv/bin/ansible-test" sanity --venv --python 3.11 --color no)
+
+echo "== ansible-lint --profile production"
+(cd "$snapshot" && "$venv/bin/ansible-lint" --profile production roles playbooks)
+
+echo "== antsibull-changelog lint"
+(cd "$snapshot" && "$venv/bin/antsibull-changelog" lint)
