@@ -10,7 +10,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_PYTHON_INTERPRETER := $(PY)
 
-.PHONY: all demo test unit integration bench deps install guest-kit clean
+.PHONY: all demo test sanity unit integration bench deps install guest-kit clean
 
 all: test
 
@@ -26,9 +26,9 @@ build/.apt:
 	@touch $@
 
 # libnbd's bindings live in Debian's python3, so the venv must come from it and see its site-packages.
-$(VENV)/.ready: requirements.txt build/.apt
+$(VENV)/.ready: requirements-dev.txt build/.apt
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --upgrade -r requirements.txt
+	$(PY) -m pip install -q --upgrade -r requirements-dev.txt
 	$(PY) -c 'import nbd, qemu.qmp, ansible'
 	@touch $@
 
@@ -49,7 +49,11 @@ guest-kit:
 demo: install
 	VENV=$(VENV) demo/run.sh
 
-test: install guest-kit
+# ansible-test sanity, ansible-lint and antsibull-changelog lint, offline, plus the execution environment's files.
+sanity: install
+	VENV=$(VENV) tests/sanity/run.sh
+
+test: install sanity guest-kit
 	cd tests && $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 unit: install

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """make bench: our copy engine against nbdcopy and qemu-img convert, on the same live backup export.
 
 It builds an 8 GiB disk holding 2 GiB of data in many extents, with zeroed and
@@ -65,7 +64,7 @@ def peak_rss_mib(argv, stdin=None, env=None):
                                env=env)
     process.stdin.write(stdin or b"")
     process.stdin.close()
-    _, status, usage = os.wait4(process.pid, 0)
+    _pid, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError("%s failed with %d" % (argv[0], process.returncode))
@@ -124,7 +123,7 @@ def run_round_robin(copiers, rounds, reference_image):
         order = list(copiers) if round_index % 2 == 0 else list(reversed(copiers))
         for name in order:
             argv, stdin, dest = copiers[name]()
-            elapsed, _ = timed(argv, stdin, env=copiers_env(argv))
+            elapsed, _output = timed(argv, stdin, env=copiers_env(argv))
             times[name].append(elapsed)
             if round_index == 0 and not same(dest, reference_image):
                 raise SystemExit("%s produced an image that differs from the disk" % name)
@@ -235,7 +234,7 @@ def main():
         inc_copiers = Copiers(incremental["url"], os.path.join(workdir, "inc"), size, args.connections)
         os.makedirs(inc_copiers.workdir)
         inc_times = []
-        for _ in range(args.rounds):
+        for _round in range(args.rounds):
             argv, stdin, dest = inc_copiers.ours("qcow2", dirty_bitmap=incremental["dirty_bitmap"], backing=base)
             elapsed, output = timed(argv, stdin, env=copiers_env(argv))
             inc_result = json.loads(output)

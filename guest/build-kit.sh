@@ -117,6 +117,7 @@ done
 
 cp "$work"/kernel/boot/vmlinuz-* "$work/kit/vmlinuz"
 for deb in "$work"/debs/*.deb; do
+    # shellcheck disable=SC2016  # dpkg-deb expands ${Package}, not the shell
     dpkg-deb -W --showformat='${Package} ${Version}\n' "$deb"
 done >"$work/kit/packages"
 echo "$stamp" >"$work/kit/stamp"

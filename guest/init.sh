@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # The test guest's /init: loads the disk drivers, then serves the line protocol documented at the
 # top of build-kit.sh on ttyS0, one command at a time. If it ever exits, the kernel panics and
 # QEMU (-no-reboot, panic=-1) quits, which the host sees as the serial socket closing.

@@ -217,7 +217,7 @@ class CopyStats:
         self.bytes_clean = 0
 
     def add_extents(self, extents):
-        _, zero, clean = count_bytes(extents)
+        _data, zero, clean = count_bytes(extents)
         with self.lock:
             self.bytes_zeroed += zero
             self.bytes_clean += clean
@@ -320,7 +320,7 @@ class Qcow2Target:
 
     def planned(self, operations, mapped_through):
         with self._lock:
-            for _, offset, length in operations:
+            for _kind, offset, length in operations:
                 for region in self._regions(offset, length):
                     self._pending[region] = self._pending.get(region, 0) + 1
             self._mapped = mapped_through
@@ -365,7 +365,7 @@ class _Worker:
         self.target = target
         self.queue = queue
         self.stats = stats
-        self.free = [nbd.Buffer(request_size) for _ in range(requests)]
+        self.free = [nbd.Buffer(request_size) for _request in range(requests)]
         self.reading = 0  # reads on the wire
         self.read_done = []  # reads completed and not yet written
         self.read_error = None
@@ -440,7 +440,7 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
     sources = []
     threads = []
     try:
-        for _ in range(connections):
+        for _connection in range(connections):
             sources.append(Connection(src_url, bitmap_context, io_timeout, abort))
         for index, source in enumerate(sources):
             thread = threading.Thread(target=_Worker(source, target, queue, stats, requests, request_size).run,

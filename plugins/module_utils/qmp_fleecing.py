@@ -115,7 +115,7 @@ def running_backup_ids(qmp):
     An fdset alone does not count: on a VM that is not running, QEMU closes removed fdsets only once it runs.
     """
     nodes = {entry["node-name"] for entry in qmp.execute("query-named-block-nodes", {"flat": True})}
-    ids = {record["backup"] for _, record in our_fdsets(qmp)
+    ids = {record["backup"] for _fdset, record in our_fdsets(qmp)
            if set(QmpBackupNames(record["backup"]).nodes(record["index"])) & nodes}
     for export in qmp.execute("query-block-exports"):
         match = EXPORT_ID.match(export["id"])
@@ -206,7 +206,7 @@ class VcpuPause:
 
 def cont(qmp):
     """Resume the vCPUs, trying twice; VmLeftPaused if the VM still does not run."""
-    for _ in range(2):
+    for _attempt in range(2):
         try:
             qmp.execute("cont")
             return
@@ -420,7 +420,7 @@ class Teardown:
         self.record = record if record is not None and record["backup_id"] == backup_id else None
         # On a VM that is not running, removed fdsets linger: an id used again may have several per disk.
         self.fdsets = [(fdset, disk) for fdset, disk in our_fdsets(qmp) if disk["backup"] == backup_id]
-        disks = {disk["index"]: disk for _, disk in self.fdsets}
+        disks = {disk["index"]: disk for _fdset, disk in self.fdsets}
         self.exports = sorted(e["id"] for e in qmp.execute("query-block-exports") if names.owns_export(e["id"]))
         present = {entry["node-name"]: entry for entry in qmp.execute("query-named-block-nodes", {"flat": True})}
         self.nodes = [node for index in sorted(disks) for node in names.nodes(index) if node in present]
@@ -493,7 +493,7 @@ class Teardown:
             qmp.execute("block-dirty-bitmap-remove", {"node": disk["node"], "name": self.checkpoint})
         if self.checkpoint_disks:
             registry.forget([disk["filename"] for disk in self.checkpoint_disks], self.checkpoint)
-        for fdset, _ in self.fdsets:
+        for fdset, _disk in self.fdsets:
             qmp.execute("remove-fd", {"fdset-id": fdset})
         for path in self.sockets:
             remove_file(path)  # QEMU may have unlinked it already when it closed the listener, if it could

@@ -70,8 +70,8 @@ class Repository:
         except FileNotFoundError:
             return dict(format=MANIFEST_FORMAT, vm=self.vm, backups=[])
         except OSError as err:
-            raise UserError("Cannot read the manifest %s (%s): it must be a plain file." % (self.manifest_path,
-                                                                                          err.strerror)) from None
+            raise UserError("Cannot read the manifest %s (%s): it must be a plain file."
+                            % (self.manifest_path, err.strerror)) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise UserError("The manifest %s is not a regular file: remove what is there." % self.manifest_path)
@@ -179,11 +179,11 @@ def _incremental_problem(repository, data, newest, disks):
     for disk in (d for d in disks if _holds_checkpoints(d)):
         checkpoint = _checkpoint(disk, newest["checkpoint"])
         if checkpoint is None:
-            return "checkpoint %s of backup %s is missing on disk %s" % (newest["checkpoint"], newest["name"],
-                                                                          disk["disk"])
+            return "checkpoint %s of backup %s is missing on disk %s" % (
+                newest["checkpoint"], newest["name"], disk["disk"])
         if not checkpoint["usable"]:
-            return "checkpoint %s on disk %s cannot be used (inconsistent or resized)" % (newest["checkpoint"],
-                                                                                         disk["disk"])
+            return "checkpoint %s on disk %s cannot be used (inconsistent or resized)" % (
+                newest["checkpoint"], disk["disk"])
         if previous[disk["disk"]]["size"] != disk["size"]:
             return "disk %s was resized since backup %s" % (disk["disk"], newest["name"])
     return None
@@ -297,11 +297,11 @@ class Lease:
 
     def check(self, run_id, now):
         """UserError unless run_id holds the lease now: a run must not write once another has taken over."""
-        with self._locked() as (_, current):
+        with self._locked() as (_fd, current):
             if not current or current["run_id"] != run_id or current["expires"] <= now:
                 raise UserError("Run %s no longer holds the lease of %s (%s): it expired or another run took it. "
-                                "Nothing was written; run the backup again." % (run_id, self.repository.path,
-                                                                               current and current["holder"]))
+                                "Nothing was written; run the backup again."
+                                % (run_id, self.repository.path, current and current["holder"]))
 
     def release(self, run_id):
         """Give the lease up if run_id holds it; whether it did."""

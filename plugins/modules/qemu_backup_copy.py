@@ -27,7 +27,7 @@ description:
     copy ended. When the guest overwrote data that the scratch space could not keep, the copy fails, saying so,
     and keeps nothing.
 author:
-  - fleetbackup.qemu developers
+  - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
   - ansible.builtin.files
 options:
@@ -90,6 +90,7 @@ options:
   mode:
     description:
       - Permissions of O(dest). Disk images hold secrets, so the default is C(0600).
+    type: raw
     default: '0600'
 requirements:
   - libnbd's Python bindings (Debian package python3-libnbd)
@@ -221,13 +222,12 @@ def main():
             connections=dict(type="int", default=4),
             requests=dict(type="int", default=16),
             request_size=dict(type="int", default=256 * 1024),
+            mode=dict(type="raw", default="0600"),
         ),
         needs_nbd=True,
         add_file_common_args=True,
         supports_check_mode=True,
     )
-    if module.params["mode"] is None:
-        module.params["mode"] = "0600"
     module.run(copy_backup)
 
 

@@ -145,8 +145,8 @@ def restore(module):
         raise UserError("dest %s is not a directory: create it first." % params["dest"])
     repository = Repository(params["repository"], params["vm"])
     if not os.path.exists(repository.manifest_path):
-        raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (repository.path,
-                                                                                         params["vm"]))
+        raise UserError("%s is no backup repository of VM %s: it has no manifest.json."
+                        % (repository.path, params["vm"]))
     backup = repository.find(repository.load(), params["backup"])
     disks = _chosen_disks(backup, params["disks"])
     results = [_restore_disk(module, repository, disk) for disk in disks]
@@ -159,8 +159,8 @@ def _chosen_disks(backup, wanted):
     known = {d["disk"]: d for d in backup["disks"]}
     unknown = [name for name in wanted if name not in known]
     if unknown:
-        raise UserError("Backup %s has no disk %s; it has %s." % (backup["name"], ", ".join(unknown),
-                                                                    ", ".join(known)))
+        raise UserError("Backup %s has no disk %s; it has %s."
+                        % (backup["name"], ", ".join(unknown), ", ".join(known)))
     return [known[name] for name in wanted]
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """A stand-in for pip's get-pip.py, which ansible-test downloads to bootstrap pip in the virtual environments
 of its sanity tests; `make sanity` puts it where ansible-test looks first, so the tests run without that download.
 

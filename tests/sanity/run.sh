@@ -19,7 +19,7 @@ pip_version=$("$venv/bin/python" -c 'import types
 from ansible_test._internal.python_requirements import get_venv_packages
 print(get_venv_packages(types.SimpleNamespace(version="3.11"))["pip"])')
 mkdir -p ~/.ansible/test/cache
-install -m 0644 "$root/tests/sanity/get_pip_standin.py" ~/.ansible/test/cache/get_pip_${pip_version//./_}.py
+install -m 0644 "$root/tests/sanity/get_pip_standin.py" ~/.ansible/test/cache/get_pip_"${pip_version//./_}".py
 
 echo "== ansible-test sanity"
 (cd "$snapshot" && "$venv/bin/ansible-test" sanity --venv --python 3.11 --color no)
@@ -29,3 +29,18 @@ echo "== ansible-lint --profile production"
 
 echo "== antsibull-changelog lint"
 (cd "$snapshot" && "$venv/bin/antsibull-changelog" lint)
+
+echo "== ansible-builder introspect --sanitize (the installed collection)"
+introspected=$("$venv/bin/ansible-builder" introspect --sanitize "$root/build/collections")
+echo "$introspected"
+for needed in qemu.qmp python3-libnbd qemu-utils; do
+    grep -q "$needed" <<<"$introspected" || { echo "the execution environment would lack $needed" >&2; exit 1; }
+done
+if grep -qiE 'pytest|ansible-lint|antsibull' <<<"$introspected"; then
+    echo "development tools would end up in the execution environment" >&2
+    exit 1
+fi
+
+echo "== ansible-builder create (a build context; building it needs a container engine)"
+rm -rf "$root/build/ee-context"
+(cd "$root/ee" && "$venv/bin/ansible-builder" create -f execution-environment.yml --context "$root/build/ee-context")

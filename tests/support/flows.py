@@ -62,6 +62,7 @@ def used_bytes(path):
     fs = os.statvfs(path)
     return (fs.f_blocks - fs.f_bfree) * fs.f_frsize
 
+
 def assert_no_leftovers(vm):
     """Nothing of a backup in QEMU, and no scratch image held open (they have no name: look at QEMU's descriptors)."""
     assert vm.leftovers() == dict(nodes=[], moved={}, exports=[], jobs=[], fdsets=[], deleted_files=[],

@@ -56,7 +56,7 @@ def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False
                ANSIBLE_CALLBACK_PLUGINS=os.path.join(os.path.dirname(os.path.abspath(__file__)), "callback_plugins"))
     if at_task:
         env.update(AT_TASK=at_task[0], AT_TASK_COMMAND=json.dumps(at_task[1]))
-    process = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    process = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900, check=False)
     with open(results_file) as stream:
         return process.returncode, json.load(stream), process.stdout.decode(errors="replace")
 

@@ -121,7 +121,7 @@ def test_incremental_bitmaps_freeze_in_one_transaction_with_the_new_checkpoint()
 def test_a_full_backup_without_checkpoint_needs_no_transaction():
     qmp = fake_vm()
     _freeze_bitmaps(qmp, QmpBackupNames("b1"), plan(qmp))
-    assert "transaction" not in [command for command, _ in qmp.commands]
+    assert "transaction" not in [command for command, _arguments in qmp.commands]
 
 
 def test_incremental_problems_fail_or_fall_back_per_disk():

@@ -71,7 +71,7 @@ def test_first_run_is_full_and_a_young_backup_means_nothing_is_due(repository):
 
 
 def test_names_are_unique_within_one_second(repository):
-    names = {plan(repository, dict(backups=[]), "full", 0, [vm_disk()], None, NOW)["name"] for _ in range(50)}
+    names = {plan(repository, dict(backups=[]), "full", 0, [vm_disk()], None, NOW)["name"] for _run in range(50)}
     assert len(names) == 50 and all(name.startswith("20270115T080000Z-") for name in names)
 
 
