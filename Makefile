@@ -4,7 +4,10 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 COLLECTIONS := $(CURDIR)/build/collections
 INSTALLED := $(COLLECTIONS)/ansible_collections/fleetbackup/qemu/MANIFEST.json
-APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv
+APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv \
+	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
+# Only for make bench: the tool it is compared with.
+BENCH_APT_PACKAGES := virtnbdbackup
 SOURCES := galaxy.yml $(shell find meta plugins roles playbooks -type f -not -name '*.pyc' 2>/dev/null)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
@@ -15,21 +18,31 @@ export ANSIBLE_PYTHON_INTERPRETER := $(PY)
 all: test
 
 # System packages: only what is missing, so a prepared machine needs no root.
-build/.apt:
-	@mkdir -p build
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages: $$missing"; \
 		$$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+endef
+
+# libvirt-daemon alone creates no users; the tests' own libvirtd runs QEMU as libvirt-qemu, as Debian's does.
+build/.apt:
+	@mkdir -p build
+	$(call apt_install,$(APT_PACKAGES))
+	$$( [ $$(id -u) -eq 0 ] || echo sudo ) tests/support/libvirt-users.sh
+	@touch $@
+
+build/.apt-bench: build/.apt
+	$(call apt_install,$(BENCH_APT_PACKAGES))
 	@touch $@
 
 # libnbd's bindings live in Debian's python3, so the venv must come from it and see its site-packages.
 $(VENV)/.ready: requirements-dev.txt build/.apt
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade -r requirements-dev.txt
-	$(PY) -c 'import nbd, qemu.qmp, ansible'
+	$(PY) -c 'import nbd, qemu.qmp, ansible, libvirt'
 	@touch $@
 
 deps: $(VENV)/.ready
@@ -62,7 +75,7 @@ unit: install
 integration: install guest-kit
 	cd tests && $(PY) -m pytest -ra integration $(PYTEST_ARGS)
 
-bench: install
+bench: install build/.apt-bench
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
 clean:

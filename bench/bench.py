@@ -71,6 +71,20 @@ def peak_rss_mib(argv, stdin=None, env=None):
     return usage.ru_maxrss / 1024
 
 
+def timed_with_rss(argv, env=None):
+    """(seconds, peak RSS in MiB of the command or the largest process it waited for) of a run that must succeed."""
+    with tempfile.TemporaryFile() as output:
+        os.sync()
+        started = time.monotonic()
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env)
+        _pid, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.monotonic() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            output.seek(0)
+            raise SystemExit("%s failed: %s" % (" ".join(argv[:2]), output.read()[-3000:].decode(errors="replace")))
+    return elapsed, usage.ru_maxrss / 1024
+
+
 class Copiers:
     def __init__(self, url, workdir, size, connections):
         self.url = url
@@ -194,6 +208,8 @@ def main():
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--workdir", default=None, help="default: a new directory under build/")
     parser.add_argument("--only-start-stop", action="store_true", help="only time the start and stop modules")
+    parser.add_argument("--only-libvirt", action="store_true", help="only the libvirt roles beside virtnbdbackup")
+    parser.add_argument("--libvirt-rounds", type=int, default=2)
     args = parser.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-", dir=os.path.join(ROOT, "build"))
@@ -203,6 +219,9 @@ def main():
     size, data = args.size_gib * GiB, args.data_gib * GiB
     vms = []
     try:
+        if args.only_libvirt:
+            bench_and_report_libvirt(workdir, size, data, args.libvirt_rounds)
+            return
         print("Timing start and stop of a running VM with 1 and 4 disks...", flush=True)
         start_stop = bench_start_stop(workdir, scratch, 10)
         report_start_stop(start_stop, 10)
@@ -259,13 +278,21 @@ def main():
             os.unlink(dest)
             stop_backup(machine, scratch, "bench-big")
             machine.kill()
+        report(times, memory, inc_times, inc_result, full_engine, results_big, data, size)
+        bench_and_report_libvirt(workdir, size, data, args.libvirt_rounds)
     finally:
         for machine in vms:
             machine.kill()
         if not args.workdir:
             shutil.rmtree(workdir)  # gigabytes of images; a --workdir given is the caller's to keep
 
-    report(times, memory, inc_times, inc_result, full_engine, results_big, data, size)
+
+def bench_and_report_libvirt(workdir, size, data, rounds):
+    from libvirt_bench import bench_libvirt, report_libvirt  # needs python3-libvirt, which the QMP part does not
+
+    print("Backing up a libvirt domain with the roles and with virtnbdbackup, %d rounds..." % rounds, flush=True)
+    libvirt_dir = tempfile.mkdtemp(prefix="libvirt-", dir=workdir)
+    report_libvirt(bench_libvirt(libvirt_dir, size, data, rounds), size, data, rounds)
 
 
 def report(times, memory, inc_times, inc_result, full_engine, results_big, data, size):

@@ -10,17 +10,40 @@ class ModuleDocFragment:
 options:
   qmp_socket:
     description:
-      - Path of the VM's QMP unix socket (C(-qmp unix:PATH,server=on,wait=off)).
-      - A QMP monitor serves one client at a time. libvirt holds the monitors of its VMs, so give
-        a VM meant for fleetbackup a C(-qmp) socket of its own; QEMU accepts several.
+      - Path of the VM's QMP unix socket (C(-qmp unix:PATH,server=on,wait=off)), for a VM that libvirt does not
+        manage.
+      - A QMP monitor serves one client at a time, so give a VM meant for fleetbackup a C(-qmp) socket of its own;
+        QEMU accepts several.
+      - Exactly one of O(qmp_socket) and O(domain) names the VM.
     type: path
-    required: true
-  qmp_timeout:
+  domain:
     description:
-      - Seconds to wait for QEMU's greeting, for each command and for each awaited event.
-      - A monitor busy with another client sends no greeting; the module then fails instead of hanging.
+      - Name or UUID of a libvirt domain, reached through libvirt's own backup and checkpoint APIs at O(libvirt_uri).
+        Never through its monitor, so the domain is not tainted.
+      - Exactly one of O(qmp_socket) and O(domain) names the VM.
+    type: str
+  libvirt_uri:
+    description:
+      - libvirt's connection URI, like community.libvirt's C(uri) option (also accepted as O(uri)); used with O(domain).
+      - The module runs on the hypervisor, so a local URI; C(?socket=PATH) reaches a libvirtd on another socket.
+    type: str
+    default: qemu:///system
+    aliases: [uri]
+  qemu_dir:
+    description:
+      - With O(domain), the directory for the backup's NBD socket and scratch images, which QEMU (running as its own
+        user, such as C(libvirt-qemu)) must reach. It is created with mode 0711 and must belong to the module's
+        user; each VM gets a subdirectory of its own that only QEMU's user can enter.
+    type: path
+    default: /var/lib/fleetbackup-qemu
+  timeout:
+    description:
+      - Seconds to wait for QEMU's greeting, for each QMP command and awaited event, and for a libvirt backup job to
+        end after it was aborted.
+      - A QMP monitor busy with another client sends no greeting; the module then fails instead of hanging.
     type: float
     default: 10
+    aliases: [qmp_timeout]
   state_dir:
     description:
       - fleetbackup's own directory on the hypervisor, created with mode 0700 if missing. It must belong to the
@@ -32,12 +55,12 @@ options:
     type: path
     default: /var/lib/fleetbackup
 requirements:
-  - qemu.qmp (Python package)
-  - QEMU 7.1 or newer
+  - With O(qmp_socket), qemu.qmp (Python package) and QEMU 7.1 or newer
+  - With O(domain), libvirt 9.0 or newer and its Python bindings (Debian package python3-libvirt)
 notes:
   - Run the module on the hypervisor that runs the VM; the sockets are local.
   - This module belongs to the C(fleetbackup.qemu.vm) action group, so C(module_defaults) can set
-    O(qmp_socket) and O(state_dir) once for a play.
+    O(qmp_socket) or O(domain), and O(state_dir), once for a play.
 """
 
     BACKUP_ID = r"""

@@ -24,7 +24,7 @@ EXPORT_NAME = re.compile(r"^(?P<backup_id>[A-Za-z0-9_-]{1,32})/(?P<tag>[0-9a-f]{
 # The options that define a backup: a second start with the same id must ask for the same.
 MAX_CBW_TIMEOUT = 60
 REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "scratch_size", "nbd_socket",
-                "cbw_timeout")
+                "cbw_timeout", "libvirt_small_scratch")
 
 
 def check_backup_id(backup_id):

@@ -38,6 +38,12 @@ def image_info(path, chain=False):
     return json.loads(checked_qemu_img(*args))
 
 
+def image_bitmaps(path):
+    """The names of the persistent bitmaps stored in a qcow2 image (none in other formats)."""
+    specific = image_info(path).get("format-specific", {})
+    return [bitmap["name"] for bitmap in specific.get("data", {}).get("bitmaps", [])]
+
+
 def images_equal(first, second):
     """True when both images have one virtual size and read the same bytes."""
     if image_info(first)["virtual-size"] != image_info(second)["virtual-size"]:
@@ -68,3 +74,8 @@ def check_image(path):
     if process.returncode != 0:
         raise QemuImgError("qemu-img check found %s damaged: %s" % (
             path, (process.stdout or process.stderr).decode(errors="replace").strip()))
+
+
+def qcow2_full_size(size):
+    """Bytes a qcow2 image of `size` virtual bytes takes once every cluster is written, metadata included."""
+    return json.loads(checked_qemu_img("measure", "--output=json", "-O", "qcow2", "--size", size))["fully-allocated"]

@@ -455,7 +455,7 @@ class Teardown:
 
     @property
     def removed(self):
-        return dict(exports=self.exports, nodes=self.nodes, devices=[disk["qdev"] for disk in self.devices],
+        return dict(job=False, exports=self.exports, nodes=self.nodes, devices=[disk["qdev"] for disk in self.devices],
                     bitmaps=len(self.bitmap_nodes), scratch_images=self.scratch_images, nbd_server=self.nbd_server,
                     files=self.sockets, checkpoint=self.checkpoint if self.checkpoint_disks else None,
                     state_file=self.record is not None)

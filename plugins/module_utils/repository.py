@@ -16,6 +16,7 @@ before any file is touched.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
     check_plain_name,
+    create_exclusive,
     flock_within,
     remove_file,
     sync_directory,
@@ -85,10 +87,12 @@ class Repository:
             raise UserError("The manifest %s has format %s; this collection reads format %d."
                             % (self.manifest_path, data.get("format"), MANIFEST_FORMAT))
         for backup in data["backups"]:
+            where = "in backup %s of %s" % (backup.get("name"), self.manifest_path)
             for disk in backup["disks"]:
-                where = "in backup %s of %s" % (backup.get("name"), self.manifest_path)
                 check_plain_name(disk["file"], "Image " + where)
                 check_plain_name(disk["disk"], "Disk " + where)
+            for name in definition_files(backup):
+                check_plain_name(name, "File " + where)
         return data
 
     def save(self, data):
@@ -97,6 +101,31 @@ class Repository:
 
     def image(self, file_name):
         return os.path.join(self.path, check_plain_name(file_name, "Image name"))
+
+    def write_file(self, file_name, content):
+        """A new file of this VM's directory (mode 0600, never through a link), written durably."""
+        created = create_exclusive(self.path, check_plain_name(file_name, "File name"))
+        try:
+            with os.fdopen(created.fd, "wb") as stream:
+                stream.write(content)
+                stream.flush()
+                os.fsync(stream.fileno())
+        except BaseException:
+            remove_file(created.path)
+            raise
+        return file_name
+
+    def read_file(self, file_name):
+        """The content of a plain file of this VM's directory (never through a link)."""
+        try:
+            fd = os.open(os.path.join(self.path, check_plain_name(file_name, "File name")),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:
+            raise UserError("Cannot read %s in %s (%s)." % (file_name, self.path, err.strerror)) from None
+        with os.fdopen(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise UserError("%s in %s is not a regular file." % (file_name, self.path))
+            return stream.read()
 
     def remove_images(self, file_names):
         """Delete images of this VM's directory; the names removed."""
@@ -221,7 +250,38 @@ def missing_images(repository, data, backup):
             if not os.path.isfile(repository.image(disk["file"]))]
 
 
-def record(data, planned, started_disks, copies, now):
+def definition_file_names(name):
+    """(domain XML, NVRAM): the files a backup of a libvirt domain keeps beside its images."""
+    return "%s.domain.xml" % name, "%s.nvram" % name
+
+
+def definition_files(backup):
+    """The files of a recorded backup besides its images."""
+    definition = backup.get("definition") or {}
+    return [name for name in (definition.get("domain_xml"), (definition.get("nvram") or {}).get("file")) if name]
+
+
+def store_definition(repository, name, definition):
+    """Write a libvirt backup's definition (RV backup.libvirt of the start) beside its images.
+
+    The manifest entry's part: the files, the checkpoint's XML, and what the backup could not keep.
+    """
+    xml_file, nvram_file = definition_file_names(name)
+    stored = dict(domain_xml=repository.write_file(xml_file, definition["domain_xml"].encode()),
+                  checkpoint_xml=definition.get("checkpoint_xml"), nvram=None,
+                  not_backed_up=definition.get("not_backed_up") or [])
+    nvram = definition.get("nvram")
+    if nvram:
+        content = base64.b64decode(nvram["content"])
+        if hashlib.sha256(content).hexdigest() != nvram["sha256"]:
+            raise UserError("The NVRAM of backup %s does not match its checksum: it was damaged on its way; run the "
+                            "backup again." % name)
+        stored["nvram"] = dict(file=repository.write_file(nvram_file, content), path=nvram["path"],
+                               sha256=nvram["sha256"])
+    return stored
+
+
+def record(data, planned, started_disks, copies, now, definition=None):
     """Append a complete backup. Each disk's level comes from what the start really did."""
     modes = {d["disk"]: d["mode"] for d in started_disks}
     # copies are {disk, bytes_read}, or the results of a loop of qemu_backup_copy over the started disks.
@@ -240,6 +300,8 @@ def record(data, planned, started_disks, copies, now):
                  chain=planned["name"] if level == "full" else planned["chain"],
                  checkpoint=planned["checkpoint"], incremental=planned["incremental"] if level != "full" else None,
                  started=planned["started"], finished=now, disks=disks)
+    if definition:
+        entry["definition"] = definition
     data["backups"].append(entry)
     return entry
 
@@ -253,7 +315,7 @@ def prune(data, keep_chains):
     doomed = set(chains[:-keep_chains]) if keep_chains and len(chains) > keep_chains else set()
     pruned = [b for b in data["backups"] if b["chain"] in doomed]
     data["backups"] = [b for b in data["backups"] if b["chain"] not in doomed]
-    return pruned, [d["file"] for b in pruned for d in b["disks"]]
+    return pruned, [d["file"] for b in pruned for d in b["disks"]] + [f for b in pruned for f in definition_files(b)]
 
 
 def obsolete_checkpoints(data, pruned):

@@ -25,6 +25,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import Use
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
     check_trusted_directory,
     create_exclusive,
+    remove_file,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import checked_qemu_img
 
@@ -73,21 +74,24 @@ def check_scratch_dir(path, needed_bytes, ours=False):
     return free
 
 
-def create_scratch_image(directory, size, room):
-    """A new, nameless qcow2 image for a disk of `size` bytes, in a file of `room` bytes reserved in directory.
+def create_scratch_image(directory, size, room, name=None):
+    """A new qcow2 image for a disk of `size` bytes, in a file of `room` bytes reserved in directory.
 
-    Returns its file descriptor (read-write). qcow2 takes free clusters inside the file before it grows it.
+    Nameless unless a name is given (libvirt opens its scratch images by path). Returns its file descriptor
+    (read-write). qcow2 takes free clusters inside the file before it grows it.
     """
-    fd = _nameless_file(directory)
+    created = create_exclusive(directory, name, os.O_RDWR) if name else None
+    fd = created.fd if created else _nameless_file(directory)
     try:
         checked_qemu_img("create", "-q", "-f", "qcow2", "/dev/fd/%d" % fd, size, pass_fds=(fd,))
         os.posix_fallocate(fd, 0, room)
-    except OSError as err:
+    except BaseException as err:
         os.close(fd)
-        raise UserError("Cannot reserve %d MiB of scratch space in %s (%s): free some room or lower scratch_size."
-                        % (room >> 20, directory, err.strerror)) from None
-    except BaseException:
-        os.close(fd)
+        if created:
+            remove_file(created.path)  # made above, by us
+        if isinstance(err, OSError):
+            raise UserError("Cannot reserve %d MiB of scratch space in %s (%s): free some room or lower "
+                            "scratch_size." % (room >> 20, directory, err.strerror)) from None
         raise
     return fd
 

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The seam between the modules and a VM: one interface; QMP (qmp_vm) answers it, libvirt will too.
+"""The seam between the modules and a VM: one interface, answered over QMP (qmp_vm) or by libvirt (libvirt_vm).
 
 Modules ask a VmConnection for the disks, start and stop backups, and add or remove checkpoints; they
 never see which connection answers. Each connection keeps its state under <state_dir>/vms/<key>/ and
@@ -125,6 +125,11 @@ class VmConnection:
             else:
                 self.registry.forget([disk.filename for disk in disks], name)
 
+    def restore_checkpoint(self, name, definition, check_mode):
+        """(changed, disks): give the VM's manager back checkpoint `name` from its recorded definition."""
+        raise UserError("%s keeps its checkpoints in its images alone: a definition applies to libvirt domains."
+                        % self.description)
+
     def stop_backup(self, backup_id, discard_checkpoint, check_mode):
         """(changed, what was removed, whether the view held)."""
         check_backup_id(backup_id)
@@ -141,7 +146,7 @@ class VmConnection:
                 return None
             checkpoint = record["checkpoint"] if discard_checkpoint else None
             ours = record["socket_identity"] and self.state.holds_socket(record["nbd_socket"], record["socket_identity"])
-            removed = dict(exports=[], nodes=[], nbd_server=False, checkpoint=checkpoint, state_file=True,
+            removed = dict(job=False, exports=[], nodes=[], nbd_server=False, checkpoint=checkpoint, state_file=True,
                            files=[record["nbd_socket"]] if ours else [])
             if not check_mode:
                 if checkpoint:

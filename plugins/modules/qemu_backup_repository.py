@@ -21,6 +21,7 @@ description:
   - O(action=record) appends a complete backup. O(action=prune) deletes whole old chains, images and entries.
     O(action=discard) deletes the images a failed run wrote, and only those the manifest does not list.
     All three need the lease (O(run_id)).
+  - O(action=newest) returns the newest complete backup's manifest entry, and changes nothing.
   - Every name that comes from the manifest or the inventory (VM, disk, image file) must be a plain file name inside
     the VM's directory, or nothing is touched.
   - The C(fleetbackup.qemu.qemu_backup) role chains this module with the backup modules; use the role.
@@ -38,7 +39,7 @@ options:
   action:
     description: What to do.
     type: str
-    choices: [lock, unlock, plan, record, prune, discard]
+    choices: [lock, unlock, plan, record, prune, discard, newest]
     required: true
   run_id:
     description:
@@ -92,6 +93,13 @@ options:
     description: With O(action=prune), how many of the newest chains to keep. C(0) keeps all.
     type: int
     default: 0
+  definition:
+    description:
+      - With O(action=record), for a libvirt domain, RV(fleetbackup.qemu.qemu_backup_start#module:backup.libvirt) of
+        this run. The domain's XML and its UEFI variables (NVRAM) are stored beside the images as
+        C(<name>.domain.xml) and C(<name>.nvram); the checkpoint's XML goes in the manifest, for a checkpoint that
+        libvirt loses to be given back.
+    type: dict
 attributes:
   check_mode:
     support: full
@@ -194,8 +202,11 @@ plan:
         - Bytes the copies are expected to read at most (dirty bytes for an incremental, disk sizes for a full).
       type: int
 backup:
-  description: With O(action=record), the manifest entry.
-  returned: action is record
+  description:
+    - With O(action=record), the manifest entry; with O(action=newest), the newest backup's, or null when there is none.
+    - A libvirt domain's entry has C(definition) with the C(domain_xml) file, the C(checkpoint_xml), the C(nvram)
+      (C(file), the domain's C(path), C(sha256)) and C(not_backed_up), what the backup could not keep (a vTPM).
+  returned: action is record or newest
   type: dict
 pruned:
   description: With O(action=prune), names of the backups removed.
@@ -224,11 +235,14 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base impor
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import (
     Lease,
     Repository,
+    definition_file_names,
+    definition_files,
     obsolete_checkpoints,
     parse_duration,
     plan,
     prune,
     record,
+    store_definition,
 )
 
 
@@ -237,7 +251,8 @@ def main():
         argument_spec=dict(
             repository=dict(type="path", required=True),
             vm=dict(type="str", required=True),
-            action=dict(type="str", choices=["lock", "unlock", "plan", "record", "prune", "discard"], required=True),
+            action=dict(type="str", choices=["lock", "unlock", "plan", "record", "prune", "discard", "newest"],
+                        required=True),
             run_id=dict(type="str"),
             holder=dict(type="str", default="a fleetbackup run"),
             lock_ttl=dict(type="int", default=3600),
@@ -249,6 +264,7 @@ def main():
             started_disks=dict(type="list", elements="dict"),
             copies=dict(type="list", elements="dict"),
             keep_chains=dict(type="int", default=0),
+            definition=dict(type="dict"),
         ),
         required_if=[("action", "plan", ["vm_disks"]),
                      ("action", "record", ["planned", "started_disks", "copies", "run_id"]),
@@ -307,10 +323,19 @@ def record_action(module):
     repository = repository_of(module)
     held_lease(module, repository)
     data = repository.load()
-    entry = record(data, params["planned"], params["started_disks"], params["copies"], int(time.time()))
+    definition = params["definition"]
+    if definition and not module.check_mode:
+        definition = store_definition(repository, params["planned"]["name"], definition)
+    entry = record(data, params["planned"], params["started_disks"], params["copies"], int(time.time()), definition)
     if not module.check_mode:
         repository.save(data)
     return dict(changed=True, backup=entry)
+
+
+def newest_action(module):
+    repository = repository_of(module)
+    backups = repository.load()["backups"] if os.path.isdir(repository.path) else []
+    return dict(changed=False, backup=backups[-1] if backups else None)
 
 
 def prune_action(module):
@@ -331,7 +356,10 @@ def discard_action(module):
     repository = repository_of(module)
     held_lease(module, repository)
     listed = {disk["file"] for backup in repository.load()["backups"] for disk in backup["disks"]}
-    written = [disk["file"] for disk in module.params["planned"]["disks"] if disk["file"] not in listed]
+    listed.update(name for backup in repository.load()["backups"] for name in definition_files(backup))
+    written = [disk["file"] for disk in module.params["planned"]["disks"]] + list(
+        definition_file_names(module.params["planned"]["name"]))
+    written = [name for name in written if name not in listed]
     present = [name for name in written if os.path.lexists(repository.image(name))]
     if module.check_mode:
         return dict(changed=bool(present), discarded=present)
@@ -339,7 +367,7 @@ def discard_action(module):
 
 
 ACTIONS = dict(lock=lock_action, unlock=unlock_action, plan=plan_action, record=record_action, prune=prune_action,
-               discard=discard_action)
+               discard=discard_action, newest=newest_action)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ description:
   - It reads the repository only; it needs no running QEMU. Every file name read from the manifest must be a
     plain name inside the VM's directory.
   - The temporary image is created with mode 0600 from the start and never through a symlink.
+  - A backup of a libvirt domain also gives back the domain's definition, C(<dest>/domain.xml), pointing at the
+    restored images, and its UEFI variables, C(<dest>/nvram.fd). With O(define_domain), the module defines the
+    restored domain in libvirt (O(libvirt_uri)). Under a new name (O(domain)) it gets a new UUID and new MAC
+    addresses, so it can run beside the original; disks that were not restored are left out of it.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
 options:
@@ -50,8 +54,23 @@ options:
     description: Replace existing images whose content differs.
     type: bool
     default: false
+  define_domain:
+    description:
+      - Define the restored domain in libvirt from the backup's domain XML. Only for backups of libvirt domains.
+      - A domain of that name must not exist yet, unless an earlier run of this restore defined it (the same images).
+    type: bool
+    default: false
+  domain:
+    description: Name of the restored domain; the backed-up domain's name by default.
+    type: str
+  libvirt_uri:
+    description: libvirt's connection URI, with O(define_domain).
+    type: str
+    default: qemu:///system
+    aliases: [uri]
 requirements:
   - qemu-img (Debian package qemu-utils)
+  - With O(define_domain), libvirt's Python bindings (Debian package python3-libvirt)
 attributes:
   check_mode:
     support: full
@@ -73,6 +92,14 @@ EXAMPLES = r"""
     disks: [vda]
     format: raw
     dest: /srv/restore
+
+- name: Restore the libvirt domain web1 as web1-drill, defined and ready to start beside web1
+  fleetbackup.qemu.qemu_backup_restore:
+    repository: /backup
+    vm: web1
+    dest: /var/lib/libvirt/images/web1-drill
+    define_domain: true
+    domain: web1-drill
 """
 
 RETURN = r"""
@@ -107,11 +134,47 @@ disks:
       description: Whether this image was written.
       type: bool
       sample: true
+domain:
+  description: For a backup of a libvirt domain, its restored definition; else null.
+  returned: success
+  type: dict
+  contains:
+    name:
+      description: The restored domain's name.
+      type: str
+      sample: web1-drill
+    xml:
+      description: The file holding its XML.
+      type: str
+      sample: /var/lib/libvirt/images/web1-drill/domain.xml
+    nvram:
+      description: The file holding its UEFI variables, or null.
+      type: str
+      sample: /var/lib/libvirt/images/web1-drill/nvram.fd
+    defined:
+      description: Whether this run defined it in libvirt.
+      type: bool
+      sample: true
+    left_out:
+      description: What the restored domain does not get back (disks not restored, a vTPM's state).
+      type: list
+      elements: str
+      sample: ["the vTPM's state: swtpm keeps it outside the domain's disks"]
 """
 
+import hashlib
 import os
 
+from ansible.module_utils.basic import missing_required_lib
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import domain_name, restored_domain_xml
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.libvirt_vm import (
+    DEFAULT_URI,
+    HAS_LIBVIRT,
+    LIBVIRT_IMPORT_ERROR,
+    define_domain,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
     check_image,
     convert_into,
@@ -121,6 +184,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import create_exclusive, remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
+
+
+DOMAIN_XML_FILE = "domain.xml"
+NVRAM_FILE = "nvram.fd"
 
 
 def main():
@@ -133,9 +200,15 @@ def main():
             format=dict(type="str", choices=["qcow2", "raw"], default="qcow2"),
             disks=dict(type="list", elements="str"),
             force=dict(type="bool", default=False),
+            define_domain=dict(type="bool", default=False),
+            domain=dict(type="str"),
+            libvirt_uri=dict(type="str", default=DEFAULT_URI, aliases=["uri"]),
         ),
         supports_check_mode=True,
     )
+    if module.params["define_domain"] and not HAS_LIBVIRT:
+        module.fail_json(msg=missing_required_lib("libvirt's Python bindings (Debian: apt install python3-libvirt)"),
+                         exception=str(LIBVIRT_IMPORT_ERROR))
     module.run(restore)
 
 
@@ -149,8 +222,64 @@ def restore(module):
                         % (repository.path, params["vm"]))
     backup = repository.find(repository.load(), params["backup"])
     disks = _chosen_disks(backup, params["disks"])
+    definition = backup.get("definition")
+    if params["define_domain"] and not definition:
+        raise UserError("Backup %s of %s holds no libvirt domain definition (a QMP VM's, or an older backup): "
+                        "leave out define_domain." % (backup["name"], params["vm"]))
     results = [_restore_disk(module, repository, disk) for disk in disks]
-    return dict(changed=any(r["changed"] for r in results), backup=backup["name"], disks=results)
+    domain = _restore_definition(module, repository, definition, results) if definition else None
+    changed = any(r["changed"] for r in results) or bool(domain and domain.pop("changed"))
+    return dict(changed=changed, backup=backup["name"], disks=results, domain=domain)
+
+
+def _restore_definition(module, repository, definition, results):
+    """Write the restored domain's XML and UEFI variables into dest; define it with define_domain."""
+    params = module.params
+    original = repository.read_file(definition["domain_xml"]).decode()
+    nvram = definition.get("nvram")
+    nvram_path = os.path.join(params["dest"], NVRAM_FILE) if nvram else None
+    images = {r["disk"]: (r["image"], params["format"]) for r in results}
+    xml, left_out = restored_domain_xml(original, params["domain"] or domain_name(original), images, nvram_path)
+    changed = False
+    if nvram:
+        content = repository.read_file(nvram["file"])
+        if hashlib.sha256(content).hexdigest() != nvram["sha256"]:
+            raise UserError("The NVRAM %s in %s does not match the checksum its backup recorded: it was damaged."
+                            % (nvram["file"], repository.path))
+        changed |= _write_if_different(module, nvram_path, content)
+    xml_path = os.path.join(params["dest"], DOMAIN_XML_FILE)
+    changed |= _write_if_different(module, xml_path, xml.encode())
+    defined = params["define_domain"] and define_domain(params["libvirt_uri"], xml, module.check_mode)
+    return dict(name=domain_name(xml), xml=xml_path, nvram=nvram_path, defined=bool(defined),
+                left_out=definition.get("not_backed_up", []) + left_out, changed=changed or bool(defined))
+
+
+def _write_if_different(module, path, content):
+    """Put content at path (0600, through a fresh file renamed into place); whether it had to."""
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as stream:
+            if stream.read() == content:
+                return False
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise UserError("Cannot read %s (%s): it must be a plain file, or absent." % (path, err.strerror)) from None
+    else:
+        if not module.params["force"]:
+            raise UserError("%s exists with other content: set force to replace it, or restore elsewhere." % path)
+    if module.check_mode:
+        return True
+    partial = create_exclusive(os.path.dirname(path), ".%s.part-%d" % (os.path.basename(path), os.getpid()))
+    try:
+        with os.fdopen(partial.fd, "wb") as stream:
+            stream.write(content)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.rename(partial.path, path)
+    except BaseException:
+        remove_file(partial.path)
+        raise
+    return True
 
 
 def _chosen_disks(backup, wanted):

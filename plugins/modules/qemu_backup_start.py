@@ -28,6 +28,17 @@ description:
   - Running it again with the same O(backup_id) and options while that backup runs reports no change and returns
     the same result; the same id with other options fails.
   - Checkpoint names must not start with C(fb-), which running backups use for their own bitmaps.
+  - With O(domain), the backup goes through libvirt's own API (a pull-mode C(virDomainBackupBegin), its checkpoint
+    created in the same call); export names and dirty-bitmap contexts are read back from libvirt, so
+    M(fleetbackup.qemu.qemu_backup_copy) works unchanged. libvirt 9.0 fleeces with C(blockdev-backup), where a full
+    scratch image fails the guest's writes instead of the backup (a guest that stops on I/O errors pauses). So the
+    start makes the scratch images itself, with room reserved for every cluster of their disks, and hands them to
+    libvirt; they cannot run out, and the guest still wins. That needs free space of the backed-up disks' virtual
+    size (plus qcow2 metadata) in the scratch directory while the backup runs; O(libvirt_small_scratch) reserves only
+    O(scratch_size) and accepts the risk. O(cbw_timeout) applies to QMP VMs only. libvirt pauses no vCPU, so
+    RV(backup.pause) is null.
+  - A libvirt backup also returns, in RV(backup.libvirt), the domain's definition, the new checkpoint's definition
+    and the UEFI variable store (NVRAM), so that the repository keeps what a restore needs besides the disks.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
@@ -47,6 +58,8 @@ options:
         behind there, and QEMU may run as any user.
       - Defaults to C(<state_dir>/scratch). A directory that other users can write into is refused unless it is
         sticky, like C(/var/tmp).
+      - With O(domain), libvirt opens scratch images by name, so they are named after the backup; the default is the
+        VM's directory under O(qemu_dir).
     type: path
   scratch_size:
     description:
@@ -59,6 +72,7 @@ options:
         overwrites more breaks the backup, never its own writes.
       - The default, 10% of the disks' size, covers a busy VM rewriting a tenth of its disks during one backup;
         raise it for write-heavy VMs and long copies.
+      - With O(domain), the room reserved is the disks' whole size instead, unless O(libvirt_small_scratch).
     type: str
     default: 10%
   cbw_timeout:
@@ -74,7 +88,8 @@ options:
     description:
       - Path of the unix socket that QEMU's NBD server listens on for this backup. The module creates it, mode
         0600, and hands it to QEMU already listening.
-      - Defaults to C(nbd.sock) in the VM's directory under O(state_dir).
+      - Defaults to C(nbd.sock) in the VM's directory under O(state_dir), or under O(qemu_dir) with O(domain), where
+        QEMU creates it and the module makes it 0600.
       - Its directory must not be writable by other users unless it is sticky.
     type: path
   checkpoint:
@@ -100,6 +115,13 @@ options:
       - Without it such a disk fails the start before anything is created.
     type: bool
     default: false
+  libvirt_small_scratch:
+    description:
+      - With O(domain), reserve only O(scratch_size) for the scratch images instead of the backed-up disks' whole
+        size. Beyond the reserved room they grow into the file system's free space; when that runs out, the
+        guest's writes fail until the backup stops.
+    type: bool
+    default: false
 seealso:
   - module: fleetbackup.qemu.qemu_backup_copy
   - module: fleetbackup.qemu.qemu_backup_stop
@@ -108,6 +130,10 @@ attributes:
     support: full
     description: Resolves the disks and checkpoints, checks the scratch space and returns the planned result; creates
       nothing.
+notes:
+  - With O(domain), the socket and the scratch images live in the VM's own directory under O(qemu_dir) unless
+    O(nbd_socket) or O(scratch_dir) say otherwise. QEMU's user (C(libvirt-qemu)) must be able to reach a given
+    O(scratch_dir), and to create the socket in the directory of a given O(nbd_socket). The stop removes them.
 """
 
 EXAMPLES = r"""
@@ -166,9 +192,31 @@ backup:
     pause:
       description:
         - Seconds the vCPUs were paused to give every disk the same instant; null when the VM was not running
-          (paused or not yet started), which needs no pause. Null in check mode.
+          (paused or not yet started), which needs no pause. Null in check mode, and with O(domain).
       type: float
       sample: 0.008
+    libvirt:
+      description:
+        - With O(domain), what a restore needs besides the disks. Pass it to
+          M(fleetbackup.qemu.qemu_backup_repository) (O(fleetbackup.qemu.qemu_backup_repository#module:definition)).
+      returned: with O(domain), when the backup started
+      type: dict
+      contains:
+        domain_xml:
+          description: The domain's persistent definition (without secrets such as graphics passwords).
+          type: str
+        checkpoint_xml:
+          description: The new checkpoint's definition, to give it back to libvirt if libvirt loses it; else null.
+          type: str
+        nvram:
+          description:
+            - The UEFI variable store, C(path), C(sha256) and C(content) (base64), read as the backup started; null
+              for a domain without one.
+          type: dict
+        not_backed_up:
+          description: What the backup cannot keep, such as a vTPM's state or disks left out.
+          type: list
+          elements: str
     disks:
       description: One entry per disk.
       type: list
@@ -217,7 +265,7 @@ backup:
           sample: checkpoint 'c0001' on disk vda is inconsistent (QEMU stopped uncleanly); it can only be removed
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import check_request
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import REQUEST_KEYS, check_request
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
 
@@ -233,6 +281,7 @@ def main():
             checkpoint=dict(type="str"),
             incremental=dict(type="str"),
             fallback_to_full=dict(type="bool", default=False),
+            libvirt_small_scratch=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
@@ -241,8 +290,7 @@ def main():
 
 def start(module):
     params = module.params
-    request = {key: params[key] for key in ("disks", "checkpoint", "incremental", "fallback_to_full", "nbd_socket",
-                                            "cbw_timeout", "scratch_size", "scratch_dir")}
+    request = {key: params[key] for key in REQUEST_KEYS}
     check_request(request)
     with module.vm() as vm:
         changed, backup = vm.start_backup(params["backup_id"], request, module.check_mode)

@@ -19,6 +19,9 @@ description:
     that was interrupted half-way and after a copy that was killed.
   - When the VM itself is gone (its QMP socket is missing or refuses connections), the backup's QEMU objects and
     scratch images went with it; the stop then removes the backup's socket and state.
+  - With O(domain), it ends libvirt's backup job (C(abortJob)), waits until libvirt removed the socket, and
+    removes the scratch images. The checkpoint of a domain that stopped meanwhile is removed from its images
+    offline. A domain that is paused on an I/O error is reported.
   - With nothing left to stop it reports no change.
   - It reports in RV(intact) whether the point-in-time view held until the stop; stop before recording a backup as
     good, as the C(fleetbackup.qemu.qemu_backup) role does.
@@ -88,6 +91,10 @@ removed:
       type: list
       elements: str
       sample: [/var/lib/fleetbackup/vms/qmp-3c1f0a2b9d4e/nbd.sock]
+    job:
+      description: With O(domain), whether libvirt's backup job was ended; false for a QMP VM.
+      type: bool
+      sample: true
     nbd_server:
       description: Whether the NBD server that the backup started was stopped.
       type: bool

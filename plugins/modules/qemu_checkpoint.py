@@ -16,7 +16,11 @@ description:
   - Checkpoints are normally created by M(fleetbackup.qemu.qemu_backup_start) in the same instant as a backup.
     This module adds one outside a backup, and removes old or inconsistent ones (an inconsistent checkpoint,
     left by a QEMU that died, can only be removed).
-  - All disks are changed in one QMP transaction.
+  - All disks are changed in one QMP transaction, or one libvirt checkpoint call.
+  - With O(domain), checkpoints are libvirt's, and libvirt removes a checkpoint from all its disks at once.
+    O(definition) gives libvirt back a checkpoint whose metadata it lost (libvirtd reinstalled, the domain undefined
+    and defined again) while its bitmaps are still in the images, so that a backup chain goes on; the
+    C(fleetbackup.qemu.qemu_backup) role does so from the definition it keeps in the repository.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
@@ -37,6 +41,14 @@ options:
     type: str
     choices: [present, absent]
     default: present
+  definition:
+    description:
+      - With O(domain) and O(state=present), the checkpoint's libvirt XML as a backup recorded it
+        (RV(fleetbackup.qemu.qemu_backup_start#module:backup.libvirt.checkpoint_xml)). If libvirt does not know the
+        checkpoint, it is defined again from it, after libvirt checked that its bitmaps are in the images and sound;
+        if they are not, the module fails and the next backup must be full.
+      - Its name must be O(name). O(disks) does not apply, since the definition lists them.
+    type: str
 attributes:
   check_mode:
     support: full
@@ -49,6 +61,12 @@ EXAMPLES = r"""
     qmp_socket: /run/vms/web1/qmp.sock
     name: before-upgrade
 
+- name: Give libvirt back a checkpoint it lost, from the definition a backup recorded
+  fleetbackup.qemu.qemu_checkpoint:
+    domain: web1
+    name: "{{ newest.checkpoint }}"
+    definition: "{{ newest.definition.checkpoint_xml }}"
+
 - name: Drop a checkpoint whose chain was pruned
   fleetbackup.qemu.qemu_checkpoint:
     qmp_socket: /run/vms/web1/qmp.sock
@@ -58,7 +76,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 disks:
-  description: The disks whose checkpoint was added or removed (in check mode, would be).
+  description: The disks whose checkpoint was added, removed or defined again (in check mode, would be).
   returned: success
   type: list
   elements: str
@@ -77,7 +95,9 @@ def main():
             name=dict(type="str", required=True),
             disks=dict(type="list", elements="str"),
             state=dict(type="str", choices=["present", "absent"], default="present"),
+            definition=dict(type="str"),
         ),
+        mutually_exclusive=[("definition", "disks")],
         supports_check_mode=True,
     )
     module.run(ensure_checkpoint)
@@ -86,6 +106,12 @@ def main():
 def ensure_checkpoint(module):
     name = check_checkpoint_name(module.params["name"], "checkpoint name")
     present = module.params["state"] == "present"
+    if module.params["definition"] is not None:
+        if not present:
+            raise UserError("definition gives a checkpoint back to libvirt: use it with state present.")
+        with module.vm() as vm:
+            changed, disks = vm.restore_checkpoint(name, module.params["definition"], module.check_mode)
+        return dict(changed=changed, disks=disks)
     with module.vm() as vm:
         disks = vm.disks()
         if present or module.params["disks"]:

@@ -52,3 +52,37 @@ def tmpfs(tmp_path):
     yield mount
     for path in mounted:
         subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def libvirt_daemon(tmp_path, tmp_path_factory, tmpfs):  # after tmpfs: the daemons end before it is unmounted
+    """Start (call it) a libvirtd and virtlogd of this test's own; both end by their PIDs at teardown, after the
+    domains. Mount any tmpfs the domains use first: the daemons' namespace sees only what was mounted before."""
+    from support.libvirt_daemon import LibvirtDaemon
+
+    started = []
+
+    def start(name="libvirt"):
+        daemon = LibvirtDaemon(str(tmp_path / name), str(tmp_path_factory.getbasetemp() / "libvirt-cache"))
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def domains(tmp_path):
+    """Define and start libvirt domains (LibvirtDomain) in this test's directory, on a daemon of libvirt_daemon."""
+    from support.libvirt_daemon import LibvirtDomain
+
+    def make(daemon, disks, name="dom", start=True, prepare=None, under=None, **options):
+        workdir = (under or tmp_path) / name
+        workdir.mkdir(exist_ok=True)
+        domain = LibvirtDomain(str(workdir), disks, daemon, "fbt-%s-%s" % (name, os.getpid()), **options)
+        if prepare:
+            prepare(domain)
+        return domain.start() if start else domain
+
+    return make

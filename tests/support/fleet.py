@@ -22,7 +22,7 @@ class Fleet:
         self.scratch.mkdir(exist_ok=True)
         self.inventory = tmp_path / "inventory.json"
         self.runs = 0
-        hosts = {name: {"qemu_backup_qmp_socket": vm.qmp_socket} for name, vm in vms.items()}
+        hosts = {name: host_vars(vm) for name, vm in vms.items()}
         self.inventory.write_text(json.dumps({"vms": {"hosts": hosts, "vars": {
             "ansible_connection": "local",
             "ansible_python_interpreter": "{{ ansible_playbook_python }}",
@@ -63,6 +63,14 @@ class Fleet:
 
     def images(self, vm):
         return sorted(name for name in os.listdir(self.repository / vm) if name.endswith(".qcow2"))
+
+
+def host_vars(vm):
+    """The backup role's variables that name a VM: its QMP socket, or its libvirt domain."""
+    variables = {"qemu_backup_" + key: value for key, value in vm.connection_args().items()}
+    if "qemu_backup_domain" in variables:
+        variables["qemu_backup_scratch_dir"] = ""  # QEMU under libvirt cannot enter the test's private directory
+    return variables
 
 
 def assert_ok(result, changed=None):

@@ -13,10 +13,11 @@ class Backups:
         os.makedirs(self.scratch, mode=0o700, exist_ok=True)
 
     def _vm_args(self, args):
-        return dict(qmp_socket=self.vm.qmp_socket, state_dir=self.state_dir, **args)
+        return dict(self.vm.connection_args(), state_dir=self.state_dir, **args)
 
     def start(self, backup_id="bk1", **args):
-        args.setdefault("scratch_dir", self.scratch)
+        if "qmp_socket" in self.vm.connection_args():  # QEMU under libvirt cannot enter our private test dir
+            args.setdefault("scratch_dir", self.scratch)
         return run_module("qemu_backup_start", **self._vm_args(dict(backup_id=backup_id, **args)))
 
     def stop(self, backup_id="bk1", **args):

@@ -50,6 +50,10 @@ class Vm:
                 subprocess.run(["qemu-img", "create", "-q", "-f", spec.format, self.image(spec.id), str(spec.size)],
                                check=True)
 
+    def connection_args(self):
+        """How the modules name this VM."""
+        return dict(qmp_socket=self.qmp_socket)
+
     def image(self, disk_id):
         spec = self.disks[disk_id]
         return os.path.join(self.workdir, "%s.%s" % (disk_id, spec.format))

@@ -38,6 +38,9 @@ def test_ansible_doc_renders_every_plugin(plugin_type, names):
 @pytest.mark.parametrize("module,args,hidden,words", [
     ("qemu_backup_copy", {"src": "nbd+unix:///x?socket=/x", "dest": "/tmp/x"}, ["nbd"], "python3-libnbd"),
     ("qemu_backup_start", {"qmp_socket": "/x", "backup_id": "x"}, ["qemu", "qemu.qmp"], "pip install qemu.qmp"),
+    ("qemu_backup_start", {"domain": "web1", "backup_id": "x"}, ["libvirt"], "apt install python3-libvirt"),
+    ("qemu_backup_restore", {"repository": "/x", "vm": "x", "dest": "/x", "define_domain": True}, ["libvirt"],
+     "apt install python3-libvirt"),
 ])
 def test_a_missing_library_fails_with_what_to_install(module, args, hidden, words):
     args = {"ANSIBLE_MODULE_ARGS": args}

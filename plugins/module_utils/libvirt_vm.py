@@ -1,0 +1,591 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A VM that libvirt manages: the libvirt implementation of VmConnection, through libvirt's own APIs.
+
+Backups go through virDomainBackupBegin in pull mode, checkpoints through libvirt's checkpoint API. Nothing
+here talks to the domain's monitor, so no domain is ever tainted.
+
+libvirt (9.0) fleeces with blockdev-backup: when the scratch image cannot grow, the guest's write fails. So the
+start makes the scratch images itself, each in a file with room reserved (fallocate) for every cluster of its
+disk, and hands them to libvirt to reuse: they can never run out, and they take no space the VMs need later.
+
+QEMU runs as its own user (libvirt-qemu). The scratch images sit in a root-owned directory per VM that QEMU's
+user may only pass through (libvirt hands it each image); the NBD socket, which QEMU creates, sits in a
+subdirectory of QEMU's user.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import stat
+import time
+from xml.etree import ElementTree
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
+    EXPORT_NAME,
+    BackupPlan,
+    nbd_url,
+    temporary_bitmap,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import disk_sources, domain_name
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
+    checked_qemu_img,
+    image_bitmaps,
+    qcow2_full_size,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import check_socket_path
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import (
+    check_scratch_dir,
+    create_scratch_image,
+    scratch_bytes,
+    scratch_shares,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_connection import VmConnection
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import Disk, select_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
+
+try:
+    import libvirt
+    HAS_LIBVIRT = True
+    LIBVIRT_IMPORT_ERROR = None
+except ImportError as import_error:
+    HAS_LIBVIRT = False
+    LIBVIRT_IMPORT_ERROR = import_error
+
+DEFAULT_URI = "qemu:///system"
+DEFAULT_QEMU_DIR = "/var/lib/fleetbackup-qemu"
+NBD_DIR = "nbd"
+NBD_SOCKET = "nbd.sock"
+SCRATCH_SUFFIX = ".scratch"
+# What libvirt's checkpoint XML reports sizes in: its bitmaps' granularity.
+CHECKPOINT_GRANULARITY = 64 * 1024
+# A backup job that fleetbackup did not start (another tool's): it blocks ours all the same.
+FOREIGN_BACKUP = "(a backup job that fleetbackup did not start)"
+# The largest UEFI variable store kept with a backup; OVMF's are 128 KiB to 4 MiB.
+MAX_NVRAM = 64 * 1024 * 1024
+JOB_POLL = 0.02
+
+
+class LibvirtFailure(FleetbackupError):
+    """A libvirt call failed; the message names libvirt's error and what was being done."""
+
+
+def error_name(err):
+    """The VIR_ERR_* name of a libvirtError, as libvirt's documentation spells it."""
+    code = err.get_error_code()
+    return next((name for name in dir(libvirt) if name.startswith("VIR_ERR_") and name != "VIR_ERR_NONE"
+                 and getattr(libvirt, name) == code), "libvirt error %s" % code)
+
+
+def call(what, function, *args):
+    """function(*args), with a libvirtError turned into a LibvirtFailure that says what was being done."""
+    try:
+        return function(*args)
+    except libvirt.libvirtError as err:
+        raise LibvirtFailure("%s failed: %s: %s" % (what, error_name(err), err.get_error_message())) from None
+
+
+def is_error(err, name):
+    return isinstance(err, libvirt.libvirtError) and err.get_error_code() == getattr(libvirt, name)
+
+
+def libvirt_vm_key(uuid):
+    """The private-state key of a libvirt domain: its UUID, which outlives renames and redefinitions."""
+    return "libvirt-" + uuid.replace("-", "")
+
+
+class LibvirtVm(VmConnection):
+    def __init__(self, uri, domain, timeout, state_dir, qemu_dir, registry, read_only=False):
+        super().__init__(None, registry, timeout)
+        self.uri = uri
+        self.domain_name = domain
+        self.state_dir = state_dir
+        self.qemu_dir = qemu_dir
+        self.read_only = read_only
+        self.connection = None
+        self.domain = None
+        self.run_dir = None
+
+    def __enter__(self):
+        libvirt.registerErrorHandler(lambda context, error: None, None)  # errors go in our messages, not stderr
+        self.connection = call("Connecting to libvirt at %s" % self.uri, libvirt.open, self.uri)
+        self.domain = self._lookup()
+        uuid = self.domain.UUIDString()
+        self.description = "domain %s (%s) on %s" % (self.domain.name(), uuid, self.uri)
+        self.state = VmState(self.state_dir, libvirt_vm_key(uuid), self.description, self.read_only)
+        # Short, for the socket path's 107 bytes: 64 bits of the UUID tell one host's domains apart.
+        self.run_dir = os.path.join(self.qemu_dir, uuid.replace("-", "")[:16])
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.connection is not None:
+            self.connection.close()
+
+    def _lookup(self):
+        for lookup in (self.connection.lookupByUUIDString, self.connection.lookupByName):
+            try:
+                return lookup(self.domain_name)
+            except libvirt.libvirtError as err:
+                if not is_error(err, "VIR_ERR_NO_DOMAIN") and not is_error(err, "VIR_ERR_INVALID_ARG"):
+                    raise LibvirtFailure("Looking up domain %s failed: %s: %s"
+                                         % (self.domain_name, error_name(err), err.get_error_message())) from None
+        raise UserError("libvirt at %s has no domain %s (by name or UUID): check domain and libvirt_uri."
+                        % (self.uri, self.domain_name))
+
+    def _running(self):
+        if not self.domain.isActive():
+            raise UserError("%s is not running: libvirt backs up and checkpoints only running domains. Start it."
+                            % self.description)
+
+    def _xml(self, flags=0):
+        return ElementTree.fromstring(call("Reading the domain's XML", self.domain.XMLDesc, flags))
+
+    def undo_abandoned(self):
+        return []  # libvirt pauses no vCPU for us; what a dead run leaves, stop removes
+
+    # ---- disks and checkpoints
+
+    def disks(self):
+        self._running()
+        checkpoints = self._checkpoint_sizes()
+        disks = []
+        for element in self._xml().findall("./devices/disk"):
+            source = element.find("source")
+            if element.get("device", "disk") != "disk" or source is None:
+                continue  # CD-ROMs, floppies, empty drives
+            target = element.find("target").get("dev")
+            driver = element.find("driver")
+            alias = element.find("alias")
+            size = call("Reading the size of disk %s" % target, self.domain.blockInfo, target)[0]
+            bitmaps = {name: dict(name=name, count=sizes[target], granularity=CHECKPOINT_GRANULARITY,
+                                  inconsistent=sizes[target] is None, persistent=True, recording=True, busy=False)
+                       for name, sizes in checkpoints.items() if target in sizes}
+            disks.append(Disk(
+                name=target, node=target, root=target, drive=target,
+                qdev=alias.get("name") if alias is not None else target,
+                format=driver.get("type", "raw") if driver is not None else "raw",
+                filename=source.get("file") or source.get("dev") or source.get("name"), size=size,
+                read_only=element.find("readonly") is not None, bitmaps=bitmaps))
+        return disks
+
+    def _checkpoint_sizes(self):
+        """{checkpoint: {disk: dirty bytes, or None where libvirt finds its bitmap missing or inconsistent}}."""
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE | libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN
+        sizes = {}
+        for checkpoint in self._checkpoints():
+            root = ElementTree.fromstring(call("Reading checkpoint %s" % checkpoint.getName(),
+                                               checkpoint.getXMLDesc, flags))
+            sizes[checkpoint.getName()] = {
+                disk.get("name"): int(disk.get("size")) if disk.get("size") is not None else None
+                for disk in root.findall("./disks/disk") if disk.get("checkpoint") == "bitmap"}
+        return sizes
+
+    def _checkpoints(self):
+        return call("Listing checkpoints", self.domain.listAllCheckpoints, 0)
+
+    def _redefine(self, xml, name):
+        """Hand libvirt a checkpoint's XML again, checked against the bitmaps in the images.
+
+        False when a bitmap is missing or inconsistent (libvirt's VIR_ERR_CHECKPOINT_INCONSISTENT).
+        """
+        try:
+            self.domain.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+                                            | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE)
+            return True
+        except libvirt.libvirtError as err:
+            if is_error(err, "VIR_ERR_CHECKPOINT_INCONSISTENT"):
+                return False
+            raise LibvirtFailure("Redefining checkpoint %s failed: %s: %s"
+                                 % (name, error_name(err), err.get_error_message())) from None
+
+    def checkpoint_valid(self, name):
+        """Whether every bitmap of checkpoint `name` is in the images and sound; libvirt checks, nothing changes."""
+        checkpoint = call("Looking up checkpoint %s" % name, self.domain.checkpointLookupByName, name)
+        return self._redefine(call("Reading checkpoint %s" % name, checkpoint.getXMLDesc,
+                                   libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN), name)
+
+    def restore_checkpoint(self, name, definition, check_mode):
+        """Give libvirt back a checkpoint whose metadata it lost (libvirtd reinstalled, the domain undefined and
+        defined again) from the XML a backup kept.
+
+        The bitmaps must still be in the images. A parent that libvirt no longer knows (an older checkpoint
+        deleted since) is left out: the parent only orders checkpoints, and the bitmap holds every change.
+        """
+        self._running()
+        try:
+            root = ElementTree.fromstring(definition)
+        except ElementTree.ParseError as err:
+            raise UserError("The definition of checkpoint %s is no XML (%s): pass the checkpoint_xml a backup "
+                            "recorded." % (name, err)) from None
+        if root.tag != "domaincheckpoint" or root.findtext("name") != name:
+            raise UserError("The definition is not one of checkpoint %s (it is a <%s> named %s): pass the "
+                            "checkpoint_xml of the backup that created it." % (name, root.tag, root.findtext("name")))
+        disks = [disk.get("name") for disk in root.findall("./disks/disk") if disk.get("checkpoint") == "bitmap"]
+        with self.state.lock(self.timeout):
+            known = {checkpoint.getName() for checkpoint in self._checkpoints()}
+            if name in known:
+                return False, []
+            if check_mode:
+                return True, disks
+            parent = root.find("parent")
+            if parent is not None and parent.findtext("name") not in known:
+                root.remove(parent)
+            if not self._redefine(ElementTree.tostring(root, encoding="unicode"), name):
+                raise UserError("Checkpoint %s cannot be given back to libvirt: a bitmap of it is missing or "
+                                "inconsistent in the images of %s (libvirt: VIR_ERR_CHECKPOINT_INCONSISTENT). The "
+                                "next backup must be full." % (name, self.description))
+        return True, disks
+
+    def set_bitmaps(self, name, disks, present):
+        self._running()
+        if present:
+            chosen = {disk.name for disk in disks}
+            call("Creating checkpoint %s" % name, self.domain.checkpointCreateXML, checkpoint_xml(
+                name, disks, [disk for disk in self.disks() if disk.name not in chosen]), 0)
+            return
+        holding = {disk.name for disk in self.disks() if name in disk.bitmaps}
+        if {disk.name for disk in disks} != holding:
+            raise UserError("libvirt removes checkpoint %s from all its disks at once (%s): leave out disks, or "
+                            "name them all." % (name, ", ".join(sorted(holding))))
+        self._delete_checkpoint(name)
+
+    def _delete_checkpoint(self, name, images=()):
+        """Delete a checkpoint; libvirt merges its bitmap into its parent's, so the parent still sees every change.
+
+        libvirt deletes checkpoints of running domains only: of a stopped one, the bitmaps are removed from its
+        images (those of our record) offline, and libvirt forgets the metadata.
+        """
+        checkpoint = call("Looking up checkpoint %s" % name, self.domain.checkpointLookupByName, name)
+        if self.domain.isActive():
+            call("Deleting checkpoint %s" % name, checkpoint.delete, 0)
+            return
+        for image in images:
+            if name in image_bitmaps(image):
+                checked_qemu_img("bitmap", "--remove", image, name)
+        call("Deleting checkpoint %s" % name, checkpoint.delete,
+             libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+    # ---- backups
+
+    def running_backup_ids(self):
+        if not self.domain.isActive() or self.domain.jobStats().get("operation") != \
+                libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
+            return set()
+        exports = self._exports()
+        if exports is None:
+            return set()  # it ended between the two calls
+        ids = {match.group("backup_id") for match in (EXPORT_NAME.match(export or "") for export, _bitmap in exports.values())
+               if match}
+        return ids or {FOREIGN_BACKUP}
+
+    def _exports(self):
+        """{disk: (export name, bitmap export name)} of the running backup job, or None when there is none."""
+        try:
+            xml = self.domain.backupGetXMLDesc(0)
+        except libvirt.libvirtError as err:
+            if is_error(err, "VIR_ERR_NO_DOMAIN_BACKUP"):
+                return None
+            raise LibvirtFailure("Reading the backup job's XML failed: %s: %s"
+                                 % (error_name(err), err.get_error_message())) from None
+        return {disk.get("name"): (disk.get("exportname"), disk.get("exportbitmap"))
+                for disk in ElementTree.fromstring(xml).findall("./disks/disk") if disk.get("backup") == "yes"}
+
+    def is_whole(self, record):
+        return record["backup_id"] in self.running_backup_ids()
+
+    def plan(self, backup_id, request, check_mode):
+        self._running()
+        try:
+            chosen = select_disks(self.disks(), request["disks"])
+        except LookupError as err:
+            raise UserError(str(err)) from None
+        incremental = request["incremental"]
+        if incremental and any(incremental in disk.bitmaps for disk in chosen) and not self.checkpoint_valid(
+                incremental):
+            chosen = [mark_inconsistent(disk, incremental) for disk in chosen]
+        nbd_socket = request["nbd_socket"] or os.path.join(self.run_dir, NBD_DIR, NBD_SOCKET)
+        check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
+        plan = BackupPlan(backup_id, chosen, request, self.registry, nbd_socket)
+        plan.scratch_dir = request["scratch_dir"] or self.run_dir
+        if request["libvirt_small_scratch"]:
+            rooms = scratch_shares(scratch_bytes(request["scratch_size"], sum(disk.size for disk in chosen)),
+                                   [disk.size for disk in chosen])
+        else:
+            rooms = [qcow2_full_size(disk.size) for disk in chosen]
+        free = check_scratch_dir(plan.scratch_dir, 0, ours=not request["scratch_dir"])
+        if free < sum(rooms):
+            raise UserError(
+                "The scratch directory %s has %d MiB free, less than the %d MiB that %s's disks can take. libvirt "
+                "keeps the old data of every block the guest overwrites during the backup, and when that space runs "
+                "out the guest's writes fail (a guest that stops on errors pauses), so the start reserves room for "
+                "all of it. Point scratch_dir at a bigger file system, or set libvirt_small_scratch to reserve only "
+                "scratch_size and accept the risk." % (plan.scratch_dir, free >> 20, sum(rooms) >> 20,
+                                                       self.description))
+        for disk, room in zip(plan.disks, rooms):
+            disk["scratch_room"] = room
+            disk["scratch"] = os.path.join(plan.scratch_dir, "%s.%s.%s%s" % (
+                backup_id, plan.tag, disk["export"].rsplit("/", 1)[1], SCRATCH_SUFFIX))
+        return plan
+
+    def _qemu_owner(self):
+        """(uid, gid) QEMU runs as, from the dac label of the running domain (root without one)."""
+        for label in self._xml().findall("./seclabel[@model='dac']/label"):
+            uid, gid = label.text.split(":")
+            return int(uid.lstrip("+")), int(gid.lstrip("+"))
+        return 0, 0
+
+    def _make_dirs(self):
+        """This VM's directories under qemu_dir: ours for the scratch images, QEMU's user's for the socket.
+
+        qemu_dir and the VM's directory let anybody through but list nothing (0711).
+        """
+        uid, gid = self._qemu_owner()
+        for path, owner, mode in ((self.qemu_dir, (os.geteuid(), os.getegid()), 0o711),
+                                  (self.run_dir, (os.geteuid(), os.getegid()), 0o711),
+                                  (os.path.join(self.run_dir, NBD_DIR), (uid, gid), 0o700)):
+            try:
+                os.mkdir(path, mode)
+                os.chown(path, *owner)
+                os.chmod(path, mode)
+            except FileExistsError:
+                info = os.lstat(path)
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != owner[0] or stat.S_IMODE(info.st_mode) != mode:
+                    raise UserError("%s is not the directory fleetbackup makes there (uid %d, mode %o): remove it, "
+                                    "or choose another qemu_dir." % (path, owner[0], mode)) from None
+
+    def create_backup(self, plan):
+        if not plan.request["scratch_dir"] or not plan.request["nbd_socket"]:
+            self._make_dirs()
+        record = dict(backup_id=plan.backup_id, tag=plan.tag, request=plan.request, complete=False,
+                      nbd_socket=plan.nbd_socket, checkpoint=plan.checkpoint, disks=plan.disks,
+                      scratch_images=[disk["scratch"] for disk in plan.disks], result=plan.result(),
+                      started=int(time.time()))
+        self.state.save_backup(record)  # before anything exists: a stop finds all of it by this record
+        try:
+            for disk in plan.disks:
+                os.close(create_scratch_image(plan.scratch_dir, disk["size"], disk["scratch_room"],
+                                              os.path.basename(disk["scratch"])))
+            all_disks = self.disks()
+            checkpointed = {disk["disk"] for disk in plan.disks if disk["checkpoint"]}
+            with_checkpoint = [disk for disk in all_disks if disk.name in checkpointed]
+            checkpoint = checkpoint_xml(plan.checkpoint, with_checkpoint, [
+                disk for disk in all_disks if disk.name not in checkpointed]) if plan.checkpoint else None
+            call("Starting the backup", self.domain.backupBegin, backup_xml(plan, all_disks), checkpoint,
+                 libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+            exports = self._exports() or {}
+            for disk in plan.disks:
+                disk["export"], bitmap = exports[disk["disk"]]
+                disk["url"] = nbd_url(disk["export"], plan.nbd_socket)
+                if disk["mode"] == "incremental":
+                    disk["dirty_bitmap"] = dirty_context(bitmap)
+            restrict_socket(plan.nbd_socket)
+            if plan.checkpoint:
+                self.registry.record(with_checkpoint, plan.checkpoint)
+            result = plan.result()
+            result["libvirt"] = self._definition(plan)
+            record.update(complete=True, disks=plan.disks, result=result)
+            self.state.save_backup(record)
+        except (FleetbackupError, OSError, KeyError) as err:
+            reason = "libvirt reported no export for a disk" if isinstance(err, KeyError) else err
+            try:
+                self.remove_backup(plan.backup_id, True, False)
+            except (FleetbackupError, OSError) as cleanup_error:
+                raise UserError("Starting backup '%s' of %s failed: %s. Cleaning up failed too: %s"
+                                % (plan.backup_id, self.description, reason, cleanup_error)) from None
+            raise UserError("Starting backup '%s' of %s failed: %s. Everything it had created was removed."
+                            % (plan.backup_id, self.description, reason)) from None
+        return record
+
+    def _definition(self, plan):
+        """What a restore needs besides the disks: the domain's and the checkpoint's XML, the UEFI variables; and
+        what cannot be kept."""
+        live = self._xml()
+        definition = dict(domain_xml=call("Reading the domain's definition", self.domain.XMLDesc,
+                                          libvirt.VIR_DOMAIN_XML_INACTIVE),
+                          checkpoint_xml=None, nvram=None, not_backed_up=[])
+        if plan.checkpoint:
+            checkpoint = call("Looking up checkpoint %s" % plan.checkpoint, self.domain.checkpointLookupByName,
+                              plan.checkpoint)
+            definition["checkpoint_xml"] = call("Reading checkpoint %s" % plan.checkpoint, checkpoint.getXMLDesc,
+                                                libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+        nvram = live.findtext("./os/nvram")
+        if nvram:
+            definition["nvram"] = read_nvram(nvram)
+        if live.find("./devices/tpm") is not None:
+            definition["not_backed_up"].append("the vTPM's state: swtpm keeps it outside the domain's disks, and "
+                                               "a restored domain starts with a new, empty TPM")
+        for filesystem in live.findall("./devices/filesystem"):
+            definition["not_backed_up"].append("the host directory shared as %s" % (
+                filesystem.find("target").get("dir") if filesystem.find("target") is not None else "a filesystem"))
+        backed_up = {disk["disk"] for disk in plan.disks}
+        for disk in live.findall("./devices/disk"):
+            target = disk.find("target").get("dev")
+            if disk.get("device", "disk") == "disk" and target not in backed_up:
+                definition["not_backed_up"].append("disk %s, which this backup leaves out" % target)
+        return definition
+
+    def remove_backup(self, backup_id, discard_checkpoint, check_mode):
+        record = self.state.backup()
+        record = record if record is not None and record["backup_id"] == backup_id else None
+        exports = self._exports() if backup_id in self.running_backup_ids() else None
+        intact = exports is not None if record and record["complete"] else None
+        checkpoint = record["checkpoint"] if record and discard_checkpoint else None
+        if checkpoint and checkpoint not in {cp.getName() for cp in self._checkpoints()}:
+            checkpoint = None
+        removed = dict(job=exports is not None, exports=sorted(export for export, _bitmap in (exports or {}).values()),
+                       nodes=[], nbd_server=exports is not None, checkpoint=checkpoint, state_file=record is not None,
+                       files=self._leftover_files(backup_id, record, exports is not None))
+        self._note_paused_on_error()
+        if check_mode:
+            return removed, intact
+        if exports is not None:
+            self._end_job()
+            removed["files"] = self._leftover_files(backup_id, record, False)
+        if checkpoint:
+            images = [disk["filename"] for disk in record["disks"] if disk["checkpoint"]]
+            self._delete_checkpoint(checkpoint, images)
+            self.registry.forget(images, checkpoint)
+        for path in removed["files"]:
+            remove_file(path)
+        if record:
+            self.state.forget_backup()
+        return removed, intact
+
+    def _end_job(self):
+        """abortJob ends a pull backup (libvirt then removes its socket); wait until the job is gone."""
+        call("Ending the backup job", self.domain.abortJob)
+        deadline = time.monotonic() + self.timeout
+        while self.domain.isActive() and self.domain.jobStats().get("operation") == \
+                libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
+            if time.monotonic() > deadline:
+                raise UserError("The backup job of %s did not end within %ss of abortJob: raise timeout, or look "
+                                "at libvirtd's log." % (self.description, self.timeout))
+            time.sleep(JOB_POLL)
+
+    def _leftover_files(self, backup_id, record, job_running):
+        """The scratch images of this backup, and a socket no job serves any more.
+
+        The scratch images were made by this module (O_EXCL) under names from the record, or in this VM's own
+        directory under names from the backup id; a socket only in QEMU's directory of this VM.
+        """
+        if job_running:
+            return []
+        paths = set(record["scratch_images"]) if record else set()
+        if os.path.isdir(self.run_dir):
+            paths.update(os.path.join(self.run_dir, name) for name in os.listdir(self.run_dir)
+                         if name.startswith(backup_id + ".") and name.endswith(SCRATCH_SUFFIX))
+        socket_path = os.path.join(self.run_dir, NBD_DIR, NBD_SOCKET)
+        if not self.running_backup_ids():
+            paths.add(socket_path)
+        return sorted(path for path in paths if os.path.lexists(path))
+
+    def _note_paused_on_error(self):
+        state, reason = self.domain.state()
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+            self.notes.append("%s is paused on an I/O error (disk errors: %s). If its scratch space ran out during "
+                              "the backup (libvirt_small_scratch), resume it once the backup stopped: virsh resume."
+                              % (self.description, self.domain.diskErrors()))
+
+
+def mark_inconsistent(disk, name):
+    """disk, with checkpoint `name` marked inconsistent (libvirt found a bitmap of it missing or broken)."""
+    if name not in disk.bitmaps:
+        return disk
+    return disk._replace(bitmaps=dict(disk.bitmaps, **{name: dict(disk.bitmaps[name], inconsistent=True)}))
+
+
+def restrict_socket(path):
+    """QEMU creates the socket 0775: make it 0600, without following a link that QEMU's user could plant."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise UserError("%s is not the socket libvirt made for the backup." % path)
+        os.chmod("/proc/self/fd/%d" % fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def read_nvram(path):
+    """{path, sha256, content (base64)} of the domain's UEFI variable store; None when it has none yet."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise UserError("Cannot read the domain's NVRAM %s (%s)." % (path, err.strerror)) from None
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            raise UserError("The domain's NVRAM %s is not a regular file." % path)
+        content = stream.read(MAX_NVRAM + 1)
+    if len(content) > MAX_NVRAM:
+        raise UserError("The domain's NVRAM %s is larger than %d MiB: that is no UEFI variable store."
+                        % (path, MAX_NVRAM >> 20))
+    return dict(path=path, sha256=hashlib.sha256(content).hexdigest(), content=base64.b64encode(content).decode())
+
+
+def checkpoint_xml(name, disks, without=()):
+    """A checkpoint with a bitmap on disks, and none on the others."""
+    root = ElementTree.Element("domaincheckpoint")
+    ElementTree.SubElement(root, "name").text = name
+    listed = ElementTree.SubElement(root, "disks")
+    for disk in disks:
+        ElementTree.SubElement(listed, "disk", name=disk.name, checkpoint="bitmap")
+    for disk in without:
+        ElementTree.SubElement(listed, "disk", name=disk.name, checkpoint="no")
+    return ElementTree.tostring(root, encoding="unicode")
+
+
+def backup_xml(plan, all_disks):
+    """A pull backup of the planned disks, each exported under fleetbackup's name with our scratch image.
+
+    Every other disk is listed with backup='no': libvirt would back up a disk it is not told about.
+    """
+    root = ElementTree.Element("domainbackup", mode="pull")
+    if plan.incremental:
+        ElementTree.SubElement(root, "incremental").text = plan.incremental
+    ElementTree.SubElement(root, "server", transport="unix", socket=plan.nbd_socket)
+    disks = ElementTree.SubElement(root, "disks")
+    for disk in plan.disks:
+        element = ElementTree.SubElement(disks, "disk", name=disk["disk"], backup="yes", type="file",
+                                         exportname=disk["export"], exportbitmap=temporary_bitmap(plan.backup_id),
+                                         backupmode=disk["mode"])
+        if disk["mode"] == "incremental":
+            element.set("incremental", plan.incremental)
+        ElementTree.SubElement(element, "scratch", file=disk["scratch"])
+    given = {disk["disk"] for disk in plan.disks}
+    for disk in all_disks:
+        if disk.name not in given:
+            ElementTree.SubElement(disks, "disk", name=disk.name, backup="no")
+    return ElementTree.tostring(root, encoding="unicode")
+
+
+def define_domain(uri, xml, check_mode):
+    """Define a restored domain; whether it had to. A domain of that name must not exist, unless it is this very
+    restore's (the same disk images), defined by an earlier run."""
+    libvirt.registerErrorHandler(lambda context, error: None, None)
+    connection = call("Connecting to libvirt at %s" % uri, libvirt.open, uri)
+    try:
+        name = domain_name(xml)
+        try:
+            existing = connection.lookupByName(name)
+        except libvirt.libvirtError as err:
+            if not is_error(err, "VIR_ERR_NO_DOMAIN"):
+                raise LibvirtFailure("Looking up domain %s failed: %s: %s"
+                                     % (name, error_name(err), err.get_error_message())) from None
+            existing = None
+        if existing is not None:
+            if disk_sources(existing.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == disk_sources(xml):
+                return False
+            raise UserError("libvirt at %s already has a domain %s with other disks: give the restored domain "
+                            "another name (domain), or undefine the old one first." % (uri, name))
+        if not check_mode:
+            call("Defining domain %s" % name, connection.defineXML, xml)
+        return True
+    finally:
+        connection.close()
