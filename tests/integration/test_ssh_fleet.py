@@ -57,6 +57,12 @@ UNPREPARED_PLAY = """
 """
 
 
+def ran_over_ssh(output, server, module, python=None):
+    """Whether ansible-playbook -vvv ran the module on that sshd through the ssh program, with that python."""
+    return re.search(r"<%s> SSH: EXEC ssh .*-o Port=%d .*'%s \S+/AnsiballZ_%s\.py" % (
+        re.escape(server.address), server.port, re.escape(python) if python else r"\S+", module), output)
+
+
 def test_ansible_reaches_each_host_over_ssh_and_runs_its_modules_there(ssh_fleet):
     rc, pings, output = ssh_fleet.adhoc("hypervisors", "ansible.builtin.ping")
     assert rc == 0, output[-3000:]
@@ -71,8 +77,7 @@ def test_ansible_reaches_each_host_over_ssh_and_runs_its_modules_there(ssh_fleet
         assert host == name and connection.split()[2:] == [server.address, str(server.port)]
         assert server.accepted_logins(), server.log_lines
         assert "<%s> ESTABLISH SSH CONNECTION FOR USER: root" % server.address in output
-        assert re.search(r"<%s> SSH: EXEC ssh .*-o Port=%d .*AnsiballZ_command\.py" % (re.escape(server.address),
-                                                                                      server.port), output)
+        assert ran_over_ssh(output, server, "command"), output[-3000:]
     assert "ESTABLISH LOCAL CONNECTION" not in output
 
 
@@ -104,9 +109,7 @@ def test_the_hypervisor_role_prepares_each_host_and_hands_its_python_to_the_back
     for name, vm in machines.items():
         host, server, vm_name = tmp_path / name, ssh_fleet.servers[name], ssh_fleet.hostvars[name]["qemu_backup_vm"]
         # The backup role's modules ran through SSH to this host, with the python the hypervisor role made.
-        assert re.search(r"<%s> SSH: EXEC ssh .*-o Port=%d .*'%s \S+/AnsiballZ_qemu_backup_info\.py"
-                         % (re.escape(server.address), server.port, re.escape(str(host / "venv" / "bin" / "python"))),
-                         output), output[-3000:]
+        assert ran_over_ssh(output, server, "qemu_backup_info", str(host / "venv" / "bin" / "python")), output[-3000:]
         with open(host / "repository" / vm_name / "manifest.json") as stream:
             assert [b["level"] for b in json.load(stream)["backups"]] == ["full"]
         assert os.listdir(host / "state" / "vms")  # the modules used the state_dir the hypervisor role made

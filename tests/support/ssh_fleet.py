@@ -49,7 +49,6 @@ class Sshd:
     def __init__(self, name, address, directory, client_public_key):
         self.name = name
         self.address = address
-        self.directory = directory
         self.port = None
         self.process = None
         self.reader = None
@@ -134,7 +133,7 @@ class Sshd:
         settled.set()  # end of the pipe: sshd exited
 
     def stop(self):
-        """End the sessions (their parent reaps them), then sshd itself, each by its PID."""
+        """End its sessions, deepest process first, then sshd itself, each by its PID."""
         if self.process is None:
             return
         for pid in descendants(self.process.pid):
