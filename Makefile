@@ -4,7 +4,7 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 COLLECTIONS := $(CURDIR)/build/collections
 INSTALLED := $(COLLECTIONS)/ansible_collections/fleetbackup/qemu/MANIFEST.json
-APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv \
+APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv openssh-server \
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 # Only for make bench: the tool it is compared with.
 BENCH_APT_PACKAGES := virtnbdbackup

@@ -4,6 +4,7 @@ import subprocess
 import pytest
 
 from support.qemu_vm import Vm
+from support.ssh_fleet import SshFleet
 
 
 @pytest.fixture
@@ -86,3 +87,19 @@ def domains(tmp_path):
         return domain.start() if start else domain
 
     return make
+
+
+@pytest.fixture
+def ssh_fleet(tmp_path):
+    """Hypervisors hv1 and hv2 and a backup host, each an sshd of this test's own on its own loopback address.
+
+    Every sshd is ended by its PID, its sessions first, at teardown, pass or fail. Start VMs of a hypervisor with
+    vms(..., under=ssh_fleet.vm_dirs["hv1"]).
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the fleet logs in as root through sshds of its own, which needs root (CI runs as root)")
+    fleet = SshFleet(tmp_path)
+    try:
+        yield fleet.start()
+    finally:
+        fleet.stop()

@@ -41,22 +41,22 @@ def ansible_bin(tool):
     return os.path.join(os.path.dirname(sys.executable), tool)
 
 
-def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False, forks=5, at_task=None):
+def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False, forks=5, at_task=None, more_args=()):
     """ansible-playbook with our results callback; returns (rc, results dict, output).
 
-    at_task: (task name, argv), a command to run when that task first starts.
+    at_task: (task name, argv), a command to run when that task first starts. more_args: more arguments, e.g. -vvv.
     """
-    args = [ansible_bin("ansible-playbook"), playbook, "-i", inventory, "-f", str(forks)]
+    command = [ansible_bin("ansible-playbook"), playbook, "-i", inventory, "-f", str(forks), *more_args]
     if extra_vars:
-        args += ["-e", json.dumps(extra_vars)]
+        command += ["-e", json.dumps(extra_vars)]
     if check:
-        args.append("--check")
+        command.append("--check")
     env = ansible_env()
     env.update(RESULTS_FILE=results_file, ANSIBLE_CALLBACKS_ENABLED="results_file",
                ANSIBLE_CALLBACK_PLUGINS=os.path.join(os.path.dirname(os.path.abspath(__file__)), "callback_plugins"))
     if at_task:
         env.update(AT_TASK=at_task[0], AT_TASK_COMMAND=json.dumps(at_task[1]))
-    process = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900, check=False)
+    process = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900, check=False)
     with open(results_file) as stream:
         return process.returncode, json.load(stream), process.stdout.decode(errors="replace")
 

@@ -21,3 +21,24 @@ def end_process(pid, signum=signal.SIGKILL, timeout=30):
     finally:
         os.close(pidfd)
     return True
+
+
+def descendants(pid):
+    """PIDs of every process below pid, deepest first, so that each can be ended before its parent."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as stream:
+                # The command name in parentheses may hold spaces; the parent's PID is the second field after it.
+                parent = int(stream.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone while we looked
+        children.setdefault(parent, []).append(int(entry))
+    found = []
+    level = children.get(pid, [])
+    while level:
+        found = level + found
+        level = [child for parent in level for child in children.get(parent, [])]
+    return found

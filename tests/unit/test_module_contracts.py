@@ -20,7 +20,7 @@ def test_all_modules_are_there():
                        "qemu_backup_start", "qemu_backup_stop", "qemu_checkpoint"]
 
 
-@pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("role", ["qemu_backup", "qemu_restore"])])
+@pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("role", ["qemu_backup", "qemu_hypervisor", "qemu_restore"])])
 def test_ansible_doc_renders_every_plugin(plugin_type, names):
     process = subprocess.run([ansible_bin("ansible-doc"), "-t", plugin_type, "--json"]
                              + ["fleetbackup.qemu." + name for name in names],
