@@ -4,13 +4,15 @@
 #   guest/build-kit.sh [KIT]   KIT defaults to $FLEETBACKUP_GUEST_KIT, else build/guest-kit in the repository
 #
 #   KIT/vmlinuz        Debian's cloud kernel (the versioned package linux-image-cloud-amd64 depends on)
-#   KIT/initramfs.gz   busybox-static, guest/init.sh as /init, the virtio-blk and virtio-scsi modules
+#   KIT/initramfs.gz   busybox-static, guest/init.sh as /init, the virtio-blk, virtio-scsi and virtio-console modules
+#   KIT/disk.qcow2     a disk that boots through the firmware, with qemu-guest-agent: see guest/build-disk.sh
 #   KIT/packages       the Debian packages it was built from
-#   KIT/stamp          sha256 of this script and guest/init.sh: a kit with a matching stamp is not rebuilt
+#   KIT/stamp          sha256 of the scripts in guest/: a kit with a matching stamp is not rebuilt
 #
 # The kit is built in a temporary directory and renamed into place, so a killed build leaves no kit
 # rather than half a one. Nothing is installed: the packages are downloaded and unpacked (installing
-# busybox-static would remove Debian's busybox package, which it conflicts with).
+# busybox-static would remove Debian's busybox package, which it conflicts with). Building the disk
+# mounts its file system, which needs root (or sudo).
 #
 # Boot it under TCG (a booting guest hangs under the paravirtual /dev/kvm of these machines):
 #   qemu-system-x86_64 -nodefaults -display none -machine q35,accel=tcg -m 256 \
@@ -43,16 +45,18 @@ set -euo pipefail
 guest_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 kit=$(realpath -m "${1:-${FLEETBACKUP_GUEST_KIT:-$(dirname "$guest_dir")/build/guest-kit}}")
 # Dependencies first; virtio_scsi after sd_mod, so that its disks are ready when its insmod returns.
-modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+# virtio_console: the guest agent's channel, on the disk.
+modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console
          scsi_common scsi_mod sd_mod virtio_scsi)
-stamp=$(cat "$guest_dir/build-kit.sh" "$guest_dir/init.sh" | sha256sum | cut -d' ' -f1)
+stamp=$(cat "$guest_dir"/{build-kit.sh,build-disk.sh,init.sh,workload.sh} | sha256sum | cut -d' ' -f1)
 
 say() {
     echo "build-kit: $*" >&2
 }
 
 is_current() {
-    [ "$(cat "$kit/stamp" 2>/dev/null)" = "$stamp" ] && [ -s "$kit/vmlinuz" ] && [ -s "$kit/initramfs.gz" ]
+    [ "$(cat "$kit/stamp" 2>/dev/null)" = "$stamp" ] && [ -s "$kit/vmlinuz" ] && [ -s "$kit/initramfs.gz" ] &&
+        [ -s "$kit/disk.qcow2" ]
 }
 
 as_root() {
@@ -68,7 +72,7 @@ download_packages() {
     local kernel
     kernel=$(kernel_package) &&
         # Root's downloads drop to the _apt user, who cannot write in our private directory.
-        (cd "$work/debs" && apt-get download -q -o APT::Sandbox::User=root busybox-static "$kernel" >&2)
+        (cd "$work/debs" && apt-get download -q -o APT::Sandbox::User=root busybox-static qemu-guest-agent extlinux "$kernel" >&2)
 }
 
 mkdir -p "$(dirname "$kit")"
@@ -87,7 +91,7 @@ started=$SECONDS
 rm -rf "$kit".build.*  # left by killed builds: we hold the lock, so no build is running
 work=$(mktemp -d "$kit.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-mkdir "$work/debs" "$work/kit"
+mkdir "$work/debs" "$work/unpacked" "$work/kit"
 
 # Fresh machines have no package lists, and old lists name packages the mirror has since dropped.
 if ! download_packages; then
@@ -95,9 +99,11 @@ if ! download_packages; then
     as_root apt-get update -q >&2
     download_packages
 fi
-dpkg-deb -x "$work"/debs/busybox-static_*.deb "$work/busybox"
-dpkg-deb -x "$work"/debs/linux-image-*.deb "$work/kernel"
-busybox=$work/busybox/bin/busybox
+for package in busybox-static qemu-guest-agent extlinux; do
+    dpkg-deb -x "$work/debs/${package}"_*.deb "$work/unpacked/$package"
+done
+dpkg-deb -x "$work"/debs/linux-image-*.deb "$work/unpacked/kernel"
+busybox=$work/unpacked/busybox-static/bin/busybox
 
 root=$work/initramfs
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules}
@@ -107,7 +113,7 @@ for applet in $("$busybox" --list | grep -vx busybox); do
 done
 install -m 755 "$guest_dir/init.sh" "$root/init"
 for module in "${modules[@]}"; do
-    path=$(find "$work"/kernel/lib/modules/*/kernel -name "$module.ko" -print -quit)
+    path=$(find "$work"/unpacked/kernel/lib/modules/*/kernel -name "$module.ko" -print -quit)
     # Debian 12 ships modules uncompressed (CONFIG_MODULE_COMPRESS_NONE), as the init's insmod expects.
     [ -n "$path" ] || { say "$module.ko is not in the kernel package"; exit 1; }
     cp "$path" "$root/lib/modules/"
@@ -115,11 +121,12 @@ for module in "${modules[@]}"; do
 done
 (cd "$root" && find . | "$busybox" cpio -o -H newc -R 0:0) | gzip -9n >"$work/kit/initramfs.gz"
 
-cp "$work"/kernel/boot/vmlinuz-* "$work/kit/vmlinuz"
+cp "$work"/unpacked/kernel/boot/vmlinuz-* "$work/kit/vmlinuz"
 for deb in "$work"/debs/*.deb; do
     # shellcheck disable=SC2016  # dpkg-deb expands ${Package}, not the shell
     dpkg-deb -W --showformat='${Package} ${Version}\n' "$deb"
 done >"$work/kit/packages"
+"$guest_dir/build-disk.sh" "$work"
 echo "$stamp" >"$work/kit/stamp"
 
 if [ -e "$kit" ]; then

@@ -1,12 +1,14 @@
 #!/bin/busybox sh
 # shellcheck shell=dash
-# The test guest's /init: loads the disk drivers, then serves the line protocol documented at the
+# The test guest's init: loads the disk drivers, then serves the line protocol documented at the
 # top of build-kit.sh on ttyS0, one command at a time. If it ever exits, the kernel panics and
 # QEMU (-no-reboot, panic=-1) quits, which the host sees as the serial socket closing.
+# The guest disk (build-disk.sh) boots the same initramfs with fbg.root=DEV: this script then mounts DEV
+# and hands over to the disk's /sbin/init, which is this script again, and which also starts the agent.
 # Word splitting of unquoted expansions is intended throughout: lists of disks, a command's arguments.
 # shellcheck disable=SC2046,SC2086
 
-export PATH=/bin
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -15,9 +17,44 @@ exec </dev/ttyS0 >/dev/ttyS0 2>&1
 dmesg -n 1
 stty -echo
 
-while read -r module; do
-    insmod "/lib/modules/$module.ko" || echo "FBG ERROR insmod $module"
-done </lib/modules/load-order
+boot_disk() {
+    mkdir -p /newroot
+    if ! mount -t ext4 "$1" /newroot; then
+        echo "FBG ERROR mount $1"
+        return
+    fi
+    # The disk's init mounts its own: nothing may stay mounted, hidden, under the initramfs.
+    umount /proc /sys
+    umount -l /dev
+    exec switch_root /newroot /sbin/init
+}
+
+start_agent() {
+    # udev would make this link; qemu-ga opens /dev/virtio-ports/org.qemu.guest_agent.0 by default.
+    mkdir -p /dev/virtio-ports
+    for port in /sys/class/virtio-ports/*; do
+        [ -e "$port/name" ] && ln -s "../${port##*/}" "/dev/virtio-ports/$(cat "$port/name")"
+    done
+    # Its files in /run: writes to a frozen root file system would block the agent.
+    qemu-ga --daemonize --pidfile=/run/qemu-ga.pid --logfile=/run/qemu-ga.log --statedir=/run || echo "FBG ERROR qemu-ga"
+}
+
+# Only the initramfs has drivers to load; on the disk, they are loaded already.
+if [ -f /lib/modules/load-order ]; then
+    while read -r module; do
+        insmod "/lib/modules/$module.ko" || echo "FBG ERROR insmod $module"
+    done </lib/modules/load-order
+    read -r cmdline </proc/cmdline
+    for option in $cmdline; do
+        case $option in fbg.root=*) boot_disk "${option#fbg.root=}" ;; esac
+    done
+fi
+# On the disk: scratch space in tmpfs (writes to a frozen root file system block), and the agent.
+if [ -x /usr/sbin/qemu-ga ]; then
+    mount -t tmpfs -o mode=0755 tmpfs /run
+    mount -t tmpfs -o mode=1777 tmpfs /tmp
+    start_agent
+fi
 
 is_number() {
     case $1 in '' | *[!0-9]*) return 1 ;; esac

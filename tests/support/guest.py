@@ -1,21 +1,26 @@
 """A real guest for tests: the guest kit's Linux boots under TCG and takes commands on its serial console.
 
 The line protocol (ping, overwrite, records, sync) is documented at the top of guest/build-kit.sh.
-Nothing here sleeps: every wait reads console lines until the one it waits for, or fails with the
-console's last lines.
+GuestVm boots the kit's kernel directly; BootedGuestVm boots the kit's disk through the firmware, and its
+guest agent answers too. Nothing here sleeps: every wait reads console lines until the one it waits for,
+or fails with the console's last lines.
 """
 
 import functools
+import hashlib
 import os
 import socket
 import subprocess
 import time
 
 from support.paths import ROOT
-from support.qemu_vm import Vm
+from support.qemu_vm import DiskSpec, Vm, virtual_size
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_agent import GuestAgent
 
 BUILD_SCRIPT = os.path.join(ROOT, "guest", "build-kit.sh")
 RECORD_SIZE = 4096
+ROOT_FS_OFFSET = 1024 ** 2  # where guest/build-disk.sh puts the disk's ext4 partition
 
 
 @functools.cache
@@ -60,11 +65,13 @@ class GuestVm(Vm):
         self._unread = b""
 
     def machine_args(self):
-        return ["-machine", "q35,accel=tcg", "-m", "256",
-                "-kernel", os.path.join(self.kit, "vmlinuz"), "-initrd", os.path.join(self.kit, "initramfs.gz"),
-                "-append", "console=ttyS0 quiet panic=-1", "-no-reboot",
+        return ["-machine", "q35,accel=tcg", "-m", "256", "-no-reboot", *self.boot_args(),
                 "-chardev", "socket,id=serial,path=%s,server=on,wait=off" % self.serial_socket,
                 "-serial", "chardev:serial"]
+
+    def boot_args(self):
+        return ["-kernel", os.path.join(self.kit, "vmlinuz"), "-initrd", os.path.join(self.kit, "initramfs.gz"),
+                "-append", "console=ttyS0 quiet panic=-1"]
 
     def start(self):
         super().start()
@@ -131,3 +138,67 @@ class GuestVm(Vm):
         if self.serial is not None:
             self.serial.close()
             self.serial = None
+
+
+class BootedGuestVm(GuestVm):
+    """A GuestVm that boots from the kit's disk through the firmware (SeaBIOS, extlinux), with a guest agent.
+
+    Its first disk, vda, is a qcow2 overlay on the kit's disk.qcow2 (the kit's image is never written); the disks
+    given follow it (vdb, ...). The agent's channel is qga.sock; the serial console speaks the line protocol.
+    """
+
+    def __init__(self, workdir, disks=()):
+        template = os.path.join(kit_path(), "disk.qcow2")
+        root = DiskSpec("vda", size=virtual_size(template), backing=template)
+        super().__init__(workdir, [root, *disks])
+        self.agent_socket = os.path.join(workdir, "qga.sock")
+
+    def boot_args(self):
+        return ["-chardev", "socket,id=qga0,path=%s,server=on,wait=off" % self.agent_socket,
+                "-device", "virtio-serial",
+                "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+
+    def agent(self, timeout=60.0):
+        """A connected GuestAgent; it waits (up to timeout) for a booting guest to start its agent. Close it."""
+        return GuestAgent(self.agent_socket, timeout=timeout).connect()
+
+
+def root_filesystem(image, path):
+    """A raw copy, at path, of the root file system of a guest disk's image (qcow2, backing chain included)."""
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", "--image-opts",
+                    "driver=raw,offset=%d,file.driver=qcow2,file.file.driver=file,file.file.filename=%s"
+                    % (ROOT_FS_OFFSET, image), path], check=True)
+    return path
+
+
+def workload_files(image, scratch):
+    """Offline, on a copy of a guest disk's image: (how many files fbg-workload logged, [those missing or changed]).
+
+    The copy's journal is replayed first, as a mount would: in a crash-consistent copy, the journal may hold
+    what the workload fsync'd.
+    """
+    copy = root_filesystem(image, os.path.join(scratch, "root.ext4"))
+    replay = subprocess.run(["e2fsck", "-E", "journal_only", "-y", copy], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, check=False)
+    assert replay.returncode in (0, 1), replay.stdout  # 1: the journal was replayed
+    dump = os.path.join(scratch, "root")
+    os.mkdir(dump)
+    subprocess.run(["debugfs", "-R", "rdump /data %s" % dump, copy], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+    log = os.path.join(dump, "data", "checksums.log")
+    if not os.path.exists(log):
+        return 0, []
+    with open(log, "rb") as stream:
+        lines = stream.read().split(b"\n")[:-1]  # a last line without its newline vouches for nothing
+    changed = []
+    for line in lines:
+        digest, name = line.decode().split("  ", 1)
+        path = os.path.join(dump, name.lstrip("/"))
+        if not os.path.exists(path) or file_digest(path) != digest:
+            changed.append(name)
+    return len(lines), changed
+
+
+def file_digest(path):
+    with open(path, "rb") as stream:
+        return hashlib.sha256(stream.read()).hexdigest()
