@@ -9,12 +9,14 @@ record exactly which backup an image holds, even when a backup id is used again 
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from urllib.parse import quote
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import checkpoint_problem
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
 
 BACKUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -23,6 +25,8 @@ EXPORT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 EXPORT_NAME = re.compile(r"^(?P<backup_id>[A-Za-z0-9_-]{1,32})/(?P<tag>[0-9a-f]{8})/(?P<disk>[A-Za-z0-9_.-]+)$")
 # The options that define a backup: a second start with the same id must ask for the same.
 MAX_CBW_TIMEOUT = 60
+# sun_path holds 108 bytes with its terminating NUL.
+MAX_SOCKET_PATH = 107
 REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "scratch_size", "nbd_socket",
                 "cbw_timeout", "libvirt_small_scratch")
 
@@ -48,6 +52,15 @@ def check_request(request):
     if not 1 <= request["cbw_timeout"] <= MAX_CBW_TIMEOUT:
         raise UserError("cbw_timeout must be 1 to %d seconds: a guest write waits that long at most, and guests "
                         "reset a disk that does not answer within 30 s (Linux SCSI)." % MAX_CBW_TIMEOUT)
+
+
+def check_socket_path(path, given):
+    """A socket path that fits sun_path, in a directory where nobody can swap it (ours needs no check)."""
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise UserError("The socket path %s is longer than the %d bytes a unix socket path may have: choose a shorter "
+                        "nbd_socket or state_dir." % (path, MAX_SOCKET_PATH))
+    if given:
+        check_trusted_directory(os.path.dirname(path), "nbd_socket", "room for the backup's NBD socket")
 
 
 def export_names(disks):

@@ -27,19 +27,20 @@ from xml.etree import ElementTree
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
     EXPORT_NAME,
     BackupPlan,
+    check_socket_path,
     nbd_url,
     temporary_bitmap,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import disk_sources, domain_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_vm import OfflineVm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
     checked_qemu_img,
     image_bitmaps,
     qcow2_full_size,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import check_socket_path
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import (
     check_scratch_dir,
     create_scratch_image,
@@ -96,8 +97,11 @@ def is_error(err, name):
 
 
 def libvirt_vm_key(uuid):
-    """The private-state key of a libvirt domain: its UUID, which outlives renames and redefinitions."""
-    return "libvirt-" + uuid.replace("-", "")
+    """The private-state key of a libvirt domain: from its UUID, which outlives renames and redefinitions.
+
+    Short, for socket paths' 107 bytes: 64 bits of a random UUID tell one host's domains apart.
+    """
+    return "libvirt-" + uuid.replace("-", "")[:16]
 
 
 class LibvirtVm(VmConnection):
@@ -119,8 +123,9 @@ class LibvirtVm(VmConnection):
         uuid = self.domain.UUIDString()
         self.description = "domain %s (%s) on %s" % (self.domain.name(), uuid, self.uri)
         self.state = VmState(self.state_dir, libvirt_vm_key(uuid), self.description, self.read_only)
-        # Short, for the socket path's 107 bytes: 64 bits of the UUID tell one host's domains apart.
-        self.run_dir = os.path.join(self.qemu_dir, uuid.replace("-", "")[:16])
+        self.run_dir = os.path.join(self.qemu_dir, libvirt_vm_key(uuid))
+        if not self.domain.isActive():
+            return ShutOffDomain(self)
         return self
 
     def __exit__(self, *exc_info):
@@ -142,6 +147,10 @@ class LibvirtVm(VmConnection):
         if not self.domain.isActive():
             raise UserError("%s is not running: libvirt backs up and checkpoints only running domains. Start it."
                             % self.description)
+
+    def definition(self):
+        """The domain's persistent definition, as an element tree."""
+        return self._xml(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
     def _xml(self, flags=0):
         return ElementTree.fromstring(call("Reading the domain's XML", self.domain.XMLDesc, flags))
@@ -178,7 +187,7 @@ class LibvirtVm(VmConnection):
         """{checkpoint: {disk: dirty bytes, or None where libvirt finds its bitmap missing or inconsistent}}."""
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE | libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN
         sizes = {}
-        for checkpoint in self._checkpoints():
+        for checkpoint in self.listed_checkpoints():
             root = ElementTree.fromstring(call("Reading checkpoint %s" % checkpoint.getName(),
                                                checkpoint.getXMLDesc, flags))
             sizes[checkpoint.getName()] = {
@@ -186,7 +195,7 @@ class LibvirtVm(VmConnection):
                 for disk in root.findall("./disks/disk") if disk.get("checkpoint") == "bitmap"}
         return sizes
 
-    def _checkpoints(self):
+    def listed_checkpoints(self):
         return call("Listing checkpoints", self.domain.listAllCheckpoints, 0)
 
     def _redefine(self, xml, name):
@@ -228,7 +237,7 @@ class LibvirtVm(VmConnection):
                             "checkpoint_xml of the backup that created it." % (name, root.tag, root.findtext("name")))
         disks = [disk.get("name") for disk in root.findall("./disks/disk") if disk.get("checkpoint") == "bitmap"]
         with self.state.lock(self.timeout):
-            known = {checkpoint.getName() for checkpoint in self._checkpoints()}
+            known = {checkpoint.getName() for checkpoint in self.listed_checkpoints()}
             if name in known:
                 return False, []
             if check_mode:
@@ -436,7 +445,7 @@ class LibvirtVm(VmConnection):
         exports = self._exports() if backup_id in self.running_backup_ids() else None
         intact = exports is not None if record and record["complete"] else None
         checkpoint = record["checkpoint"] if record and discard_checkpoint else None
-        if checkpoint and checkpoint not in {cp.getName() for cp in self._checkpoints()}:
+        if checkpoint and checkpoint not in {cp.getName() for cp in self.listed_checkpoints()}:
             checkpoint = None
         removed = dict(job=exports is not None, exports=sorted(export for export, _bitmap in (exports or {}).values()),
                        nodes=[], nbd_server=exports is not None, checkpoint=checkpoint, state_file=record is not None,
@@ -491,6 +500,60 @@ class LibvirtVm(VmConnection):
             self.notes.append("%s is paused on an I/O error (disk errors: %s). If its scratch space ran out during "
                               "the backup (libvirt_small_scratch), resume it once the backup stopped: virsh resume."
                               % (self.description, self.domain.diskErrors()))
+
+
+class ShutOffDomain(OfflineVm):
+    """A shut-off domain: its images, as its definition names them, backed up offline; checkpoint metadata and
+    what a backup of it while it ran left behind, the libvirt way."""
+
+    def __init__(self, vm):
+        super().__init__(vm.state, vm.registry, vm.timeout, vm.description + ", shut off",
+                         offline_images(vm.definition()), LibvirtCheckpoints(vm))
+        self.vm = vm
+
+    def remove_backup(self, backup_id, discard_checkpoint, check_mode):
+        return self.vm.remove_backup(backup_id, discard_checkpoint, check_mode)
+
+
+class LibvirtCheckpoints:
+    """The checkpoint metadata of a shut-off domain, which libvirt lets us list, define and forget (not create)."""
+
+    def __init__(self, vm):
+        self.vm = vm
+
+    def names(self):
+        return {checkpoint.getName() for checkpoint in self.vm.listed_checkpoints()}
+
+    def define(self, name, disk_names):
+        """Tell libvirt about a checkpoint whose bitmaps were added to the images offline."""
+        disks = [Disk(name=disk, node=disk, root=disk, drive=disk, qdev=disk, format="qcow2", filename=None, size=0,
+                      read_only=False, bitmaps={}) for disk in disk_names]
+        root = ElementTree.fromstring(checkpoint_xml(name, disks))
+        ElementTree.SubElement(root, "creationTime").text = str(int(time.time()))
+        call("Defining checkpoint %s" % name, self.vm.domain.checkpointCreateXML,
+             ElementTree.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+
+    def forget(self, name):
+        checkpoint = call("Looking up checkpoint %s" % name, self.vm.domain.checkpointLookupByName, name)
+        call("Forgetting checkpoint %s" % name, checkpoint.delete, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+
+def offline_images(root):
+    """The images of a shut-off domain's disks, as its definition names them."""
+    images = []
+    for element in root.findall("./devices/disk"):
+        source = element.find("source")
+        if element.get("device", "disk") != "disk" or source is None:
+            continue
+        target = element.find("target").get("dev")
+        if element.get("type") != "file" or not source.get("file"):
+            raise UserError("Disk %s is a %s disk: a shut-off domain is backed up from image files only; start it "
+                            "to back it up through libvirt." % (target, element.get("type")))
+        driver = element.find("driver")
+        images.append(dict(name=target, node=target, qdev=target, filename=source.get("file"),
+                           format=driver.get("type", "raw") if driver is not None else "raw",
+                           read_only=element.find("readonly") is not None, identity=None))
+    return images
 
 
 def mark_inconsistent(disk, name):

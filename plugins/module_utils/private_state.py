@@ -221,7 +221,7 @@ def boot_id():
 
 
 def process_start_time(pid):
-    """The start time of pid in clock ticks since boot, or None when there is no such process.
+    """The start time of pid in clock ticks since boot, or None when there is no such process, or only its zombie.
 
     With the boot id it tells a process apart from a later one that got the same PID.
     """
@@ -230,7 +230,12 @@ def process_start_time(pid):
             fields = stream.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return int(fields[19])
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def utc(seconds):
+    """A time for messages: 2026-11-29 02:00:00 UTC."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def this_process():

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import os
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import BackupPlan
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import BackupPlan, check_socket_path
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import recorded_disks, remember_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_vm import OfflineVm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import utc
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient, QmpUnreachable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import (
     backup_is_whole,
     check_fleecing_support,
@@ -29,10 +31,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_connection imp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
 
-# sun_path holds 108 bytes with its terminating NUL.
-MAX_SOCKET_PATH = 107
-
-
 def qmp_vm_key(qmp_socket):
     """The private-state key of the VM behind a QMP socket."""
     return "qmp-" + hashlib.sha256(os.path.realpath(qmp_socket).encode()).hexdigest()[:12]
@@ -43,10 +41,20 @@ class QmpVm(VmConnection):
         state = VmState(state_dir, qmp_vm_key(qmp_socket), "QMP socket %s" % qmp_socket, read_only)
         super().__init__(state, registry, timeout)
         self.description = "the VM on QMP socket %s" % qmp_socket
+        self.socket_path = qmp_socket
         self.qmp = QmpClient(qmp_socket, timeout)
 
     def __enter__(self):
-        self.qmp.connect()
+        """This connection; or, when no QEMU serves the socket, the stopped VM's images as last seen running."""
+        try:
+            self.qmp.connect()
+        except QmpUnreachable:
+            recorded = recorded_disks(self.state)
+            if recorded is None:
+                raise
+            images, seen = recorded
+            return OfflineVm(self.state, self.registry, self.timeout, "the stopped VM of QMP socket %s (its disks "
+                             "as fleetbackup saw them running at %s)" % (self.socket_path, utc(seen)), images)
         return self
 
     def __exit__(self, *exc_info):
@@ -57,7 +65,9 @@ class QmpVm(VmConnection):
         return [message] if message else []
 
     def disks(self):
-        return list_disks(self.qmp)
+        disks = list_disks(self.qmp)
+        remember_disks(self.state, disks)
+        return disks
 
     def running_backup_ids(self):
         return running_backup_ids(self.qmp)
@@ -109,11 +119,3 @@ class QmpVm(VmConnection):
         else:
             self.qmp.transaction([("block-dirty-bitmap-remove", dict(node=d.node, name=name)) for d in disks])
 
-
-def check_socket_path(path, given):
-    """A socket path that fits sun_path, in a directory where nobody can swap it (ours needs no check)."""
-    if len(path.encode()) > MAX_SOCKET_PATH:
-        raise UserError("nbd_socket %s is longer than the %d bytes a unix socket path may have: choose a shorter "
-                        "nbd_socket or state_dir." % (path, MAX_SOCKET_PATH))
-    if given:
-        check_trusted_directory(os.path.dirname(path), "nbd_socket", "room for the backup's NBD socket")

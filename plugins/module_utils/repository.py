@@ -34,6 +34,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state imp
     flock_within,
     remove_file,
     sync_directory,
+    utc,
     write_json_atomic,
 )
 
@@ -180,7 +181,9 @@ def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
             backing=by_disk[disk["disk"]]["file"] if continues else None,
             backing_format=by_disk[disk["disk"]].get("format", "qcow2") if continues else None,
             reason=None if continues or not parent else "a %s disk is backed up in full every time" % disk["format"],
-            expected_bytes=checkpoint["dirty_bytes"] if checkpoint else disk["size"]))
+            # A stopped VM's checkpoint has no count (QEMU counts, not the image): the disk's size bounds it.
+            expected_bytes=disk["size"] if checkpoint is None or checkpoint["dirty_bytes"] is None
+            else checkpoint["dirty_bytes"]))
     return dict(
         due=True, reason=reason, name=name, level=chosen, backup_id=backup_id_for(vm, name),
         checkpoint="ckpt-%s" % name, incremental=parent["checkpoint"] if parent else None,
@@ -349,7 +352,7 @@ class Lease:
                     "The repository of %s (%s) is locked by another run: %s, run %s, since %s, until %s unless it "
                     "renews. One run per VM works on a repository at a time; wait for it. A run that died frees the "
                     "lock when it expires." % (self.repository.vm, self.repository.path, current["holder"],
-                                               current["run_id"], _utc(current["taken"]), _utc(current["expires"])))
+                                               current["run_id"], utc(current["taken"]), utc(current["expires"])))
             taken = current["taken"] if current and current["run_id"] == run_id else now
             lease = dict(run_id=run_id, holder=holder, host=socket.gethostname(), taken=taken, expires=now + ttl)
             os.ftruncate(fd, 0)
@@ -399,7 +402,3 @@ class Lease:
             yield fd, current
         finally:
             os.close(fd)
-
-
-def _utc(seconds):
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))

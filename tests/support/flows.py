@@ -51,11 +51,13 @@ class Backups:
 
 
 def vm_state_files(state_dir):
-    """What the VMs' private state directories hold besides their locks: a backup's state, socket, pause record."""
+    """What the VMs' private state directories hold besides their locks and disk records: a backup's state, socket,
+    pause record."""
     vms = os.path.join(state_dir, "vms")
     if not os.path.isdir(vms):
         return []
-    return sorted(name for vm in os.listdir(vms) for name in os.listdir(os.path.join(vms, vm)) if name != "lock")
+    return sorted(name for vm in os.listdir(vms) for name in os.listdir(os.path.join(vms, vm))
+                  if name not in ("lock", "disks.json"))  # the VM's disks as last seen running stay, on purpose
 
 
 def used_bytes(path):
