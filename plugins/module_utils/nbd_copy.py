@@ -7,7 +7,9 @@ The copy runs one thread per NBD connection; each keeps many asynchronous
 reads in flight and writes each one out as it completes, into a target that
 all threads share (a raw file, or a qcow2 image written directly). libnbd and
 pwrite release the GIL, and data stays in nbd.Buffer objects, never in Python
-bytes.
+bytes. Each thread also sums the block checksum (block_checksum.py) of what it
+writes, on the buffer it just wrote, so the image is never read twice; every
+operation covers whole 64 KiB blocks at block-aligned offsets.
 
 No wait is unbounded. Every call that needs an answer from the server is
 asynchronous and polled: a server that sends nothing for io_timeout seconds
@@ -19,9 +21,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
+from collections import deque, namedtuple
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.block_checksum import BLOCK_SIZE, BlockSum
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import (
@@ -208,6 +211,12 @@ class CopyStats:
             self.bytes_read += length
 
 
+
+def aligned_extents(src, start, length):
+    """The Extents of [start, start+length) over Connection src, cut at whole blocks."""
+    return align_extents(list(src.extents(start, length)), BLOCK_SIZE)
+
+
 class WorkQueue:
     """Maps the disk in large block-status windows and hands out batches of planned operations.
 
@@ -247,7 +256,7 @@ class WorkQueue:
 
     def _map_window(self, src):
         length = min(STATUS_WINDOW, self._size - self._mapped)
-        extents = align_extents(list(src.extents(self._mapped, length)), self._target.alignment)
+        extents = aligned_extents(src, self._mapped, length)
         self._mapped += length
         self._stats.add_extents(extents)
         operations = list(plan_operations(extents, self._request_size, self._zero_target))
@@ -260,8 +269,6 @@ class FileTarget:
 
     It never gets zero requests: a new sparse file already reads as zeros.
     """
-
-    alignment = 1
 
     def __init__(self, path, size):
         self.path = path
@@ -290,8 +297,6 @@ class Qcow2Target:
     It tells the writer when a 512 MiB region is done (mapped past, and no
     operation on it left), so only the tables of regions in progress stay in memory.
     """
-
-    alignment = qcow2_writer.CLUSTER_SIZE
 
     def __init__(self, path, size, backing, backing_format):
         self.writer = qcow2_writer.Qcow2Writer(path, size, backing, backing_format)
@@ -346,6 +351,7 @@ class _Worker:
         self.target = target
         self.queue = queue
         self.stats = stats
+        self.checksum = BlockSum()  # this thread's share; the copy adds them up
         self.free = [nbd.Buffer(request_size) for _ in range(requests)]
         self.reading = 0  # reads on the wire
         self.read_done = []  # reads completed and not yet written
@@ -383,6 +389,7 @@ class _Worker:
     def _start(self, kind, offset, length):
         if kind != COPY:
             self.target.zero(offset, length)
+            self.checksum.add_zeros(offset, length)
             return
         buf = self.free.pop()
         if buf.size() != length:
@@ -405,29 +412,34 @@ class _Worker:
         while self.read_done:
             buf, offset = self.read_done.pop()
             self.target.write(buf, offset)
+            self.checksum.add_data(buf, offset)
             self.stats.add_read(buf.size())
             self.free.append(buf)
+
+
+CopyResult = namedtuple("CopyResult", "bytes_read bytes_zeroed bytes_clean checksum")
+CopyResult.__doc__ = "What a copy did; checksum is the block checksum of what it wrote (block_checksum.py)."
 
 
 def copy(src_url, target, size, connections, bitmap_context=None, zero_target=True, requests=16,
          request_size=256 * 1024, io_timeout=IO_TIMEOUT):
     """Copy the export at src_url into target over `connections` connections, one thread each.
 
-    Every thread has ended when this returns or raises. Returns (bytes_read, bytes_zeroed, bytes_clean).
+    Every thread has ended when this returns or raises. Returns a CopyResult.
     """
     abort = Abort()
     stats = CopyStats()
     queue = WorkQueue(size, request_size, zero_target, stats, target, abort)
     sources = []
     threads = []
+    workers = []
     try:
         for _ in range(connections):
             sources.append(Connection(src_url, bitmap_context, io_timeout, abort))
         for index, source in enumerate(sources):
-            thread = threading.Thread(target=_Worker(source, target, queue, stats, requests, request_size).run,
-                                      name="copy-%d" % index)
-            thread.start()
-            threads.append(thread)
+            workers.append(_Worker(source, target, queue, stats, requests, request_size))
+            threads.append(threading.Thread(target=workers[-1].run, name="copy-%d" % index))
+            threads[-1].start()
         for thread in threads:
             thread.join()
     except BaseException:
@@ -440,7 +452,10 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
             source.close()
     if abort.error:
         raise abort.take()
-    return stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean
+    checksum = BlockSum()
+    for worker in workers:
+        checksum.add(worker.checksum)
+    return CopyResult(stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean, checksum.text())
 
 
 def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format="qcow2",
@@ -450,7 +465,7 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
     backing is stored as given: keep it relative to the image's directory.
 
     The image is complete and durable when this returns. When it fails, the image it created is gone, and
-    nothing that was at path before is ever touched. Returns (bytes_read, bytes_zeroed, bytes_clean).
+    nothing that was at path before is ever touched. Returns a CopyResult.
     """
     try:
         if image_format == "raw":
@@ -461,10 +476,10 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
         raise write_failure(path, err.strerror or err) from None
     try:
         try:
-            counts = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
+            result = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
                           request_size, io_timeout)
             target.finish()
-            return counts
+            return result
         finally:
             target.close()
     except BaseException as err:

@@ -216,17 +216,19 @@ def missing_images(repository, data, backup):
 def record(data, planned, started_disks, copies, now):
     """Append a complete backup. Each disk's level comes from what the start really did."""
     modes = {d["disk"]: d["mode"] for d in started_disks}
-    # copies are {disk, bytes_read}, or the results of a loop of qemu_backup_copy over the started disks.
-    read = {c.get("disk") or c["item"]["disk"]: c["bytes_read"] for c in copies if "bytes_read" in c}
-    missing = [d["disk"] for d in planned["disks"] if d["disk"] not in read]
+    # copies are {disk, bytes_read, checksum}, or results of qemu_backup_copy, whose image is the planned file.
+    by_file = {d["file"]: d["disk"] for d in planned["disks"]}
+    copied = {c.get("disk") or by_file.get(os.path.basename(c.get("image", ""))): c for c in copies
+              if "bytes_read" in c}
+    missing = [d["disk"] for d in planned["disks"] if d["disk"] not in copied]
     if missing:
         raise UserError("Not recording backup %s: disks %s were not copied." % (planned["name"], ", ".join(missing)))
     disks = []
     for disk in planned["disks"]:
         full = modes[disk["disk"]] == "full"
         disks.append(dict(disk=disk["disk"], file=disk["file"], format="qcow2", size=disk["size"],
-                          bytes_read=read[disk["disk"]], mode=modes[disk["disk"]],
-                          backing=None if full else disk["backing"]))
+                          bytes_read=copied[disk["disk"]]["bytes_read"], checksum=copied[disk["disk"]].get("checksum"),
+                          mode=modes[disk["disk"]], backing=None if full else disk["backing"]))
     level = "full" if all(d["mode"] == "full" for d in disks) else "incremental"
     entry = dict(name=planned["name"], level=level, parent=None if level == "full" else planned["parent"],
                  chain=planned["name"] if level == "full" else planned["chain"],

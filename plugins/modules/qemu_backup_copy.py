@@ -26,6 +26,8 @@ description:
   - For a backup of M(fleetbackup.qemu.qemu_backup_start), it checks that the point-in-time view held until the
     copy ended. When the guest overwrote data that the scratch space could not keep, the copy fails, saying so,
     and keeps nothing.
+  - It sums a checksum of the image as it writes it, without reading anything twice (RV(checksum)), and records
+    it with the image's identity.
 author:
   - fleetbackup.qemu developers
 extends_documentation_fragment:
@@ -172,6 +174,16 @@ throughput:
   returned: when copied
   type: int
   sample: 671088640
+checksum:
+  description:
+    - The checksum of the image, C(sha256-blocks64k:) and 64 hex digits, summed as it was written. Each 64 KiB block
+      of data at offset N that is not all zeros adds SHA-256(N as 8 little-endian bytes, then the block's bytes);
+      each 64 KiB block an overlay writes as zeros adds SHA-256(N, then C(zero)); the sum is modulo 2**256.
+    - For an O(dest) that already holds this backup, the checksum recorded with it; null if it was copied by an
+      older version, which recorded none.
+  returned: when copied, or when O(dest) already holds this backup
+  type: str
+  sample: sha256-blocks64k:3f2a...
 """
 
 import errno
@@ -274,12 +286,13 @@ def copy_backup(module):
     identity = dict(export=export_name_of(params["src"]), size=size, bitmap=bitmap_context)
     if os.path.lexists(dest) and not params["force"]:
         held = recorded_identity(dest)
-        if held != identity:
+        if held is None or {key: held.get(key) for key in identity} != identity:
             raise UserError("dest %s already holds %s, not this export's %s: it is another backup, or one that "
                             "cannot be identified. Choose another dest, or set force to replace it."
                             % (dest, describe_identity(held), describe_identity(identity)))
         changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), False)
-        return dict(changed=changed, image=dest, disk_usage=_disk_usage(dest), msg="dest holds this very backup")
+        return dict(changed=changed, image=dest, disk_usage=_disk_usage(dest), checksum=held.get("checksum"),
+                    msg="dest holds this very backup")
     if module.check_mode:
         return dict(changed=True, image=dest, size=size, connections=connections)
     stale = remove_stale_partials(dest_dir)
@@ -287,16 +300,15 @@ def copy_backup(module):
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
     started = time.monotonic()
     try:
-        bytes_read, bytes_zeroed, bytes_unchanged = copy_to_image(
-            params["src"], partial, params["format"], size, bitmap_context, backing, params["backing_format"],
-            connections, params["requests"], params["request_size"])
+        copied = copy_to_image(params["src"], partial, params["format"], size, bitmap_context, backing,
+                               params["backing_format"], connections, params["requests"], params["request_size"])
     except FleetbackupError:
         check_view(view)  # a broken view is the likelier cause, and the one to name
         raise
     try:
         # A view that still holds now held during every read of the copy: a broken one never heals.
         check_view(view)
-        if not record_identity(partial, identity):
+        if not record_identity(partial, dict(identity, checksum=copied.checksum)):
             module.warn("The file system of %s keeps no extended attributes: a later copy cannot prove that dest "
                         "holds this backup, and will need force." % dest_dir)
         os.rename(partial, dest)
@@ -307,12 +319,13 @@ def copy_backup(module):
     elapsed = max(time.monotonic() - started, 1e-6)  # a tiny copy must not divide by zero
     module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
     return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), removed_partials=stale,
-                bytes_read=bytes_read, bytes_zeroed=bytes_zeroed, bytes_unchanged=bytes_unchanged,
-                connections=connections, elapsed=round(elapsed, 3), throughput=int(bytes_read / elapsed))
+                bytes_read=copied.bytes_read, bytes_zeroed=copied.bytes_zeroed, bytes_unchanged=copied.bytes_clean,
+                connections=connections, elapsed=round(elapsed, 3), throughput=int(copied.bytes_read / elapsed),
+                checksum=copied.checksum)
 
 
 def recorded_identity(path):
-    """The identity a copy recorded on the image at path, or None (none recorded, or no xattr support)."""
+    """The identity (and checksum) a copy recorded on the image at path, or None (none, or no xattr support)."""
     try:
         return json.loads(os.getxattr(path, IDENTITY_XATTR, follow_symlinks=False))
     except OSError as err:
@@ -324,7 +337,7 @@ def recorded_identity(path):
 
 
 def record_identity(path, identity):
-    """Record which backup the image holds; False where the file system keeps no extended attributes."""
+    """Record which backup the image holds, and its checksum; False where the file system keeps no xattrs."""
     try:
         os.setxattr(path, IDENTITY_XATTR, json.dumps(identity, sort_keys=True).encode(), follow_symlinks=False)
         return True
