@@ -11,6 +11,9 @@ bytes. Each thread also sums the block checksum (block_checksum.py) of what it
 writes, on the buffer it just wrote, so the image is never read twice; every
 operation covers whole 64 KiB blocks at block-aligned offsets.
 
+A bandwidth limit meters the reads of all threads together, and a report
+callback learns the progress about once a second from a thread of its own.
+
 No wait is unbounded. Every call that needs an answer from the server is
 asynchronous and polled: a server that sends nothing for io_timeout seconds
 (IO_TIMEOUT by default) fails the copy, and the first thread that fails stops
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque, namedtuple
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
@@ -66,6 +70,8 @@ MAX_BUFFER_BYTES = 1024 ** 3
 IO_TIMEOUT = 60
 # Waits wake this often (milliseconds) to see whether another thread has failed.
 POLL_SLICE_MS = 100
+# Seconds between two progress reports.
+REPORT_INTERVAL = 1.0
 ADVICE = ("check that the backup is started (src is the url that qemu_backup_start returned) and that the VM or "
           "qemu-nbd serving it is alive and not stopped, then copy again")
 
@@ -85,10 +91,12 @@ class Abort:
     def __init__(self):
         self._lock = threading.Lock()
         self.error = None
+        self.event = threading.Event()  # set with the failure: ends every sleep at once
 
     def fail(self, error):
         with self._lock:
             self.error = self.error or error
+        self.event.set()
 
     def take(self):
         """Hand the failure over: kept here, its traceback's frames (which hold this) would make a cycle."""
@@ -199,6 +207,12 @@ class CopyStats:
         self.bytes_read = 0
         self.bytes_zeroed = 0
         self.bytes_clean = 0
+        self.bytes_written_as_zeros = 0
+
+    @property
+    def done(self):
+        """Bytes processed so far: read, or written as zeros."""
+        return self.bytes_read + self.bytes_written_as_zeros
 
     def add_extents(self, extents):
         _, zero, clean = count_bytes(extents)
@@ -210,11 +224,45 @@ class CopyStats:
         with self.lock:
             self.bytes_read += length
 
+    def add_written_as_zeros(self, length):
+        with self.lock:
+            self.bytes_written_as_zeros += length
 
 
 def aligned_extents(src, start, length):
     """The Extents of [start, start+length) over Connection src, cut at whole blocks."""
     return align_extents(list(src.extents(start, length)), BLOCK_SIZE)
+
+
+def planned_bytes(src, size, zero_target):
+    """Bytes a copy will process: data to read, and zeros to write unless the target reads as zeros already.
+
+    It maps the disk once more, with block status only, so that progress has a total from the start.
+    """
+    total = 0
+    for start in range(0, size, STATUS_WINDOW):
+        data, zero, _ = count_bytes(aligned_extents(src, start, min(STATUS_WINDOW, size - start)))
+        total += data + (0 if zero_target else zero)
+    return total
+
+
+class Throttle:
+    """A bandwidth limit shared by the threads of a copy: reads start at rate bytes per second on average.
+
+    A thread accounts for each read as it starts it and learns when it may start the next one; beyond the
+    first read of each thread, reads never run ahead of the rate.
+    """
+
+    def __init__(self, rate):
+        self._seconds_per_byte = 1.0 / rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def reserve(self, length):
+        """Account for a read of length bytes starting now; returns the monotonic time the next read may start."""
+        with self._lock:
+            self._next = max(self._next, time.monotonic()) + length * self._seconds_per_byte
+            return self._next
 
 
 class WorkQueue:
@@ -346,16 +394,18 @@ class Qcow2Target:
 class _Worker:
     """One source connection and one target: many reads in flight, each written out as it completes."""
 
-    def __init__(self, src, target, queue, stats, requests, request_size):
+    def __init__(self, src, target, queue, stats, requests, request_size, throttle):
         self.src = src
         self.target = target
         self.queue = queue
         self.stats = stats
+        self.throttle = throttle
         self.checksum = BlockSum()  # this thread's share; the copy adds them up
         self.free = [nbd.Buffer(request_size) for _ in range(requests)]
         self.reading = 0  # reads on the wire
         self.read_done = []  # reads completed and not yet written
         self.read_error = None
+        self.next_read_at = 0.0  # monotonic time before which the bandwidth limit starts no read
 
     def run(self):
         try:
@@ -373,7 +423,7 @@ class _Worker:
             if self.read_error:
                 raise self.read_error
             self._write_completed_reads()
-            while self.free and not exhausted:
+            while self.free and not exhausted and not self._held_back():
                 if operations:
                     self._start(*operations.pop())
                 else:
@@ -382,20 +432,29 @@ class _Worker:
                     operations = (batch or [])[::-1]
             if self.read_done:
                 continue  # take() maps with block status, inside which libnbd may complete our reads
-            if not self.reading:
+            if self.reading:
+                self.src.wait_until(lambda: self.read_done or self.read_error, "read from")
+            elif exhausted:
                 return
-            self.src.wait_until(lambda: self.read_done or self.read_error, "read from")
+            else:  # held back by the bandwidth limit, with nothing on the wire
+                self.src.abort.event.wait(max(0.0, self.next_read_at - time.monotonic()))
+
+    def _held_back(self):
+        return self.throttle is not None and time.monotonic() < self.next_read_at
 
     def _start(self, kind, offset, length):
         if kind != COPY:
             self.target.zero(offset, length)
             self.checksum.add_zeros(offset, length)
+            self.stats.add_written_as_zeros(length)
             return
         buf = self.free.pop()
         if buf.size() != length:
             buf = nbd.Buffer(length)
         self.reading += 1
         self.src.read(buf, offset, lambda error: self._on_read(error.value, buf, offset))
+        if self.throttle is not None:
+            self.next_read_at = self.throttle.reserve(length)
 
     # Completion callbacks run inside libnbd: they only record, never call a handle.
     def _on_read(self, errno_value, buf, offset):
@@ -421,23 +480,46 @@ CopyResult = namedtuple("CopyResult", "bytes_read bytes_zeroed bytes_clean check
 CopyResult.__doc__ = "What a copy did; checksum is the block checksum of what it wrote (block_checksum.py)."
 
 
+def _report_progress(report, stats, total, stop, abort):
+    """Call report(done, total) every REPORT_INTERVAL seconds until stop is set; a failure fails the copy."""
+    try:
+        while not stop.wait(REPORT_INTERVAL):
+            report(stats.done, total)
+    except Exception as err:  # pylint: disable=broad-except
+        abort.fail(err)
+
+
 def copy(src_url, target, size, connections, bitmap_context=None, zero_target=True, requests=16,
-         request_size=256 * 1024, io_timeout=IO_TIMEOUT):
+         request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0, report=None):
     """Copy the export at src_url into target over `connections` connections, one thread each.
+
+    bandwidth: bytes per second that the reads of all connections together may take; 0 for no limit.
+    report: called as report(done, total) with the bytes processed (read, or written as zeros) and the bytes
+    the copy will process, once the disk is mapped, then about once a second, and at the end of a copy that
+    succeeded.
 
     Every thread has ended when this returns or raises. Returns a CopyResult.
     """
     abort = Abort()
     stats = CopyStats()
     queue = WorkQueue(size, request_size, zero_target, stats, target, abort)
+    throttle = Throttle(bandwidth) if bandwidth else None
+    stop_reports = threading.Event()
+    reporter = None
     sources = []
     threads = []
     workers = []
     try:
         for _ in range(connections):
             sources.append(Connection(src_url, bitmap_context, io_timeout, abort))
+        if report:
+            total = planned_bytes(sources[0], size, zero_target)
+            report(0, total)
+            reporter = threading.Thread(target=_report_progress, args=(report, stats, total, stop_reports, abort),
+                                        name="copy-progress")
+            reporter.start()
         for index, source in enumerate(sources):
-            workers.append(_Worker(source, target, queue, stats, requests, request_size))
+            workers.append(_Worker(source, target, queue, stats, requests, request_size, throttle))
             threads.append(threading.Thread(target=workers[-1].run, name="copy-%d" % index))
             threads[-1].start()
         for thread in threads:
@@ -446,7 +528,8 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
         abort.fail(Aborted())  # stops the threads; the exception itself goes on up
         raise
     finally:
-        for thread in threads:
+        stop_reports.set()
+        for thread in threads + ([reporter] if reporter else []):
             thread.join()  # prompt: every wait of a thread ends once the copy has failed
         for source in sources:
             source.close()
@@ -455,14 +538,17 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
     checksum = BlockSum()
     for worker in workers:
         checksum.add(worker.checksum)
+    if report:
+        report(stats.done, total)
     return CopyResult(stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean, checksum.text())
 
 
 def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format="qcow2",
-                  connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT):
+                  connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0,
+                  report=None):
     """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
 
-    backing is stored as given: keep it relative to the image's directory.
+    backing is stored as given: keep it relative to the image's directory. bandwidth and report: see copy().
 
     The image is complete and durable when this returns. When it fails, the image it created is gone, and
     nothing that was at path before is ever touched. Returns a CopyResult.
@@ -477,7 +563,7 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
     try:
         try:
             result = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
-                          request_size, io_timeout)
+                          request_size, io_timeout, bandwidth, report)
             target.finish()
             return result
         finally:

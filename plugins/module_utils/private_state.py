@@ -125,8 +125,8 @@ class PrivateDir:
                 raise UserError("%s is damaged (%s): remove it after checking that no backup uses it."
                                 % (self.path_of(name), err)) from None
 
-    def write_json(self, name, data):
-        write_json_atomic(self.path, check_plain_name(name, "File name"), data)
+    def write_json(self, name, data, durable=True):
+        write_json_atomic(self.path, check_plain_name(name, "File name"), data, durable)
 
     def remove(self, name):
         """Remove file `name`; True when it was there."""
@@ -182,19 +182,24 @@ def create_exclusive(directory, name, flags=os.O_WRONLY):
     return CreatedFile(path, fd)
 
 
-def write_json_atomic(directory, name, data):
-    """Replace file `name` in directory atomically and durably with data as JSON, through a fresh 0600 file."""
+def write_json_atomic(directory, name, data, durable=True):
+    """Replace file `name` in directory atomically with data as JSON, through a fresh 0600 file.
+
+    durable: also make it survive a crash (two fsyncs); without, readers still never see a torn file.
+    """
     temporary = create_exclusive(directory, ".%s.%s" % (name, secrets.token_hex(4)))
     try:
         with os.fdopen(temporary.fd, "w") as stream:
             json.dump(data, stream, indent=1, sort_keys=True)
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.rename(temporary.path, os.path.join(directory, name))
     except BaseException:
         remove_file(temporary.path)
         raise
-    sync_directory(directory)
+    if durable:
+        sync_directory(directory)
 
 
 def remove_file(path):

@@ -27,11 +27,14 @@ description:
     copy ended. When the guest overwrote data that the scratch space could not keep, the copy fails, saying so,
     and keeps nothing.
   - It sums a checksum of the image as it writes it, without reading anything twice (RV(checksum)), and records
-    it with the image's identity.
+    it with the image's identity. M(fleetbackup.qemu.qemu_backup_verify) checks it later from the image alone.
+  - While it copies, it keeps its progress in O(state_dir) on the host that copies, where
+    M(fleetbackup.qemu.qemu_backup_copy_status) reads it; run it with C(async) and C(poll=0) to follow it.
 author:
   - fleetbackup.qemu developers
 extends_documentation_fragment:
   - ansible.builtin.files
+  - fleetbackup.qemu.vm.copy_progress
 options:
   src:
     description:
@@ -89,6 +92,13 @@ options:
       - O(connections) x O(requests) x O(request_size), the memory of the read buffers, may be at most 1 GiB.
     type: int
     default: 262144
+  bandwidth:
+    description:
+      - Bytes per second that the reads of all connections together may take, as a number or a size like C(100M)
+        or C(1G) (powers of 1024). Beyond the first read of each connection, reads never run ahead of it.
+      - C(0) sets no limit.
+    type: raw
+    default: 0
   mode:
     description:
       - Permissions of O(dest). Disk images hold secrets, so the default is C(0600).
@@ -193,8 +203,15 @@ import re
 import stat
 import time
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.copy_progress import (
+    CopyProgress,
+    copies_dir,
+    parse_bandwidth,
+    prune_records,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
+    HAS_LIBNBD,
     MAX_BUFFER_BYTES,
     MAX_REQUEST_SIZE,
     copy_to_image,
@@ -208,9 +225,13 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time imp
     export_view,
     view_intact,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file, sync_directory
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    DEFAULT_STATE_DIR,
+    remove_file,
+    sync_directory,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, check_backing_name
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule, missing_libnbd
 
 
 # A copy writes .<dest name>.part-<its PID> and renames it when complete.
@@ -232,8 +253,9 @@ def main():
             connections=dict(type="int", default=4),
             requests=dict(type="int", default=16),
             request_size=dict(type="int", default=256 * 1024),
+            bandwidth=dict(type="raw", default=0),
+            state_dir=dict(type="path", default=DEFAULT_STATE_DIR),
         ),
-        needs_nbd=True,
         add_file_common_args=True,
         supports_check_mode=True,
     )
@@ -275,7 +297,31 @@ def check_params(params):
 
 
 def copy_backup(module):
+    """The copy, with its progress recorded from beginning to end; check mode records nothing.
+
+    The record comes first: whoever follows the copy learns of any failure, a missing library's too.
+    """
+    directory = copies_dir(module.params["state_dir"], create=not module.check_mode)
+    if module.check_mode:
+        return copy_or_keep(module, None)
+    prune_records(directory, time.time())
+    progress = CopyProgress(directory, module.params["dest"])
+    try:
+        result = copy_or_keep(module, progress)
+    except BaseException as err:
+        progress.end(error=str(err) or type(err).__name__)
+        raise
+    progress.end(summary=result.get("msg"))
+    if progress.error:
+        module.warn("The progress of this copy could not be recorded in %s: %s" % (directory.path, progress.error))
+    return result
+
+
+def copy_or_keep(module, progress):
+    if not HAS_LIBNBD:
+        raise UserError(missing_libnbd())
     params = module.params
+    bandwidth = parse_bandwidth(params["bandwidth"])
     dest_dir = check_params(params)
     dest = params["dest"]
     bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
@@ -301,7 +347,8 @@ def copy_backup(module):
     started = time.monotonic()
     try:
         copied = copy_to_image(params["src"], partial, params["format"], size, bitmap_context, backing,
-                               params["backing_format"], connections, params["requests"], params["request_size"])
+                               params["backing_format"], connections, params["requests"], params["request_size"],
+                               bandwidth=bandwidth, report=progress)
     except FleetbackupError:
         check_view(view)  # a broken view is the likelier cause, and the one to name
         raise

@@ -16,8 +16,8 @@ MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(
 
 
 def test_all_modules_are_there():
-    assert MODULES == ["qemu_backup_copy", "qemu_backup_info", "qemu_backup_repository", "qemu_backup_restore",
-                       "qemu_backup_start", "qemu_backup_stop", "qemu_checkpoint"]
+    assert MODULES == ["qemu_backup_copy", "qemu_backup_copy_status", "qemu_backup_info", "qemu_backup_repository",
+                       "qemu_backup_restore", "qemu_backup_start", "qemu_backup_stop", "qemu_checkpoint"]
 
 
 @pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("role", ["qemu_backup", "qemu_restore"])])
@@ -35,11 +35,12 @@ def test_ansible_doc_renders_every_plugin(plugin_type, names):
 
 
 @pytest.mark.parametrize("module,args,hidden,words", [
-    ("qemu_backup_copy", {"src": "nbd+unix:///x?socket=/x", "dest": "/tmp/x"}, ["nbd"], "python3-libnbd"),
+    ("qemu_backup_copy", {"src": "nbd+unix:///x?socket=/x", "dest": "TMP/x", "state_dir": "TMP/state"}, ["nbd"],
+     "python3-libnbd"),
     ("qemu_backup_start", {"qmp_socket": "/x", "backup_id": "x"}, ["qemu", "qemu.qmp"], "pip install qemu.qmp"),
 ])
-def test_a_missing_library_fails_with_what_to_install(module, args, hidden, words):
-    args = {"ANSIBLE_MODULE_ARGS": args}
+def test_a_missing_library_fails_with_what_to_install(module, args, hidden, words, tmp_path):
+    args = {"ANSIBLE_MODULE_ARGS": {key: value.replace("TMP", str(tmp_path)) for key, value in args.items()}}
     # A None entry in sys.modules makes its import fail, as on a host without the package.
     hide = "import sys, runpy; sys.modules.update(dict.fromkeys(%r)); runpy.run_module(%r, run_name='__main__')" % (
         hidden, "ansible_collections.fleetbackup.qemu.plugins.modules." + module)
