@@ -30,9 +30,11 @@ class FleetbackupModule(AnsibleModule):
             self.warn(message)
 
     def run(self, main):
-        """Call main(self) and exit with its result; our errors become fail_json."""
+        """Call main(self) and exit with its result; our errors, and a result that says failed, become fail_json."""
         try:
             result = main(self)
         except FleetbackupError as err:
             self.fail_json(msg=str(err))
+        if result.get("failed"):
+            self.fail_json(**result)
         self.exit_json(**result)

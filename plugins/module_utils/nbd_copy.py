@@ -112,14 +112,16 @@ class Connection:
     """A connection to the export, asking for the contexts that the copy needs.
 
     Every wait on it ends once the server has sent nothing for io_timeout
-    seconds, or as soon as the copy that it serves fails (abort).
+    seconds, or as soon as the copy that it serves fails (abort). image_alone:
+    the export is one image opened without its backing file (see Extent).
     """
 
-    def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None):
+    def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None, image_alone=False):
         self.url = url
         self.bitmap_context = bitmap_context
         self.io_timeout = io_timeout
         self.abort = abort
+        self.image_alone = image_alone
         self.handle = nbd.NBD()
         self.handle.set_handle_name("fleetbackup-src")
         self.contexts = [c for c in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context) if c]
@@ -135,6 +137,9 @@ class Connection:
             if bitmap_context and not self.handle.can_meta_context(bitmap_context):
                 raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
                                "that qemu_backup_start returned for this disk." % (url, bitmap_context))
+            if image_alone and not self.handle.can_meta_context(CONTEXT_ALLOCATION_DEPTH):
+                raise NbdError("NBD export %s does not report %s, so what the image itself holds is unknown: "
+                               "export it with qemu-nbd -A." % (url, CONTEXT_ALLOCATION_DEPTH))
         except BaseException:
             self.close()  # now: the traceback, which holds this object, would keep the socket open
             raise
@@ -185,7 +190,7 @@ class Connection:
             action = "get block status at offset %d of" % offset
             cookie = self._call(action, self.handle.aio_block_status, min(STATUS_WINDOW, end - offset), offset, collect)
             self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
-            extents = clip(merge_extents(offset, replies, self.bitmap_context), end)
+            extents = clip(merge_extents(offset, replies, self.bitmap_context, self.image_alone), end)
             if not extents:
                 raise self.failure(action, "its server answered with no extent")
             yield from extents
@@ -391,6 +396,25 @@ class Qcow2Target:
         self.writer.close()
 
 
+class ChecksumOnly:
+    """A target that keeps nothing: copying into it only sums the block checksum of the export."""
+
+    def planned(self, operations, mapped_through):
+        """Nothing to prepare."""
+
+    def write(self, buf, offset):
+        """Nothing to keep."""
+
+    def zero(self, offset, length):
+        """Nothing to keep."""
+
+    def finish(self):
+        """Nothing to make durable."""
+
+    def close(self):
+        """Nothing to close."""
+
+
 class _Worker:
     """One source connection and one target: many reads in flight, each written out as it completes."""
 
@@ -490,13 +514,13 @@ def _report_progress(report, stats, total, stop, abort):
 
 
 def copy(src_url, target, size, connections, bitmap_context=None, zero_target=True, requests=16,
-         request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0, report=None):
+         request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0, report=None, image_alone=False):
     """Copy the export at src_url into target over `connections` connections, one thread each.
 
     bandwidth: bytes per second that the reads of all connections together may take; 0 for no limit.
     report: called as report(done, total) with the bytes processed (read, or written as zeros) and the bytes
     the copy will process, once the disk is mapped, then about once a second, and at the end of a copy that
-    succeeded.
+    succeeded. image_alone: the export is one image without its backing file (see Extent), as when checking it.
 
     Every thread has ended when this returns or raises. Returns a CopyResult.
     """
@@ -511,7 +535,7 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
     workers = []
     try:
         for _ in range(connections):
-            sources.append(Connection(src_url, bitmap_context, io_timeout, abort))
+            sources.append(Connection(src_url, bitmap_context, io_timeout, abort, image_alone))
         if report:
             total = planned_bytes(sources[0], size, zero_target)
             report(0, total)
@@ -582,3 +606,15 @@ def export_size_and_connections(src_url, bitmap_context, wanted, io_timeout=IO_T
         return src.handle.get_size(), wanted if src.handle.can_multi_conn() else 1
     finally:
         src.close()
+
+
+def checksum_of_image_export(src_url, has_backing, connections=4, io_timeout=IO_TIMEOUT):
+    """The block checksum of an image exported alone (without its backing file, with qemu:allocation-depth).
+
+    It is summed as the copy that wrote the image summed it: what the image holds as data is read, its zero
+    clusters count as blocks written as zeros when it is an overlay (has_backing), and what it does not hold
+    counts for nothing.
+    """
+    size, connections = export_size_and_connections(src_url, None, connections, io_timeout)
+    return copy(src_url, ChecksumOnly(), size, connections, zero_target=not has_backing, io_timeout=io_timeout,
+                image_alone=True).checksum

@@ -27,9 +27,14 @@ PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,254}$")
 LOCK_POLL = 0.05
 
 
+def is_plain_name(name):
+    """Whether name is one path component of our own making: no '/', no '..', no leading dot."""
+    return isinstance(name, str) and bool(PLAIN_NAME.match(name)) and ".." not in name
+
+
 def check_plain_name(name, what):
-    """A name that is one path component of our own making: no '/', no '..', no leading dot."""
-    if not isinstance(name, str) or not PLAIN_NAME.match(name) or ".." in name:
+    """name, if it is a plain name (is_plain_name); else UserError."""
+    if not is_plain_name(name):
         raise UserError("%s %r is not a plain file name (letters, digits and _.:@+- only, not starting with a "
                         "dot): fix it where it was written (inventory, manifest or option)." % (what, name))
     return name

@@ -87,6 +87,12 @@ class Repository:
                 check_plain_name(disk["disk"], "Disk " + where)
         return data
 
+    def load_existing(self):
+        """load() a repository that must exist; UserError when it has no manifest."""
+        if not os.path.exists(self.manifest_path):
+            raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (self.path, self.vm))
+        return self.load()
+
     def save(self, data):
         """Replace the manifest atomically and durably."""
         write_json_atomic(self.path, MANIFEST, data)

@@ -144,10 +144,7 @@ def restore(module):
     if not os.path.isdir(params["dest"]):
         raise UserError("dest %s is not a directory: create it first." % params["dest"])
     repository = Repository(params["repository"], params["vm"])
-    if not os.path.exists(repository.manifest_path):
-        raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (repository.path,
-                                                                                         params["vm"]))
-    backup = repository.find(repository.load(), params["backup"])
+    backup = repository.find(repository.load_existing(), params["backup"])
     disks = _chosen_disks(backup, params["disks"])
     results = [_restore_disk(module, repository, disk) for disk in disks]
     return dict(changed=any(r["changed"] for r in results), backup=backup["name"], disks=results)
