@@ -26,11 +26,9 @@ description:
   - The C(fleetbackup.qemu.qemu_backup) role chains this module with the backup modules; use the role.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository
 options:
-  repository:
-    description: The repository, a directory with one subdirectory per VM.
-    type: path
-    required: true
   vm:
     description: The VM's name, its subdirectory in the repository; a plain file name.
     type: str

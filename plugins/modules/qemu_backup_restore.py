@@ -21,11 +21,9 @@ description:
   - The temporary image is created with mode 0600 from the start and never through a symlink.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository
 options:
-  repository:
-    description: The repository, a directory with one subdirectory per VM.
-    type: path
-    required: true
   vm:
     description: The VM's name, its subdirectory in the repository, holding C(manifest.json).
     type: str

@@ -25,11 +25,9 @@ description:
     later backup of its chain).
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository
 options:
-  repository:
-    description: The repository, a directory with one subdirectory per VM.
-    type: path
-    required: true
   vm:
     description: The VM whose backups to verify, its subdirectory in the repository; a plain file name. Every VM that
       has a manifest in the repository by default.
