@@ -235,8 +235,8 @@ def test_a_slow_copy_shows_progress_lines_and_the_manifest_records_checksums_tha
     vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 16 * MiB, 0x5A))
     fleet = Fleet(tmp_path, {"vm1": vm})
     mark = vm.mark("vda")
-    # 16 MiB at 4 MiB/s: about 4 s of copying, a progress line each second.
-    rc, results, output = fleet.backup(qemu_backup_bandwidth="4M", qemu_backup_progress_interval=1)
+    # 16 MiB at 4 MiB/s: about 4 s of copying, a progress line each second (given as -e gives it: a string).
+    rc, results, output = fleet.backup(qemu_backup_bandwidth="4M", qemu_backup_progress_interval="1")
     assert_ok((rc, results, output))
     lines = [round_["msg"] for round_ in results["tasks"]["vm1"]["Show the progress of the copies"]["results"]]
     assert any(re.match(r"^vda: \d+% \([\d.]+ MiB of 16\.0 MiB\) at [\d.]+ MiB/s", line) for line in lines), lines
