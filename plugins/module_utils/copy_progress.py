@@ -17,6 +17,7 @@ write are not counted.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import time
@@ -87,7 +88,7 @@ class CopyProgress:
         (first, first_done), total = self._samples[0], max(total, done)
         rate = (done - first_done) / (now - first) if now > first else None
         self.record.update(state="copying", done=done, total=total, rate=None if rate is None else int(rate),
-                           eta=int(round((total - done) / rate)) if rate else None, updated=time.time())
+                           eta=math.ceil((total - done) / rate) if rate else None, updated=time.time())
         self._write()
 
     def end(self, error=None, summary=None):

@@ -165,7 +165,8 @@ def verify(module):
             "%s/%s (%s), needed by %s" % (image["vm"], image["image"], "; ".join(image["problems"]),
                                           ", ".join(image["dependents"])) for image in bad)))
     else:
-        result["msg"] = "%d images of %d VMs checked: all good%s." % (checked, len(reports), (
+        vms = "1 VM" if len(reports) == 1 else "%d VMs" % len(reports)
+        result["msg"] = "%d images of %s checked: all good%s." % (checked, vms, (
             "; %d have no recorded checksum (written by an older copy), so their content could not be verified"
             % unverified) if unverified else "")
     if unverified:

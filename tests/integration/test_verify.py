@@ -79,12 +79,12 @@ def test_a_clean_repository_passes_and_changes_nothing(chain):
         result = verify(fleet, check_mode=check_mode)
         assert not result.failed and result["changed"] is False, result
         assert states(result) == dict.fromkeys(names, "ok") and result["bad_images"] == []
-        assert result["vms"][0]["images_checked"] == 6 and result["msg"] == "6 images of 1 VMs checked: all good."
+        assert result["vms"][0]["images_checked"] == 6 and result["msg"] == "6 images of 1 VM checked: all good."
     newest = verify(fleet, vm="vm1", backups=[names[2]])
     assert states(newest) == {names[2]: "ok"} and newest["vms"][0]["images_checked"] == 6
     # The role over the inventory changes nothing and says so.
     results = assert_ok(fleet.run("verify.yml"), changed={"vm1": 0})
-    assert results["tasks"]["vm1"]["Report the verification"]["msg"] == "6 images of 1 VMs checked: all good."
+    assert results["tasks"]["vm1"]["Report the verification"]["msg"] == "6 images of 1 VM checked: all good."
     # An image recorded without a checksum (by an older version) is unverified, not passed.
     del manifest["backups"][1]["disks"][0]["checksum"]
     (fleet.repository / "vm1" / "manifest.json").write_text(json.dumps(manifest))
