@@ -39,6 +39,8 @@ KEEP_ENDED = 86400
 # The rate is measured over about this many seconds of the latest progress.
 RATE_WINDOW = 10.0
 RUNNING = ("starting", "copying")
+# What the status returns of a record as it is.
+RECORDED = ("state", "done", "total", "rate", "eta", "started", "updated")
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
@@ -115,8 +117,7 @@ def read_status(directory, dest, label=None):
     status = dict(dest=os.path.abspath(dest), state="not started", running=False, ended=False, done=0,
                   total=None, rate=None, eta=None, started=None, updated=None, pid=None)
     if record:
-        status.update({key: record.get(key) for key in ("state", "done", "total", "rate", "eta", "started",
-                                                         "updated")}, pid=record["owner"]["pid"])
+        status.update({key: record.get(key) for key in RECORDED}, pid=record["owner"]["pid"])
         status["running"] = record["state"] in RUNNING and process_alive(record["owner"])
         if record["state"] in RUNNING and not status["running"]:
             status.update(state="gone", rate=None, eta=None)
@@ -131,8 +132,8 @@ def describe(status, message, label):
     if state == "not started":
         return "%s: not started" % label
     if state == "done":
-        return "%s: done, %s" % (label, message or "%s in %s" % (size(done), duration(status["updated"] -
-                                                                                       status["started"])))
+        elapsed = status["updated"] - status["started"]
+        return "%s: done, %s" % (label, message or "%s in %s" % (size(done), duration(elapsed)))
     amount = "%d%% (%s of %s)" % (percent(done, total), size(done), size(total)) if total is not None else None
     if state in RUNNING:
         if amount is None:

@@ -246,7 +246,7 @@ def planned_bytes(src, size, zero_target):
     """
     total = 0
     for start in range(0, size, STATUS_WINDOW):
-        data, zero, _ = count_bytes(aligned_extents(src, start, min(STATUS_WINDOW, size - start)))
+        data, zero, _clean = count_bytes(aligned_extents(src, start, min(STATUS_WINDOW, size - start)))
         total += data + (0 if zero_target else zero)
     return total
 

@@ -21,7 +21,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import Fle
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import checksum_of_image_export
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import is_plain_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import alone, image_damage, image_info, served
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import MANIFEST, Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import MANIFEST
 
 
 def repository_vms(root):
@@ -46,7 +46,7 @@ def verify_vm(repository, wanted=None):
     bad = [report for report in images.values() if report["problems"]]
     for report in bad:
         report["dependents"] = [b["name"] for b in data["backups"]
-                                if report["image"] in {d["file"] for _, d in images_needed(data, b)}]
+                                if report["image"] in {d["file"] for _member, d in images_needed(data, b)}]
     return dict(vm=repository.vm, backups=[_backup_report(data, backup, images) for backup in backups],
                 bad_images=bad, unverified_images=[r["image"] for r in images.values() if not r["verified"]
                                                    and not r["problems"]], images_checked=len(images))
@@ -80,7 +80,7 @@ def images_needed(data, backup):
 
 
 def _backup_report(data, backup, images):
-    needed = [images[disk["file"]] for _, disk in images_needed(data, backup)]
+    needed = [images[disk["file"]] for _member, disk in images_needed(data, backup)]
     problems = ["%s: %s" % (r["image"], "; ".join(r["problems"])) for r in needed if r["problems"]]
     unverified = [r["image"] for r in needed if not r["verified"] and not r["problems"]]
     if problems:
@@ -172,7 +172,7 @@ def _link_problems(data, backup, disk, info):
     problems = []
     if named != disk["backing"]:
         problems.append("it names %s as its backing file, not its parent's image %s" % (named, disk["backing"]))
-    if named_format != entry.get("format", "qcow2"):
-        problems.append("it names %s as its backing file's format, not %s" % (named_format,
-                                                                             entry.get("format", "qcow2")))
+    parent_format = entry.get("format", "qcow2")
+    if named_format != parent_format:
+        problems.append("it names %s as its backing file's format, not %s" % (named_format, parent_format))
     return problems

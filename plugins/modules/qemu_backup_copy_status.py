@@ -181,8 +181,8 @@ def copy_status(module):
     dests = params["dests"] or [params["dest"]]
     names = params["names"] or [None] * len(dests)
     if len(names) != len(dests):
-        raise UserError("names has %d entries for %d dests: give one name per dest, or none." % (len(names),
-                                                                                               len(dests)))
+        raise UserError("names has %d entries for %d dests: give one name per dest, or none."
+                        % (len(names), len(dests)))
     directory = copies_dir(params["state_dir"], create=False)
     deadline = time.monotonic() + params["wait"]
     first = copies = [read_status(directory, dest, name) for dest, name in zip(dests, names)]
