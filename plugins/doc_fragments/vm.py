@@ -73,3 +73,16 @@ options:
     type: str
     required: true
 """
+
+    COPY_PROGRESS = r"""
+options:
+  state_dir:
+    description:
+      - fleetbackup's own directory on the host that copies, which a copy creates with mode 0700 if missing; it
+        must belong to the user the module runs as, and nobody else may write to it. The same directory as the VM
+        modules' when the copy runs on the hypervisor.
+      - The progress of each copy is kept in C(copies/), in a record named after the SHA-256 of O(dest)'s absolute
+        path. A record stays for a day after its copy ended.
+    type: path
+    default: /var/lib/fleetbackup
+"""

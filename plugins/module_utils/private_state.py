@@ -27,9 +27,14 @@ PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,254}$")
 LOCK_POLL = 0.05
 
 
+def is_plain_name(name):
+    """Whether name is one path component of our own making: no '/', no '..', no leading dot."""
+    return isinstance(name, str) and bool(PLAIN_NAME.match(name)) and ".." not in name
+
+
 def check_plain_name(name, what):
-    """A name that is one path component of our own making: no '/', no '..', no leading dot."""
-    if not isinstance(name, str) or not PLAIN_NAME.match(name) or ".." in name:
+    """name, if it is a plain name (is_plain_name); else UserError."""
+    if not is_plain_name(name):
         raise UserError("%s %r is not a plain file name (letters, digits and _.:@+- only, not starting with a "
                         "dot): fix it where it was written (inventory, manifest or option)." % (what, name))
     return name
@@ -125,8 +130,8 @@ class PrivateDir:
                 raise UserError("%s is damaged (%s): remove it after checking that no backup uses it."
                                 % (self.path_of(name), err)) from None
 
-    def write_json(self, name, data):
-        write_json_atomic(self.path, check_plain_name(name, "File name"), data)
+    def write_json(self, name, data, durable=True):
+        write_json_atomic(self.path, check_plain_name(name, "File name"), data, durable)
 
     def remove(self, name):
         """Remove file `name`; True when it was there."""
@@ -182,19 +187,24 @@ def create_exclusive(directory, name, flags=os.O_WRONLY):
     return CreatedFile(path, fd)
 
 
-def write_json_atomic(directory, name, data):
-    """Replace file `name` in directory atomically and durably with data as JSON, through a fresh 0600 file."""
+def write_json_atomic(directory, name, data, durable=True):
+    """Replace file `name` in directory atomically with data as JSON, through a fresh 0600 file.
+
+    durable: also make it survive a crash (two fsyncs); without, readers still never see a torn file.
+    """
     temporary = create_exclusive(directory, ".%s.%s" % (name, secrets.token_hex(4)))
     try:
         with os.fdopen(temporary.fd, "w") as stream:
             json.dump(data, stream, indent=1, sort_keys=True)
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.rename(temporary.path, os.path.join(directory, name))
     except BaseException:
         remove_file(temporary.path)
         raise
-    sync_directory(directory)
+    if durable:
+        sync_directory(directory)
 
 
 def remove_file(path):

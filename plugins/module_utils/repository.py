@@ -96,6 +96,12 @@ class Repository:
                 check_plain_name(name, "File " + where)
         return data
 
+    def load_existing(self):
+        """load() a repository that must exist; UserError when it has no manifest."""
+        if not os.path.exists(self.manifest_path):
+            raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (self.path, self.vm))
+        return self.load()
+
     def save(self, data):
         """Replace the manifest atomically and durably."""
         write_json_atomic(self.path, MANIFEST, data)
@@ -287,17 +293,19 @@ def store_definition(repository, name, definition):
 def record(data, planned, started_disks, copies, now, definition=None):
     """Append a complete backup. Each disk's level comes from what the start really did."""
     modes = {d["disk"]: d["mode"] for d in started_disks}
-    # copies are {disk, bytes_read}, or the results of a loop of qemu_backup_copy over the started disks.
-    read = {c.get("disk") or c["item"]["disk"]: c["bytes_read"] for c in copies if "bytes_read" in c}
-    missing = [d["disk"] for d in planned["disks"] if d["disk"] not in read]
+    # copies are {disk, bytes_read, checksum}, or results of qemu_backup_copy, whose image is the planned file.
+    by_file = {d["file"]: d["disk"] for d in planned["disks"]}
+    copied = {c.get("disk") or by_file.get(os.path.basename(c.get("image", ""))): c for c in copies
+              if "bytes_read" in c}
+    missing = [d["disk"] for d in planned["disks"] if d["disk"] not in copied]
     if missing:
         raise UserError("Not recording backup %s: disks %s were not copied." % (planned["name"], ", ".join(missing)))
     disks = []
     for disk in planned["disks"]:
         full = modes[disk["disk"]] == "full"
         disks.append(dict(disk=disk["disk"], file=disk["file"], format="qcow2", size=disk["size"],
-                          bytes_read=read[disk["disk"]], mode=modes[disk["disk"]],
-                          backing=None if full else disk["backing"]))
+                          bytes_read=copied[disk["disk"]]["bytes_read"], checksum=copied[disk["disk"]].get("checksum"),
+                          mode=modes[disk["disk"]], backing=None if full else disk["backing"]))
     level = "full" if all(d["mode"] == "full" for d in disks) else "incremental"
     entry = dict(name=planned["name"], level=level, parent=None if level == "full" else planned["parent"],
                  chain=planned["name"] if level == "full" else planned["chain"],

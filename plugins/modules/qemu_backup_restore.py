@@ -25,11 +25,9 @@ description:
     addresses, so it can run beside the original; disks that were not restored are left out of it.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository
 options:
-  repository:
-    description: The repository, a directory with one subdirectory per VM.
-    type: path
-    required: true
   vm:
     description: The VM's name, its subdirectory in the repository, holding C(manifest.json).
     type: str
@@ -217,10 +215,7 @@ def restore(module):
     if not os.path.isdir(params["dest"]):
         raise UserError("dest %s is not a directory: create it first." % params["dest"])
     repository = Repository(params["repository"], params["vm"])
-    if not os.path.exists(repository.manifest_path):
-        raise UserError("%s is no backup repository of VM %s: it has no manifest.json."
-                        % (repository.path, params["vm"]))
-    backup = repository.find(repository.load(), params["backup"])
+    backup = repository.find(repository.load_existing(), params["backup"])
     disks = _chosen_disks(backup, params["disks"])
     definition = backup.get("definition")
     if params["define_domain"] and not definition:

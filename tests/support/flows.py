@@ -37,7 +37,7 @@ class Backups:
             incremental = disk["mode"] == "incremental"
             backing = os.path.join(directory, "%s.%s.qcow2" % (previous_prefix, disk["disk"])) if incremental else None
             result = run_module("qemu_backup_copy", src=disk["url"], dest=dest, backing=backing,
-                                dirty_bitmap=disk["dirty_bitmap"], **args)
+                                dirty_bitmap=disk["dirty_bitmap"], state_dir=self.state_dir, **args)
             assert not result.failed, result
             results[disk["disk"]] = result
         return results
