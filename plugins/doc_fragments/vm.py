@@ -31,9 +31,11 @@ options:
     aliases: [uri]
   qemu_dir:
     description:
-      - With O(domain), the directory for the backup's NBD socket and scratch images, which QEMU (running as its own
-        user, such as C(libvirt-qemu)) must reach. It is created with mode 0711 and must belong to the module's
-        user; each VM gets a subdirectory of its own that only QEMU's user can enter.
+      - With O(domain), the directory for the backup's scratch images and NBD socket, which QEMU (running as its own
+        user, such as C(libvirt-qemu)) must reach. It and each VM's directory in it (C(lv-<uuid>)) are root's, mode
+        0711, so QEMU can pass through but nobody can list them. Each start makes a directory of its own there for
+        the socket, which QEMU's user can write only until QEMU made the socket; then the socket and the directory
+        become root's alone.
     type: path
     default: /var/lib/fleetbackup-qemu
   timeout:

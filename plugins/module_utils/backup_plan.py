@@ -84,12 +84,12 @@ def request_differences(recorded, requested):
 class BackupPlan:
     """The disks of one start and what each of them will be: full or incremental, exported under which name."""
 
-    def __init__(self, backup_id, disks, request, registry, nbd_socket):
+    def __init__(self, backup_id, disks, request, registry, nbd_socket, tag=None):
         self.backup_id = backup_id
         self.request = request
         self.nbd_socket = nbd_socket
         self.scratch_dir = request["scratch_dir"]
-        self.tag = secrets.token_hex(4)
+        self.tag = tag or new_tag()
         self.checkpoint = request["checkpoint"]
         self.incremental = request["incremental"]
         self.chosen = disks
@@ -112,6 +112,11 @@ class BackupPlan:
                   "reason")
         return dict(id=self.backup_id, nbd_socket=self.nbd_socket, checkpoint=self.checkpoint,
                     incremental=self.incremental, pause=None, disks=[{key: disk[key] for key in public} for disk in self.disks])
+
+
+def new_tag():
+    """A start's own tag: 8 hex digits."""
+    return secrets.token_hex(4)
 
 
 def temporary_bitmap(backup_id):

@@ -555,7 +555,7 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
     workers = []
     try:
         for _connection in range(connections):
-            sources.append(Connection(src_url, bitmap_context, io_timeout, abort, image_alone))
+            sources.append(Connection(src_url, bitmap_context, io_timeout, abort, image_alone=image_alone))
         if report:
             total = planned_bytes(sources[0], size, zero_target)
             report(0, total)

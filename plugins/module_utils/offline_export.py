@@ -9,35 +9,28 @@ the QMP or libvirt connection of the running VM: the teardown lives here, apart 
 
 from __future__ import annotations
 
-import json
 import os
-import select
-import signal
 import stat
 import subprocess
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    file_identity,
     process_alive,
     process_start_time,
     remove_file,
     this_process,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import checked_qemu_img
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import end_pidfd
 
 OFFLINE = "offline"
 DISKS = "disks.json"
-SERVER_STOP_TIMEOUT = 30
 
 
 def image_identity(path):
-    """What identifies an image file: (device, inode); None when it is no regular file."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return [info.st_dev, info.st_ino] if stat.S_ISREG(info.st_mode) else None
+    """What identifies an image file (a symlink to it is fine): [device, inode]; None when it is no regular file."""
+    return file_identity(path, follow=True)
 
 
 def image_fingerprint(path):
@@ -49,15 +42,15 @@ def image_fingerprint(path):
     return [info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
-def remember_disks(state, disks):
-    """Record a running VM's disks in its private state, for a backup while it is stopped."""
-    if state.read_only:
-        return
-    record = [dict(name=disk.name, node=disk.node, qdev=disk.qdev, format=disk.format, filename=disk.filename,
-                   read_only=disk.read_only, identity=image_identity(disk.filename)) for disk in disks]
+def remember_disks(state, disks, vm):
+    """Record a running VM's disks, and vm (its socket, name and UUID), in its private state: what a backup while it
+    is stopped goes by."""
+    record = dict(vm, disks=[dict(name=disk.name, node=disk.node, qdev=disk.qdev, format=disk.format,
+                                  filename=disk.filename, read_only=disk.read_only,
+                                  identity=image_identity(disk.filename)) for disk in disks])
     known = state.dir.read_json(DISKS)
-    if known is None or known["disks"] != record:
-        state.dir.write_json(DISKS, dict(disks=record, seen=int(time.time())))
+    if known is None or {key: value for key, value in known.items() if key != "seen"} != record:
+        state.dir.write_json(DISKS, dict(record, seen=int(time.time())))
 
 
 def recorded_disks(state):
@@ -106,20 +99,15 @@ def remove_offline_backup(connection, record, discard_checkpoint, check_mode):
 
 
 def end_server(owner):
-    """SIGTERM a qemu-nbd of ours, still the process we started, and wait until it is gone (it forked away)."""
+    """End a qemu-nbd of ours, if still the process we started, and wait until it is gone (it forked away)."""
     try:
         pidfd = os.pidfd_open(owner["pid"])
     except ProcessLookupError:
         return
-    try:
-        if not process_alive(owner):
-            return  # its PID is another process's now
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        ready, _unused, _unused2 = select.select([pidfd], [], [], SERVER_STOP_TIMEOUT)
-        if not ready:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    finally:
-        os.close(pidfd)
+    if process_alive(owner):
+        end_pidfd(pidfd)
+    else:
+        os.close(pidfd)  # its PID is another process's now
 
 
 def serve_image(disk, incremental):

@@ -192,10 +192,15 @@ def write_json_atomic(directory, name, data, durable=True):
 
     durable: also make it survive a crash (two fsyncs); without, readers still never see a torn file.
     """
+    write_atomic(directory, name, json.dumps(data, indent=1, sort_keys=True).encode(), durable)
+
+
+def write_atomic(directory, name, content, durable=True):
+    """Replace file `name` in directory atomically with the bytes content, through a fresh 0600 file."""
     temporary = create_exclusive(directory, ".%s.%s" % (name, secrets.token_hex(4)))
     try:
-        with os.fdopen(temporary.fd, "w") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True)
+        with os.fdopen(temporary.fd, "wb") as stream:
+            stream.write(content)
             stream.flush()
             if durable:
                 os.fsync(stream.fileno())
@@ -205,6 +210,28 @@ def write_json_atomic(directory, name, data, durable=True):
         raise
     if durable:
         sync_directory(directory)
+
+
+def read_regular_file(path, what, limit=None, missing_ok=False):
+    """The bytes of the regular file at path, never through a link or from a FIFO; at most limit bytes.
+
+    None when it is missing and missing_ok; UserError naming `what` otherwise.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise UserError("%s %s does not exist." % (what, path)) from None
+    except OSError as err:
+        raise UserError("Cannot read %s %s (%s): it must be a plain file." % (what, path, err.strerror)) from None
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            raise UserError("%s %s is not a regular file." % (what, path))
+        content = stream.read() if limit is None else stream.read(limit + 1)
+    if limit is not None and len(content) > limit:
+        raise UserError("%s %s is larger than %d bytes." % (what, path, limit))
+    return content
 
 
 def remove_file(path):
@@ -241,6 +268,15 @@ def process_start_time(pid):
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None if fields[0] == "Z" else int(fields[19])
+
+
+def file_identity(path, follow=False):
+    """[device, inode] of the regular file at path (through a symlink with follow), else None."""
+    try:
+        info = os.stat(path) if follow else os.lstat(path)
+    except OSError:
+        return None
+    return [info.st_dev, info.st_ino] if stat.S_ISREG(info.st_mode) else None
 
 
 def utc(seconds):

@@ -132,12 +132,12 @@ def served(image, pass_fds=()):
         try:
             yield "nbd+unix:///?socket=" + socket_path
         finally:
-            _end(server)
+            end_pidfd(server)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _end(pidfd):
+def end_pidfd(pidfd):
     """End the process of pidfd: SIGTERM, and SIGKILL if it lingers; return once it is gone."""
     try:
         for signum in (signal.SIGTERM, signal.SIGKILL):

@@ -31,9 +31,20 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_connection imp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
 
+def qmp_vm_identity(client, socket_path):
+    """(name, uuid) a running QEMU reports: its -name, else its socket's directory; its -uuid, else None."""
+    name = client.execute("query-name").get("name")
+    uuid = client.execute("query-uuid")["UUID"]
+    return name or os.path.basename(os.path.dirname(os.path.abspath(socket_path))), (
+        None if uuid == NO_UUID else uuid)
+
+
 def qmp_vm_key(qmp_socket):
     """The private-state key of the VM behind a QMP socket."""
     return "qmp-" + hashlib.sha256(os.path.realpath(qmp_socket).encode()).hexdigest()[:12]
+
+
+NO_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 class QmpVm(VmConnection):
@@ -66,7 +77,9 @@ class QmpVm(VmConnection):
 
     def disks(self):
         disks = list_disks(self.qmp)
-        remember_disks(self.state, disks)
+        if not self.state.read_only:
+            name, uuid = qmp_vm_identity(self.qmp, self.socket_path)
+            remember_disks(self.state, disks, dict(qmp_socket=self.socket_path, name=name, uuid=uuid))
         return disks
 
     def running_backup_ids(self):

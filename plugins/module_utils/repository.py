@@ -32,6 +32,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state imp
     check_plain_name,
     create_exclusive,
     flock_within,
+    read_regular_file,
     remove_file,
     sync_directory,
     utc,
@@ -124,15 +125,8 @@ class Repository:
 
     def read_file(self, file_name):
         """The content of a plain file of this VM's directory (never through a link)."""
-        try:
-            fd = os.open(os.path.join(self.path, check_plain_name(file_name, "File name")),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as err:
-            raise UserError("Cannot read %s in %s (%s)." % (file_name, self.path, err.strerror)) from None
-        with os.fdopen(fd, "rb") as stream:
-            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                raise UserError("%s in %s is not a regular file." % (file_name, self.path))
-            return stream.read()
+        return read_regular_file(os.path.join(self.path, check_plain_name(file_name, "File name")),
+                                 "The repository's file")
 
     def remove_images(self, file_names):
         """Delete images of this VM's directory; the names removed."""
@@ -275,14 +269,20 @@ def store_definition(repository, name, definition):
 
     The manifest entry's part: the files, the checkpoint's XML, and what the backup could not keep.
     """
+    if not isinstance(definition.get("domain_xml"), str) or not isinstance(definition.get("nvram") or {}, dict):
+        raise UserError("definition must be the libvirt part of qemu_backup_start's result (backup.libvirt), with "
+                        "its domain_xml.")
     xml_file, nvram_file = definition_file_names(name)
     stored = dict(domain_xml=repository.write_file(xml_file, definition["domain_xml"].encode()),
                   checkpoint_xml=definition.get("checkpoint_xml"), nvram=None,
                   not_backed_up=definition.get("not_backed_up") or [])
     nvram = definition.get("nvram")
     if nvram:
-        content = base64.b64decode(nvram["content"])
-        if hashlib.sha256(content).hexdigest() != nvram["sha256"]:
+        try:
+            content = base64.b64decode(nvram["content"], validate=True)
+        except (KeyError, ValueError, TypeError):
+            content = None
+        if content is None or hashlib.sha256(content).hexdigest() != nvram.get("sha256"):
             raise UserError("The NVRAM of backup %s does not match its checksum: it was damaged on its way; run the "
                             "backup again." % name)
         stored["nvram"] = dict(file=repository.write_file(nvram_file, content), path=nvram["path"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
+    BACKUP_ID_PATTERN,
     check_backup_id,
     request_differences,
 )
@@ -87,6 +88,10 @@ class VmConnection:
             record = self.state.backup()
             running = self.running_backup_ids() | ({record["backup_id"]} if record else set())
             others = sorted(running - {backup_id})
+            foreign = [other for other in others if not BACKUP_ID_PATTERN.match(other)]
+            if foreign:
+                raise UserError("%s runs on %s: one backup per VM runs at a time. Wait until it ends, then start "
+                                "again." % (foreign[0], self.description))
             if others:
                 raise UserError("Backup %s of %s is running: one backup per VM runs at a time. End it with "
                                 "fleetbackup.qemu.qemu_backup_stop (backup_id: %s, with this VM's connection "

@@ -87,7 +87,7 @@ removed:
       elements: str
       sample: [fb3c1f0a2b9d4e-a0, fb3c1f0a2b9d4e-f0, fb3c1f0a2b9d4e-s0]
     files:
-      description: The NBD socket.
+      description: The NBD socket, and with O(domain) the scratch images.
       type: list
       elements: str
       sample: [/var/lib/fleetbackup/vms/qmp-3c1f0a2b9d4e/nbd.sock]
