@@ -32,6 +32,11 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan impor
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import disk_sources, domain_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_agent import GuestAgentError, GuestAgentUnreachable
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import (
+    FreezeUnavailable,
+    thaw_abandoned_freeze,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
@@ -70,6 +75,7 @@ FOREIGN_BACKUP = "(a backup job that fleetbackup did not start)"
 # The largest UEFI variable store kept with a backup; OVMF's are 128 KiB to 4 MiB.
 MAX_NVRAM = 64 * 1024 * 1024
 JOB_POLL = 0.02
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
 class LibvirtFailure(FleetbackupError):
@@ -147,7 +153,12 @@ class LibvirtVm(VmConnection):
         return ElementTree.fromstring(call("Reading the domain's XML", self.domain.XMLDesc, flags))
 
     def undo_abandoned(self):
-        return []  # libvirt pauses no vCPU for us; what a dead run leaves, stop removes
+        # libvirt pauses no vCPU for us, and what a dead backup leaves, stop removes: only a freeze is undone here.
+        message = thaw_abandoned_freeze(self.state, lambda _agent: LibvirtGuestAgent(self))
+        return [message] if message else []
+
+    def guest_agent(self, request):
+        return LibvirtGuestAgent(self)
 
     # ---- disks and checkpoints
 
@@ -359,7 +370,7 @@ class LibvirtVm(VmConnection):
                     raise UserError("%s is not the directory fleetbackup makes there (uid %d, mode %o): remove it, "
                                     "or choose another qemu_dir." % (path, owner[0], mode)) from None
 
-    def create_backup(self, plan):
+    def create_backup(self, plan, freeze):
         if not plan.request["scratch_dir"] or not plan.request["nbd_socket"]:
             self._make_dirs()
         record = dict(backup_id=plan.backup_id, tag=plan.tag, request=plan.request, complete=False,
@@ -376,8 +387,9 @@ class LibvirtVm(VmConnection):
             with_checkpoint = [disk for disk in all_disks if disk.name in checkpointed]
             checkpoint = checkpoint_xml(plan.checkpoint, with_checkpoint, [
                 disk for disk in all_disks if disk.name not in checkpointed]) if plan.checkpoint else None
-            call("Starting the backup", self.domain.backupBegin, backup_xml(plan, all_disks), checkpoint,
-                 libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+            with freeze:  # backupBegin has no quiesce flag of its own
+                call("Starting the backup", self.domain.backupBegin, backup_xml(plan, all_disks), checkpoint,
+                     libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
             exports = self._exports() or {}
             for disk in plan.disks:
                 disk["export"], bitmap = exports[disk["disk"]]
@@ -387,7 +399,7 @@ class LibvirtVm(VmConnection):
             restrict_socket(plan.nbd_socket)
             if plan.checkpoint:
                 self.registry.record(with_checkpoint, plan.checkpoint)
-            result = plan.result()
+            result = dict(plan.result(), **freeze.result())
             result["libvirt"] = self._definition(plan)
             record.update(complete=True, disks=plan.disks, result=result)
             self.state.save_backup(record)
@@ -491,6 +503,56 @@ class LibvirtVm(VmConnection):
             self.notes.append("%s is paused on an I/O error (disk errors: %s). If its scratch space ran out during "
                               "the backup (libvirt_small_scratch), resume it once the backup stopped: virsh resume."
                               % (self.description, self.domain.diskErrors()))
+
+
+class LibvirtGuestAgent:
+    """A domain's guest agent, through libvirt's virDomainFSFreeze and virDomainFSThaw: no monitor command, no taint.
+
+    libvirt bounds the wait for the agent itself (virsh guest-agent-timeout).
+    """
+
+    def __init__(self, vm):
+        self.vm = vm
+
+    def record(self):
+        return {}  # libvirt knows its domain's agent
+
+    def check(self):
+        """Whether the domain has an agent channel that its guest has opened, as the live XML says: no agent call."""
+        vm = self.vm
+        if not vm.domain.isActive():
+            raise FreezeUnavailable("%s is not running" % vm.description)
+        live = ElementTree.fromstring(call("Reading the domain's XML", vm.domain.XMLDesc, 0))
+        states = [target.get("state") for target in live.findall("./devices/channel/target")
+                  if target.get("name") == AGENT_CHANNEL]
+        if not states:
+            raise FreezeUnavailable("%s has no guest agent channel (a <channel type='unix'> whose target is virtio, "
+                                    "named %s; libvirt: VIR_ERR_ARGUMENT_UNSUPPORTED)" % (vm.description, AGENT_CHANNEL))
+        if "connected" not in states:
+            raise FreezeUnavailable("the guest agent of %s is not connected: is qemu-guest-agent running in the guest? "
+                                    "(libvirt: VIR_ERR_AGENT_UNRESPONSIVE)" % vm.description)
+
+    def freeze(self):
+        return self._agent_call("Freezing the guest's file systems", self.vm.domain.fsFreeze)
+
+    def thaw(self):
+        return self._agent_call("Thawing the guest's file systems", self.vm.domain.fsThaw)
+
+    thaw_if_frozen = thaw  # thawing file systems that are not frozen does nothing
+
+    def close(self):
+        pass
+
+    def _agent_call(self, what, function):
+        try:
+            return function()
+        except libvirt.libvirtError as err:
+            message = "%s of %s failed: %s: %s" % (what, self.vm.description, error_name(err), err.get_error_message())
+            if is_error(err, "VIR_ERR_ARGUMENT_UNSUPPORTED") or not self.vm.domain.isActive():
+                raise GuestAgentUnreachable(message) from None  # no channel, or no domain: nothing can be frozen
+            if is_error(err, "VIR_ERR_AGENT_UNRESPONSIVE"):
+                raise FreezeUnavailable(message) from None
+            raise GuestAgentError(message) from None
 
 
 def mark_inconsistent(disk, name):

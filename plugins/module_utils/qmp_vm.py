@@ -10,6 +10,11 @@ import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import BackupPlan
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import (
+    FreezeUnavailable,
+    SocketAgent,
+    thaw_abandoned_freeze,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import (
@@ -53,8 +58,22 @@ class QmpVm(VmConnection):
         self.qmp.close()
 
     def undo_abandoned(self):
-        message = resume_abandoned_pause(self.qmp, self.state)
-        return [message] if message else []
+        # The vCPUs first: the agent of a paused guest cannot answer.
+        messages = [resume_abandoned_pause(self.qmp, self.state),
+                    thaw_abandoned_freeze(self.state, lambda agent: SocketAgent(agent["socket"], self.timeout))]
+        return [message for message in messages if message]
+
+    def guest_agent(self, request):
+        path = request["guest_agent_socket"]
+        if not path:
+            raise FreezeUnavailable("no guest_agent_socket was given, the socket of the VM's virtio-serial port "
+                                    "org.qemu.guest_agent.0")
+        check_trusted_directory(os.path.dirname(path), "guest_agent_socket", "the guest agent's socket")
+        status = self.qmp.execute("query-status")["status"]
+        if status != "running":
+            raise FreezeUnavailable("the VM is %s: its guest agent cannot answer, and its file systems cannot change"
+                                    % status)
+        return SocketAgent(path, request["freeze_timeout"])
 
     def disks(self):
         return list_disks(self.qmp)
@@ -86,8 +105,8 @@ class QmpVm(VmConnection):
     def is_whole(self, record):
         return backup_is_whole(self.qmp, record)
 
-    def create_backup(self, plan):
-        return start_backup(self.qmp, self.state, plan, self.registry)
+    def create_backup(self, plan, freeze):
+        return start_backup(self.qmp, self.state, plan, self.registry, freeze)
 
     def remove_backup(self, backup_id, discard_checkpoint, check_mode):
         teardown = Teardown(self.qmp, self.state, backup_id, discard_checkpoint)

@@ -14,6 +14,8 @@ from support.qemu_vm import DiskSpec, MiB, same
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qmp_fleecing
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestFreeze
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.held_signals import Interrupted
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
@@ -118,7 +120,7 @@ INTERRUPTED = 3
 def pause_in_a_child(vm, state_dir, signum):
     """Fork a run of ours that pauses the VM and sends itself signum in the pause window; its wait status.
 
-    It exits with INTERRUPTED when the pause turned the signal into qmp_fleecing.Interrupted.
+    It exits with INTERRUPTED when the pause turned the signal into held_signals.Interrupted.
     """
     child = os.fork()
     if child == 0:
@@ -128,7 +130,7 @@ def pause_in_a_child(vm, state_dir, signum):
             qmp.connect()
             with qmp_fleecing.VcpuPause(qmp, VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM"), "dying"):
                 os.kill(os.getpid(), signum)
-        except qmp_fleecing.Interrupted:
+        except Interrupted:
             code = INTERRUPTED
         finally:
             os._exit(code)
@@ -219,11 +221,13 @@ def start_without_pause(vm, flow, backup_id, monkeypatch, delay):
     monkeypatch.setattr(qmp_fleecing, "set_drive", slowly)
     registry = CheckpointRegistry(os.path.join(flow.state_dir, "checkpoints"))
     request = dict(disks=None, checkpoint=None, incremental=None, fallback_to_full=False, nbd_socket=None,
-                   cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch)
+                   cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch, freeze="never",
+                   guest_agent_socket=None, freeze_timeout=10)
     try:
         with QmpVm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
             plan = connection.plan(backup_id, request, False)
             return qmp_fleecing.start_backup(connection.qmp, connection.state, plan, registry,
+                                             GuestFreeze(connection.state, backup_id, "never", None),
                                              pause=NoPause)["result"]
     finally:
         monkeypatch.setattr(qmp_fleecing, "set_drive", switch)
