@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import QemuImgError, image_info
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
     check_plain_name,
     create_exclusive,
@@ -133,6 +134,31 @@ class Repository:
         if removed:
             sync_directory(self.path)
         return removed
+
+    def recorded(self, name=None):
+        """The named backup, or the newest, from the manifest; UserError when there is none."""
+        if not os.path.exists(self.manifest_path):
+            raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (self.path, self.vm))
+        return self.find(self.load(), name)
+
+    def chain(self, disk):
+        """qemu-img's description of a recorded disk's image and its whole backing chain; UserError when broken."""
+        source = self.image(disk["file"])
+        try:
+            return image_info(source, chain=True)
+        except QemuImgError as err:
+            raise UserError("The backup chain of disk %s is broken at %s: %s" % (disk["disk"], source, err)) from None
+
+    def nvram(self, definition):
+        """The UEFI variables a backup kept, checked against their recorded checksum; None when it kept none."""
+        nvram = (definition or {}).get("nvram")
+        if not nvram:
+            return None
+        content = self.read_file(nvram["file"])
+        if hashlib.sha256(content).hexdigest() != nvram["sha256"]:
+            raise UserError("The NVRAM %s in %s does not match the checksum its backup recorded: it was damaged."
+                            % (nvram["file"], self.path))
+        return content
 
     def find(self, data, name=None):
         """The named backup, or the newest; UserError when there is none."""
@@ -281,8 +307,11 @@ def store_definition(repository, name, definition):
     return stored
 
 
-def record(data, planned, started_disks, copies, now, definition=None):
-    """Append a complete backup. Each disk's level comes from what the start really did."""
+def record(data, planned, started_disks, copies, now, definition=None, consistency=None):
+    """Append a complete backup. Each disk's level comes from what the start really did.
+
+    consistency: {consistency, freeze} of the start, kept in the entry.
+    """
     modes = {d["disk"]: d["mode"] for d in started_disks}
     # copies are {disk, bytes_read}, or the results of a loop of qemu_backup_copy over the started disks.
     read = {c.get("disk") or c["item"]["disk"]: c["bytes_read"] for c in copies if "bytes_read" in c}
@@ -300,6 +329,8 @@ def record(data, planned, started_disks, copies, now, definition=None):
                  chain=planned["name"] if level == "full" else planned["chain"],
                  checkpoint=planned["checkpoint"], incremental=planned["incremental"] if level != "full" else None,
                  started=planned["started"], finished=now, disks=disks)
+    if consistency:
+        entry.update(consistency)
     if definition:
         entry["definition"] = definition
     data["backups"].append(entry)

@@ -100,6 +100,17 @@ options:
         C(<name>.domain.xml) and C(<name>.nvram); the checkpoint's XML goes in the manifest, for a checkpoint that
         libvirt loses to be given back.
     type: dict
+  consistency:
+    description:
+      - With O(action=record), RV(fleetbackup.qemu.qemu_backup_start#module:backup.consistency) of this run,
+        C(application) or C(crash); the manifest entry keeps it.
+    type: str
+    choices: [application, crash]
+  freeze:
+    description:
+      - With O(action=record), RV(fleetbackup.qemu.qemu_backup_start#module:backup.freeze) of this run (how long the
+        guest's file systems were frozen, how many, or why they were not); the manifest entry keeps it.
+    type: dict
 attributes:
   check_mode:
     support: full
@@ -204,6 +215,9 @@ plan:
 backup:
   description:
     - With O(action=record), the manifest entry; with O(action=newest), the newest backup's, or null when there is none.
+    - An entry has C(consistency), C(application) or C(crash) (null for backups recorded before it was kept), and
+      C(freeze), with C(seconds) the guest's file systems were frozen, C(filesystems) and the C(reason) for a
+      crash-consistent backup.
     - A libvirt domain's entry has C(definition) with the C(domain_xml) file, the C(checkpoint_xml), the C(nvram)
       (C(file), the domain's C(path), C(sha256)) and C(not_backed_up), what the backup could not keep (a vTPM).
   returned: action is record or newest
@@ -265,6 +279,8 @@ def main():
             copies=dict(type="list", elements="dict"),
             keep_chains=dict(type="int", default=0),
             definition=dict(type="dict"),
+            consistency=dict(type="str", choices=["application", "crash"]),
+            freeze=dict(type="dict"),
         ),
         required_if=[("action", "plan", ["vm_disks"]),
                      ("action", "record", ["planned", "started_disks", "copies", "run_id"]),
@@ -326,7 +342,8 @@ def record_action(module):
     definition = params["definition"]
     if definition and not module.check_mode:
         definition = store_definition(repository, params["planned"]["name"], definition)
-    entry = record(data, params["planned"], params["started_disks"], params["copies"], int(time.time()), definition)
+    entry = record(data, params["planned"], params["started_disks"], params["copies"], int(time.time()), definition,
+                   dict(consistency=params["consistency"], freeze=params["freeze"]))
     if not module.check_mode:
         repository.save(data)
     return dict(changed=True, backup=entry)

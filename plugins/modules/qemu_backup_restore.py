@@ -162,7 +162,6 @@ domain:
       sample: ["the vTPM's state: swtpm keeps it outside the domain's disks"]
 """
 
-import hashlib
 import os
 
 from ansible.module_utils.basic import missing_required_lib
@@ -217,10 +216,7 @@ def restore(module):
     if not os.path.isdir(params["dest"]):
         raise UserError("dest %s is not a directory: create it first." % params["dest"])
     repository = Repository(params["repository"], params["vm"])
-    if not os.path.exists(repository.manifest_path):
-        raise UserError("%s is no backup repository of VM %s: it has no manifest.json."
-                        % (repository.path, params["vm"]))
-    backup = repository.find(repository.load(), params["backup"])
+    backup = repository.recorded(params["backup"])
     disks = _chosen_disks(backup, params["disks"])
     definition = backup.get("definition")
     if params["define_domain"] and not definition:
@@ -242,11 +238,7 @@ def _restore_definition(module, repository, definition, results):
     xml, left_out = restored_domain_xml(original, params["domain"] or domain_name(original), images, nvram_path)
     changed = False
     if nvram:
-        content = repository.read_file(nvram["file"])
-        if hashlib.sha256(content).hexdigest() != nvram["sha256"]:
-            raise UserError("The NVRAM %s in %s does not match the checksum its backup recorded: it was damaged."
-                            % (nvram["file"], repository.path))
-        changed |= _write_if_different(module, nvram_path, content)
+        changed |= _write_if_different(module, nvram_path, repository.nvram(definition))
     xml_path = os.path.join(params["dest"], DOMAIN_XML_FILE)
     changed |= _write_if_different(module, xml_path, xml.encode())
     defined = params["define_domain"] and define_domain(params["libvirt_uri"], xml, module.check_mode)
@@ -296,10 +288,7 @@ def _chosen_disks(backup, wanted):
 def _restore_disk(module, repository, disk):
     params = module.params
     source = repository.image(disk["file"])
-    try:
-        chain = image_info(source, chain=True)
-    except Exception as err:  # pylint: disable=broad-except
-        raise UserError("The backup chain of disk %s is broken at %s: %s" % (disk["disk"], source, err)) from None
+    chain = repository.chain(disk)
     target = os.path.join(params["dest"], "%s.%s" % (disk["disk"], params["format"]))
     result = dict(disk=disk["disk"], image=target, source=source, size=chain[0]["virtual-size"], changed=False)
     if os.path.exists(target):
