@@ -80,3 +80,22 @@ def test_the_drill_passes_on_a_good_backup_and_fails_saying_why_on_a_damaged_sup
 
     unknown = drill(fleet, "guest", images=dict(vdz=image))
     assert unknown.failed and "has no disk vdz; it has vda" in unknown["msg"]
+
+
+def test_the_drill_role_over_a_fleet_runs_with_forks_and_ends_with_a_summary(vms, tmp_path):
+    _machines, fleet = guest_fleet(vms, tmp_path, ["good", "bad"])
+    assert_ok(fleet.backup())
+    assert [fleet.manifest(vm)["backups"][-1]["consistency"] for vm in ("good", "bad")] == ["application"] * 2
+    newest = fleet.manifest("bad")["backups"][-1]
+    damage_superblock(str(fleet.repository / "bad" / newest["disks"][0]["file"]))
+
+    rc, results, output = fleet.run("restore_drill.yml", restore_drill_boot_timeout=15)
+    assert rc != 0 and list(results["failures"]) == ["bad"], output[-3000:]
+    summary, = [tasks["Report the summary"]["msg"] for tasks in results["tasks"].values()
+                if "Report the summary" in tasks]
+    good, bad = sorted(summary, reverse=True)
+    assert good.startswith("good: PASS, backup %s booted in " % fleet.manifest("good")["backups"][-1]["name"])
+    assert good.endswith(", 1 file system(s), fbg-workload verify exited 0"), good
+    assert bad.startswith("bad: FAIL, backup %s: no guest agent answered within 15.0 s" % newest["name"]), bad
+    assert "FBG ERROR mount /dev/vda1" in " ".join(results["failures"]["bad"])
+    assert_nothing_left(fleet)
