@@ -6,12 +6,11 @@ The guest disk boots through the firmware under TCG with qemu-ga and fbg-workloa
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 
 from support.flows import Backups
-from support.guest import BootedGuestVm, root_filesystem, workload_files
+from support.guest import BootedGuestVm, clean_filesystem, workload_files
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, Vm
 
@@ -35,18 +34,6 @@ def workload(vm, *args):
 def freeze_status(vm):
     with vm.agent() as agent:
         return agent.fsfreeze_status()
-
-
-def clean_filesystem(image, scratch):
-    """(whether the journal needs recovery, e2fsck -fn's exit status) of the guest disk's root file system."""
-    copy = root_filesystem(image, os.path.join(scratch, "clean-check.ext4"))
-    header = subprocess.run(["dumpe2fs", "-h", copy], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            check=True).stdout
-    features = next(line for line in header.splitlines() if line.startswith("Filesystem features:"))
-    check = subprocess.run(["e2fsck", "-fn", copy], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           check=False)
-    os.unlink(copy)
-    return "needs_recovery" in features.split(), check.returncode
 
 
 def booted_guest(vms, name="guest"):

@@ -8,7 +8,8 @@ import time
 
 from support.fleet import Fleet, assert_clean, assert_ok
 from support.flows import Backups, used_bytes
-from support.guest import GuestVm, RECORD_SIZE, record_block, record_location
+from support.guest import BootedGuestVm, GuestVm, RECORD_SIZE, clean_filesystem, record_block, record_location, \
+    workload_files
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, MiB, same
 
@@ -18,6 +19,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze impo
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.held_signals import Interrupted
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.restore_drill import FILESYSTEM_ERRORS
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
 
 BROKEN = "point-in-time view of disk vda broke while it was copied"
@@ -312,3 +314,41 @@ def test_the_role_with_too_little_scratch_fails_that_vm_alone_and_recovers(vms, 
     restored = tmp_path / "restored"
     assert_ok(fleet.restore("vm1", restored))
     assert same(str(restored / "vda.qcow2"), vm1.expected_image("vda", mark, str(tmp_path / "expected.raw")))
+
+
+def test_a_guest_workload_overwriting_more_than_the_scratch_holds_keeps_its_file_system_clean(vms, tmp_path, tmpfs,
+                                                                                               scratch):
+    vm = vms([], kind=BootedGuestVm)
+    rewrite = ["if=/dev/urandom", "of=/data/big", "bs=1M", "count=16", "conv=notrunc,fsync"]
+    with vm.agent() as agent:  # waits for the boot
+        assert agent.run("fbg-workload", ["start", "64"]).exitcode == 0  # files, each fsync'd and logged
+        assert agent.run("dd", rewrite, timeout=90).exitcode == 0  # 16 MiB of data the backup will have to keep
+        logged = int(agent.run("fbg-workload", ["wait", "2"], timeout=90).stdout.split()[1])
+    small = str(tmpfs("scratch4m", "4m"))
+    flow = Backups(vm, str(tmp_path))
+    backup = flow.start("b1", scratch_dir=small, scratch_size="1M", guest_agent_socket=vm.agent_socket)["backup"]
+    assert backup["consistency"] == "application"
+    new_events(vm)
+    with vm.agent() as agent:
+        # The guest overwrites its file in place, through ext4 and its virtio-blk driver: sixteen times the scratch
+        # room, while the workload goes on writing new files.
+        result = agent.run("dd", rewrite, timeout=90)
+        assert result.exitcode == 0, result
+        assert agent.run("fbg-workload", ["wait", str(logged + 4)], timeout=90).exitcode == 0
+    assert vm.status() == "running" and not new_events(vm) & {"STOP", "BLOCK_IO_ERROR"}
+    copied = run_module("qemu_backup_copy", src=backup["disks"][0]["url"], dest=str(tmp_path / "vda.qcow2"))
+    assert copied.failed and BROKEN in copied["msg"] and small in copied["msg"]
+    stopped = flow.stop("b1")
+    assert stopped["intact"] is False and vm.status() == "running"
+    flow.assert_nothing_left()
+
+    with vm.agent() as agent:
+        assert agent.run("fbg-workload", ["wait", str(logged + 8)], timeout=90).exitcode == 0  # it writes on
+        state, count = agent.run("fbg-workload", ["stop"], timeout=90).stdout.decode().split()
+        assert state == "stopped" and agent.run("fbg-workload", ["verify"], timeout=90).exitcode == 0
+        kernel_log = agent.run("dmesg").stdout.decode()
+        assert not FILESYSTEM_ERRORS.search(kernel_log), kernel_log[-2000:]
+        assert agent.fsfreeze_freeze() == 1  # the file system as the guest left it, complete on the disk
+    vm.kill()
+    assert clean_filesystem(vm.image("vda"), scratch) == (False, 0)
+    assert workload_files(vm.image("vda"), scratch) == (int(count), [])

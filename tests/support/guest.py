@@ -212,6 +212,18 @@ def workload_files(image, scratch):
     return len(lines), changed
 
 
+def clean_filesystem(image, scratch):
+    """(whether the journal needs recovery, e2fsck -fn's exit status) of the guest disk's root file system."""
+    copy = root_filesystem(image, os.path.join(scratch, "clean-check.ext4"))
+    header = subprocess.run(["dumpe2fs", "-h", copy], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            check=True).stdout
+    features = next(line for line in header.splitlines() if line.startswith("Filesystem features:"))
+    check = subprocess.run(["e2fsck", "-fn", copy], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           check=False)
+    os.unlink(copy)
+    return "needs_recovery" in features.split(), check.returncode
+
+
 def file_digest(path):
     with open(path, "rb") as stream:
         return hashlib.sha256(stream.read()).hexdigest()
