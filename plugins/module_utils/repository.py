@@ -59,6 +59,10 @@ def backup_id_for(vm, name):
                          name.replace("T", "").replace("Z", ""))
 
 
+# The options that name a VM's repository (doc fragment fleetbackup.qemu.repository).
+REPOSITORY_ARGUMENT_SPEC = dict(repository=dict(type="path", required=True), vm=dict(type="str", required=True))
+
+
 class Repository:
     """The directory <root>/<vm> of one VM."""
 

@@ -223,7 +223,11 @@ class Drill:
 
     def _boot(self, started, boot_timeout):
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path("agent.sock"))
+        try:
+            self.listener.bind(self.path("agent.sock"))
+        except OSError as err:
+            raise UserError("Cannot listen on %s (%s): choose a shorter state_dir (a socket path holds 107 bytes)."
+                            % (self.path("agent.sock"), err.strerror)) from None
         self.listener.listen(1)
         with open(self.path("qemu.log"), "wb") as log:
             try:
@@ -299,10 +303,9 @@ class Drill:
                        stdout=result.stdout[-OUTPUT_BYTES:].decode(errors="replace"),
                        stderr=result.stderr[-OUTPUT_BYTES:].decode(errors="replace"))
         if result.exitcode != 0:
-            problems.append("%s exited with %s%s" % (" ".join(command), "status %s" % result.exitcode
-                                                      if result.signal is None else "signal %s" % result.signal,
-                                                      ": %s" % outcome["stderr"].strip() if outcome["stderr"].strip()
-                                                      else ""))
+            how = "status %s" % result.exitcode if result.signal is None else "signal %s" % result.signal
+            said = outcome["stderr"].strip()
+            problems.append("%s exited with %s%s" % (" ".join(command), how, ": " + said if said else ""))
         return outcome
 
     def console_tail(self):

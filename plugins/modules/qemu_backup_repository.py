@@ -27,15 +27,9 @@ description:
   - The C(fleetbackup.qemu.qemu_backup) role chains this module with the backup modules; use the role.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository
 options:
-  repository:
-    description: The repository, a directory with one subdirectory per VM.
-    type: path
-    required: true
-  vm:
-    description: The VM's name, its subdirectory in the repository; a plain file name.
-    type: str
-    required: true
   action:
     description: What to do.
     type: str
@@ -247,6 +241,7 @@ import time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import (
+    REPOSITORY_ARGUMENT_SPEC,
     Lease,
     Repository,
     definition_file_names,
@@ -263,8 +258,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import
 def main():
     module = FleetbackupModule(
         argument_spec=dict(
-            repository=dict(type="path", required=True),
-            vm=dict(type="str", required=True),
+            **REPOSITORY_ARGUMENT_SPEC,
             action=dict(type="str", choices=["lock", "unlock", "plan", "record", "prune", "discard", "newest"],
                         required=True),
             run_id=dict(type="str"),

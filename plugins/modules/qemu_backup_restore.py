@@ -25,15 +25,9 @@ description:
     addresses, so it can run beside the original; disks that were not restored are left out of it.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository
 options:
-  repository:
-    description: The repository, a directory with one subdirectory per VM.
-    type: path
-    required: true
-  vm:
-    description: The VM's name, its subdirectory in the repository, holding C(manifest.json).
-    type: str
-    required: true
   backup:
     description: Name of the backup to restore, as in the manifest; the newest complete backup by default.
     type: str
@@ -182,7 +176,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import create_exclusive, remove_file
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import REPOSITORY_ARGUMENT_SPEC, Repository
 
 
 DOMAIN_XML_FILE = "domain.xml"
@@ -192,8 +186,7 @@ NVRAM_FILE = "nvram.fd"
 def main():
     module = FleetbackupModule(
         argument_spec=dict(
-            repository=dict(type="path", required=True),
-            vm=dict(type="str", required=True),
+            **REPOSITORY_ARGUMENT_SPEC,
             backup=dict(type="str"),
             dest=dict(type="path", required=True),
             format=dict(type="str", choices=["qcow2", "raw"], default="qcow2"),

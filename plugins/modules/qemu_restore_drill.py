@@ -11,7 +11,7 @@ short_description: Boot a VM's backup in an isolated QEMU and check that its gue
 version_added: 0.1.0
 description:
   - A restore drill. It takes a recorded backup of a VM (the newest by default) and boots its disks, as a restore
-    would give them back, through the firmware and the guests's own bootloader, in a QEMU of its own. Then it waits
+    would give them back, through the firmware and the guest's own bootloader, in a QEMU of its own. Then it waits
     for the guest agent, checks the guest's file systems through it, runs an optional command in the guest, and
     reports whether the drill passed, how long the boot took and, when it failed, why.
   - The disks boot from the repository, each the top of its backup chain (the images the restore flattens), or from
@@ -36,15 +36,9 @@ description:
     it, so it reports no change.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository
 options:
-  repository:
-    description: The repository, a directory with one subdirectory per VM.
-    type: path
-    required: true
-  vm:
-    description: The VM's name, its subdirectory in the repository, holding C(manifest.json).
-    type: str
-    required: true
   backup:
     description: Name of the backup to drill, as in the manifest; the newest complete backup by default.
     type: str
@@ -189,7 +183,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import Use
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import DEFAULT_STATE_DIR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import QemuImgError, image_info
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import REPOSITORY_ARGUMENT_SPEC, Repository
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.restore_drill import (
     Drill,
     DrillDisk,
@@ -201,8 +195,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.restore_drill imp
 def main():
     module = FleetbackupModule(
         argument_spec=dict(
-            repository=dict(type="path", required=True),
-            vm=dict(type="str", required=True),
+            **REPOSITORY_ARGUMENT_SPEC,
             backup=dict(type="str"),
             images=dict(type="dict"),
             state_dir=dict(type="path", default=DEFAULT_STATE_DIR),
@@ -235,8 +228,8 @@ def drill(module):
                        machine.buses.get(disk["disk"], "virtio")) for disk in backup["disks"]]
     unknown = sorted(set(params["images"] or {}) - {disk.name for disk in disks})
     if unknown:
-        raise UserError("Backup %s has no disk %s; it has %s." % (backup["name"], ", ".join(unknown),
-                                                               ", ".join(disk.name for disk in disks)))
+        raise UserError("Backup %s has no disk %s; it has %s."
+                        % (backup["name"], ", ".join(unknown), ", ".join(disk.name for disk in disks)))
     report = dict(vm=params["vm"], backup=backup["name"], machine=machine.machine, firmware=machine.loader or "bios",
                   disks=[dict(disk=disk.name, image=disk.image, bus=disk.bus) for disk in disks])
     if module.check_mode:

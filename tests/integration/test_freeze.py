@@ -12,12 +12,12 @@ import pytest
 from support.flows import Backups
 from support.guest import BootedGuestVm, clean_filesystem, workload_files
 from support.modules import run_module
+from support.processes import INTERRUPTED, hold_in_a_child
 from support.qemu_vm import DiskSpec, Vm
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestFreeze, SocketAgent
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.held_signals import Interrupted
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
@@ -177,28 +177,15 @@ def test_the_guest_is_thawed_even_when_the_transaction_fails(vms, tmp_path):
     flow.assert_nothing_left()
 
 
-INTERRUPTED = 3
-
-
 def freeze_in_a_child(vm, state_dir, signum):
-    """Fork a run of ours that freezes the guest and sends itself signum while it is frozen; its wait status.
+    """Fork a run of ours that freezes the guest and sends itself signum while it is frozen; its wait status."""
+    def freeze():
+        frozen = GuestFreeze(VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM"), "dying", "always",
+                             lambda: SocketAgent(vm.agent_socket, 10))
+        frozen.check()
+        return frozen
 
-    It exits with INTERRUPTED when the freeze turned the signal into Interrupted after the thaw.
-    """
-    child = os.fork()
-    if child == 0:
-        code = 0
-        try:
-            state = VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM")
-            freeze = GuestFreeze(state, "dying", "always", lambda: SocketAgent(vm.agent_socket, 10))
-            freeze.check()
-            with freeze:
-                os.kill(os.getpid(), signum)
-        except Interrupted:
-            code = INTERRUPTED
-        finally:
-            os._exit(code)
-    return os.waitpid(child, 0)[1]
+    return hold_in_a_child(freeze, signum)
 
 
 def test_a_run_killed_while_the_guest_is_frozen_never_leaves_it_frozen(vms, tmp_path):

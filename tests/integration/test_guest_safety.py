@@ -11,12 +11,12 @@ from support.flows import Backups, used_bytes
 from support.guest import BootedGuestVm, GuestVm, RECORD_SIZE, clean_filesystem, record_block, record_location, \
     workload_files
 from support.modules import run_module
+from support.processes import INTERRUPTED, hold_in_a_child
 from support.qemu_vm import DiskSpec, MiB, same
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qmp_fleecing
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestFreeze
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.held_signals import Interrupted
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.restore_drill import FILESYSTEM_ERRORS
@@ -116,27 +116,14 @@ def test_the_pause_is_only_for_a_running_vm_and_the_run_state_comes_back(vms, tm
     flow.assert_nothing_left()
 
 
-INTERRUPTED = 3
-
-
 def pause_in_a_child(vm, state_dir, signum):
-    """Fork a run of ours that pauses the VM and sends itself signum in the pause window; its wait status.
+    """Fork a run of ours that pauses the VM and sends itself signum in the pause window; its wait status."""
+    def pause():
+        qmp = QmpClient(vm.qmp_socket)
+        qmp.connect()
+        return qmp_fleecing.VcpuPause(qmp, VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM"), "dying")
 
-    It exits with INTERRUPTED when the pause turned the signal into held_signals.Interrupted.
-    """
-    child = os.fork()
-    if child == 0:
-        code = 0
-        try:
-            qmp = QmpClient(vm.qmp_socket)
-            qmp.connect()
-            with qmp_fleecing.VcpuPause(qmp, VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM"), "dying"):
-                os.kill(os.getpid(), signum)
-        except Interrupted:
-            code = INTERRUPTED
-        finally:
-            os._exit(code)
-    return os.waitpid(child, 0)[1]
+    return hold_in_a_child(pause, signum)
 
 
 def test_a_run_killed_in_the_pause_window_never_leaves_the_vm_paused(vms, tmp_path):
@@ -263,6 +250,17 @@ def test_writes_racing_the_start_on_two_disks_give_one_point_in_time(vms, tmp_pa
     assert vm.status() == "running"
 
 
+def assert_only_the_backup_broke(vm, flow, backup, scratch, tmp_path):
+    """The guest's writes broke backup b1's view and nothing else: the VM ran on, the copy fails naming the scratch
+    directory, the stop says the view broke, and nothing is left."""
+    assert vm.status() == "running" and not new_events(vm) & {"STOP", "BLOCK_IO_ERROR"}
+    copied = run_module("qemu_backup_copy", src=backup["disks"][0]["url"], dest=str(tmp_path / "vda.qcow2"))
+    assert copied.failed and BROKEN in copied["msg"] and scratch in copied["msg"]
+    stopped = flow.stop("b1")
+    assert stopped["intact"] is False and vm.status() == "running"
+    flow.assert_nothing_left()
+
+
 def test_a_real_guest_overwriting_more_than_the_scratch_holds_keeps_running(vms, tmp_path, tmpfs):
     vm = vms([DiskSpec("vda", size=320 * MiB)], kind=GuestVm,
              prepare=lambda vm: vm.write("vda", 0, 256 * MiB, 0x11))
@@ -273,12 +271,7 @@ def test_a_real_guest_overwriting_more_than_the_scratch_holds_keeps_running(vms,
     new_events(vm)
     # The guest's own virtio-blk driver overwrites 256 MiB with O_DIRECT while the backup runs.
     assert vm.run("overwrite vda 256 170", timeout=300) == ["0", str(256 * MiB)]
-    assert vm.status() == "running" and not new_events(vm) & {"STOP", "BLOCK_IO_ERROR"}
-    copied = run_module("qemu_backup_copy", src=backup["disks"][0]["url"], dest=str(tmp_path / "vda.qcow2"))
-    assert copied.failed and BROKEN in copied["msg"] and scratch in copied["msg"]
-    stopped = flow.stop("b1")
-    assert stopped["intact"] is False and vm.status() == "running"
-    flow.assert_nothing_left()
+    assert_only_the_backup_broke(vm, flow, backup, scratch, tmp_path)
     assert vm.run("sync") == ["0"]
     vm.quit()
     assert_image_reads(vm.image("vda"), "qcow2", 170, 256 * MiB)
@@ -316,8 +309,7 @@ def test_the_role_with_too_little_scratch_fails_that_vm_alone_and_recovers(vms, 
     assert same(str(restored / "vda.qcow2"), vm1.expected_image("vda", mark, str(tmp_path / "expected.raw")))
 
 
-def test_a_guest_workload_overwriting_more_than_the_scratch_holds_keeps_its_file_system_clean(vms, tmp_path, tmpfs,
-                                                                                               scratch):
+def test_a_guest_file_system_overwriting_more_than_the_scratch_holds_stays_clean(vms, tmp_path, tmpfs, scratch):
     vm = vms([], kind=BootedGuestVm)
     rewrite = ["if=/dev/urandom", "of=/data/big", "bs=1M", "count=16", "conv=notrunc,fsync"]
     with vm.agent() as agent:  # waits for the boot
@@ -335,12 +327,7 @@ def test_a_guest_workload_overwriting_more_than_the_scratch_holds_keeps_its_file
         result = agent.run("dd", rewrite, timeout=90)
         assert result.exitcode == 0, result
         assert agent.run("fbg-workload", ["wait", str(logged + 4)], timeout=90).exitcode == 0
-    assert vm.status() == "running" and not new_events(vm) & {"STOP", "BLOCK_IO_ERROR"}
-    copied = run_module("qemu_backup_copy", src=backup["disks"][0]["url"], dest=str(tmp_path / "vda.qcow2"))
-    assert copied.failed and BROKEN in copied["msg"] and small in copied["msg"]
-    stopped = flow.stop("b1")
-    assert stopped["intact"] is False and vm.status() == "running"
-    flow.assert_nothing_left()
+    assert_only_the_backup_broke(vm, flow, backup, small, tmp_path)
 
     with vm.agent() as agent:
         assert agent.run("fbg-workload", ["wait", str(logged + 8)], timeout=90).exitcode == 0  # it writes on
