@@ -55,7 +55,8 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 DEFAULT_MEMORY_MIB = 1024
 CONSOLE_LINES = 15
 OUTPUT_BYTES = 4096
-SYNC_INTERVAL = 2.0
+SYNC_INTERVAL = 2.0  # while the guest boots, a sync is sent again this often
+AGENT_TIMEOUT = 30.0  # for each answer of the agent once it is up
 OWNER = "owner.json"
 # What a kernel says when a file system or its disk is not sound.
 FILESYSTEM_ERRORS = re.compile(r"EXT[234]-fs error|EXT[234]-fs \(.*\): (error|warning)|XFS \(.*\): .*(corrupt|shut"
@@ -236,7 +237,7 @@ class Drill:
                     pass_fds=(self.listener.fileno(),), preexec_fn=_die_with_parent)
             except FileNotFoundError:
                 raise UserError("qemu-system-x86_64 is not installed: install qemu-system-x86.") from None
-        self.agent = GuestAgent(self.path("agent.sock"), SYNC_INTERVAL)
+        self.agent = GuestAgent(self.path("agent.sock"), AGENT_TIMEOUT)
         deadline = started + boot_timeout
         connected = False
         while True:

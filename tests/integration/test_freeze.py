@@ -12,7 +12,7 @@ import pytest
 from support.flows import Backups
 from support.guest import BootedGuestVm, clean_filesystem, workload_files
 from support.modules import run_module
-from support.processes import INTERRUPTED, hold_in_a_child
+from support.held import INTERRUPTED, hold_in_a_child
 from support.qemu_vm import DiskSpec, Vm
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry

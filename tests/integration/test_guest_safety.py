@@ -11,7 +11,7 @@ from support.flows import Backups, used_bytes
 from support.guest import BootedGuestVm, GuestVm, RECORD_SIZE, clean_filesystem, record_block, record_location, \
     workload_files
 from support.modules import run_module
-from support.processes import INTERRUPTED, hold_in_a_child
+from support.held import INTERRUPTED, hold_in_a_child
 from support.qemu_vm import DiskSpec, MiB, same
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qmp_fleecing

@@ -87,7 +87,9 @@ def test_the_drill_role_over_a_fleet_runs_with_forks_and_ends_with_a_summary(vms
     assert_ok(fleet.backup())
     assert [fleet.manifest(vm)["backups"][-1]["consistency"] for vm in ("good", "bad")] == ["application"] * 2
     newest = fleet.manifest("bad")["backups"][-1]
-    damage_superblock(str(fleet.repository / "bad" / newest["disks"][0]["file"]))
+    image = fleet.repository / "bad" / newest["disks"][0]["file"]
+    sound = image.read_bytes()
+    damage_superblock(str(image))
 
     rc, results, output = fleet.run("restore_drill.yml", restore_drill_boot_timeout=15)
     assert rc != 0 and list(results["failures"]) == ["bad"], output[-3000:]
@@ -98,4 +100,13 @@ def test_the_drill_role_over_a_fleet_runs_with_forks_and_ends_with_a_summary(vms
     assert good.endswith(", 1 file system(s), fbg-workload verify exited 0"), good
     assert bad.startswith("bad: FAIL, backup %s: no guest agent answered within 15.0 s" % newest["name"]), bad
     assert "FBG ERROR mount /dev/vda1" in " ".join(results["failures"]["bad"])
+    assert_nothing_left(fleet)
+
+    # The same for every VM of a repository, with its backup sound again, on the controller.
+    image.write_bytes(sound)
+    rc, results, output = fleet.run("restore_drill.yml", drill_repository=str(fleet.repository))
+    assert rc == 0 and results["failures"] == {}, output[-3000:]
+    summary, = [tasks["Report the summary"]["msg"] for tasks in results["tasks"].values()
+                if "Report the summary" in tasks]
+    assert sorted(line.split(",")[0] for line in summary) == ["bad: PASS", "good: PASS"]
     assert_nothing_left(fleet)

@@ -4,11 +4,6 @@ import os
 import select
 import signal
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.held_signals import Interrupted
-
-# The exit status of hold_in_a_child's child when the signal became Interrupted.
-INTERRUPTED = 3
-
 
 def end_process(pid, signum=signal.SIGKILL, timeout=30):
     """Send signum (None: none, the process is ending by itself) to pid and wait on a pidfd for it to exit.
@@ -47,22 +42,3 @@ def descendants(pid):
         found = level + found
         level = [child for parent in level for child in children.get(parent, [])]
     return found
-
-
-def hold_in_a_child(hold, signum):
-    """Fork a run of ours that enters hold() (a context manager that holds the guest still: a vCPU pause, a freeze)
-    and sends itself signum inside it; the child's wait status.
-
-    It exits with INTERRUPTED when the hold turned the signal into Interrupted once it let go of the guest.
-    """
-    child = os.fork()
-    if child == 0:
-        code = 0
-        try:
-            with hold():
-                os.kill(os.getpid(), signum)
-        except Interrupted:
-            code = INTERRUPTED
-        finally:
-            os._exit(code)
-    return os.waitpid(child, 0)[1]
