@@ -59,7 +59,7 @@ install: $(INSTALLED)
 guest-kit:
 	guest/build-kit.sh >/dev/null
 
-demo: install
+demo: install guest-kit
 	VENV=$(VENV) demo/run.sh
 
 # ansible-test sanity, ansible-lint and antsibull-changelog lint, offline, plus the execution environment's files.

@@ -12,4 +12,10 @@ options:
     description: The repository, a directory with one subdirectory per VM.
     type: path
     required: true
+  vm:
+    description:
+      - The VM's name, its subdirectory in the repository, which holds its images and C(manifest.json).
+      - A plain file name.
+    type: str
+    required: true
 """

@@ -40,8 +40,9 @@ options:
     default: /var/lib/fleetbackup-qemu
   timeout:
     description:
-      - Seconds to wait for QEMU's greeting, for each QMP command and awaited event, and for a libvirt backup job to
-        end after it was aborted.
+      - Seconds to wait for QEMU's greeting, for each QMP command and awaited event, for a libvirt backup job to
+        end after it was aborted, and for each answer of the guest agent when a guest that a killed run left frozen
+        is thawed.
       - A QMP monitor busy with another client sends no greeting; the module then fails instead of hanging.
     type: float
     default: 10

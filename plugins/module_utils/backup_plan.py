@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import checkpoint_problem
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import check_freeze_timeout
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
 
@@ -28,7 +29,7 @@ MAX_CBW_TIMEOUT = 60
 # sun_path holds 108 bytes with its terminating NUL.
 MAX_SOCKET_PATH = 107
 REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "scratch_size", "nbd_socket",
-                "cbw_timeout", "libvirt_small_scratch")
+                "cbw_timeout", "libvirt_small_scratch", "freeze", "guest_agent_socket", "freeze_timeout")
 
 
 def check_backup_id(backup_id):
@@ -49,6 +50,7 @@ def check_request(request):
     """The checks of a start's options that need no VM."""
     check_checkpoint_name(request["checkpoint"], "checkpoint")
     check_checkpoint_name(request["incremental"], "incremental")
+    check_freeze_timeout(request["freeze_timeout"])
     if not 1 <= request["cbw_timeout"] <= MAX_CBW_TIMEOUT:
         raise UserError("cbw_timeout must be 1 to %d seconds: a guest write waits that long at most, and guests "
                         "reset a disk that does not answer within 30 s (Linux SCSI)." % MAX_CBW_TIMEOUT)

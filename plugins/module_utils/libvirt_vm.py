@@ -37,6 +37,11 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan impor
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import domain_name, restore_identity
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_agent import GuestAgentError, GuestAgentUnreachable
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import (
+    FreezeUnavailable,
+    thaw_abandoned_freeze,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_vm import OfflineVm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
@@ -82,6 +87,7 @@ FOREIGN_BACKUP = "A backup job that fleetbackup did not start (see virsh domjobi
 # The largest UEFI variable store kept with a backup; OVMF's are 128 KiB to 4 MiB.
 MAX_NVRAM = 64 * 1024 * 1024
 JOB_POLL = 0.02
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
 class LibvirtFailure(FleetbackupError):
@@ -173,7 +179,12 @@ class LibvirtVm(VmConnection):
         return ElementTree.fromstring(call("Reading the domain's XML", self.domain.XMLDesc, flags))
 
     def undo_abandoned(self):
-        return []  # libvirt pauses no vCPU for us; what a dead run leaves, stop removes
+        # libvirt pauses no vCPU for us, and what a dead backup leaves, stop removes: only a freeze is undone here.
+        message = thaw_abandoned_freeze(self.state, lambda _agent: LibvirtGuestAgent(self))
+        return [message] if message else []
+
+    def guest_agent(self, request):
+        return LibvirtGuestAgent(self)
 
     # ---- disks and checkpoints
 
@@ -419,7 +430,7 @@ class LibvirtVm(VmConnection):
             os.chown(directory, os.geteuid(), os.getegid())
             os.chmod(directory, 0o700)
 
-    def create_backup(self, plan):
+    def create_backup(self, plan, freeze):
         own_socket = not plan.request["nbd_socket"]
         if own_socket or not plan.request["scratch_dir"]:
             self._make_dirs(os.path.dirname(plan.nbd_socket) if own_socket else None)
@@ -440,7 +451,8 @@ class LibvirtVm(VmConnection):
             with_checkpoint = [disk for disk in all_disks if disk.name in checkpointed]
             checkpoint = checkpoint_xml(plan.checkpoint, with_checkpoint, [
                 disk for disk in all_disks if disk.name not in checkpointed]) if plan.checkpoint else None
-            self._begin(backup_xml(plan, all_disks), checkpoint)
+            with freeze:  # backupBegin has no quiesce flag of its own
+                self._begin(backup_xml(plan, all_disks), checkpoint)
             exports = self._exports() or {}
             missing = [disk["disk"] for disk in plan.disks if disk["disk"] not in exports]
             if missing:
@@ -453,7 +465,7 @@ class LibvirtVm(VmConnection):
             self._lock_down_socket(plan.nbd_socket, own_socket)
             if plan.checkpoint:
                 self.registry.record(with_checkpoint, plan.checkpoint)
-            result = plan.result()
+            result = dict(plan.result(), **freeze.result())
             result["libvirt"] = self._definition(plan)
             record.update(complete=True, disks=plan.disks, result=result)
             self.state.save_backup(record)
@@ -645,6 +657,56 @@ def offline_images(root):
                            format=driver.get("type", "raw") if driver is not None else "raw",
                            read_only=element.find("readonly") is not None, identity=None))
     return images
+
+
+class LibvirtGuestAgent:
+    """A domain's guest agent, through libvirt's virDomainFSFreeze and virDomainFSThaw: no monitor command, no taint.
+
+    libvirt bounds the wait for the agent itself (virsh guest-agent-timeout).
+    """
+
+    def __init__(self, vm):
+        self.vm = vm
+
+    def record(self):
+        return {}  # libvirt knows its domain's agent
+
+    def check(self):
+        """Whether the domain has an agent channel that its guest has opened, as the live XML says: no agent call."""
+        vm = self.vm
+        if not vm.domain.isActive():
+            raise FreezeUnavailable("%s is not running" % vm.description)
+        live = ElementTree.fromstring(call("Reading the domain's XML", vm.domain.XMLDesc, 0))
+        states = [target.get("state") for target in live.findall("./devices/channel/target")
+                  if target.get("name") == AGENT_CHANNEL]
+        if not states:
+            raise FreezeUnavailable("%s has no guest agent channel (a <channel type='unix'> whose target is virtio, "
+                                    "named %s; libvirt: VIR_ERR_ARGUMENT_UNSUPPORTED)" % (vm.description, AGENT_CHANNEL))
+        if "connected" not in states:
+            raise FreezeUnavailable("the guest agent of %s is not connected: is qemu-guest-agent running in the guest? "
+                                    "(libvirt: VIR_ERR_AGENT_UNRESPONSIVE)" % vm.description)
+
+    def freeze(self):
+        return self._agent_call("Freezing the guest's file systems", self.vm.domain.fsFreeze)
+
+    def thaw(self):
+        return self._agent_call("Thawing the guest's file systems", self.vm.domain.fsThaw)
+
+    thaw_if_frozen = thaw  # thawing file systems that are not frozen does nothing
+
+    def close(self):
+        pass
+
+    def _agent_call(self, what, function):
+        try:
+            return function()
+        except libvirt.libvirtError as err:
+            message = "%s of %s failed: %s: %s" % (what, self.vm.description, error_name(err), err.get_error_message())
+            if is_error(err, "VIR_ERR_ARGUMENT_UNSUPPORTED") or not self.vm.domain.isActive():
+                raise GuestAgentUnreachable(message) from None  # no channel, or no domain: nothing can be frozen
+            if is_error(err, "VIR_ERR_AGENT_UNRESPONSIVE"):
+                raise FreezeUnavailable(message) from None
+            raise GuestAgentError(message) from None
 
 
 def mark_inconsistent(disk, name):

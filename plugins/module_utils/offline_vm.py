@@ -27,6 +27,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan impor
     nbd_url,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import FreezeUnavailable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import (
     OFFLINE,
@@ -70,6 +71,10 @@ class OfflineVm(VmConnection):
 
     def undo_abandoned(self):
         return []  # nothing of ours runs in a stopped VM
+
+    def guest_agent(self, request):
+        raise FreezeUnavailable("%s is not running: its file systems are as its shutdown left them"
+                                % self.description)
 
     # ---- disks and checkpoints
 
@@ -156,7 +161,7 @@ class OfflineVm(VmConnection):
         plan.nbd_socket = None
         return plan
 
-    def create_backup(self, plan):
+    def create_backup(self, plan, freeze):
         record = dict(kind=OFFLINE, backup_id=plan.backup_id, tag=plan.tag, request=plan.request, complete=False,
                       checkpoint=plan.checkpoint, disks=plan.disks, added=[], servers=[], fingerprints={},
                       nbd_socket=None, socket_identity=None, result=None, started=int(time.time()))
@@ -175,8 +180,7 @@ class OfflineVm(VmConnection):
             for disk in plan.disks:
                 record["servers"].append(serve_image(disk, plan.incremental))
                 self.state.save_backup(record)
-            result = plan.result()
-            result["offline"] = True
+            result = dict(plan.result(), offline=True, **freeze.result())
             record.update(complete=True, result=result)
             self.state.save_backup(record)
         except (UserError, QemuImgError, OSError) as err:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import socket
 import time
 
@@ -38,6 +37,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time imp
     view_intact,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestLeftFrozen
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.held_signals import HeldSignals
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError, QmpError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import create_scratch_image
@@ -46,7 +47,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import V
 MINIMUM_QEMU = "7.1"
 FDSET_MARK = "fleetbackup "
 EXPORT_ID = re.compile(r"^fb-(?P<backup_id>[A-Za-z0-9_-]{1,32})-p?\d+$")
-HELD_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
 
 
 class QmpBackupNames:
@@ -148,10 +148,6 @@ class VmLeftPaused(FleetbackupError):
     """The vCPUs could not be resumed: the one failure the user must hear about first."""
 
 
-class Interrupted(FleetbackupError):
-    """A signal came while the vCPUs were paused; the start rolls back instead of dying half-way."""
-
-
 class VcpuPause:
     """Stops the vCPUs of a running VM for the block, and only of a running one; puts the run state back.
 
@@ -166,14 +162,12 @@ class VcpuPause:
         self.backup_id = backup_id
         self.seconds = None
         self._stopped_at = None
-        self._handlers = {}
-        self._signals = []
+        self._signals = HeldSignals("while the vCPUs were paused")
 
     def __enter__(self):
         if self.qmp.execute("query-status")["status"] != "running":
             return self  # paused, prelaunch...: no guest write can come, and the state stays as it was
-        self._handlers = {signum: signal.signal(signum, self._hold) for signum in HELD_SIGNALS}
-        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        self._signals.hold()
         self.state.record_pause(self.backup_id)
         self._stopped_at = time.monotonic()
         try:
@@ -182,9 +176,6 @@ class VcpuPause:
             self._resume()  # a late answer to stop may still have paused the VM
             raise
         return self
-
-    def _hold(self, signum, frame):
-        self._signals.append(signal.Signals(signum).name)
 
     def __exit__(self, *exc_info):
         if self._stopped_at is not None:
@@ -195,13 +186,12 @@ class VcpuPause:
             cont(self.qmp)
             self.seconds = round(time.monotonic() - self._stopped_at, 6)
             self.state.forget_pause()
+        except BaseException:
+            self._signals.release(interrupt=False)  # VmLeftPaused is what the user must hear first
+            raise
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # a held signal reaches _hold here
-            for signum, handler in self._handlers.items():
-                signal.signal(signum, handler)
             self._stopped_at = None
-        if self._signals:
-            raise Interrupted("%s arrived while the vCPUs were paused" % " and ".join(self._signals))
+        self._signals.release()  # a held signal arrives here, and becomes Interrupted
 
 
 def cont(qmp):
@@ -230,8 +220,9 @@ def resume_abandoned_pause(qmp, state):
                "resumed" if status == "paused" else "already %s, and was left so" % status))
 
 
-def start_backup(qmp, state, plan, registry, pause=VcpuPause):
-    """Create the backup of plan. Returns its state record; on any failure, removes all it created."""
+def start_backup(qmp, state, plan, registry, freeze, pause=VcpuPause):
+    """Create the backup of plan, inside freeze (a GuestFreeze) at its point in time. Returns its state record; on
+    any failure, removes all it created."""
     names = QmpBackupNames(plan.backup_id)
     record = dict(backup_id=plan.backup_id, tag=plan.tag, request=plan.request, complete=False,
                   qmp_socket=qmp.socket_path, nbd_socket=plan.nbd_socket, socket_identity=None,
@@ -242,7 +233,7 @@ def start_backup(qmp, state, plan, registry, pause=VcpuPause):
     try:
         listener = _step("listening on the NBD socket", _listen, plan.nbd_socket, record, state)
         _prepare_filters(qmp, names, plan, record)
-        with pause(qmp, state, plan.backup_id) as paused:
+        with freeze, pause(qmp, state, plan.backup_id) as paused:
             _step("the bitmap transaction", _freeze_bitmaps, qmp, names, plan)
             for index, disk in enumerate(plan.disks):
                 _step("switching disk %s to its copy-before-write filter" % disk["disk"], set_drive, qmp,
@@ -253,7 +244,8 @@ def start_backup(qmp, state, plan, registry, pause=VcpuPause):
         for disk in plan.disks:
             if disk["mode"] == "incremental":
                 disk["dirty_bytes"] = _bitmap_count(qmp, disk["node"], names.temp_bitmap)
-        record.update(complete=True, disks=plan.disks, result=dict(plan.result(), pause=paused.seconds))
+        record.update(complete=True, disks=plan.disks,
+                      result=dict(plan.result(), pause=paused.seconds, **freeze.result()))
         state.save_backup(record)
     except (FleetbackupError, OSError) as err:
         _roll_back(qmp, state, names, registry, err)
@@ -276,14 +268,15 @@ def _step(name, action, *args):
 
 
 def _roll_back(qmp, state, names, registry, err):
-    paused = isinstance(err, VmLeftPaused)
+    held = "; the VM is still paused" if isinstance(err, VmLeftPaused) else \
+        "; the guest's file systems may still be frozen" if isinstance(err, GuestLeftFrozen) else ""
     try:
         Teardown(qmp, state, names.backup_id, discard_checkpoint=True).run(registry)
     except (FleetbackupError, OSError) as cleanup_error:
         raise UserError("Starting backup '%s' failed: %s. Cleaning up failed too: %s" % (
             names.backup_id, err, cleanup_error)) from None
     raise UserError("Starting backup '%s' failed: %s. Everything it had created was removed%s."
-                    % (names.backup_id, err, "; the VM is still paused" if paused else "")) from None
+                    % (names.backup_id, err, held)) from None
 
 
 def _listen(path, record, state):

@@ -10,9 +10,14 @@ import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import BackupPlan, check_socket_path
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import (
+    FreezeUnavailable,
+    SocketAgent,
+    thaw_abandoned_freeze,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import recorded_disks, remember_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_vm import OfflineVm
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import utc
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory, utc
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient, QmpUnreachable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import (
     backup_is_whole,
@@ -73,8 +78,22 @@ class QmpVm(VmConnection):
         self.qmp.close()
 
     def undo_abandoned(self):
-        message = resume_abandoned_pause(self.qmp, self.state)
-        return [message] if message else []
+        # The vCPUs first: the agent of a paused guest cannot answer.
+        messages = [resume_abandoned_pause(self.qmp, self.state),
+                    thaw_abandoned_freeze(self.state, lambda agent: SocketAgent(agent["socket"], self.timeout))]
+        return [message for message in messages if message]
+
+    def guest_agent(self, request):
+        path = request["guest_agent_socket"]
+        if not path:
+            raise FreezeUnavailable("no guest_agent_socket was given, the socket of the VM's virtio-serial port "
+                                    "org.qemu.guest_agent.0")
+        check_trusted_directory(os.path.dirname(path), "guest_agent_socket", "the guest agent's socket")
+        status = self.qmp.execute("query-status")["status"]
+        if status != "running":
+            raise FreezeUnavailable("the VM is %s: its guest agent cannot answer, and its file systems cannot change"
+                                    % status)
+        return SocketAgent(path, request["freeze_timeout"])
 
     def disks(self):
         disks = list_disks(self.qmp)
@@ -110,8 +129,8 @@ class QmpVm(VmConnection):
     def is_whole(self, record):
         return backup_is_whole(self.qmp, record)
 
-    def create_backup(self, plan):
-        return start_backup(self.qmp, self.state, plan, self.registry)
+    def create_backup(self, plan, freeze):
+        return start_backup(self.qmp, self.state, plan, self.registry, freeze)
 
     def remove_backup(self, backup_id, discard_checkpoint, check_mode):
         teardown = Teardown(self.qmp, self.state, backup_id, discard_checkpoint)

@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import QemuImgError, image_info
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
     check_plain_name,
     create_exclusive,
@@ -58,6 +59,10 @@ def backup_id_for(vm, name):
     """A backup_id unique per VM and run, within QEMU's 32 characters."""
     return "%s-%s-%s" % (UNSAFE.sub("", vm)[:6] or "vm", hashlib.sha1(vm.encode()).hexdigest()[:4],
                          name.replace("T", "").replace("Z", ""))
+
+
+# The options that name a VM's repository (doc fragment fleetbackup.qemu.repository).
+REPOSITORY_ARGUMENT_SPEC = dict(repository=dict(type="path", required=True), vm=dict(type="str", required=True))
 
 
 class Repository:
@@ -134,6 +139,31 @@ class Repository:
         if removed:
             sync_directory(self.path)
         return removed
+
+    def recorded(self, name=None):
+        """The named backup, or the newest, from the manifest; UserError when there is none."""
+        if not os.path.exists(self.manifest_path):
+            raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (self.path, self.vm))
+        return self.find(self.load(), name)
+
+    def chain(self, disk):
+        """qemu-img's description of a recorded disk's image and its whole backing chain; UserError when broken."""
+        source = self.image(disk["file"])
+        try:
+            return image_info(source, chain=True)
+        except QemuImgError as err:
+            raise UserError("The backup chain of disk %s is broken at %s: %s" % (disk["disk"], source, err)) from None
+
+    def nvram(self, definition):
+        """The UEFI variables a backup kept, checked against their recorded checksum; None when it kept none."""
+        nvram = (definition or {}).get("nvram")
+        if not nvram:
+            return None
+        content = self.read_file(nvram["file"])
+        if hashlib.sha256(content).hexdigest() != nvram["sha256"]:
+            raise UserError("The NVRAM %s in %s does not match the checksum its backup recorded: it was damaged."
+                            % (nvram["file"], self.path))
+        return content
 
     def find(self, data, name=None):
         """The named backup, or the newest; UserError when there is none."""
@@ -290,8 +320,11 @@ def store_definition(repository, name, definition):
     return stored
 
 
-def record(data, planned, started_disks, copies, now, definition=None):
-    """Append a complete backup. Each disk's level comes from what the start really did."""
+def record(data, planned, started_disks, copies, now, definition=None, consistency=None):
+    """Append a complete backup. Each disk's level comes from what the start really did.
+
+    consistency: {consistency, freeze} of the start, kept in the entry.
+    """
     modes = {d["disk"]: d["mode"] for d in started_disks}
     # copies are {disk, bytes_read, checksum}, or results of qemu_backup_copy, whose image is the planned file.
     by_file = {d["file"]: d["disk"] for d in planned["disks"]}
@@ -311,6 +344,8 @@ def record(data, planned, started_disks, copies, now, definition=None):
                  chain=planned["name"] if level == "full" else planned["chain"],
                  checkpoint=planned["checkpoint"], incremental=planned["incremental"] if level != "full" else None,
                  started=planned["started"], finished=now, disks=disks)
+    if consistency:
+        entry.update(consistency)
     if definition:
         entry["definition"] = definition
     data["backups"].append(entry)

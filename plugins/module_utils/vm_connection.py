@@ -19,6 +19,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan impor
     request_differences,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestFreeze
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import OFFLINE, remove_offline_backup
 
 
@@ -35,7 +36,8 @@ class VmConnection:
         self.notes = []  # for the user, as warnings
 
     def recover(self):
-        """Undo what a dead run of ours left on the VM (a vCPU pause), noting it; whether anything was undone.
+        """Undo what a dead run of ours left on the VM (a vCPU pause, a file system freeze), noting it; whether
+        anything was undone.
 
         Not in check mode: a read-only run changes nothing.
         """
@@ -64,8 +66,16 @@ class VmConnection:
         """Whether everything of a completed start is still there on the VM."""
         raise NotImplementedError
 
-    def create_backup(self, plan):
-        """Create the planned backup; its state record. On failure, removes everything it created."""
+    def create_backup(self, plan, freeze):
+        """Create the planned backup, inside the GuestFreeze freeze at its point in time; its state record.
+
+        On failure, removes everything it created.
+        """
+        raise NotImplementedError
+
+    def guest_agent(self, request):
+        """The guest agent that freezes the guest (guest_freeze's agent interface); FreezeUnavailable says why
+        there is none."""
         raise NotImplementedError
 
     def remove_backup(self, backup_id, discard_checkpoint, check_mode):
@@ -99,9 +109,14 @@ class VmConnection:
             if backup_id in running:
                 return resumed, self._same_backup(record, backup_id, request)
             plan = self.plan(backup_id, request, check_mode)
-            if check_mode:
-                return True, plan.result()
-            return True, self.create_backup(plan)["result"]
+            freeze = GuestFreeze(self.state, backup_id, request["freeze"], lambda: self.guest_agent(request))
+            try:
+                freeze.check()  # before anything is created: freeze always without an agent fails here
+                if check_mode:
+                    return True, dict(plan.result(), **freeze.result())
+                return True, self.create_backup(plan, freeze)["result"]
+            finally:
+                freeze.close()
 
     def _same_backup(self, record, backup_id, request):
         if record is None or record["backup_id"] != backup_id or not record["complete"] or not self.is_whole(record):
@@ -177,4 +192,5 @@ class VmConnection:
                 os.unlink(record["nbd_socket"])
             self.state.forget_backup()
             self.state.forget_pause()
+            self.state.forget_freeze()
         return removed

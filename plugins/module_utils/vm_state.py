@@ -3,8 +3,9 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """What fleetbackup keeps about one VM between module runs, in <state_dir>/vms/<vm key>/.
 
-The running backup (one per VM), a record of a vCPU pause in progress, the default NBD socket, and a lock
-that serialises the modules that change the VM. Nothing here can be written by anyone but us.
+The running backup (one per VM), the records of a vCPU pause and of a guest file system freeze in progress,
+the default NBD socket, and a lock that serialises the modules that change the VM. Nothing here can be
+written by anyone but us.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state imp
 
 BACKUP = "backup.json"
 PAUSED = "paused.json"
+FROZEN = "frozen.json"
 NBD_SOCKET = "nbd.sock"
 
 
@@ -70,14 +72,31 @@ class VmState:
 
     def record_pause(self, backup_id):
         """Written before the vCPUs stop: whoever finds it after we died knows the pause was ours."""
-        self.dir.write_json(PAUSED, dict(backup_id=backup_id, owner=this_process()))
+        self._record_hold(PAUSED, backup_id)
 
     def forget_pause(self):
         self.dir.remove(PAUSED)
 
     def abandoned_pause(self):
         """The pause record of a run that died in its pause window, or None (no record, or its run still lives)."""
-        record = self.dir.read_json(PAUSED)
+        return self._abandoned(PAUSED)
+
+    def record_freeze(self, backup_id, agent):
+        """Written before the guest's file systems are frozen; agent: how to reach the guest agent to thaw them."""
+        self._record_hold(FROZEN, backup_id, agent=agent)
+
+    def forget_freeze(self):
+        self.dir.remove(FROZEN)
+
+    def abandoned_freeze(self):
+        """The freeze record of a run that died while the guest may have been frozen, or None."""
+        return self._abandoned(FROZEN)
+
+    def _record_hold(self, name, backup_id, **details):
+        self.dir.write_json(name, dict(backup_id=backup_id, owner=this_process(), **details))
+
+    def _abandoned(self, name):
+        record = self.dir.read_json(name)
         if record is None or process_alive(record["owner"]):
             return None
         return record

@@ -12,8 +12,8 @@ version_added: 0.1.0
 description:
   - For each disk with a medium it returns the node, image file, format and virtual size, and its
     checkpoints with their dirty byte counts. It also lists the backups running in the VM.
-  - It changes nothing, except to resume a VM whose vCPUs a killed fleetbackup run left paused (then it
-    reports a change and warns).
+  - It changes nothing, except to resume a VM whose vCPUs a killed fleetbackup run left paused, or to thaw a guest
+    whose file systems such a run left frozen (then it reports a change and warns).
   - Use it to decide between a full and an incremental backup, or to estimate how much an incremental will read.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
@@ -22,7 +22,7 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    description: Reports without changing anything; a VM left paused by a killed run is only reported.
+    description: Reports without changing anything; a VM left paused or frozen by a killed run is only reported.
 """
 
 EXAMPLES = r"""

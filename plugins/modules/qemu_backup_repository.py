@@ -30,10 +30,6 @@ author:
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
 options:
-  vm:
-    description: The VM's name, its subdirectory in the repository; a plain file name.
-    type: str
-    required: true
   action:
     description: What to do.
     type: str
@@ -100,6 +96,17 @@ options:
         this run. The domain's XML and its UEFI variables (NVRAM) are stored beside the images as
         C(<name>.domain.xml) and C(<name>.nvram); the checkpoint's XML goes in the manifest, for a checkpoint that
         libvirt loses to be given back.
+    type: dict
+  consistency:
+    description:
+      - With O(action=record), RV(fleetbackup.qemu.qemu_backup_start#module:backup.consistency) of this run,
+        C(application) or C(crash); the manifest entry keeps it.
+    type: str
+    choices: [application, crash]
+  freeze:
+    description:
+      - With O(action=record), RV(fleetbackup.qemu.qemu_backup_start#module:backup.freeze) of this run (how long the
+        guest's file systems were frozen, how many, or why they were not); the manifest entry keeps it.
     type: dict
 attributes:
   check_mode:
@@ -205,6 +212,9 @@ plan:
 backup:
   description:
     - With O(action=record), the manifest entry; with O(action=newest), the newest backup's, or null when there is none.
+    - An entry has C(consistency), C(application) or C(crash) (null for backups recorded before it was kept), and
+      C(freeze), with C(seconds) the guest's file systems were frozen, C(filesystems) and the C(reason) for a
+      crash-consistent backup.
     - A libvirt domain's entry has C(definition) with the C(domain_xml) file, the C(checkpoint_xml), the C(nvram)
       (C(file), the domain's C(path), C(sha256)) and C(not_backed_up), what the backup could not keep (a vTPM).
   returned: action is record or newest
@@ -234,6 +244,7 @@ import time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import (
+    REPOSITORY_ARGUMENT_SPEC,
     Lease,
     Repository,
     definition_file_names,
@@ -250,8 +261,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import
 def main():
     module = FleetbackupModule(
         argument_spec=dict(
-            repository=dict(type="path", required=True),
-            vm=dict(type="str", required=True),
+            **REPOSITORY_ARGUMENT_SPEC,
             action=dict(type="str", choices=["lock", "unlock", "plan", "record", "prune", "discard", "newest"],
                         required=True),
             run_id=dict(type="str"),
@@ -266,6 +276,8 @@ def main():
             copies=dict(type="list", elements="dict"),
             keep_chains=dict(type="int", default=0),
             definition=dict(type="dict"),
+            consistency=dict(type="str", choices=["application", "crash"]),
+            freeze=dict(type="dict"),
         ),
         required_if=[("action", "plan", ["vm_disks"]),
                      ("action", "record", ["planned", "started_disks", "copies", "run_id"]),
@@ -327,7 +339,8 @@ def record_action(module):
     definition = params["definition"]
     if definition and not module.check_mode:
         definition = store_definition(repository, params["planned"]["name"], definition)
-    entry = record(data, params["planned"], params["started_disks"], params["copies"], int(time.time()), definition)
+    entry = record(data, params["planned"], params["started_disks"], params["copies"], int(time.time()), definition,
+                   dict(consistency=params["consistency"], freeze=params["freeze"]))
     if not module.check_mode:
         repository.save(data)
     return dict(changed=True, backup=entry)

@@ -28,10 +28,6 @@ author:
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
 options:
-  vm:
-    description: The VM's name, its subdirectory in the repository, holding C(manifest.json).
-    type: str
-    required: true
   backup:
     description: Name of the backup to restore, as in the manifest; the newest complete backup by default.
     type: str
@@ -172,7 +168,6 @@ domain:
       sample: ["the vTPM's state: swtpm keeps it outside the domain's disks"]
 """
 
-import hashlib
 import os
 
 from ansible.module_utils.basic import missing_required_lib
@@ -202,7 +197,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state imp
     remove_file,
     write_atomic,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import REPOSITORY_ARGUMENT_SPEC, Repository
 
 
 DOMAIN_XML_FILE = "domain.xml"
@@ -212,8 +207,7 @@ NVRAM_FILE = "nvram.fd"
 def main():
     module = FleetbackupModule(
         argument_spec=dict(
-            repository=dict(type="path", required=True),
-            vm=dict(type="str", required=True),
+            **REPOSITORY_ARGUMENT_SPEC,
             backup=dict(type="str"),
             dest=dict(type="path", required=True),
             format=dict(type="str", choices=["qcow2", "raw"], default="qcow2"),
@@ -237,7 +231,7 @@ def restore(module):
     if not os.path.isdir(params["dest"]):
         raise UserError("dest %s is not a directory: create it first." % params["dest"])
     repository = Repository(params["repository"], params["vm"])
-    backup = repository.find(repository.load_existing(), params["backup"])
+    backup = repository.recorded(params["backup"])
     disks = _chosen_disks(backup, params["disks"])
     definition = backup.get("definition")
     if params["define_domain"] and not definition:
@@ -262,11 +256,7 @@ def _restore_definition(module, repository, backup_name, definition, results):
                                         identity, params["firmware_dirs"])
     changed = False
     if nvram:
-        content = repository.read_file(nvram["file"])
-        if hashlib.sha256(content).hexdigest() != nvram["sha256"]:
-            raise UserError("The NVRAM %s in %s does not match the checksum its backup recorded: it was damaged."
-                            % (nvram["file"], repository.path))
-        changed |= _write_if_different(module, nvram_path, content)
+        changed |= _write_if_different(module, nvram_path, repository.nvram(definition))
     xml_path = os.path.join(params["dest"], DOMAIN_XML_FILE)
     changed |= _write_if_different(module, xml_path, xml.encode())
     defined = params["define_domain"] and define_domain(params["libvirt_uri"], xml, params["force"], module.check_mode)
@@ -300,10 +290,7 @@ def _chosen_disks(backup, wanted):
 def _restore_disk(module, repository, disk):
     params = module.params
     source = repository.image(disk["file"])
-    try:
-        chain = image_info(source, chain=True)
-    except Exception as err:  # pylint: disable=broad-except
-        raise UserError("The backup chain of disk %s is broken at %s: %s" % (disk["disk"], source, err)) from None
+    chain = repository.chain(disk)
     target = os.path.join(params["dest"], "%s.%s" % (disk["disk"], params["format"]))
     result = dict(disk=disk["disk"], image=target, source=source, size=chain[0]["virtual-size"], changed=False)
     if os.path.exists(target):

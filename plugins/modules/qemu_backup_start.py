@@ -37,6 +37,15 @@ description:
     size (plus qcow2 metadata) in the scratch directory while the backup runs; O(libvirt_small_scratch) reserves only
     O(scratch_size) and accepts the risk. O(cbw_timeout) applies to QMP VMs only. libvirt pauses no vCPU, so
     RV(backup.pause) is null.
+  - With O(freeze), the guest agent freezes the guest's file systems around the point in time (C(fsfreeze) flushes
+    them and holds new writes), so that the backup is application-consistent; what the guest's applications and
+    file systems wrote is complete on the disks, and a restore needs no journal replay. The agent is asked before
+    anything is created (O(freeze=always) without an answer fails then, leaving nothing); the freeze comes last,
+    just around the vCPU pause, and the thaw follows on every way out, failures included. RV(backup.consistency)
+    says what the backup is, RV(backup.freeze.seconds) how long the guest was frozen.
+  - The freeze is recorded in fleetbackup's state before it is asked for, and SIGTERM, SIGHUP and SIGINT wait for
+    the thaw. A run killed by SIGKILL while the guest was frozen leaves the record, and the next start, stop or info
+    of that VM thaws the guest, and only a guest that a dead run of ours froze.
   - A libvirt backup also returns, in RV(backup.libvirt), the domain's definition, the new checkpoint's definition
     and the UEFI variable store (NVRAM), so that the repository keeps what a restore needs besides the disks.
 author:
@@ -115,6 +124,40 @@ options:
       - Without it such a disk fails the start before anything is created.
     type: bool
     default: false
+  freeze:
+    description:
+      - Whether the guest agent (qemu-guest-agent in the guest) freezes the guest's file systems for the backup's
+        point in time.
+      - C(auto) freezes when the agent answers (within O(freeze_timeout)), and otherwise takes a crash-consistent
+        backup and says why in RV(backup.freeze.reason). C(always) fails when the guest cannot be frozen, before
+        anything is created, or, if the freeze itself fails, after removing all it created. C(never) does not ask.
+      - With O(qmp_socket), the agent is reached on O(guest_agent_socket); without it, C(auto) takes a
+        crash-consistent backup. A VM that is not running is never frozen (its agent cannot answer, and its file
+        systems cannot change).
+      - With O(domain), libvirt freezes and thaws (C(virDomainFSFreeze), C(virDomainFSThaw)) through the domain's
+        agent channel (a C(<channel type='unix'>) whose virtio target is named C(org.qemu.guest_agent.0)); the
+        live XML tells whether the guest has connected to it, without any agent command. libvirt bounds its wait for
+        the agent itself (C(virsh guest-agent-timeout)).
+    type: str
+    choices: [auto, always, never]
+    default: auto
+  guest_agent_socket:
+    description:
+      - With O(qmp_socket), the host's unix socket of the VM's guest agent channel, the C(-chardev socket) behind its
+        virtio-serial port named C(org.qemu.guest_agent.0), such as
+        C(-chardev socket,id=qga0,path=/run/vms/web1/qga.sock,server=on,wait=off -device virtio-serial
+        -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0).
+      - The socket serves one client at a time; the module holds it from its check until the thaw. Its directory
+        must not be writable by other users unless it is sticky.
+      - Not with O(domain); libvirt reaches its domains' agents itself.
+    type: path
+  freeze_timeout:
+    description:
+      - Seconds to wait for each answer of the guest agent (the check that it answers, the freeze, the thaw), more
+        than 0 and at most 60. The freeze answers once the guest has flushed its file systems.
+      - A freeze that does not answer in time is thawed; C(auto) then goes on crash-consistent.
+    type: float
+    default: 10
   libvirt_small_scratch:
     description:
       - With O(domain), reserve only O(scratch_size) for the scratch images instead of the backed-up disks' whole
@@ -128,8 +171,8 @@ seealso:
 attributes:
   check_mode:
     support: full
-    description: Resolves the disks and checkpoints, checks the scratch space and returns the planned result; creates
-      nothing.
+    description: Resolves the disks and checkpoints, checks the scratch space and whether the guest agent answers,
+      and returns the planned result; creates nothing and freezes nothing.
 notes:
   - With O(domain), the socket and the scratch images live in the VM's own directory under O(qemu_dir) unless
     O(nbd_socket) or O(scratch_dir) say otherwise. QEMU's user (C(libvirt-qemu)) must be able to reach a given
@@ -137,6 +180,15 @@ notes:
 """
 
 EXAMPLES = r"""
+- name: An application-consistent backup, through the guest agent of a VM started with
+    -chardev socket,id=qga0,path=/run/vms/web1/qga.sock,server=on,wait=off -device virtio-serial
+    -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0
+  fleetbackup.qemu.qemu_backup_start:
+    qmp_socket: /run/vms/web1/qmp.sock
+    guest_agent_socket: /run/vms/web1/qga.sock
+    freeze: always
+    backup_id: web1-consistent
+
 - name: Freeze every writable disk of the VM
   fleetbackup.qemu.qemu_backup_start:
     qmp_socket: /run/vms/web1/qmp.sock
@@ -195,6 +247,30 @@ backup:
           (paused or not yet started), which needs no pause. Null in check mode, and with O(domain).
       type: float
       sample: 0.008
+    consistency:
+      description:
+        - C(application) when the guest agent froze the guest's file systems for the point in time, else C(crash)
+          (as after a power cut, file systems replay their journals). In check mode, what the start expects.
+      type: str
+      sample: application
+    freeze:
+      description: How the guest's file systems were frozen.
+      type: dict
+      contains:
+        seconds:
+          description:
+            - How long the guest's file systems were (or, for a freeze that failed, may have been) frozen, from the
+              freeze request to the thaw's answer; null when no freeze was asked for. Null in check mode.
+          type: float
+          sample: 0.043
+        filesystems:
+          description: How many file systems the agent froze; null when none.
+          type: int
+          sample: 2
+        reason:
+          description: Why the backup is crash-consistent, when it is; else null.
+          type: str
+          sample: no guest_agent_socket was given, the socket of the VM's virtio-serial port org.qemu.guest_agent.0
     libvirt:
       description:
         - With O(domain), what a restore needs besides the disks. Pass it to
@@ -266,6 +342,7 @@ backup:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import REQUEST_KEYS, check_request
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import FREEZE_MODES
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
 
@@ -282,7 +359,11 @@ def main():
             incremental=dict(type="str"),
             fallback_to_full=dict(type="bool", default=False),
             libvirt_small_scratch=dict(type="bool", default=False),
+            freeze=dict(type="str", choices=list(FREEZE_MODES), default="auto"),
+            guest_agent_socket=dict(type="path"),
+            freeze_timeout=dict(type="float", default=10),
         ),
+        mutually_exclusive=[("domain", "guest_agent_socket")],
         supports_check_mode=True,
     )
     module.run(start)

@@ -22,6 +22,8 @@ description:
   - With O(domain), it ends libvirt's backup job (C(abortJob)), waits until libvirt removed the socket, and
     removes the scratch images. The checkpoint of a domain that stopped meanwhile is removed from its images
     offline. A domain that is paused on an I/O error is reported.
+  - Like the start and M(fleetbackup.qemu.qemu_backup_info), it first resumes a VM whose vCPUs a killed fleetbackup
+    run left paused, and thaws a guest whose file systems such a run left frozen, and warns.
   - With nothing left to stop it reports no change.
   - It reports in RV(intact) whether the point-in-time view held until the stop; stop before recording a backup as
     good, as the C(fleetbackup.qemu.qemu_backup) role does.

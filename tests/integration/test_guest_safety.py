@@ -8,14 +8,18 @@ import time
 
 from support.fleet import Fleet, assert_clean, assert_ok
 from support.flows import Backups, used_bytes
-from support.guest import GuestVm, RECORD_SIZE, record_block, record_location
+from support.guest import BootedGuestVm, GuestVm, RECORD_SIZE, clean_filesystem, record_block, record_location, \
+    workload_files
 from support.modules import run_module
+from support.held import INTERRUPTED, hold_in_a_child
 from support.qemu_vm import DiskSpec, MiB, same
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qmp_fleecing
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestFreeze
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.restore_drill import FILESYSTEM_ERRORS
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
 
 BROKEN = "point-in-time view of disk vda broke while it was copied"
@@ -112,27 +116,14 @@ def test_the_pause_is_only_for_a_running_vm_and_the_run_state_comes_back(vms, tm
     flow.assert_nothing_left()
 
 
-INTERRUPTED = 3
-
-
 def pause_in_a_child(vm, state_dir, signum):
-    """Fork a run of ours that pauses the VM and sends itself signum in the pause window; its wait status.
+    """Fork a run of ours that pauses the VM and sends itself signum in the pause window; its wait status."""
+    def pause():
+        qmp = QmpClient(vm.qmp_socket)
+        qmp.connect()
+        return qmp_fleecing.VcpuPause(qmp, VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM"), "dying")
 
-    It exits with INTERRUPTED when the pause turned the signal into qmp_fleecing.Interrupted.
-    """
-    child = os.fork()
-    if child == 0:
-        code = 0
-        try:
-            qmp = QmpClient(vm.qmp_socket)
-            qmp.connect()
-            with qmp_fleecing.VcpuPause(qmp, VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM"), "dying"):
-                os.kill(os.getpid(), signum)
-        except qmp_fleecing.Interrupted:
-            code = INTERRUPTED
-        finally:
-            os._exit(code)
-    return os.waitpid(child, 0)[1]
+    return hold_in_a_child(pause, signum)
 
 
 def test_a_run_killed_in_the_pause_window_never_leaves_the_vm_paused(vms, tmp_path):
@@ -219,11 +210,13 @@ def start_without_pause(vm, flow, backup_id, monkeypatch, delay):
     monkeypatch.setattr(qmp_fleecing, "set_drive", slowly)
     registry = CheckpointRegistry(os.path.join(flow.state_dir, "checkpoints"))
     request = dict(disks=None, checkpoint=None, incremental=None, fallback_to_full=False, nbd_socket=None,
-                   cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch)
+                   cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch, freeze="never",
+                   guest_agent_socket=None, freeze_timeout=10)
     try:
         with QmpVm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
             plan = connection.plan(backup_id, request, False)
             return qmp_fleecing.start_backup(connection.qmp, connection.state, plan, registry,
+                                             GuestFreeze(connection.state, backup_id, "never", None),
                                              pause=NoPause)["result"]
     finally:
         monkeypatch.setattr(qmp_fleecing, "set_drive", switch)
@@ -257,6 +250,17 @@ def test_writes_racing_the_start_on_two_disks_give_one_point_in_time(vms, tmp_pa
     assert vm.status() == "running"
 
 
+def assert_only_the_backup_broke(vm, flow, backup, scratch, tmp_path):
+    """The guest's writes broke backup b1's view and nothing else: the VM ran on, the copy fails naming the scratch
+    directory, the stop says the view broke, and nothing is left."""
+    assert vm.status() == "running" and not new_events(vm) & {"STOP", "BLOCK_IO_ERROR"}
+    copied = run_module("qemu_backup_copy", src=backup["disks"][0]["url"], dest=str(tmp_path / "vda.qcow2"))
+    assert copied.failed and BROKEN in copied["msg"] and scratch in copied["msg"]
+    stopped = flow.stop("b1")
+    assert stopped["intact"] is False and vm.status() == "running"
+    flow.assert_nothing_left()
+
+
 def test_a_real_guest_overwriting_more_than_the_scratch_holds_keeps_running(vms, tmp_path, tmpfs):
     vm = vms([DiskSpec("vda", size=320 * MiB)], kind=GuestVm,
              prepare=lambda vm: vm.write("vda", 0, 256 * MiB, 0x11))
@@ -267,12 +271,7 @@ def test_a_real_guest_overwriting_more_than_the_scratch_holds_keeps_running(vms,
     new_events(vm)
     # The guest's own virtio-blk driver overwrites 256 MiB with O_DIRECT while the backup runs.
     assert vm.run("overwrite vda 256 170", timeout=300) == ["0", str(256 * MiB)]
-    assert vm.status() == "running" and not new_events(vm) & {"STOP", "BLOCK_IO_ERROR"}
-    copied = run_module("qemu_backup_copy", src=backup["disks"][0]["url"], dest=str(tmp_path / "vda.qcow2"))
-    assert copied.failed and BROKEN in copied["msg"] and scratch in copied["msg"]
-    stopped = flow.stop("b1")
-    assert stopped["intact"] is False and vm.status() == "running"
-    flow.assert_nothing_left()
+    assert_only_the_backup_broke(vm, flow, backup, scratch, tmp_path)
     assert vm.run("sync") == ["0"]
     vm.quit()
     assert_image_reads(vm.image("vda"), "qcow2", 170, 256 * MiB)
@@ -308,3 +307,35 @@ def test_the_role_with_too_little_scratch_fails_that_vm_alone_and_recovers(vms, 
     restored = tmp_path / "restored"
     assert_ok(fleet.restore("vm1", restored))
     assert same(str(restored / "vda.qcow2"), vm1.expected_image("vda", mark, str(tmp_path / "expected.raw")))
+
+
+def test_a_guest_file_system_overwriting_more_than_the_scratch_holds_stays_clean(vms, tmp_path, tmpfs, scratch):
+    vm = vms([], kind=BootedGuestVm)
+    rewrite = ["if=/dev/urandom", "of=/data/big", "bs=1M", "count=16", "conv=notrunc,fsync"]
+    with vm.agent() as agent:  # waits for the boot
+        assert agent.run("fbg-workload", ["start", "64"]).exitcode == 0  # files, each fsync'd and logged
+        assert agent.run("dd", rewrite, timeout=90).exitcode == 0  # 16 MiB of data the backup will have to keep
+        logged = int(agent.run("fbg-workload", ["wait", "2"], timeout=90).stdout.split()[1])
+    small = str(tmpfs("scratch4m", "4m"))
+    flow = Backups(vm, str(tmp_path))
+    backup = flow.start("b1", scratch_dir=small, scratch_size="1M", guest_agent_socket=vm.agent_socket)["backup"]
+    assert backup["consistency"] == "application"
+    new_events(vm)
+    with vm.agent() as agent:
+        # The guest overwrites its file in place, through ext4 and its virtio-blk driver: sixteen times the scratch
+        # room, while the workload goes on writing new files.
+        result = agent.run("dd", rewrite, timeout=90)
+        assert result.exitcode == 0, result
+        assert agent.run("fbg-workload", ["wait", str(logged + 4)], timeout=90).exitcode == 0
+    assert_only_the_backup_broke(vm, flow, backup, small, tmp_path)
+
+    with vm.agent() as agent:
+        assert agent.run("fbg-workload", ["wait", str(logged + 8)], timeout=90).exitcode == 0  # it writes on
+        state, count = agent.run("fbg-workload", ["stop"], timeout=90).stdout.decode().split()
+        assert state == "stopped" and agent.run("fbg-workload", ["verify"], timeout=90).exitcode == 0
+        kernel_log = agent.run("dmesg").stdout.decode()
+        assert not FILESYSTEM_ERRORS.search(kernel_log), kernel_log[-2000:]
+        assert agent.fsfreeze_freeze() == 1  # the file system as the guest left it, complete on the disk
+    vm.kill()
+    assert clean_filesystem(vm.image("vda"), scratch) == (False, 0)
+    assert workload_files(vm.image("vda"), scratch) == (int(count), [])

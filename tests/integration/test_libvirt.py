@@ -55,11 +55,18 @@ def test_chain_differential_and_writes_during_backups(domain, tmp_path):
     os.mkdir(repo)
     points = []
 
+    # No agent channel: freeze always fails before anything is made; auto takes a crash-consistent backup.
+    always = flow.start("b1", checkpoint="c1", freeze="always")
+    assert always.failed and "has no guest agent channel" in always["msg"], always["msg"]
+    assert "VIR_ERR_ARGUMENT_UNSUPPORTED" in always["msg"]
+    assert_nothing_left(vm, flow, [])
+
     points.append(marks(vm))
     full = flow.start("b1", checkpoint="c1")
     assert full.get("changed") is True, full
     backup = full["backup"]
     assert [d["mode"] for d in backup["disks"]] == ["full", "full"] and backup["pause"] is None
+    assert backup["consistency"] == "crash" and "has no guest agent channel" in backup["freeze"]["reason"]
     # QEMU made the socket as libvirt-qemu, which every VM's QEMU shares: the start made it, and its directory,
     # root's alone, so no other VM's QEMU can read this VM's disks through it or swap it.
     socket_info = os.stat(backup["nbd_socket"])

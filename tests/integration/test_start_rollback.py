@@ -10,6 +10,7 @@ from support.qemu_vm import DiskSpec
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qmp_fleecing
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestFreeze
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError, QmpError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
@@ -25,7 +26,8 @@ def start_in_process(vm, flow, fail):
     """Start a backup through the module_utils in this process; fail(command, arguments, real) runs each QMP call."""
     registry = CheckpointRegistry(os.path.join(flow.state_dir, "checkpoints"))
     request = dict(disks=None, checkpoint="c1", incremental=None, fallback_to_full=False, nbd_socket=None,
-                   cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch)
+                   cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch, freeze="never",
+                   guest_agent_socket=None, freeze_timeout=10)
     with QmpVm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
         qmp = connection.qmp
         real_execute, real_with_fd = qmp.execute, qmp.execute_with_fd
@@ -35,7 +37,8 @@ def start_in_process(vm, flow, fail):
             command, lambda: real_with_fd(fd, command, arguments))
         plan = connection.plan("f1", request, False)
         with pytest.raises(UserError) as failure:
-            qmp_fleecing.start_backup(qmp, connection.state, plan, registry)
+            qmp_fleecing.start_backup(qmp, connection.state, plan, registry,
+                                      GuestFreeze(connection.state, "f1", "never", None))
     return str(failure.value)
 
 

@@ -152,11 +152,24 @@ class BootedGuestVm(GuestVm):
         root = DiskSpec("vda", size=virtual_size(template), backing=template)
         super().__init__(workdir, [root, *disks])
         self.agent_socket = os.path.join(workdir, "qga.sock")
+        self.template_nodes = set()
 
     def boot_args(self):
         return ["-chardev", "socket,id=qga0,path=%s,server=on,wait=off" % self.agent_socket,
                 "-device", "virtio-serial",
                 "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+
+    def start(self):
+        super().start()
+        # vda's backing chain (the template) has nodes of QEMU's naming: they are the VM's, not a backup's.
+        self.template_nodes = {node["node-name"] for node in self.qmp("query-named-block-nodes", flat=True)
+                               if node["node-name"].startswith("#")}
+        return self
+
+    def leftovers(self):
+        found = super().leftovers()
+        found["nodes"] = [node for node in found["nodes"] if node not in self.template_nodes]
+        return found
 
     def agent(self, timeout=60.0):
         """A connected GuestAgent; it waits (up to timeout) for a booting guest to start its agent. Close it."""
@@ -197,6 +210,18 @@ def workload_files(image, scratch):
         if not os.path.exists(path) or file_digest(path) != digest:
             changed.append(name)
     return len(lines), changed
+
+
+def clean_filesystem(image, scratch):
+    """(whether the journal needs recovery, e2fsck -fn's exit status) of the guest disk's root file system."""
+    copy = root_filesystem(image, os.path.join(scratch, "clean-check.ext4"))
+    header = subprocess.run(["dumpe2fs", "-h", copy], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            check=True).stdout
+    features = next(line for line in header.splitlines() if line.startswith("Filesystem features:"))
+    check = subprocess.run(["e2fsck", "-fn", copy], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           check=False)
+    os.unlink(copy)
+    return "needs_recovery" in features.split(), check.returncode
 
 
 def file_digest(path):
