@@ -144,6 +144,10 @@ def host_free(device):
         backend = device.find("backend")
         return backend is not None and backend.get("type") == "emulator"
     if device.tag == "graphics":
+        for attribute in ("port", "tlsPort", "websocket"):
+            device.attrib.pop(attribute, None)  # the original's ports: libvirt picks free ones for the copy
+        if device.get("type") in ("vnc", "spice"):
+            device.set("autoport", "yes")
         return all(listen.get("type") in (None, "address", "network", "none") for listen in device.findall("listen"))
     return True
 

@@ -602,7 +602,7 @@ class LibvirtVm(VmConnection):
         if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
             self.notes.append("%s is paused on an I/O error (disk errors: %s). If its scratch space ran out during "
                               "the backup (libvirt_small_scratch), resume it once the backup stopped: virsh resume."
-                              % (self.description, self.domain.diskErrors()))
+                              % (self.description, call("Reading the disk errors", self.domain.diskErrors)))
 
 
 class ShutOffDomain(OfflineVm):

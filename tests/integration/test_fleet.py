@@ -104,12 +104,28 @@ def test_a_fleet_of_hypervisors_backs_up_every_vm_it_finds(ssh_fleet, vms, libvi
     for name in backed_up:
         assert " incremental " in line_of(summary, name), summary
 
-    # The stopped VM runs again: the chain goes on online, from the checkpoint added offline.
+    # The stopped VM runs again: the chain goes on online, from the checkpoint added offline. And the VM with a
+    # UUID moves to hv2 with its image (and the checkpoint in it): its chain goes on there, in the same directory.
     old = machines["old@hv1"].start()
     old.write("vda", 12 * MiB, MiB, 0x23)
-    points.append({"old@hv1": old.mark("vda")})
+    db_name = "db.%s" % db_uuid.replace("-", "")[:8]
+    db = machines[db_name]
+    db.quit()
+    moved_dir = ssh_fleet.vm_dirs["hv2"] / "db"
+    moved_dir.mkdir()
+    subprocess.run(["cp", "--sparse=always", db.image("vda"), str(moved_dir / "vda.qcow2")], check=True)
+    moved = vms([DiskSpec("vda", size=16 * MiB)], name="db", uuid=db_uuid, under=ssh_fleet.vm_dirs["hv2"])
+    moved.writes = db.writes  # the same disk: its write log goes on
+    moved.write("vda", 6 * MiB, MiB, 0x24)
+    machines[db_name] = moved
+    points.append({"old@hv1": old.mark("vda"), db_name: moved.mark("vda")})
     rc, results, output, summary = run_fleet(ssh_fleet)
     assert "old@hv1: incremental " in line_of(summary, "old@hv1") and "(offline)" not in line_of(summary, "old@hv1")
+    assert " incremental " in line_of(summary, db_name), summary
+    # hv2 backed it up: its private state now records the moved VM's image.
+    records = [os.path.join(root, "disks.json") for root, _dirs, files in os.walk(tmp_path / "hv2" / "state")
+               if "disks.json" in files]
+    assert any(str(moved_dir / "vda.qcow2") in open(record).read() for record in records)
     print("\n".join(summary))
 
     for name in backed_up:

@@ -84,6 +84,9 @@ def test_chain_differential_and_writes_during_backups(domain, tmp_path):
     assert again["changed"] is False and again["backup"] == backup
     other = flow.start("b9")
     assert other.failed and "Backup b1 of domain %s" % vm.name in other["msg"] and "one backup per VM" in other["msg"]
+    would = flow.stop("b1", check_mode=True)
+    assert would["changed"] is True and would["removed"]["job"] is True and vm.leftovers()["job"] is True
+    assert flow.checkpoint("c9", check_mode=True)["changed"] is True and vm.checkpoints() == ["c1"]
     vm.write("vda", 8 * MiB, MiB, 0x99)  # during b1: belongs to b2
     flow.copy_all(backup, repo, "b1")
     stopped = flow.stop("b1")

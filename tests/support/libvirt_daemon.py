@@ -257,7 +257,7 @@ class LibvirtDomain(Vm):
         if self.domain.isActive():
             left.update(exports=self.qmp_query("query-block-exports"), jobs=self.qmp_query("query-jobs"),
                         bitmaps=sorted(b["name"] for node in self.qmp_query("query-named-block-nodes")
-                                       for b in node.get("dirty-bitmaps", []) if b["name"].startswith("fb-")))
+                                       for b in node.get("dirty-bitmaps", []) if b.get("name", "").startswith("fb-")))
         return left
 
     def define_again_without_checkpoints(self):
