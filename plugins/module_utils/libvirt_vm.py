@@ -27,7 +27,6 @@ from xml.etree import ElementTree
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
     EXPORT_NAME,
     BackupPlan,
-    nbd_url,
     temporary_bitmap,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import disk_sources, domain_name
@@ -300,6 +299,13 @@ class LibvirtVm(VmConnection):
         return record["backup_id"] in self.running_backup_ids()
 
     def plan(self, backup_id, request, check_mode):
+        if request.get("nbd_tcp"):
+            # libvirt 9.0 serves a backup over TCP with the host-wide certificates of qemu.conf
+            # (backup_tls_x509_cert_dir) and admits any client certificate of that CA: it has no tls-authz.
+            raise UserError("nbd_tcp is not available for libvirt domains: libvirt's backup server would admit every "
+                            "client certificate of the CA (it has no tls-authz to restrict it to the backup host's), "
+                            "and takes its certificates from qemu.conf for the whole host. Copy on the hypervisor "
+                            "over the unix socket, or back up this VM over its own QMP socket (qmp_socket).")
         self._running()
         try:
             chosen = select_disks(self.disks(), request["disks"])
@@ -381,7 +387,6 @@ class LibvirtVm(VmConnection):
             exports = self._exports() or {}
             for disk in plan.disks:
                 disk["export"], bitmap = exports[disk["disk"]]
-                disk["url"] = nbd_url(disk["export"], plan.nbd_socket)
                 if disk["mode"] == "incremental":
                     disk["dirty_bitmap"] = dirty_context(bitmap)
             restrict_socket(plan.nbd_socket)
@@ -439,7 +444,8 @@ class LibvirtVm(VmConnection):
         if checkpoint and checkpoint not in {cp.getName() for cp in self._checkpoints()}:
             checkpoint = None
         removed = dict(job=exports is not None, exports=sorted(export for export, _bitmap in (exports or {}).values()),
-                       nodes=[], nbd_server=exports is not None, checkpoint=checkpoint, state_file=record is not None,
+                       nodes=[], nbd_server=exports is not None, objects=[], checkpoint=checkpoint,
+                       state_file=record is not None,
                        files=self._leftover_files(backup_id, record, exports is not None))
         self._note_paused_on_error()
         if check_mode:

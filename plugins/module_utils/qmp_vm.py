@@ -10,6 +10,7 @@ import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import BackupPlan
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import SERVER_FILES, read_credentials
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import (
@@ -71,8 +72,13 @@ class QmpVm(VmConnection):
         if not chosen:
             raise UserError("%s has no writable disk with a medium to back up; name disks explicitly."
                             % self.description)
-        nbd_socket = request["nbd_socket"] or self.state.default_socket
-        check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
+        nbd_socket = None
+        if request.get("nbd_tcp"):
+            if request["nbd_tcp"]["tls_dir"]:
+                read_credentials(request["nbd_tcp"]["tls_dir"], SERVER_FILES, "nbd_tcp.tls_dir")
+        else:
+            nbd_socket = request["nbd_socket"] or self.state.default_socket
+            check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
         shares = scratch_shares(scratch_bytes(request["scratch_size"], sum(disk.size for disk in chosen)),
                                 [disk.size for disk in chosen])
         scratch_dir = request["scratch_dir"] or self.state.default_scratch_dir
@@ -92,6 +98,10 @@ class QmpVm(VmConnection):
     def remove_backup(self, backup_id, discard_checkpoint, check_mode):
         teardown = Teardown(self.qmp, self.state, backup_id, discard_checkpoint)
         intact = teardown.intact()
+        if teardown.record and teardown.record.get("tcp"):
+            self.notes.append("The backup was served over TCP, where QEMU admits only the backup host's certificate, "
+                              "so the stop cannot read its probe: intact is null. Each copy checked at its end that "
+                              "the point in time had held during all of its reads.")
         if not check_mode:
             teardown.run(self.registry)
         if teardown.scratch_images and self.qmp.execute("query-status")["status"] != "running":

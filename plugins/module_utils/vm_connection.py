@@ -146,7 +146,8 @@ class VmConnection:
                 return None
             checkpoint = record["checkpoint"] if discard_checkpoint else None
             ours = record["socket_identity"] and self.state.holds_socket(record["nbd_socket"], record["socket_identity"])
-            removed = dict(job=False, exports=[], nodes=[], nbd_server=False, checkpoint=checkpoint, state_file=True,
+            removed = dict(job=False, exports=[], nodes=[], nbd_server=False, objects=[], checkpoint=checkpoint,
+                           state_file=True,
                            files=[record["nbd_socket"]] if ours else [])
             if not check_mode:
                 if checkpoint:
