@@ -140,8 +140,8 @@ class Connection:
 
     def failure(self, action, reason):
         """The error for a failed action ("connect to", "read offset 0 of"...) on the export."""
-        return NbdError("Cannot %s NBD export %s: %s; %s%s." % (action, self.url, reason, ADVICE,
-                                                             TLS_ADVICE if self.url.startswith("nbds") else ""))
+        advice = ADVICE + (TLS_ADVICE if self.url.startswith("nbds") else "")
+        return NbdError("Cannot %s NBD export %s: %s; %s." % (action, self.url, reason, advice))
 
     def _call(self, action, function, *args):
         try:

@@ -6,6 +6,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 
 import nbd
 
@@ -57,9 +58,9 @@ def test_the_fleet_ca_playbook_makes_private_keys_and_ip_sans_and_a_rerun_change
         assert stat.S_IMODE(os.stat(os.path.join(directory, "%s-key.pem" % role)).st_mode) == 0o600
         assert sorted(os.listdir(directory)) == ["ca-cert.pem", "%s-cert.pem" % role, "%s-key.pem" % role]
     assert stat.S_IMODE(os.stat(os.path.join(fleet.ca_dir, "ca-key.pem")).st_mode) == 0o600
-    text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", os.path.join(fleet.tls_dir("hv1"),
-                                                                                      "server-cert.pem")],
-                          check=True, stdout=subprocess.PIPE, text=True).stdout
+    server_certificate = os.path.join(fleet.tls_dir("hv1"), "server-cert.pem")
+    text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", server_certificate], check=True,
+                          stdout=subprocess.PIPE, text=True).stdout
     assert "IP Address:%s" % HYPERVISOR_ADDRESS in text and "TLS Web Server Authentication" in text
     subprocess.run(["openssl", "verify", "-CAfile", os.path.join(fleet.ca_dir, "ca-cert.pem"),
                     os.path.join(fleet.tls_dir("backup"), "client-cert.pem")], check=True, stdout=subprocess.DEVNULL)
@@ -247,3 +248,68 @@ def test_nothing_is_left_when_the_start_fails_after_the_tls_objects(vms, tmp_pat
     assert "Everything it had created was removed" in failed["msg"]
     vm.qmp("nbd-server-stop")
     flow.assert_nothing_left()
+
+
+FLEET_TLS_PLAY = """
+- name: Make the fleet's CA and certificates
+  ansible.builtin.import_playbook: fleetbackup.qemu.fleet_ca
+
+- name: Back up a VM of hv1 into the backup host's repository, pulled over TLS
+  hosts: hv1
+  gather_facts: false
+  tasks:
+    - name: Freeze the VM and export it over TLS to the backup host alone
+      fleetbackup.qemu.qemu_backup_start:
+        qmp_socket: "{{ vm_qmp_socket }}"
+        state_dir: "{{ vm_state_dir }}"
+        scratch_dir: "{{ vm_scratch_dir }}"
+        backup_id: fleet1
+        nbd_tcp:
+          host: "{{ ansible_host }}"
+          tls_dir: "{{ fleet_ca_tls_dir }}"
+          tls_allow: ["{{ hostvars['backup'].fleet_ca_dn }}"]
+      register: started
+
+    - name: Copy each disk on the backup host
+      fleetbackup.qemu.qemu_backup_copy:
+        src: "{{ item.url }}"
+        tls_certificates: "{{ hostvars['backup'].fleet_ca_tls_dir }}"
+        dest: "{{ repository }}/{{ item.disk }}.qcow2"
+      loop: "{{ started.backup.disks }}"
+      delegate_to: backup
+
+    - name: End the backup
+      fleetbackup.qemu.qemu_backup_stop:
+        qmp_socket: "{{ vm_qmp_socket }}"
+        state_dir: "{{ vm_state_dir }}"
+        backup_id: fleet1
+"""
+
+
+def test_the_backup_host_pulls_a_hypervisors_vm_over_tls_through_ssh(ssh_fleet, vms, tmp_path):
+    from test_ssh_fleet import ran_over_ssh
+
+    vm = vms([DiskSpec("vda")], under=ssh_fleet.vm_dirs["hv1"], prepare=lambda vm: vm.write("vda", 0, 2 * MiB, 0x77))
+    repository = tmp_path / "backup" / "repository"
+    repository.mkdir()
+    hv1 = ssh_fleet.hostvars["hv1"]
+    hv1.update(fleet_ca_tls_dir=str(tmp_path / "hv1" / "tls"), vm_qmp_socket=vm.qmp_socket,
+               vm_state_dir=str(tmp_path / "hv1" / "state"), vm_scratch_dir=str(tmp_path / "hv1" / "scratch"),
+               repository=str(repository),
+               ansible_python_interpreter=sys.executable)  # qemu.qmp: what the hypervisor role would give it
+    os.makedirs(hv1["vm_scratch_dir"], mode=0o700)
+    ssh_fleet.hostvars["backup"].update(fleet_ca_tls_dir=str(tmp_path / "backup" / "tls"))
+    rc, results, output = ssh_fleet.play(FLEET_TLS_PLAY, "-vvv", "-e", "fleet_ca_dir=%s" % (tmp_path / "ca"),
+                                         "-e", "fleet_ca_organization=fleet")
+    assert rc == 0 and not results["failures"], output[-5000:]
+    copies = results["tasks"]["hv1"]["Copy each disk on the backup host"]["results"]
+    assert [copy["item"]["url"].split("/")[2] for copy in copies] == [
+        "%s:%d" % (ssh_fleet.servers["hv1"].address, results["tasks"]["hv1"][
+            "Freeze the VM and export it over TLS to the backup host alone"]["backup"]["nbd_tcp"]["port"])]
+    assert ran_over_ssh(output, ssh_fleet.servers["backup"], "qemu_backup_copy")
+    assert ran_over_ssh(output, ssh_fleet.servers["hv1"], "qemu_backup_start")
+    assert same(str(repository / "vda.qcow2"), vm.flushed_image("vda"))
+    stopped = results["tasks"]["hv1"]["End the backup"]
+    assert stopped["removed"]["objects"] == ["fb-fleet1-authz", "fb-fleet1-tls"]
+    assert Backups(vm, str(tmp_path / "hv1")).vm_state_files() == []
+    assert fb_objects(vm) == [] and vm.qmp("query-block-exports") == []

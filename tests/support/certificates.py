@@ -18,6 +18,7 @@ HYPERVISOR_ADDRESS = "127.0.0.2"
 class FleetCertificates:
     def __init__(self, directory, organization="fleet"):
         self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         self.organization = organization
         self.ca_dir = os.path.join(directory, "ca")
         self.inventory = os.path.join(directory, "inventory.json")
