@@ -432,9 +432,9 @@ def _add_tls(qmp, names, tcp, state):
     that admits only the allowed distinguished names.
 
     QEMU reads the credentials itself, as the user it runs as (-runas), once: when the object is made. So
-    the files are copied, as we read and checked them, into a directory of ours in the private state
-    directory, owned by QEMU's user and readable by it alone; QEMU reaches them through a descriptor of that
-    directory (/proc/self/fd/N), never by a path, and the copies are gone as soon as QEMU has read them.
+    the files are copied, as we read and checked them, into a directory of ours inside the private state
+    directory, as files that QEMU's user owns and alone can read; QEMU reaches them through a descriptor of
+    that directory (/proc/self/fd/N), never by a path, and the copies are gone as soon as QEMU has read them.
     """
     contents = read_credentials(tcp["tls_dir"], SERVER_FILES, "nbd_tcp.tls_dir")
     uid = qmp.peer_file_uid()
