@@ -563,25 +563,54 @@ class Teardown:
                     state_file=self.record is not None)
 
     def intact(self):
-        """Whether the point-in-time view of a completed start still holds; None when there is none, or when it is
-        served over TCP, where QEMU admits only the backup host's certificate.
+        """Whether the point-in-time view of a completed start still holds; None when there is none.
 
+        Over TCP QEMU admits only the backup host's certificate, so the probes are read after the TCP server
+        ended, on a unix socket of ours (_serve_probes_on_unix). That changes QEMU: in check mode it is None.
         A probe that QEMU does not answer proves nothing: not intact.
         """
         record = self.record
-        if not record or not record["complete"] or record.get("tcp"):
+        if not record or not record["complete"]:
             return None
+        if record.get("tcp") and self.state.read_only:
+            return None
+        if not backup_is_whole(self.qmp, record):
+            return False
+        socket_path = self._serve_probes_on_unix() if record.get("tcp") else record["nbd_socket"]
         try:
-            return backup_is_whole(self.qmp, record) and all(
-                view_intact(nbd_url(probe_export_name(d["export"]), record["nbd_socket"])) for d in record["disks"])
+            return all(view_intact(nbd_url(probe_export_name(d["export"]), socket_path)) for d in record["disks"])
         except NbdTimeout:
             return False
 
+    def _serve_probes_on_unix(self):
+        """End the TCP server and every export, then serve the probes alone on the VM's default unix socket."""
+        qmp, names, record = self.qmp, self.names, self.record
+        self._delete_exports()
+        _stop_nbd_server(qmp)
+        path = record["nbd_socket"] = self.state.default_socket  # recorded: a stop that dies still finds it
+        remove_file(path)  # ours, in our own directory: left by a stop that died
+        listener = _listen(path, record, self.state)
+        try:
+            _start_nbd_server(qmp, names, listener, record, self.state, tls=False)
+        finally:
+            listener.close()
+        self.sockets.append(path)
+        for index, disk in enumerate(record["disks"]):
+            qmp.execute("block-export-add", {
+                "type": "nbd", "id": names.probe_export_id(index), "node-name": names.probe_node(index),
+                "name": probe_export_name(disk["export"]), "writable": False})
+        return path
+
+    def _delete_exports(self):
+        """Delete the exports of this backup that QEMU has now, and wait until they are gone."""
+        for export in self.qmp.execute("query-block-exports"):
+            if self.names.owns_export(export["id"]):
+                self.qmp.execute("block-export-del", {"id": export["id"], "mode": "hard"})
+                self.qmp.wait_event("BLOCK_EXPORT_DELETED", id=export["id"])
+
     def run(self, registry):
         qmp, names = self.qmp, self.names
-        for export_id in self.exports:
-            qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
-            qmp.wait_event("BLOCK_EXPORT_DELETED", id=export_id)
+        self._delete_exports()
         if self.nbd_server:
             _stop_nbd_server(qmp)
         for name in self.objects:

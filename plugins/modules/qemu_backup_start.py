@@ -112,9 +112,9 @@ options:
         with O(fleetbackup.qemu.qemu_backup_copy#module:tls_certificates).
       - Not for libvirt domains (O(domain)), since libvirt's backup server would admit every certificate of the CA and
         takes its certificates from C(qemu.conf) for the whole host. Such a start fails.
-      - With TCP, M(fleetbackup.qemu.qemu_backup_stop) cannot read the backup's probe (QEMU admits only the backup
-        host), so it reports RV(fleetbackup.qemu.qemu_backup_stop#module:intact=null); each copy still checks the
-        point in time at its end.
+      - M(fleetbackup.qemu.qemu_backup_stop), which has no certificate that QEMU admits, ends the TCP server first and
+        reads the backup's probes on a unix socket of its own, to report
+        RV(fleetbackup.qemu.qemu_backup_stop#module:intact).
     type: dict
     suboptions:
       host:

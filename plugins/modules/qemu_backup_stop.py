@@ -69,9 +69,9 @@ intact:
       took longer than O(fleetbackup.qemu.qemu_backup_start#module:cbw_timeout)); the guest's writes all landed,
       and any copy that read the broken view has failed. Do not keep such a backup.
     - Null when there was no complete backup to stop, or when the VM was gone.
-    - Null for a backup served over TCP (O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp)), since QEMU admits only the
-      backup host's certificate there, so the stop cannot read the probe. Each copy checked at its end that the view
-      held during all of its reads.
+    - For a backup served over TCP (O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp)), where QEMU admits only the
+      backup host's certificate, the stop first ends the TCP server and then reads the probes on a unix socket of its
+      own; so in check mode it is null there.
   returned: success
   type: bool
   sample: true
