@@ -61,7 +61,9 @@ vms:
     qemu_backup_repository: $repository
     qemu_backup_state_dir: $demo_dir/state
 INVENTORY
-"$venv/bin/ansible-playbook" -i "$demo_dir/inventory.yml" fleetbackup.qemu.fleet_backup
+# Each copy held to 32 MiB/s, and a progress line every second.
+"$venv/bin/ansible-playbook" -i "$demo_dir/inventory.yml" fleetbackup.qemu.fleet_backup \
+    -e qemu_backup_bandwidth=32M -e qemu_backup_progress_interval=1
 
 echo "== The guest writes 8 MiB on vda and zeroes 16 MiB of old data on vdb"
 "$venv/bin/python" "$here/guest_write.py" "$demo_dir/qmp.sock" vda/virtio-backend 'write -P 0x44 300M 8M'
@@ -79,6 +81,9 @@ for disk in vda:system vdb:data; do
     qemu-img compare -U "$backup_dir/restored/${disk%%:*}.qcow2" "$demo_dir/${disk##*:}.qcow2" \
         | sed "s|^|restored ${disk%%:*}: |"
 done
+
+echo "== Verifying every backup without the VM: qemu-img check, backing links, checksums"
+"$venv/bin/ansible-playbook" -i "$demo_dir/inventory.yml" fleetbackup.qemu.verify
 
 echo "== The manifest of demo-vm:"
 "$venv/bin/python" -c 'import json, sys

@@ -31,9 +31,11 @@ options:
     aliases: [uri]
   qemu_dir:
     description:
-      - With O(domain), the directory for the backup's NBD socket and scratch images, which QEMU (running as its own
-        user, such as C(libvirt-qemu)) must reach. It is created with mode 0711 and must belong to the module's
-        user; each VM gets a subdirectory of its own that only QEMU's user can enter.
+      - With O(domain), the directory for the backup's scratch images and NBD socket, which QEMU (running as its own
+        user, such as C(libvirt-qemu)) must reach. It and each VM's directory in it (C(lv-<uuid>)) are root's, mode
+        0711, so QEMU can pass through but nobody can list them. Each start makes a directory of its own there for
+        the socket, which QEMU's user can write only until QEMU made the socket; then the socket and the directory
+        become root's alone.
     type: path
     default: /var/lib/fleetbackup-qemu
   timeout:
@@ -72,4 +74,17 @@ options:
       - Letters, digits, C(_) and C(-); at most 32 characters.
     type: str
     required: true
+"""
+
+    COPY_PROGRESS = r"""
+options:
+  state_dir:
+    description:
+      - fleetbackup's own directory on the host that copies, which a copy creates with mode 0700 if missing; it
+        must belong to the user the module runs as, and nobody else may write to it. The same directory as the VM
+        modules' when the copy runs on the hypervisor.
+      - The progress of each copy is kept in C(copies/), in a record named after the SHA-256 of O(dest)'s absolute
+        path. A record stays for a day after its copy ended.
+    type: path
+    default: /var/lib/fleetbackup
 """

@@ -9,12 +9,14 @@ record exactly which backup an image holds, even when a backup id is used again 
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from urllib.parse import quote
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import checkpoint_problem
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import check_tcp_request, tcp_url
 
@@ -24,6 +26,8 @@ EXPORT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 EXPORT_NAME = re.compile(r"^(?P<backup_id>[A-Za-z0-9_-]{1,32})/(?P<tag>[0-9a-f]{8})/(?P<disk>[A-Za-z0-9_.-]+)$")
 # The options that define a backup: a second start with the same id must ask for the same.
 MAX_CBW_TIMEOUT = 60
+# sun_path holds 108 bytes with its terminating NUL.
+MAX_SOCKET_PATH = 107
 REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "scratch_size", "nbd_socket",
                 "nbd_tcp", "cbw_timeout", "libvirt_small_scratch")
 
@@ -52,6 +56,15 @@ def check_request(request):
     check_tcp_request(request.get("nbd_tcp"))
 
 
+def check_socket_path(path, given):
+    """A socket path that fits sun_path, in a directory where nobody can swap it (ours needs no check)."""
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise UserError("The socket path %s is longer than the %d bytes a unix socket path may have: choose a shorter "
+                        "nbd_socket or state_dir." % (path, MAX_SOCKET_PATH))
+    if given:
+        check_trusted_directory(os.path.dirname(path), "nbd_socket", "room for the backup's NBD socket")
+
+
 def export_names(disks):
     """A unique, URL-safe NBD export name part per disk."""
     names = []
@@ -73,14 +86,14 @@ def request_differences(recorded, requested):
 class BackupPlan:
     """The disks of one start and what each of them will be: full or incremental, exported under which name."""
 
-    def __init__(self, backup_id, disks, request, registry, nbd_socket):
+    def __init__(self, backup_id, disks, request, registry, nbd_socket, tag=None):
         self.backup_id = backup_id
         self.request = request
         self.nbd_socket = nbd_socket  # None when the exports are served over TCP
         self.tcp = request.get("nbd_tcp")
         self.port = self.tcp["port"] if self.tcp else None  # the port the listener got, once it listens
         self.scratch_dir = request["scratch_dir"]
-        self.tag = secrets.token_hex(4)
+        self.tag = tag or new_tag()
         self.checkpoint = request["checkpoint"]
         self.incremental = request["incremental"]
         self.chosen = disks
@@ -99,7 +112,10 @@ class BackupPlan:
                 granularity=disk.bitmaps[self.incremental]["granularity"] if incremental else None))
 
     def url(self, export):
-        """The NBD URL of an export: over the unix socket, or over TCP at the address the copy host reaches."""
+        """The NBD URL of an export: over the unix socket, or over TCP at the address the copy host reaches.
+
+        A disk served apart (a stopped VM's, by a qemu-nbd of its own) carries its own url instead.
+        """
         if self.tcp:
             return tcp_url(export, self.tcp["host"], self.port, tls=not self.tcp["plain"])
         return nbd_url(export, self.nbd_socket)
@@ -109,7 +125,13 @@ class BackupPlan:
         tcp = dict(host=self.tcp["host"], port=self.port, tls=not self.tcp["plain"]) if self.tcp else None
         return dict(id=self.backup_id, nbd_socket=self.nbd_socket, nbd_tcp=tcp, checkpoint=self.checkpoint,
                     incremental=self.incremental, pause=None,
-                    disks=[dict({key: disk[key] for key in public}, url=self.url(disk["export"])) for disk in self.disks])
+                    disks=[dict({key: disk[key] for key in public}, url=disk.get("url") or self.url(disk["export"]))
+                           for disk in self.disks])
+
+
+def new_tag():
+    """A start's own tag: 8 hex digits."""
+    return secrets.token_hex(4)
 
 
 def temporary_bitmap(backup_id):

@@ -18,8 +18,11 @@ subdirectory of QEMU's user.
 from __future__ import annotations
 
 import base64
+import grp
 import hashlib
 import os
+import pwd
+import re
 import stat
 import time
 from xml.etree import ElementTree
@@ -27,21 +30,29 @@ from xml.etree import ElementTree
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
     EXPORT_NAME,
     BackupPlan,
+    check_socket_path,
+    new_tag,
     temporary_bitmap,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import disk_sources, domain_name
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import domain_name, restore_identity
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_vm import OfflineVm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    check_trusted_directory,
+    file_identity,
+    read_regular_file,
+    remove_file,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
     checked_qemu_img,
     image_bitmaps,
     qcow2_full_size,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import check_socket_path
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import (
     check_scratch_dir,
     create_scratch_image,
+    existing_parent,
     scratch_bytes,
     scratch_shares,
 )
@@ -59,13 +70,14 @@ except ImportError as import_error:
 
 DEFAULT_URI = "qemu:///system"
 DEFAULT_QEMU_DIR = "/var/lib/fleetbackup-qemu"
-NBD_DIR = "nbd"
+# A start's own socket directory is named after its tag (8 hex digits).
+START_DIR = re.compile(r"^[0-9a-f]{8}$")
 NBD_SOCKET = "nbd.sock"
+# The scratch file system keeps this share free after the reservation: the VMs' own images grow there too.
+SCRATCH_HEADROOM = 0.1
 SCRATCH_SUFFIX = ".scratch"
-# What libvirt's checkpoint XML reports sizes in: its bitmaps' granularity.
-CHECKPOINT_GRANULARITY = 64 * 1024
 # A backup job that fleetbackup did not start (another tool's): it blocks ours all the same.
-FOREIGN_BACKUP = "(a backup job that fleetbackup did not start)"
+FOREIGN_BACKUP = "A backup job that fleetbackup did not start (see virsh domjobinfo)"
 # The largest UEFI variable store kept with a backup; OVMF's are 128 KiB to 4 MiB.
 MAX_NVRAM = 64 * 1024 * 1024
 JOB_POLL = 0.02
@@ -95,8 +107,9 @@ def is_error(err, name):
 
 
 def libvirt_vm_key(uuid):
-    """The private-state key of a libvirt domain: its UUID, which outlives renames and redefinitions."""
-    return "libvirt-" + uuid.replace("-", "")
+    """The private-state key of a libvirt domain: its UUID, which outlives renames and redefinitions (short: sockets
+    live under it)."""
+    return "lv-" + uuid.replace("-", "")
 
 
 class LibvirtVm(VmConnection):
@@ -112,14 +125,14 @@ class LibvirtVm(VmConnection):
         self.run_dir = None
 
     def __enter__(self):
-        libvirt.registerErrorHandler(lambda context, error: None, None)  # errors go in our messages, not stderr
-        self.connection = call("Connecting to libvirt at %s" % self.uri, libvirt.open, self.uri)
+        self.connection = connect(self.uri)
         self.domain = self._lookup()
         uuid = self.domain.UUIDString()
         self.description = "domain %s (%s) on %s" % (self.domain.name(), uuid, self.uri)
         self.state = VmState(self.state_dir, libvirt_vm_key(uuid), self.description, self.read_only)
-        # Short, for the socket path's 107 bytes: 64 bits of the UUID tell one host's domains apart.
-        self.run_dir = os.path.join(self.qemu_dir, uuid.replace("-", "")[:16])
+        self.run_dir = os.path.join(self.qemu_dir, libvirt_vm_key(uuid))
+        if not self._active():
+            return ShutOffDomain(self)
         return self
 
     def __exit__(self, *exc_info):
@@ -137,10 +150,23 @@ class LibvirtVm(VmConnection):
         raise UserError("libvirt at %s has no domain %s (by name or UUID): check domain and libvirt_uri."
                         % (self.uri, self.domain_name))
 
+    def _active(self):
+        return bool(call("Asking whether the domain runs", self.domain.isActive))
+
+    def _job_operation(self):
+        """The operation of the domain's current job (VIR_DOMAIN_JOB_OPERATION_*), 0 without one."""
+        if not self._active():
+            return 0
+        return call("Reading the domain's job", self.domain.jobStats).get("operation", 0)
+
     def _running(self):
-        if not self.domain.isActive():
+        if not self._active():
             raise UserError("%s is not running: libvirt backs up and checkpoints only running domains. Start it."
                             % self.description)
+
+    def definition(self):
+        """The domain's persistent definition, as an element tree."""
+        return self._xml(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
     def _xml(self, flags=0):
         return ElementTree.fromstring(call("Reading the domain's XML", self.domain.XMLDesc, flags))
@@ -162,7 +188,8 @@ class LibvirtVm(VmConnection):
             driver = element.find("driver")
             alias = element.find("alias")
             size = call("Reading the size of disk %s" % target, self.domain.blockInfo, target)[0]
-            bitmaps = {name: dict(name=name, count=sizes[target], granularity=CHECKPOINT_GRANULARITY,
+            # libvirt reports neither granularity nor state; its checkpoints are persistent bitmaps that record.
+            bitmaps = {name: dict(name=name, count=sizes[target], granularity=None,
                                   inconsistent=sizes[target] is None, persistent=True, recording=True, busy=False)
                        for name, sizes in checkpoints.items() if target in sizes}
             disks.append(Disk(
@@ -177,7 +204,7 @@ class LibvirtVm(VmConnection):
         """{checkpoint: {disk: dirty bytes, or None where libvirt finds its bitmap missing or inconsistent}}."""
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE | libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN
         sizes = {}
-        for checkpoint in self._checkpoints():
+        for checkpoint in self.listed_checkpoints():
             root = ElementTree.fromstring(call("Reading checkpoint %s" % checkpoint.getName(),
                                                checkpoint.getXMLDesc, flags))
             sizes[checkpoint.getName()] = {
@@ -185,7 +212,7 @@ class LibvirtVm(VmConnection):
                 for disk in root.findall("./disks/disk") if disk.get("checkpoint") == "bitmap"}
         return sizes
 
-    def _checkpoints(self):
+    def listed_checkpoints(self):
         return call("Listing checkpoints", self.domain.listAllCheckpoints, 0)
 
     def _redefine(self, xml, name):
@@ -203,12 +230,6 @@ class LibvirtVm(VmConnection):
             raise LibvirtFailure("Redefining checkpoint %s failed: %s: %s"
                                  % (name, error_name(err), err.get_error_message())) from None
 
-    def checkpoint_valid(self, name):
-        """Whether every bitmap of checkpoint `name` is in the images and sound; libvirt checks, nothing changes."""
-        checkpoint = call("Looking up checkpoint %s" % name, self.domain.checkpointLookupByName, name)
-        return self._redefine(call("Reading checkpoint %s" % name, checkpoint.getXMLDesc,
-                                   libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN), name)
-
     def restore_checkpoint(self, name, definition, check_mode):
         """Give libvirt back a checkpoint whose metadata it lost (libvirtd reinstalled, the domain undefined and
         defined again) from the XML a backup kept.
@@ -225,9 +246,13 @@ class LibvirtVm(VmConnection):
         if root.tag != "domaincheckpoint" or root.findtext("name") != name:
             raise UserError("The definition is not one of checkpoint %s (it is a <%s> named %s): pass the "
                             "checkpoint_xml of the backup that created it." % (name, root.tag, root.findtext("name")))
+        if root.find("domain") is not None or any(disk.get("bitmap") not in (None, name)
+                                                  for disk in root.findall("./disks/disk")):
+            raise UserError("The definition of checkpoint %s names other bitmaps or a domain: it is not the "
+                            "checkpoint_xml a backup recorded." % name)
         disks = [disk.get("name") for disk in root.findall("./disks/disk") if disk.get("checkpoint") == "bitmap"]
         with self.state.lock(self.timeout):
-            known = {checkpoint.getName() for checkpoint in self._checkpoints()}
+            known = {checkpoint.getName() for checkpoint in self.listed_checkpoints()}
             if name in known:
                 return False, []
             if check_mode:
@@ -261,8 +286,16 @@ class LibvirtVm(VmConnection):
         images (those of our record) offline, and libvirt forgets the metadata.
         """
         checkpoint = call("Looking up checkpoint %s" % name, self.domain.checkpointLookupByName, name)
-        if self.domain.isActive():
-            call("Deleting checkpoint %s" % name, checkpoint.delete, 0)
+        if self._active():
+            try:
+                checkpoint.delete(0)
+                return
+            except libvirt.libvirtError as err:
+                if any(size is not None for size in self._checkpoint_sizes().get(name, {}).values()):
+                    raise LibvirtFailure("Deleting checkpoint %s failed: %s: %s"
+                                         % (name, error_name(err), err.get_error_message())) from None
+            # Its bitmap is gone (a kill -9 of QEMU, or another tool): only the metadata is left to delete.
+            call("Forgetting checkpoint %s" % name, checkpoint.delete, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
             return
         for image in images:
             if name in image_bitmaps(image):
@@ -273,8 +306,7 @@ class LibvirtVm(VmConnection):
     # ---- backups
 
     def running_backup_ids(self):
-        if not self.domain.isActive() or self.domain.jobStats().get("operation") != \
-                libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
+        if self._job_operation() != libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
             return set()
         exports = self._exports()
         if exports is None:
@@ -311,28 +343,32 @@ class LibvirtVm(VmConnection):
             chosen = select_disks(self.disks(), request["disks"])
         except LookupError as err:
             raise UserError(str(err)) from None
-        incremental = request["incremental"]
-        if incremental and any(incremental in disk.bitmaps for disk in chosen) and not self.checkpoint_valid(
-                incremental):
-            chosen = [mark_inconsistent(disk, incremental) for disk in chosen]
-        nbd_socket = request["nbd_socket"] or os.path.join(self.run_dir, NBD_DIR, NBD_SOCKET)
+        if request["checkpoint"] in {checkpoint.getName() for checkpoint in self.listed_checkpoints()}:
+            raise UserError("Checkpoint '%s' already exists on %s: name the new checkpoint differently."
+                            % (request["checkpoint"], self.description))
+        tag = new_tag()
+        # A directory of its own per start, which QEMU's user can find only while it binds the socket.
+        nbd_socket = request["nbd_socket"] or os.path.join(self.run_dir, tag, NBD_SOCKET)
         check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
-        plan = BackupPlan(backup_id, chosen, request, self.registry, nbd_socket)
+        plan = BackupPlan(backup_id, chosen, request, self.registry, nbd_socket, tag)
         plan.scratch_dir = request["scratch_dir"] or self.run_dir
         if request["libvirt_small_scratch"]:
             rooms = scratch_shares(scratch_bytes(request["scratch_size"], sum(disk.size for disk in chosen)),
                                    [disk.size for disk in chosen])
         else:
             rooms = [qcow2_full_size(disk.size) for disk in chosen]
-        free = check_scratch_dir(plan.scratch_dir, 0, ours=not request["scratch_dir"])
-        if free < sum(rooms):
+        check_scratch_dir(plan.scratch_dir, 0, ours=not request["scratch_dir"])
+        fs = os.statvfs(existing_parent(plan.scratch_dir))
+        free, headroom = fs.f_bavail * fs.f_frsize, int(fs.f_blocks * fs.f_frsize * SCRATCH_HEADROOM)
+        if free - sum(rooms) < headroom:
             raise UserError(
-                "The scratch directory %s has %d MiB free, less than the %d MiB that %s's disks can take. libvirt "
-                "keeps the old data of every block the guest overwrites during the backup, and when that space runs "
-                "out the guest's writes fail (a guest that stops on errors pauses), so the start reserves room for "
-                "all of it. Point scratch_dir at a bigger file system, or set libvirt_small_scratch to reserve only "
-                "scratch_size and accept the risk." % (plan.scratch_dir, free >> 20, sum(rooms) >> 20,
-                                                       self.description))
+                "The scratch directory %s has %d MiB free; the %d MiB that %s's disks can take would leave less than "
+                "the %d%% of its file system that stays free for the VMs' own images. libvirt keeps the old data of "
+                "every block the guest overwrites during the backup, and when that space runs out the guest's writes "
+                "fail (a guest that stops on errors pauses), so the start reserves room for all of it. Point "
+                "scratch_dir at a bigger file system, or set libvirt_small_scratch to reserve only scratch_size and "
+                "accept the risk." % (plan.scratch_dir, free >> 20, sum(rooms) >> 20, self.description,
+                                      SCRATCH_HEADROOM * 100))
         for disk, room in zip(plan.disks, rooms):
             disk["scratch_room"] = room
             disk["scratch"] = os.path.join(plan.scratch_dir, "%s.%s.%s%s" % (
@@ -342,19 +378,26 @@ class LibvirtVm(VmConnection):
     def _qemu_owner(self):
         """(uid, gid) QEMU runs as, from the dac label of the running domain (root without one)."""
         for label in self._xml().findall("./seclabel[@model='dac']/label"):
-            uid, gid = label.text.split(":")
-            return int(uid.lstrip("+")), int(gid.lstrip("+"))
+            user, group = label.text.split(":")
+            return (int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid,
+                    int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid)
         return 0, 0
 
-    def _make_dirs(self):
-        """This VM's directories under qemu_dir: ours for the scratch images, QEMU's user's for the socket.
+    def _make_dirs(self, nbd_dir):
+        """This VM's directory under qemu_dir, ours, for the scratch images; and the start's own directory, QEMU's
+        user's until the socket is made, for the socket.
 
-        qemu_dir and the VM's directory let anybody through but list nothing (0711).
+        qemu_dir and the VM's directory let anybody through but list nothing (0711), so QEMU's user (which every VM
+        shares) cannot find a start's directory by listing.
         """
+        check_trusted_directory(os.path.dirname(os.path.abspath(self.qemu_dir)), "qemu_dir's parent",
+                                "fleetbackup's directory for QEMU")
         uid, gid = self._qemu_owner()
-        for path, owner, mode in ((self.qemu_dir, (os.geteuid(), os.getegid()), 0o711),
-                                  (self.run_dir, (os.geteuid(), os.getegid()), 0o711),
-                                  (os.path.join(self.run_dir, NBD_DIR), (uid, gid), 0o700)):
+        ours = (os.geteuid(), os.getegid())
+        for path, owner, mode in ((self.qemu_dir, ours, 0o711), (self.run_dir, ours, 0o711), (nbd_dir, (uid, gid),
+                                                                                            0o700)):
+            if path is None:
+                continue
             try:
                 os.mkdir(path, mode)
                 os.chown(path, *owner)
@@ -365,47 +408,81 @@ class LibvirtVm(VmConnection):
                     raise UserError("%s is not the directory fleetbackup makes there (uid %d, mode %o): remove it, "
                                     "or choose another qemu_dir." % (path, owner[0], mode)) from None
 
+    def _lock_down_socket(self, socket_path, own_dir):
+        """QEMU made the socket as its user, which every VM's QEMU shares: make it, and its directory, root's alone."""
+        uid, _gid = self._qemu_owner()
+        fd = os.open(socket_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISSOCK(info.st_mode) or info.st_uid not in (uid, os.geteuid()):
+                raise UserError("%s is not the socket QEMU made for the backup." % socket_path)
+            os.chown("/proc/self/fd/%d" % fd, os.geteuid(), os.getegid())
+            os.chmod("/proc/self/fd/%d" % fd, 0o600)
+        finally:
+            os.close(fd)
+        if own_dir:
+            directory = os.path.dirname(socket_path)
+            os.chown(directory, os.geteuid(), os.getegid())
+            os.chmod(directory, 0o700)
+
     def create_backup(self, plan):
-        if not plan.request["scratch_dir"] or not plan.request["nbd_socket"]:
-            self._make_dirs()
+        own_socket = not plan.request["nbd_socket"]
+        if own_socket or not plan.request["scratch_dir"]:
+            self._make_dirs(os.path.dirname(plan.nbd_socket) if own_socket else None)
         record = dict(backup_id=plan.backup_id, tag=plan.tag, request=plan.request, complete=False,
-                      nbd_socket=plan.nbd_socket, checkpoint=plan.checkpoint, disks=plan.disks,
-                      scratch_images=[disk["scratch"] for disk in plan.disks], result=plan.result(),
-                      started=int(time.time()))
+                      nbd_socket=plan.nbd_socket, checkpoint=plan.checkpoint, disks=plan.disks, scratch_images={},
+                      result=plan.result(), started=int(time.time()))
         self.state.save_backup(record)  # before anything exists: a stop finds all of it by this record
         try:
             for disk in plan.disks:
-                os.close(create_scratch_image(plan.scratch_dir, disk["size"], disk["scratch_room"],
-                                              os.path.basename(disk["scratch"])))
+                fd = create_scratch_image(plan.scratch_dir, disk["size"], disk["scratch_room"],
+                                          os.path.basename(disk["scratch"]))
+                info = os.fstat(fd)
+                os.close(fd)
+                record["scratch_images"][disk["scratch"]] = [info.st_dev, info.st_ino]
+                self.state.save_backup(record)
             all_disks = self.disks()
             checkpointed = {disk["disk"] for disk in plan.disks if disk["checkpoint"]}
             with_checkpoint = [disk for disk in all_disks if disk.name in checkpointed]
             checkpoint = checkpoint_xml(plan.checkpoint, with_checkpoint, [
                 disk for disk in all_disks if disk.name not in checkpointed]) if plan.checkpoint else None
-            call("Starting the backup", self.domain.backupBegin, backup_xml(plan, all_disks), checkpoint,
-                 libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+            self._begin(backup_xml(plan, all_disks), checkpoint)
             exports = self._exports() or {}
+            missing = [disk["disk"] for disk in plan.disks if disk["disk"] not in exports]
+            if missing:
+                raise UserError("libvirt's backup job exports no disk %s." % ", ".join(missing))
             for disk in plan.disks:
                 disk["export"], bitmap = exports[disk["disk"]]
                 if disk["mode"] == "incremental":
                     disk["dirty_bitmap"] = dirty_context(bitmap)
-            restrict_socket(plan.nbd_socket)
+            self._lock_down_socket(plan.nbd_socket, own_socket)
             if plan.checkpoint:
                 self.registry.record(with_checkpoint, plan.checkpoint)
             result = plan.result()
             result["libvirt"] = self._definition(plan)
             record.update(complete=True, disks=plan.disks, result=result)
             self.state.save_backup(record)
-        except (FleetbackupError, OSError, KeyError) as err:
-            reason = "libvirt reported no export for a disk" if isinstance(err, KeyError) else err
+        except (FleetbackupError, OSError) as err:
             try:
                 self.remove_backup(plan.backup_id, True, False)
             except (FleetbackupError, OSError) as cleanup_error:
                 raise UserError("Starting backup '%s' of %s failed: %s. Cleaning up failed too: %s"
-                                % (plan.backup_id, self.description, reason, cleanup_error)) from None
+                                % (plan.backup_id, self.description, err, cleanup_error)) from None
             raise UserError("Starting backup '%s' of %s failed: %s. Everything it had created was removed."
-                            % (plan.backup_id, self.description, reason)) from None
+                            % (plan.backup_id, self.description, err)) from None
         return record
+
+    def _begin(self, xml, checkpoint):
+        """backupBegin, with libvirt's answer for a checkpoint whose bitmap is gone told by name."""
+        try:
+            self.domain.backupBegin(xml, checkpoint, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+        except libvirt.libvirtError as err:
+            if is_error(err, "VIR_ERR_CHECKPOINT_INCONSISTENT"):
+                raise UserError("libvirt finds the checkpoint of this incremental inconsistent (QEMU stopped "
+                                "uncleanly; %s): take a full backup, or set fallback_to_full."
+                                % err.get_error_message()) from None
+            raise LibvirtFailure("Starting the backup failed: %s: %s"
+                                 % (error_name(err), err.get_error_message())) from None
 
     def _definition(self, plan):
         """What a restore needs besides the disks: the domain's and the checkpoint's XML, the UEFI variables; and
@@ -439,10 +516,9 @@ class LibvirtVm(VmConnection):
         record = self.state.backup()
         record = record if record is not None and record["backup_id"] == backup_id else None
         exports = self._exports() if backup_id in self.running_backup_ids() else None
-        intact = exports is not None if record and record["complete"] else None
-        checkpoint = record["checkpoint"] if record and discard_checkpoint else None
-        if checkpoint and checkpoint not in {cp.getName() for cp in self._checkpoints()}:
-            checkpoint = None
+        # libvirt's view never breaks (the guest's writes would fail instead): it held while its job ran.
+        intact = (exports is not None or bool(record.get("ending"))) if record and record["complete"] else None
+        checkpoint = self._checkpoint_of(record) if discard_checkpoint else None
         removed = dict(job=exports is not None, exports=sorted(export for export, _bitmap in (exports or {}).values()),
                        nodes=[], nbd_server=exports is not None, objects=[], checkpoint=checkpoint,
                        state_file=record is not None,
@@ -451,6 +527,9 @@ class LibvirtVm(VmConnection):
         if check_mode:
             return removed, intact
         if exports is not None:
+            if record:
+                record["ending"] = True
+                self.state.save_backup(record)  # a stop killed after abortJob still knows the view held
             self._end_job()
             removed["files"] = self._leftover_files(backup_id, record, False)
         if checkpoint:
@@ -459,44 +538,119 @@ class LibvirtVm(VmConnection):
             self.registry.forget(images, checkpoint)
         for path in removed["files"]:
             remove_file(path)
+        for directory in self._leftover_dirs(record):
+            os.rmdir(directory)
         if record:
             self.state.forget_backup()
         return removed, intact
+
+    def _checkpoint_of(self, record):
+        """The checkpoint the recorded start created: libvirt lists it, made no earlier than the start (the start
+        refused a name libvirt knew)."""
+        if not record or not record["checkpoint"]:
+            return None
+        for checkpoint in self.listed_checkpoints():
+            if checkpoint.getName() == record["checkpoint"]:
+                created = ElementTree.fromstring(call("Reading checkpoint %s" % record["checkpoint"],
+                                                      checkpoint.getXMLDesc, 0)).findtext("creationTime")
+                return record["checkpoint"] if created and int(created) >= record["started"] else None
+        return None
 
     def _end_job(self):
         """abortJob ends a pull backup (libvirt then removes its socket); wait until the job is gone."""
         call("Ending the backup job", self.domain.abortJob)
         deadline = time.monotonic() + self.timeout
-        while self.domain.isActive() and self.domain.jobStats().get("operation") == \
-                libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
+        while self._job_operation() == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
             if time.monotonic() > deadline:
                 raise UserError("The backup job of %s did not end within %ss of abortJob: raise timeout, or look "
                                 "at libvirtd's log." % (self.description, self.timeout))
             time.sleep(JOB_POLL)
 
     def _leftover_files(self, backup_id, record, job_running):
-        """The scratch images of this backup, and a socket no job serves any more.
+        """The scratch images of this backup, and sockets no job serves any more.
 
-        The scratch images were made by this module (O_EXCL) under names from the record, or in this VM's own
-        directory under names from the backup id; a socket only in QEMU's directory of this VM.
+        The scratch images were made by this module (O_EXCL): those of the record while they are still the same
+        files, and in this VM's own directory (ours alone) those named after the backup id. Sockets only in the
+        starts' own directories of this VM.
         """
         if job_running:
             return []
-        paths = set(record["scratch_images"]) if record else set()
+        paths = [path for path, identity in (record["scratch_images"] if record else {}).items()
+                 if file_identity(path) == identity]
         if os.path.isdir(self.run_dir):
-            paths.update(os.path.join(self.run_dir, name) for name in os.listdir(self.run_dir)
-                         if name.startswith(backup_id + ".") and name.endswith(SCRATCH_SUFFIX))
-        socket_path = os.path.join(self.run_dir, NBD_DIR, NBD_SOCKET)
-        if not self.running_backup_ids():
-            paths.add(socket_path)
-        return sorted(path for path in paths if os.path.lexists(path))
+            paths += [os.path.join(self.run_dir, name) for name in os.listdir(self.run_dir)
+                      if name.startswith(backup_id + ".") and name.endswith(SCRATCH_SUFFIX)]
+        paths += [os.path.join(directory, name) for directory in self._leftover_dirs(record)
+                  for name in os.listdir(directory)]
+        return sorted(set(path for path in paths if os.path.lexists(path)))
+
+    def _leftover_dirs(self, record):
+        """The starts' own socket directories of this VM, when no backup job of it runs."""
+        if not os.path.isdir(self.run_dir) or self.running_backup_ids():
+            return []
+        return [os.path.join(self.run_dir, name) for name in sorted(os.listdir(self.run_dir))
+                if START_DIR.match(name) and os.path.isdir(os.path.join(self.run_dir, name))]
 
     def _note_paused_on_error(self):
-        state, reason = self.domain.state()
+        state, reason = call("Reading the domain's state", self.domain.state)
         if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
             self.notes.append("%s is paused on an I/O error (disk errors: %s). If its scratch space ran out during "
                               "the backup (libvirt_small_scratch), resume it once the backup stopped: virsh resume."
                               % (self.description, self.domain.diskErrors()))
+
+
+class ShutOffDomain(OfflineVm):
+    """A shut-off domain: its images, as its definition names them, backed up offline; checkpoint metadata and
+    what a backup of it while it ran left behind, the libvirt way."""
+
+    def __init__(self, vm):
+        super().__init__(vm.state, vm.registry, vm.timeout, vm.description + ", shut off",
+                         offline_images(vm.definition()), LibvirtCheckpoints(vm))
+        self.vm = vm
+
+    def remove_backup(self, backup_id, discard_checkpoint, check_mode):
+        return self.vm.remove_backup(backup_id, discard_checkpoint, check_mode)
+
+
+class LibvirtCheckpoints:
+    """The checkpoint metadata of a shut-off domain, which libvirt lets us list, define and forget (not create)."""
+
+    def __init__(self, vm):
+        self.vm = vm
+
+    def names(self):
+        return {checkpoint.getName() for checkpoint in self.vm.listed_checkpoints()}
+
+    def define(self, name, disk_names):
+        """Tell libvirt about a checkpoint whose bitmaps were added to the images offline."""
+        disks = [Disk(name=disk, node=disk, root=disk, drive=disk, qdev=disk, format="qcow2", filename=None, size=0,
+                      read_only=False, bitmaps={}) for disk in disk_names]
+        root = ElementTree.fromstring(checkpoint_xml(name, disks))
+        ElementTree.SubElement(root, "creationTime").text = str(int(time.time()))
+        call("Defining checkpoint %s" % name, self.vm.domain.checkpointCreateXML,
+             ElementTree.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+
+    def forget(self, name):
+        checkpoint = call("Looking up checkpoint %s" % name, self.vm.domain.checkpointLookupByName, name)
+        call("Forgetting checkpoint %s" % name, checkpoint.delete, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+
+def offline_images(root):
+    """The images of a shut-off domain's disks, as its definition names them."""
+    images = []
+    for element in root.findall("./devices/disk"):
+        source = element.find("source")
+        if element.get("device", "disk") != "disk" or source is None:
+            continue
+        target = element.find("target").get("dev")
+        if element.get("type") != "file" or not source.get("file"):
+            raise UserError("Disk %s is a %s disk: a shut-off domain is backed up from image files only; start it "
+                            "to back it up through libvirt." % (target, element.get("type")))
+        driver = element.find("driver")
+        images.append(dict(name=target, node=target, qdev=target, filename=source.get("file"),
+                           format=driver.get("type", "raw") if driver is not None else "raw",
+                           read_only=element.find("readonly") is not None, identity=None))
+    return images
 
 
 def mark_inconsistent(disk, name):
@@ -506,32 +660,11 @@ def mark_inconsistent(disk, name):
     return disk._replace(bitmaps=dict(disk.bitmaps, **{name: dict(disk.bitmaps[name], inconsistent=True)}))
 
 
-def restrict_socket(path):
-    """QEMU creates the socket 0775: make it 0600, without following a link that QEMU's user could plant."""
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise UserError("%s is not the socket libvirt made for the backup." % path)
-        os.chmod("/proc/self/fd/%d" % fd, 0o600)
-    finally:
-        os.close(fd)
-
-
 def read_nvram(path):
     """{path, sha256, content (base64)} of the domain's UEFI variable store; None when it has none yet."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    content = read_regular_file(path, "The domain's NVRAM", MAX_NVRAM, missing_ok=True)
+    if content is None:
         return None
-    except OSError as err:
-        raise UserError("Cannot read the domain's NVRAM %s (%s)." % (path, err.strerror)) from None
-    with os.fdopen(fd, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-            raise UserError("The domain's NVRAM %s is not a regular file." % path)
-        content = stream.read(MAX_NVRAM + 1)
-    if len(content) > MAX_NVRAM:
-        raise UserError("The domain's NVRAM %s is larger than %d MiB: that is no UEFI variable store."
-                        % (path, MAX_NVRAM >> 20))
     return dict(path=path, sha256=hashlib.sha256(content).hexdigest(), content=base64.b64encode(content).decode())
 
 
@@ -571,11 +704,19 @@ def backup_xml(plan, all_disks):
     return ElementTree.tostring(root, encoding="unicode")
 
 
-def define_domain(uri, xml, check_mode):
-    """Define a restored domain; whether it had to. A domain of that name must not exist, unless it is this very
-    restore's (the same disk images), defined by an earlier run."""
+def connect(uri):
+    """A connection to libvirt at uri; its errors go in our messages, not on stderr."""
     libvirt.registerErrorHandler(lambda context, error: None, None)
-    connection = call("Connecting to libvirt at %s" % uri, libvirt.open, uri)
+    return call("Connecting to libvirt at %s" % uri, libvirt.open, uri)
+
+
+def define_domain(uri, xml, force, check_mode):
+    """Define a restored domain; whether it had to.
+
+    A domain of that name must not exist, unless this restore's metadata says it defined it: from the same backup
+    into the same place, it is left alone; from another, it is defined again (same UUID) only with force.
+    """
+    connection = connect(uri)
     try:
         name = domain_name(xml)
         try:
@@ -586,10 +727,23 @@ def define_domain(uri, xml, check_mode):
                                      % (name, error_name(err), err.get_error_message())) from None
             existing = None
         if existing is not None:
-            if disk_sources(existing.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == disk_sources(xml):
+            made_by = restore_identity(call("Reading domain %s" % name, existing.XMLDesc,
+                                            libvirt.VIR_DOMAIN_XML_INACTIVE))
+            wanted = restore_identity(xml)
+            if made_by == wanted:
                 return False
-            raise UserError("libvirt at %s already has a domain %s with other disks: give the restored domain "
-                            "another name (domain), or undefine the old one first." % (uri, name))
+            if made_by is None:
+                raise UserError("libvirt at %s already has a domain %s that no restore defined: give the restored "
+                                "domain another name (domain), or undefine the old one first." % (uri, name))
+            if not force:
+                raise UserError("Domain %s was defined by the restore of %s; this is the restore of %s. Set force to "
+                                "define it again from this one." % (name, made_by, wanted))
+            root = ElementTree.fromstring(xml)
+            uuid = root.find("uuid")
+            if uuid is None:
+                uuid = ElementTree.SubElement(root, "uuid")
+            uuid.text = existing.UUIDString()  # the same domain, defined anew
+            xml = ElementTree.tostring(root, encoding="unicode")
         if not check_mode:
             call("Defining domain %s" % name, connection.defineXML, xml)
         return True

@@ -11,25 +11,30 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import Fle
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import HAS_LIBNBD, LIBNBD_IMPORT_ERROR
 
 
+def missing_libnbd():
+    """What to do on a host whose python lacks libnbd's bindings."""
+    return missing_required_lib("libnbd's Python bindings (Debian: apt install python3-libnbd; the pip package 'nbd' "
+                                "is unrelated), with an interpreter that sees them")
+
+
 class FleetbackupModule(AnsibleModule):
     """An AnsibleModule that checks its libraries and turns our errors into fail_json."""
 
     def __init__(self, argument_spec, needs_nbd=False, **kwargs):
         super().__init__(argument_spec=argument_spec, **kwargs)
         if needs_nbd and not HAS_LIBNBD:
-            self.fail_json(msg=missing_required_lib(
-                "libnbd's Python bindings (Debian: apt install python3-libnbd; the pip package 'nbd' "
-                "is unrelated), with an interpreter that sees them"),
-                exception=str(LIBNBD_IMPORT_ERROR))
+            self.fail_json(msg=missing_libnbd(), exception=str(LIBNBD_IMPORT_ERROR))
 
     def warn_all(self, messages):
         for message in messages:
             self.warn(message)
 
     def run(self, main):
-        """Call main(self) and exit with its result; our errors become fail_json."""
+        """Call main(self) and exit with its result; our errors, and a result that says failed, become fail_json."""
         try:
             result = main(self)
         except FleetbackupError as err:
             self.fail_json(msg=str(err))
+        if result.get("failed"):
+            self.fail_json(**result)
         self.exit_json(**result)

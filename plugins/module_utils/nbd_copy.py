@@ -7,7 +7,12 @@ The copy runs one thread per NBD connection; each keeps many asynchronous
 reads in flight and writes each one out as it completes, into a target that
 all threads share (a raw file, or a qcow2 image written directly). libnbd and
 pwrite release the GIL, and data stays in nbd.Buffer objects, never in Python
-bytes.
+bytes. Each thread also sums the block checksum (block_checksum.py) of what it
+writes, on the buffer it just wrote, so the image is never read twice; every
+operation covers whole 64 KiB blocks at block-aligned offsets.
+
+A bandwidth limit meters the reads of all threads together, and a report
+callback learns the progress about once a second from a thread of its own.
 
 No wait is unbounded. Every call that needs an answer from the server is
 asynchronous and polled: a server that sends nothing for io_timeout seconds
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
+import time
+from collections import deque, namedtuple
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils import qcow2_writer
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.block_checksum import BLOCK_SIZE, BlockSum
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import (
@@ -63,6 +70,8 @@ MAX_BUFFER_BYTES = 1024 ** 3
 IO_TIMEOUT = 60
 # Waits wake this often (milliseconds) to see whether another thread has failed.
 POLL_SLICE_MS = 100
+# Seconds between two progress reports.
+REPORT_INTERVAL = 1.0
 ADVICE = ("check that the backup is started (src is the url that qemu_backup_start returned) and that the VM or "
           "qemu-nbd serving it is alive and not stopped, then copy again")
 TLS_ADVICE = ("; over TLS, also that tls_certificates holds the fleet CA's ca-cert.pem and this host's client-cert.pem "
@@ -89,10 +98,12 @@ class Abort:
     def __init__(self):
         self._lock = threading.Lock()
         self.error = None
+        self.event = threading.Event()  # set with the failure: ends every sleep at once
 
     def fail(self, error):
         with self._lock:
             self.error = self.error or error
+        self.event.set()
 
     def take(self):
         """Hand the failure over: kept here, its traceback's frames (which hold this) would make a cycle."""
@@ -108,14 +119,17 @@ class Connection:
     """A connection to the export, asking for the contexts that the copy needs.
 
     Every wait on it ends once the server has sent nothing for io_timeout
-    seconds, or as soon as the copy that it serves fails (abort).
+    seconds, or as soon as the copy that it serves fails (abort). image_alone:
+    the export is one image opened without its backing file (see Extent).
     """
 
-    def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None, full_info=False):
+    def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None, full_info=False,
+                 image_alone=False):
         self.url = url
         self.bitmap_context = bitmap_context
         self.io_timeout = io_timeout
         self.abort = abort
+        self.image_alone = image_alone
         self.handle = nbd.NBD()
         self.handle.set_handle_name("fleetbackup-src")
         self.handle.set_uri_allow_local_file(True)  # tls-certificates=DIR, which the copy adds to an nbds:// URL
@@ -133,6 +147,9 @@ class Connection:
             if bitmap_context and not self.handle.can_meta_context(bitmap_context):
                 raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
                                "that qemu_backup_start returned for this disk." % (url, bitmap_context))
+            if image_alone and not self.handle.can_meta_context(CONTEXT_ALLOCATION_DEPTH):
+                raise NbdError("NBD export %s does not report %s, so what the image itself holds is unknown: "
+                               "export it with qemu-nbd -A." % (url, CONTEXT_ALLOCATION_DEPTH))
         except BaseException:
             self.close()  # now: the traceback, which holds this object, would keep the socket open
             raise
@@ -198,7 +215,7 @@ class Connection:
             action = "get block status at offset %d of" % offset
             cookie = self._call(action, self.handle.aio_block_status, min(STATUS_WINDOW, end - offset), offset, collect)
             self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
-            extents = clip(merge_extents(offset, replies, self.bitmap_context), end)
+            extents = clip(merge_extents(offset, replies, self.bitmap_context, self.image_alone), end)
             if not extents:
                 raise self.failure(action, "its server answered with no extent")
             yield from extents
@@ -220,6 +237,12 @@ class CopyStats:
         self.bytes_read = 0
         self.bytes_zeroed = 0
         self.bytes_clean = 0
+        self.bytes_written_as_zeros = 0
+
+    @property
+    def done(self):
+        """Bytes processed so far: read, or written as zeros."""
+        return self.bytes_read + self.bytes_written_as_zeros
 
     def add_extents(self, extents):
         _data, zero, clean = count_bytes(extents)
@@ -230,6 +253,46 @@ class CopyStats:
     def add_read(self, length):
         with self.lock:
             self.bytes_read += length
+
+    def add_written_as_zeros(self, length):
+        with self.lock:
+            self.bytes_written_as_zeros += length
+
+
+def aligned_extents(src, start, length):
+    """The Extents of [start, start+length) over Connection src, cut at whole blocks."""
+    return align_extents(list(src.extents(start, length)), BLOCK_SIZE)
+
+
+def planned_bytes(src, size, zero_target):
+    """Bytes a copy will process: data to read, and zeros to write unless the target reads as zeros already.
+
+    It maps the disk once more, with block status only, so that progress has a total from the start.
+    """
+    total = 0
+    for start in range(0, size, STATUS_WINDOW):
+        data, zero, _clean = count_bytes(aligned_extents(src, start, min(STATUS_WINDOW, size - start)))
+        total += data + (0 if zero_target else zero)
+    return total
+
+
+class Throttle:
+    """A bandwidth limit shared by the threads of a copy: reads start at rate bytes per second on average.
+
+    A thread accounts for each read as it starts it and learns when it may start the next one; beyond the
+    first read of each thread, reads never run ahead of the rate.
+    """
+
+    def __init__(self, rate):
+        self._seconds_per_byte = 1.0 / rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def reserve(self, length):
+        """Account for a read of length bytes starting now; returns the monotonic time the next read may start."""
+        with self._lock:
+            self._next = max(self._next, time.monotonic()) + length * self._seconds_per_byte
+            return self._next
 
 
 class WorkQueue:
@@ -271,7 +334,7 @@ class WorkQueue:
 
     def _map_window(self, src):
         length = min(STATUS_WINDOW, self._size - self._mapped)
-        extents = align_extents(list(src.extents(self._mapped, length)), self._target.alignment)
+        extents = aligned_extents(src, self._mapped, length)
         self._mapped += length
         self._stats.add_extents(extents)
         operations = list(plan_operations(extents, self._request_size, self._zero_target))
@@ -284,8 +347,6 @@ class FileTarget:
 
     It never gets zero requests: a new sparse file already reads as zeros.
     """
-
-    alignment = 1
 
     def __init__(self, path, size):
         self.path = path
@@ -314,8 +375,6 @@ class Qcow2Target:
     It tells the writer when a 512 MiB region is done (mapped past, and no
     operation on it left), so only the tables of regions in progress stay in memory.
     """
-
-    alignment = qcow2_writer.CLUSTER_SIZE
 
     def __init__(self, path, size, backing, backing_format):
         self.writer = qcow2_writer.Qcow2Writer(path, size, backing, backing_format)
@@ -362,18 +421,40 @@ class Qcow2Target:
         self.writer.close()
 
 
+class ChecksumOnly:
+    """A target that keeps nothing: copying into it only sums the block checksum of the export."""
+
+    def planned(self, operations, mapped_through):
+        """Nothing to prepare."""
+
+    def write(self, buf, offset):
+        """Nothing to keep."""
+
+    def zero(self, offset, length):
+        """Nothing to keep."""
+
+    def finish(self):
+        """Nothing to make durable."""
+
+    def close(self):
+        """Nothing to close."""
+
+
 class _Worker:
     """One source connection and one target: many reads in flight, each written out as it completes."""
 
-    def __init__(self, src, target, queue, stats, requests, request_size):
+    def __init__(self, src, target, queue, stats, requests, request_size, throttle):
         self.src = src
         self.target = target
         self.queue = queue
         self.stats = stats
+        self.throttle = throttle
+        self.checksum = BlockSum()  # this thread's share; the copy adds them up
         self.free = [nbd.Buffer(request_size) for _request in range(requests)]
         self.reading = 0  # reads on the wire
         self.read_done = []  # reads completed and not yet written
         self.read_error = None
+        self.next_read_at = 0.0  # monotonic time before which the bandwidth limit starts no read
 
     def run(self):
         try:
@@ -391,7 +472,7 @@ class _Worker:
             if self.read_error:
                 raise self.read_error
             self._write_completed_reads()
-            while self.free and not exhausted:
+            while self.free and not exhausted and not self._held_back():
                 if operations:
                     self._start(*operations.pop())
                 else:
@@ -400,19 +481,29 @@ class _Worker:
                     operations = (batch or [])[::-1]
             if self.read_done:
                 continue  # take() maps with block status, inside which libnbd may complete our reads
-            if not self.reading:
+            if self.reading:
+                self.src.wait_until(lambda: self.read_done or self.read_error, "read from")
+            elif exhausted:
                 return
-            self.src.wait_until(lambda: self.read_done or self.read_error, "read from")
+            else:  # held back by the bandwidth limit, with nothing on the wire
+                self.src.abort.event.wait(max(0.0, self.next_read_at - time.monotonic()))
+
+    def _held_back(self):
+        return self.throttle is not None and time.monotonic() < self.next_read_at
 
     def _start(self, kind, offset, length):
         if kind != COPY:
             self.target.zero(offset, length)
+            self.checksum.add_zeros(offset, length)
+            self.stats.add_written_as_zeros(length)
             return
         buf = self.free.pop()
         if buf.size() != length:
             buf = nbd.Buffer(length)
         self.reading += 1
         self.src.read(buf, offset, lambda error: self._on_read(error.value, buf, offset))
+        if self.throttle is not None:
+            self.next_read_at = self.throttle.reserve(length)
 
     # Completion callbacks run inside libnbd: they only record, never call a handle.
     def _on_read(self, errno_value, buf, offset):
@@ -429,52 +520,87 @@ class _Worker:
         while self.read_done:
             buf, offset = self.read_done.pop()
             self.target.write(buf, offset)
+            self.checksum.add_data(buf, offset)
             self.stats.add_read(buf.size())
             self.free.append(buf)
 
 
+CopyResult = namedtuple("CopyResult", "bytes_read bytes_zeroed bytes_clean checksum")
+CopyResult.__doc__ = "What a copy did; checksum is the block checksum of what it wrote (block_checksum.py)."
+
+
+def _report_progress(report, stats, total, stop, abort):
+    """Call report(done, total) every REPORT_INTERVAL seconds until stop is set; a failure fails the copy."""
+    try:
+        while not stop.wait(REPORT_INTERVAL):
+            report(stats.done, total)
+    except Exception as err:  # pylint: disable=broad-except
+        abort.fail(err)
+
+
 def copy(src_url, target, size, connections, bitmap_context=None, zero_target=True, requests=16,
-         request_size=256 * 1024, io_timeout=IO_TIMEOUT):
+         request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0, report=None, image_alone=False):
     """Copy the export at src_url into target over `connections` connections, one thread each.
 
-    Every thread has ended when this returns or raises. Returns (bytes_read, bytes_zeroed, bytes_clean).
+    bandwidth: bytes per second that the reads of all connections together may take; 0 for no limit.
+    report: called as report(done, total) with the bytes processed (read, or written as zeros) and the bytes
+    the copy will process, once the disk is mapped, then about once a second, and at the end of a copy that
+    succeeded. image_alone: the export is one image without its backing file (see Extent), as when checking it.
+
+    Every thread has ended when this returns or raises. Returns a CopyResult.
     """
     abort = Abort()
     stats = CopyStats()
     queue = WorkQueue(size, request_size, zero_target, stats, target, abort)
+    throttle = Throttle(bandwidth) if bandwidth else None
+    stop_reports = threading.Event()
+    reporter = None
     sources = []
     threads = []
+    workers = []
     try:
         for _connection in range(connections):
-            sources.append(Connection(src_url, bitmap_context, io_timeout, abort))
+            sources.append(Connection(src_url, bitmap_context, io_timeout, abort, image_alone=image_alone))
+        if report:
+            total = planned_bytes(sources[0], size, zero_target)
+            report(0, total)
+            reporter = threading.Thread(target=_report_progress, args=(report, stats, total, stop_reports, abort),
+                                        name="copy-progress")
+            reporter.start()
         for index, source in enumerate(sources):
-            thread = threading.Thread(target=_Worker(source, target, queue, stats, requests, request_size).run,
-                                      name="copy-%d" % index)
-            thread.start()
-            threads.append(thread)
+            workers.append(_Worker(source, target, queue, stats, requests, request_size, throttle))
+            threads.append(threading.Thread(target=workers[-1].run, name="copy-%d" % index))
+            threads[-1].start()
         for thread in threads:
             thread.join()
     except BaseException:
         abort.fail(Aborted())  # stops the threads; the exception itself goes on up
         raise
     finally:
-        for thread in threads:
+        stop_reports.set()
+        for thread in threads + ([reporter] if reporter else []):
             thread.join()  # prompt: every wait of a thread ends once the copy has failed
         for source in sources:
             source.close()
     if abort.error:
         raise abort.take()
-    return stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean
+    checksum = BlockSum()
+    for worker in workers:
+        checksum.add(worker.checksum)
+    if report:
+        report(stats.done, total)
+    return CopyResult(stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean, checksum.text())
 
 
 def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format="qcow2",
-                  connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT):
+                  connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0,
+                  report=None):
     """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
 
-    backing is stored as given: keep it relative to the image's directory.
+    backing is stored as given: keep it relative to the image's directory. bandwidth and report: see copy().
 
     The image is complete and durable when this returns. When it fails, the image it created is gone, and
-    nothing that was at path before is ever touched. Returns (bytes_read, bytes_zeroed, bytes_clean).
+    nothing that was at path before is ever touched. Returns a CopyResult.
     """
     try:
         if image_format == "raw":
@@ -485,10 +611,10 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
         raise write_failure(path, err.strerror or err) from None
     try:
         try:
-            counts = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
-                          request_size, io_timeout)
+            result = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
+                          request_size, io_timeout, bandwidth, report)
             target.finish()
-            return counts
+            return result
         finally:
             target.close()
     except BaseException as err:
@@ -505,3 +631,15 @@ def export_size_and_connections(src_url, bitmap_context, wanted, io_timeout=IO_T
         return src.handle.get_size(), wanted if src.handle.can_multi_conn() else 1
     finally:
         src.close()
+
+
+def checksum_of_image_export(src_url, has_backing, connections=4, io_timeout=IO_TIMEOUT):
+    """The block checksum of an image exported alone (without its backing file, with qemu:allocation-depth).
+
+    It is summed as the copy that wrote the image summed it: what the image holds as data is read, its zero
+    clusters count as blocks written as zeros when it is an overlay (has_backing), and what it does not hold
+    counts for nothing.
+    """
+    size, connections = export_size_and_connections(src_url, None, connections, io_timeout)
+    return copy(src_url, ChecksumOnly(), size, connections, zero_target=not has_backing, io_timeout=io_timeout,
+                image_alone=True).checksum

@@ -16,6 +16,8 @@ DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 
 STATE_HOLE = 1
 STATE_ZERO = 2
+# What a qcow2 zero cluster reports: a hole that reads as zeros. Data that reads as zeros is not one.
+ZERO_CLUSTER = STATE_HOLE | STATE_ZERO
 DIRTY = 1
 
 # Block status is asked in windows no larger than this (QEMU and the NBD spec cap one reply).
@@ -30,19 +32,24 @@ Extent.__doc__ = """A run of bytes with one status in every context.
 zero: reads as zeros (base:allocation flag 2); dirty: changed since the
 checkpoint (always true without a bitmap); allocated: some layer of the
 chain holds it (always true without qemu:allocation-depth).
+
+For an image mapped alone (opened without its backing file, to check it),
+dirty means that the image itself holds the bytes, and zero that it holds
+them as a zero cluster.
 """
 
 COPY = "copy"
 ZERO = "zero"
 
 
-def merge_extents(start, replies, dirty_context=None):
+def merge_extents(start, replies, dirty_context=None, image_alone=False):
     """Merge block-status replies of several contexts into Extents.
 
     replies maps a context name to its list of (length, flags) pairs, all
     starting at `start`. Contexts split the disk at different offsets, so a
     merged extent ends at the nearest boundary of any of them; the result
-    stops where the shortest reply stops.
+    stops where the shortest reply stops. image_alone: the export is one
+    image without its backing file (see Extent).
     """
     cursors = {name: _Cursor(entries) for name, entries in replies.items()}
     if not cursors or any(cursor.exhausted for cursor in cursors.values()):
@@ -52,19 +59,21 @@ def merge_extents(start, replies, dirty_context=None):
     while not any(cursor.exhausted for cursor in cursors.values()):
         length = min(cursor.remaining for cursor in cursors.values())
         flags = {name: cursor.flags for name, cursor in cursors.items()}
-        extents.append(_extent(offset, length, flags, dirty_context))
+        extents.append(_extent(offset, length, flags, dirty_context, image_alone))
         offset += length
         for cursor in cursors.values():
             cursor.advance(length)
     return coalesce(extents)
 
 
-def _extent(offset, length, flags, dirty_context):
+def _extent(offset, length, flags, dirty_context, image_alone):
     allocation = flags.get(CONTEXT_ALLOCATION, 0)
     depth = flags.get(CONTEXT_ALLOCATION_DEPTH)
+    allocated = depth is None or depth != 0
+    if image_alone:
+        return Extent(offset, length, allocation & ZERO_CLUSTER == ZERO_CLUSTER, allocated, allocated)
     dirty = flags[dirty_context] & DIRTY if dirty_context else True
-    return Extent(offset, length, bool(allocation & STATE_ZERO), bool(dirty),
-                  depth is None or depth != 0)
+    return Extent(offset, length, bool(allocation & STATE_ZERO), bool(dirty), allocated)
 
 
 class _Cursor:

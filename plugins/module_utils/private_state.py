@@ -27,9 +27,14 @@ PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,254}$")
 LOCK_POLL = 0.05
 
 
+def is_plain_name(name):
+    """Whether name is one path component of our own making: no '/', no '..', no leading dot."""
+    return isinstance(name, str) and bool(PLAIN_NAME.match(name)) and ".." not in name
+
+
 def check_plain_name(name, what):
-    """A name that is one path component of our own making: no '/', no '..', no leading dot."""
-    if not isinstance(name, str) or not PLAIN_NAME.match(name) or ".." in name:
+    """name, if it is a plain name (is_plain_name); else UserError."""
+    if not is_plain_name(name):
         raise UserError("%s %r is not a plain file name (letters, digits and _.:@+- only, not starting with a "
                         "dot): fix it where it was written (inventory, manifest or option)." % (what, name))
     return name
@@ -125,8 +130,8 @@ class PrivateDir:
                 raise UserError("%s is damaged (%s): remove it after checking that no backup uses it."
                                 % (self.path_of(name), err)) from None
 
-    def write_json(self, name, data):
-        write_json_atomic(self.path, check_plain_name(name, "File name"), data)
+    def write_json(self, name, data, durable=True):
+        write_json_atomic(self.path, check_plain_name(name, "File name"), data, durable)
 
     def remove(self, name):
         """Remove file `name`; True when it was there."""
@@ -182,19 +187,51 @@ def create_exclusive(directory, name, flags=os.O_WRONLY):
     return CreatedFile(path, fd)
 
 
-def write_json_atomic(directory, name, data):
-    """Replace file `name` in directory atomically and durably with data as JSON, through a fresh 0600 file."""
+def write_json_atomic(directory, name, data, durable=True):
+    """Replace file `name` in directory atomically with data as JSON, through a fresh 0600 file.
+
+    durable: also make it survive a crash (two fsyncs); without, readers still never see a torn file.
+    """
+    write_atomic(directory, name, json.dumps(data, indent=1, sort_keys=True).encode(), durable)
+
+
+def write_atomic(directory, name, content, durable=True):
+    """Replace file `name` in directory atomically with the bytes content, through a fresh 0600 file."""
     temporary = create_exclusive(directory, ".%s.%s" % (name, secrets.token_hex(4)))
     try:
-        with os.fdopen(temporary.fd, "w") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True)
+        with os.fdopen(temporary.fd, "wb") as stream:
+            stream.write(content)
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.rename(temporary.path, os.path.join(directory, name))
     except BaseException:
         remove_file(temporary.path)
         raise
-    sync_directory(directory)
+    if durable:
+        sync_directory(directory)
+
+
+def read_regular_file(path, what, limit=None, missing_ok=False):
+    """The bytes of the regular file at path, never through a link or from a FIFO; at most limit bytes.
+
+    None when it is missing and missing_ok; UserError naming `what` otherwise.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise UserError("%s %s does not exist." % (what, path)) from None
+    except OSError as err:
+        raise UserError("Cannot read %s %s (%s): it must be a plain file." % (what, path, err.strerror)) from None
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            raise UserError("%s %s is not a regular file." % (what, path))
+        content = stream.read() if limit is None else stream.read(limit + 1)
+    if limit is not None and len(content) > limit:
+        raise UserError("%s %s is larger than %d bytes." % (what, path, limit))
+    return content
 
 
 def remove_file(path):
@@ -221,7 +258,7 @@ def boot_id():
 
 
 def process_start_time(pid):
-    """The start time of pid in clock ticks since boot, or None when there is no such process.
+    """The start time of pid in clock ticks since boot, or None when there is no such process, or only its zombie.
 
     With the boot id it tells a process apart from a later one that got the same PID.
     """
@@ -230,7 +267,21 @@ def process_start_time(pid):
             fields = stream.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return int(fields[19])
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def file_identity(path, follow=False):
+    """[device, inode] of the regular file at path (through a symlink with follow), else None."""
+    try:
+        info = os.stat(path) if follow else os.lstat(path)
+    except OSError:
+        return None
+    return [info.st_dev, info.st_ino] if stat.S_ISREG(info.st_mode) else None
+
+
+def utc(seconds):
+    """A time for messages: 2026-11-29 02:00:00 UTC."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def this_process():

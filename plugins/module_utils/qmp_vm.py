@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import os
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import BackupPlan
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import BackupPlan, check_socket_path
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import SERVER_FILES, read_credentials
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import recorded_disks, remember_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_vm import OfflineVm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import utc
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient, QmpUnreachable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import (
     backup_is_whole,
     check_fleecing_support,
@@ -30,8 +32,12 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_connection imp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
 
-# sun_path holds 108 bytes with its terminating NUL.
-MAX_SOCKET_PATH = 107
+def qmp_vm_identity(client, socket_path):
+    """(name, uuid) a running QEMU reports: its -name, else its socket's directory; its -uuid, else None."""
+    name = client.execute("query-name").get("name")
+    uuid = client.execute("query-uuid")["UUID"]
+    return name or os.path.basename(os.path.dirname(os.path.abspath(socket_path))), (
+        None if uuid == NO_UUID else uuid)
 
 
 def qmp_vm_key(qmp_socket):
@@ -39,15 +45,28 @@ def qmp_vm_key(qmp_socket):
     return "qmp-" + hashlib.sha256(os.path.realpath(qmp_socket).encode()).hexdigest()[:12]
 
 
+NO_UUID = "00000000-0000-0000-0000-000000000000"
+
+
 class QmpVm(VmConnection):
     def __init__(self, qmp_socket, timeout, state_dir, registry, read_only=False):
         state = VmState(state_dir, qmp_vm_key(qmp_socket), "QMP socket %s" % qmp_socket, read_only)
         super().__init__(state, registry, timeout)
         self.description = "the VM on QMP socket %s" % qmp_socket
+        self.socket_path = qmp_socket
         self.qmp = QmpClient(qmp_socket, timeout)
 
     def __enter__(self):
-        self.qmp.connect()
+        """This connection; or, when no QEMU serves the socket, the stopped VM's images as last seen running."""
+        try:
+            self.qmp.connect()
+        except QmpUnreachable:
+            recorded = recorded_disks(self.state)
+            if recorded is None:
+                raise
+            images, seen = recorded
+            return OfflineVm(self.state, self.registry, self.timeout, "the stopped VM of QMP socket %s (its disks "
+                             "as fleetbackup saw them running at %s)" % (self.socket_path, utc(seen)), images)
         return self
 
     def __exit__(self, *exc_info):
@@ -58,7 +77,11 @@ class QmpVm(VmConnection):
         return [message] if message else []
 
     def disks(self):
-        return list_disks(self.qmp)
+        disks = list_disks(self.qmp)
+        if not self.state.read_only:
+            name, uuid = qmp_vm_identity(self.qmp, self.socket_path)
+            remember_disks(self.state, disks, dict(qmp_socket=self.socket_path, name=name, uuid=uuid))
+        return disks
 
     def running_backup_ids(self):
         return running_backup_ids(self.qmp)
@@ -115,11 +138,3 @@ class QmpVm(VmConnection):
         else:
             self.qmp.transaction([("block-dirty-bitmap-remove", dict(node=d.node, name=name)) for d in disks])
 
-
-def check_socket_path(path, given):
-    """A socket path that fits sun_path, in a directory where nobody can swap it (ours needs no check)."""
-    if len(path.encode()) > MAX_SOCKET_PATH:
-        raise UserError("nbd_socket %s is longer than the %d bytes a unix socket path may have: choose a shorter "
-                        "nbd_socket or state_dir." % (path, MAX_SOCKET_PATH))
-    if given:
-        check_trusted_directory(os.path.dirname(path), "nbd_socket", "room for the backup's NBD socket")

@@ -32,8 +32,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state imp
     check_plain_name,
     create_exclusive,
     flock_within,
+    read_regular_file,
     remove_file,
     sync_directory,
+    utc,
     write_json_atomic,
 )
 
@@ -95,6 +97,12 @@ class Repository:
                 check_plain_name(name, "File " + where)
         return data
 
+    def load_existing(self):
+        """load() a repository that must exist; UserError when it has no manifest."""
+        if not os.path.exists(self.manifest_path):
+            raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (self.path, self.vm))
+        return self.load()
+
     def save(self, data):
         """Replace the manifest atomically and durably."""
         write_json_atomic(self.path, MANIFEST, data)
@@ -117,15 +125,8 @@ class Repository:
 
     def read_file(self, file_name):
         """The content of a plain file of this VM's directory (never through a link)."""
-        try:
-            fd = os.open(os.path.join(self.path, check_plain_name(file_name, "File name")),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as err:
-            raise UserError("Cannot read %s in %s (%s)." % (file_name, self.path, err.strerror)) from None
-        with os.fdopen(fd, "rb") as stream:
-            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                raise UserError("%s in %s is not a regular file." % (file_name, self.path))
-            return stream.read()
+        return read_regular_file(os.path.join(self.path, check_plain_name(file_name, "File name")),
+                                 "The repository's file")
 
     def remove_images(self, file_names):
         """Delete images of this VM's directory; the names removed."""
@@ -180,7 +181,9 @@ def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
             backing=by_disk[disk["disk"]]["file"] if continues else None,
             backing_format=by_disk[disk["disk"]].get("format", "qcow2") if continues else None,
             reason=None if continues or not parent else "a %s disk is backed up in full every time" % disk["format"],
-            expected_bytes=checkpoint["dirty_bytes"] if checkpoint else disk["size"]))
+            # A stopped VM's checkpoint has no count (QEMU counts, not the image): the disk's size bounds it.
+            expected_bytes=disk["size"] if checkpoint is None or checkpoint["dirty_bytes"] is None
+            else checkpoint["dirty_bytes"]))
     return dict(
         due=True, reason=reason, name=name, level=chosen, backup_id=backup_id_for(vm, name),
         checkpoint="ckpt-%s" % name, incremental=parent["checkpoint"] if parent else None,
@@ -266,14 +269,20 @@ def store_definition(repository, name, definition):
 
     The manifest entry's part: the files, the checkpoint's XML, and what the backup could not keep.
     """
+    if not isinstance(definition.get("domain_xml"), str) or not isinstance(definition.get("nvram") or {}, dict):
+        raise UserError("definition must be the libvirt part of qemu_backup_start's result (backup.libvirt), with "
+                        "its domain_xml.")
     xml_file, nvram_file = definition_file_names(name)
     stored = dict(domain_xml=repository.write_file(xml_file, definition["domain_xml"].encode()),
                   checkpoint_xml=definition.get("checkpoint_xml"), nvram=None,
                   not_backed_up=definition.get("not_backed_up") or [])
     nvram = definition.get("nvram")
     if nvram:
-        content = base64.b64decode(nvram["content"])
-        if hashlib.sha256(content).hexdigest() != nvram["sha256"]:
+        try:
+            content = base64.b64decode(nvram["content"], validate=True)
+        except (KeyError, ValueError, TypeError):
+            content = None
+        if content is None or hashlib.sha256(content).hexdigest() != nvram.get("sha256"):
             raise UserError("The NVRAM of backup %s does not match its checksum: it was damaged on its way; run the "
                             "backup again." % name)
         stored["nvram"] = dict(file=repository.write_file(nvram_file, content), path=nvram["path"],
@@ -284,17 +293,19 @@ def store_definition(repository, name, definition):
 def record(data, planned, started_disks, copies, now, definition=None):
     """Append a complete backup. Each disk's level comes from what the start really did."""
     modes = {d["disk"]: d["mode"] for d in started_disks}
-    # copies are {disk, bytes_read}, or the results of a loop of qemu_backup_copy over the started disks.
-    read = {c.get("disk") or c["item"]["disk"]: c["bytes_read"] for c in copies if "bytes_read" in c}
-    missing = [d["disk"] for d in planned["disks"] if d["disk"] not in read]
+    # copies are {disk, bytes_read, checksum}, or results of qemu_backup_copy, whose image is the planned file.
+    by_file = {d["file"]: d["disk"] for d in planned["disks"]}
+    copied = {c.get("disk") or by_file.get(os.path.basename(c.get("image", ""))): c for c in copies
+              if "bytes_read" in c}
+    missing = [d["disk"] for d in planned["disks"] if d["disk"] not in copied]
     if missing:
         raise UserError("Not recording backup %s: disks %s were not copied." % (planned["name"], ", ".join(missing)))
     disks = []
     for disk in planned["disks"]:
         full = modes[disk["disk"]] == "full"
         disks.append(dict(disk=disk["disk"], file=disk["file"], format="qcow2", size=disk["size"],
-                          bytes_read=read[disk["disk"]], mode=modes[disk["disk"]],
-                          backing=None if full else disk["backing"]))
+                          bytes_read=copied[disk["disk"]]["bytes_read"], checksum=copied[disk["disk"]].get("checksum"),
+                          mode=modes[disk["disk"]], backing=None if full else disk["backing"]))
     level = "full" if all(d["mode"] == "full" for d in disks) else "incremental"
     entry = dict(name=planned["name"], level=level, parent=None if level == "full" else planned["parent"],
                  chain=planned["name"] if level == "full" else planned["chain"],
@@ -349,7 +360,7 @@ class Lease:
                     "The repository of %s (%s) is locked by another run: %s, run %s, since %s, until %s unless it "
                     "renews. One run per VM works on a repository at a time; wait for it. A run that died frees the "
                     "lock when it expires." % (self.repository.vm, self.repository.path, current["holder"],
-                                               current["run_id"], _utc(current["taken"]), _utc(current["expires"])))
+                                               current["run_id"], utc(current["taken"]), utc(current["expires"])))
             taken = current["taken"] if current and current["run_id"] == run_id else now
             lease = dict(run_id=run_id, holder=holder, host=socket.gethostname(), taken=taken, expires=now + ttl)
             os.ftruncate(fd, 0)
@@ -399,7 +410,3 @@ class Lease:
             yield fd, current
         finally:
             os.close(fd)
-
-
-def _utc(seconds):
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))

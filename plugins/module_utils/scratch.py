@@ -54,14 +54,20 @@ def scratch_shares(total, disk_sizes):
     return [max(MIN_SCRATCH, -(-total * size // whole // CLUSTER) * CLUSTER) for size in disk_sizes]
 
 
+def existing_parent(path):
+    """path, or its nearest ancestor that exists (a check-mode run has not made our own directories yet)."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_scratch_dir(path, needed_bytes, ours=False):
     """Refuse a scratch_dir that others could write into without the sticky bit, or that lacks the room.
 
     ours: fleetbackup's own private directory, which a check-mode run may not have created yet.
     """
     if ours:
-        while not os.path.exists(path):
-            path = os.path.dirname(path)
+        path = existing_parent(path)
     else:
         check_trusted_directory(path, "scratch_dir", "room for what the guest overwrites during the backup")
     fs = os.statvfs(path)

@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The seam between the modules and a VM: one interface, answered over QMP (qmp_vm) or by libvirt (libvirt_vm).
+"""The seam between the modules and a VM: one interface, answered over QMP (qmp_vm), by libvirt (libvirt_vm), or,
+for a VM that is not running, on its image files (offline_vm).
 
 Modules ask a VmConnection for the disks, start and stop backups, and add or remove checkpoints; they
 never see which connection answers. Each connection keeps its state under <state_dir>/vms/<key>/ and
@@ -13,10 +14,12 @@ from __future__ import annotations
 import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
+    BACKUP_ID_PATTERN,
     check_backup_id,
     request_differences,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import OFFLINE, remove_offline_backup
 
 
 class VmConnection:
@@ -85,6 +88,10 @@ class VmConnection:
             record = self.state.backup()
             running = self.running_backup_ids() | ({record["backup_id"]} if record else set())
             others = sorted(running - {backup_id})
+            foreign = [other for other in others if not BACKUP_ID_PATTERN.match(other)]
+            if foreign:
+                raise UserError("%s runs on %s: one backup per VM runs at a time. Wait until it ends, then start "
+                                "again." % (foreign[0], self.description))
             if others:
                 raise UserError("Backup %s of %s is running: one backup per VM runs at a time. End it with "
                                 "fleetbackup.qemu.qemu_backup_stop (backup_id: %s, with this VM's connection "
@@ -130,12 +137,23 @@ class VmConnection:
         raise UserError("%s keeps its checkpoints in its images alone: a definition applies to libvirt domains."
                         % self.description)
 
+    def remove_checkpoint(self, name, filenames):
+        """Remove checkpoint `name` from the disks of these image files, where it still is."""
+        disks = [disk for disk in self.disks() if disk.filename in filenames and name in disk.bitmaps]
+        if disks:
+            self.set_bitmaps(name, disks, present=False)
+
     def stop_backup(self, backup_id, discard_checkpoint, check_mode):
         """(changed, what was removed, whether the view held)."""
         check_backup_id(backup_id)
         with self.state.lock(self.timeout):
             resumed = self.recover()
-            removed, intact = self.remove_backup(backup_id, discard_checkpoint, check_mode)
+            record = self.state.backup()
+            if record is not None and record["backup_id"] == backup_id and record.get("kind") == OFFLINE:
+                # A backup of the images while the VM was stopped, whether or not it runs now.
+                removed, intact = remove_offline_backup(self, record, discard_checkpoint, check_mode)
+            else:
+                removed, intact = self.remove_backup(backup_id, discard_checkpoint, check_mode)
             return resumed or any(removed.values()), removed, intact
 
     def forget_dead_backup(self, backup_id, discard_checkpoint, check_mode):
@@ -144,16 +162,19 @@ class VmConnection:
             record = self.state.backup()
             if record is None or record["backup_id"] != backup_id:
                 return None
-            checkpoint = record["checkpoint"] if discard_checkpoint else None
-            ours = record["socket_identity"] and self.state.holds_socket(record["nbd_socket"], record["socket_identity"])
-            removed = dict(job=False, exports=[], nodes=[], nbd_server=False, objects=[], checkpoint=checkpoint,
-                           state_file=True,
-                           files=[record["nbd_socket"]] if ours else [])
-            if not check_mode:
-                if checkpoint:
-                    self.registry.forget([d["filename"] for d in record["disks"] if d["checkpoint"]], checkpoint)
-                if ours:
-                    os.unlink(record["nbd_socket"])
-                self.state.forget_backup()
-                self.state.forget_pause()
-            return removed
+            return self.forget_backup_state(record, discard_checkpoint, check_mode)
+
+    def forget_backup_state(self, record, discard_checkpoint, check_mode):
+        """Remove what a backup of a VM that stopped since left outside QEMU: its socket and state."""
+        checkpoint = record["checkpoint"] if discard_checkpoint else None
+        ours = record["socket_identity"] and self.state.holds_socket(record["nbd_socket"], record["socket_identity"])
+        removed = dict(job=False, exports=[], nodes=[], nbd_server=False, objects=[], checkpoint=checkpoint,
+                       state_file=True, files=[record["nbd_socket"]] if ours else [])
+        if not check_mode:
+            if checkpoint:
+                self.registry.forget([d["filename"] for d in record["disks"] if d["checkpoint"]], checkpoint)
+            if ours:
+                os.unlink(record["nbd_socket"])
+            self.state.forget_backup()
+            self.state.forget_pause()
+        return removed

@@ -26,10 +26,15 @@ description:
   - For a backup of M(fleetbackup.qemu.qemu_backup_start), it checks that the point-in-time view held until the
     copy ended. When the guest overwrote data that the scratch space could not keep, the copy fails, saying so,
     and keeps nothing.
+  - It sums a checksum of the image as it writes it, without reading anything twice (RV(checksum)), and records
+    it with the image's identity. M(fleetbackup.qemu.qemu_backup_verify) checks it later from the image alone.
+  - While it copies, it keeps its progress in O(state_dir) on the host that copies, where
+    M(fleetbackup.qemu.qemu_backup_copy_status) reads it; run it with C(async) and C(poll=0) to follow it.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
   - ansible.builtin.files
+  - fleetbackup.qemu.vm.copy_progress
 options:
   src:
     description:
@@ -99,6 +104,13 @@ options:
       - O(connections) x O(requests) x O(request_size), the memory of the read buffers, may be at most 1 GiB.
     type: int
     default: 262144
+  bandwidth:
+    description:
+      - Bytes per second that the reads of all connections together may take, as a number or a size like C(100M)
+        or C(1G) (powers of 1024). Beyond the first read of each connection, reads never run ahead of it.
+      - C(0) sets no limit.
+    type: raw
+    default: 0
   mode:
     description:
       - Permissions of O(dest). Disk images hold secrets, so the default is C(0600).
@@ -191,6 +203,16 @@ throughput:
   returned: when copied
   type: int
   sample: 671088640
+checksum:
+  description:
+    - The checksum of the image, C(sha256-blocks64k:) and 64 hex digits, summed as it was written. Each 64 KiB block
+      of data at offset N that is not all zeros adds SHA-256(N as 8 little-endian bytes, then the block's bytes);
+      each 64 KiB block an overlay writes as zeros adds SHA-256(N, then C(zero)); the sum is modulo 2**256.
+    - For an O(dest) that already holds this backup, the checksum recorded with it; null if it was copied by an
+      older version, which recorded none.
+  returned: when copied, or when O(dest) already holds this backup
+  type: str
+  sample: sha256-blocks64k:3f2a...
 """
 
 import errno
@@ -201,8 +223,15 @@ import socket
 import stat
 import time
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.copy_progress import (
+    CopyProgress,
+    copies_dir,
+    parse_bandwidth,
+    prune_records,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
+    HAS_LIBNBD,
     MAX_BUFFER_BYTES,
     MAX_REQUEST_SIZE,
     copy_to_image,
@@ -221,9 +250,13 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time imp
     export_view,
     view_intact,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file, sync_directory
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    DEFAULT_STATE_DIR,
+    remove_file,
+    sync_directory,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, check_backing_name
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule, missing_libnbd
 
 
 # A copy writes .<dest name>.part-<its PID>@<its host> and renames it when complete.
@@ -247,8 +280,9 @@ def main():
             requests=dict(type="int", default=16),
             request_size=dict(type="int", default=256 * 1024),
             mode=dict(type="raw", default="0600"),
+            bandwidth=dict(type="raw", default=0),
+            state_dir=dict(type="path", default=DEFAULT_STATE_DIR),
         ),
-        needs_nbd=True,
         add_file_common_args=True,
         supports_check_mode=True,
     )
@@ -301,7 +335,31 @@ def check_tls(params):
 
 
 def copy_backup(module):
+    """The copy, with its progress recorded from beginning to end; check mode records nothing.
+
+    The record comes first: whoever follows the copy learns of any failure, a missing library's too.
+    """
+    directory = copies_dir(module.params["state_dir"], create=not module.check_mode)
+    if module.check_mode:
+        return copy_or_keep(module, None)
+    prune_records(directory, time.time())
+    progress = CopyProgress(directory, module.params["dest"])
+    try:
+        result = copy_or_keep(module, progress)
+    except BaseException as err:
+        progress.end(error=str(err) or type(err).__name__)
+        raise
+    progress.end(summary=result.get("msg"))
+    if progress.error:
+        module.warn("The progress of this copy could not be recorded in %s: %s" % (directory.path, progress.error))
+    return result
+
+
+def copy_or_keep(module, progress):
+    if not HAS_LIBNBD:
+        raise UserError(missing_libnbd())
     params = module.params
+    bandwidth = parse_bandwidth(params["bandwidth"])
     dest_dir = check_params(params)
     dest = params["dest"]
     src = with_certificates(params["src"], params["tls_certificates"]) if params["tls_certificates"] else params["src"]
@@ -315,12 +373,13 @@ def copy_backup(module):
                     backing_format=params["backing_format"] if params["backing"] else None)
     if os.path.lexists(dest) and not params["force"]:
         held = recorded_identity(dest)
-        if held != identity:
+        if held is None or {key: held.get(key) for key in identity} != identity:
             raise UserError("dest %s already holds %s, not this export's %s: it is another backup, or one that "
                             "cannot be identified. Choose another dest, or set force to replace it."
                             % (dest, describe_identity(held), describe_identity(identity)))
         changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), False)
-        return dict(changed=changed, image=dest, disk_usage=_disk_usage(dest), msg="dest holds this very backup")
+        return dict(changed=changed, image=dest, disk_usage=_disk_usage(dest), checksum=held.get("checksum"),
+                    msg="dest holds this very backup")
     if module.check_mode:
         return dict(changed=True, image=dest, size=size, connections=connections)
     stale = remove_stale_partials(dest_dir)
@@ -328,16 +387,16 @@ def copy_backup(module):
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
     started = time.monotonic()
     try:
-        bytes_read, bytes_zeroed, bytes_unchanged = copy_to_image(
-            src, partial, params["format"], size, bitmap_context, backing, params["backing_format"],
-            connections, params["requests"], params["request_size"])
+        copied = copy_to_image(src, partial, params["format"], size, bitmap_context, backing,
+                               params["backing_format"], connections, params["requests"], params["request_size"],
+                               bandwidth=bandwidth, report=progress)
     except FleetbackupError:
         check_view(view)  # a broken view is the likelier cause, and the one to name
         raise
     try:
         # A view that still holds now held during every read of the copy: a broken one never heals.
         check_view(view)
-        if not record_identity(partial, identity):
+        if not record_identity(partial, dict(identity, checksum=copied.checksum)):
             module.warn("The file system of %s keeps no extended attributes: a later copy cannot prove that dest "
                         "holds this backup, and will need force." % dest_dir)
         os.rename(partial, dest)
@@ -348,12 +407,13 @@ def copy_backup(module):
     elapsed = max(time.monotonic() - started, 1e-6)  # a tiny copy must not divide by zero
     module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
     return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), removed_partials=stale,
-                bytes_read=bytes_read, bytes_zeroed=bytes_zeroed, bytes_unchanged=bytes_unchanged,
-                connections=connections, elapsed=round(elapsed, 3), throughput=int(bytes_read / elapsed))
+                bytes_read=copied.bytes_read, bytes_zeroed=copied.bytes_zeroed, bytes_unchanged=copied.bytes_clean,
+                connections=connections, elapsed=round(elapsed, 3), throughput=int(copied.bytes_read / elapsed),
+                checksum=copied.checksum)
 
 
 def recorded_identity(path):
-    """The identity a copy recorded on the image at path, or None (none recorded, or no xattr support)."""
+    """The identity (and checksum) a copy recorded on the image at path, or None (none, or no xattr support)."""
     try:
         return json.loads(os.getxattr(path, IDENTITY_XATTR, follow_symlinks=False))
     except OSError as err:
@@ -365,7 +425,7 @@ def recorded_identity(path):
 
 
 def record_identity(path, identity):
-    """Record which backup the image holds; False where the file system keeps no extended attributes."""
+    """Record which backup the image holds, and its checksum; False where the file system keeps no xattrs."""
     try:
         os.setxattr(path, IDENTITY_XATTR, json.dumps(identity, sort_keys=True).encode(), follow_symlinks=False)
         return True

@@ -27,11 +27,9 @@ description:
   - The C(fleetbackup.qemu.qemu_backup) role chains this module with the backup modules; use the role.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository
 options:
-  repository:
-    description: The repository, a directory with one subdirectory per VM.
-    type: path
-    required: true
   vm:
     description: The VM's name, its subdirectory in the repository; a plain file name.
     type: str
@@ -85,8 +83,11 @@ options:
     elements: dict
   copies:
     description:
-      - With O(action=record), C({disk, bytes_read}) for every disk copied, or the registered results of a loop of
-        M(fleetbackup.qemu.qemu_backup_copy) over RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks).
+      - With O(action=record), C({disk, bytes_read, checksum}) for every disk copied, or the results of
+        M(fleetbackup.qemu.qemu_backup_copy) (as C(async_status) returns them, too), each matched to its disk by
+        its RV(fleetbackup.qemu.qemu_backup_copy#module:image), the file the plan named.
+      - Each disk's RV(fleetbackup.qemu.qemu_backup_copy#module:checksum) is recorded in the manifest for
+        M(fleetbackup.qemu.qemu_backup_verify).
     type: list
     elements: dict
   keep_chains:

@@ -25,11 +25,9 @@ description:
     addresses, so it can run beside the original; disks that were not restored are left out of it.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository
 options:
-  repository:
-    description: The repository, a directory with one subdirectory per VM.
-    type: path
-    required: true
   vm:
     description: The VM's name, its subdirectory in the repository, holding C(manifest.json).
     type: str
@@ -57,12 +55,24 @@ options:
   define_domain:
     description:
       - Define the restored domain in libvirt from the backup's domain XML. Only for backups of libvirt domains.
-      - A domain of that name must not exist yet, unless an earlier run of this restore defined it (the same images).
+      - A domain of that name must not exist yet, unless a restore defined it (its metadata says which). The same
+        restore again changes nothing; a restore of another backup into that domain needs O(force).
+      - The XML comes from the repository, which others may be able to write, and libvirt acts on it as root. So
+        the restored domain keeps only what touches nothing of the host. Its disks become the restored images,
+        firmware comes only from the host's firmware directories, and host devices, direct kernel boot, scripts,
+        emulator and QEMU command-line passthrough are left out (listed in RV(domain.left_out)).
     type: bool
     default: false
   domain:
     description: Name of the restored domain; the backed-up domain's name by default.
     type: str
+  firmware_dirs:
+    description:
+      - With a libvirt backup, the directories from which the restored domain may take its firmware and its UEFI
+        variables' template; a firmware elsewhere is left out. The distribution's own by default.
+    type: list
+    elements: path
+    default: [/usr/share/OVMF, /usr/share/qemu, /usr/share/seabios, /usr/share/AAVMF]
   libvirt_uri:
     description: libvirt's connection URI, with O(define_domain).
     type: str
@@ -167,7 +177,11 @@ import os
 
 from ansible.module_utils.basic import missing_required_lib
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import domain_name, restored_domain_xml
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import (
+    FIRMWARE_DIRECTORIES,
+    domain_name,
+    restored_domain_xml,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.libvirt_vm import (
     DEFAULT_URI,
@@ -182,7 +196,12 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
     images_equal,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import create_exclusive, remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    create_exclusive,
+    read_regular_file,
+    remove_file,
+    write_atomic,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
 
 
@@ -203,6 +222,7 @@ def main():
             define_domain=dict(type="bool", default=False),
             domain=dict(type="str"),
             libvirt_uri=dict(type="str", default=DEFAULT_URI, aliases=["uri"]),
+            firmware_dirs=dict(type="list", elements="path", default=FIRMWARE_DIRECTORIES),
         ),
         supports_check_mode=True,
     )
@@ -217,29 +237,29 @@ def restore(module):
     if not os.path.isdir(params["dest"]):
         raise UserError("dest %s is not a directory: create it first." % params["dest"])
     repository = Repository(params["repository"], params["vm"])
-    if not os.path.exists(repository.manifest_path):
-        raise UserError("%s is no backup repository of VM %s: it has no manifest.json."
-                        % (repository.path, params["vm"]))
-    backup = repository.find(repository.load(), params["backup"])
+    backup = repository.find(repository.load_existing(), params["backup"])
     disks = _chosen_disks(backup, params["disks"])
     definition = backup.get("definition")
     if params["define_domain"] and not definition:
         raise UserError("Backup %s of %s holds no libvirt domain definition (a QMP VM's, or an older backup): "
                         "leave out define_domain." % (backup["name"], params["vm"]))
     results = [_restore_disk(module, repository, disk) for disk in disks]
-    domain = _restore_definition(module, repository, definition, results) if definition else None
+    domain = _restore_definition(module, repository, backup["name"], definition, results) if definition else None
     changed = any(r["changed"] for r in results) or bool(domain and domain.pop("changed"))
     return dict(changed=changed, backup=backup["name"], disks=results, domain=domain)
 
 
-def _restore_definition(module, repository, definition, results):
+def _restore_definition(module, repository, backup_name, definition, results):
     """Write the restored domain's XML and UEFI variables into dest; define it with define_domain."""
     params = module.params
     original = repository.read_file(definition["domain_xml"]).decode()
     nvram = definition.get("nvram")
     nvram_path = os.path.join(params["dest"], NVRAM_FILE) if nvram else None
     images = {r["disk"]: (r["image"], params["format"]) for r in results}
-    xml, left_out = restored_domain_xml(original, params["domain"] or domain_name(original), images, nvram_path)
+    identity = dict(repository=os.path.abspath(params["repository"]), vm=params["vm"], backup=backup_name,
+                    dest=os.path.abspath(params["dest"]))
+    xml, left_out = restored_domain_xml(original, params["domain"] or domain_name(original), images, nvram_path,
+                                        identity, params["firmware_dirs"])
     changed = False
     if nvram:
         content = repository.read_file(nvram["file"])
@@ -249,36 +269,20 @@ def _restore_definition(module, repository, definition, results):
         changed |= _write_if_different(module, nvram_path, content)
     xml_path = os.path.join(params["dest"], DOMAIN_XML_FILE)
     changed |= _write_if_different(module, xml_path, xml.encode())
-    defined = params["define_domain"] and define_domain(params["libvirt_uri"], xml, module.check_mode)
+    defined = params["define_domain"] and define_domain(params["libvirt_uri"], xml, params["force"], module.check_mode)
     return dict(name=domain_name(xml), xml=xml_path, nvram=nvram_path, defined=bool(defined),
                 left_out=definition.get("not_backed_up", []) + left_out, changed=changed or bool(defined))
 
 
 def _write_if_different(module, path, content):
     """Put content at path (0600, through a fresh file renamed into place); whether it had to."""
-    try:
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as stream:
-            if stream.read() == content:
-                return False
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise UserError("Cannot read %s (%s): it must be a plain file, or absent." % (path, err.strerror)) from None
-    else:
-        if not module.params["force"]:
-            raise UserError("%s exists with other content: set force to replace it, or restore elsewhere." % path)
-    if module.check_mode:
-        return True
-    partial = create_exclusive(os.path.dirname(path), ".%s.part-%d" % (os.path.basename(path), os.getpid()))
-    try:
-        with os.fdopen(partial.fd, "wb") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.rename(partial.path, path)
-    except BaseException:
-        remove_file(partial.path)
-        raise
+    existing = read_regular_file(path, "The restored file", missing_ok=True)
+    if existing == content:
+        return False
+    if existing is not None and not module.params["force"]:
+        raise UserError("%s exists with other content: set force to replace it, or restore elsewhere." % path)
+    if not module.check_mode:
+        write_atomic(os.path.dirname(path), os.path.basename(path), content)
     return True
 
 

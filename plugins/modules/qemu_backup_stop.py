@@ -91,7 +91,7 @@ removed:
       elements: str
       sample: [fb3c1f0a2b9d4e-a0, fb3c1f0a2b9d4e-f0, fb3c1f0a2b9d4e-s0]
     files:
-      description: The NBD socket.
+      description: The NBD socket, and with O(domain) the scratch images.
       type: list
       elements: str
       sample: [/var/lib/fleetbackup/vms/qmp-3c1f0a2b9d4e/nbd.sock]
@@ -135,17 +135,19 @@ def stop(module):
     params = module.params
     vm = module.vm()
     try:
-        with vm:
-            changed, removed, intact = vm.stop_backup(params["backup_id"], params["discard_checkpoint"],
-                                                      module.check_mode)
+        with vm as connection:
+            changed, removed, intact = connection.stop_backup(params["backup_id"], params["discard_checkpoint"],
+                                                              module.check_mode)
     except QmpUnreachable as err:
+        # No QEMU there, and no record of the VM's disks to reach its images by.
+        connection = vm
         removed = vm.forget_dead_backup(params["backup_id"], params["discard_checkpoint"], module.check_mode)
         if removed is None:
             raise
         changed, intact = True, None
         vm.notes.append("%s The VM took the backup's QEMU objects and scratch images with it; its socket and state "
                         "were removed." % err)
-    module.warn_all(vm.notes)
+    module.warn_all(connection.notes)
     return dict(changed=changed, removed=removed, intact=intact)
 
 

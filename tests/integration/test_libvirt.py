@@ -4,8 +4,10 @@ Each test starts its own libvirtd and virtlogd (no systemd) and domains of type 
 test writes as the guest through libvirt's monitor (HMP qemu-io); the modules never touch the monitor.
 """
 
+import json
 import os
 import stat
+import subprocess
 from xml.etree import ElementTree
 
 import libvirt
@@ -22,7 +24,6 @@ TWO_DISKS = [DiskSpec("vda", size=64 * MiB), DiskSpec("vdb", size=32 * MiB)]
 
 def restores(vm, tmp_path, disk, top, mark):
     """The chain ending at top reads exactly as the disk did at write mark."""
-    import subprocess
     flat = str(tmp_path / ("flat-%s-%d.raw" % (disk, mark)))
     subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", top, flat], check=True)
     return same(flat, vm.expected_image(disk, mark, str(tmp_path / ("expected-%s-%d.raw" % (disk, mark)))))
@@ -33,10 +34,12 @@ def marks(vm):
 
 
 def run_files(vm):
-    """What is left in the domain's directories under qemu_dir (the directories themselves may stay)."""
+    """What is left under qemu_dir besides the VMs' own directories: scratch images, starts' socket directories."""
     found = []
-    for top, _dirs, files in os.walk(vm.qemu_dir):
+    for top, dirs, files in os.walk(vm.qemu_dir):
         found += [os.path.join(top, name) for name in files]
+        if top != vm.qemu_dir:
+            found += [os.path.join(top, name) for name in dirs]
     return found
 
 
@@ -68,10 +71,16 @@ def test_chain_differential_and_writes_during_backups(domain, tmp_path):
     assert full.get("changed") is True, full
     backup = full["backup"]
     assert [d["mode"] for d in backup["disks"]] == ["full", "full"] and backup["pause"] is None
-    # libvirt's own socket, made 0600, in QEMU's directory of this VM under our qemu_dir.
+    # QEMU made the socket as libvirt-qemu, which every VM's QEMU shares: the start made it, and its directory,
+    # root's alone, so no other VM's QEMU can read this VM's disks through it or swap it.
     socket_info = os.stat(backup["nbd_socket"])
     assert stat.S_ISSOCK(socket_info.st_mode) and stat.S_IMODE(socket_info.st_mode) == 0o600
-    assert backup["nbd_socket"].startswith(vm.qemu_dir + "/")
+    assert socket_info.st_uid == 0 and backup["nbd_socket"].startswith(vm.qemu_dir + "/")
+    directory = os.stat(os.path.dirname(backup["nbd_socket"]))
+    assert directory.st_uid == 0 and stat.S_IMODE(directory.st_mode) == 0o700
+    as_qemu = subprocess.run(["runuser", "-u", "libvirt-qemu", "--", "nbdinfo", "--list",
+                              "nbd+unix:///?socket=" + backup["nbd_socket"]], capture_output=True, text=True)
+    assert as_qemu.returncode != 0 and "Permission denied" in as_qemu.stderr, as_qemu
     scratch = [path for path in run_files(vm) if path.endswith(".scratch")]
     assert len(scratch) == 2 and all(os.stat(path).st_size >= 32 * MiB for path in scratch), scratch
     again = flow.start("b1", checkpoint="c1")
@@ -233,9 +242,14 @@ def test_check_mode_and_bad_input(domain, tmp_path):
     assert unreachable.failed and "Connecting to libvirt" in unreachable["msg"]
     disk = flow.start("b1", disks=["vdz"])
     assert disk.failed and "Unknown disk 'vdz'" in disk["msg"]
+    # A checkpoint name libvirt knows, on whatever disks, is refused, and that checkpoint is left alone.
+    assert flow.checkpoint("c1", disks=["vdb"])["changed"] is True
+    taken = flow.start("b1", disks=["vda"], checkpoint="c1")
+    assert taken.failed and "already exists" in taken["msg"] and vm.checkpoints() == ["c1"]
+    flow.checkpoint("c1", state="absent")
     vm.destroy()
-    stopped = flow.info()
-    assert stopped.failed and "is not running" in stopped["msg"]
+    stopped = flow.info()  # a shut-off domain: its images, as its definition names them
+    assert [d["disk"] for d in stopped["disks"]] == ["vda", "vdb"] and stopped["disks"][0]["checkpoints"] == []
     assert flow.vm_state_files() == []
 
 
@@ -310,8 +324,10 @@ def test_roles_back_up_libvirt_and_qmp_vms_together_and_restore_defines_the_doma
 
     # The restored domain, defined beside the original under a new name, with its own UUID and the restored disks.
     drill = tmp_path / "drill"
+    # The test's firmware is its own, not the distribution's: the restore is told to trust its directory.
+    trusted = dict(qemu_restore_firmware_dirs=[written.workdir])
     results = assert_ok(fleet.restore("written", drill, qemu_restore_define_domain=True,
-                                      qemu_restore_domain="written-drill"))
+                                      qemu_restore_domain="written-drill", **trusted))
     restored = results["tasks"]["written"]["Restore the disks"]["domain"]
     assert restored["defined"] is True and restored["name"] == "written-drill", restored
     defined = daemon.connection.lookupByName("written-drill")
@@ -325,8 +341,16 @@ def test_roles_back_up_libvirt_and_qmp_vms_together_and_restore_defines_the_doma
         assert (drill / "nvram.fd").read_bytes() == original.read()
     assert stat.S_IMODE(os.stat(str(drill / "nvram.fd")).st_mode) == 0o600
     again = assert_ok(fleet.restore("written", drill, qemu_restore_define_domain=True,
-                                    qemu_restore_domain="written-drill"), changed={"written": 0})
+                                    qemu_restore_domain="written-drill", **trusted), changed={"written": 0})
     assert again["tasks"]["written"]["Restore the disks"]["domain"]["defined"] is False
+    # Another backup into the same domain: only with force, and it stays the same domain.
+    first = fleet.manifest("written")["backups"][0]["name"]
+    other = dict(qemu_restore_define_domain=True, qemu_restore_domain="written-drill", qemu_restore_backup=first,
+                 **trusted)
+    rc, results, output = fleet.restore("written", drill, **other)
+    assert rc != 0 and "set force" in json.dumps(results["failures"]).lower(), output[-2000:]
+    assert_ok(fleet.restore("written", drill, qemu_restore_force=True, **other))
+    assert daemon.connection.lookupByName("written-drill").UUIDString() == defined.UUIDString()
 
     # Nothing left; and the domain that only the collection touched was never tainted.
     for domain in (written, untouched):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 
 from support.fleet import Fleet, assert_clean, assert_ok
@@ -229,3 +230,23 @@ def test_a_vm_with_a_qcow2_and_a_raw_disk_keeps_an_incremental_chain(vms, tmp_pa
         for disk in vm.disks:
             expected = vm.expected_image(disk, marks[point][disk], str(tmp_path / ("e-%d-%s.raw" % (point, disk))))
             assert same(str(dest / ("%s.qcow2" % disk)), expected)
+
+
+def test_a_slow_copy_shows_progress_lines_and_the_manifest_records_checksums_that_verify(vms, tmp_path):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 16 * MiB, 0x5A))
+    fleet = Fleet(tmp_path, {"vm1": vm})
+    mark = vm.mark("vda")
+    # 16 MiB at 4 MiB/s: about 4 s of copying, a progress line each second (given as -e gives it: a string).
+    rc, results, output = fleet.backup(qemu_backup_bandwidth="4M", qemu_backup_progress_interval="1")
+    assert_ok((rc, results, output))
+    lines = [round_["msg"] for round_ in results["tasks"]["vm1"]["Show the progress of the copies"]["results"]]
+    assert any(re.match(r"^vda: \d+% \([\d.]+ MiB of 16\.0 MiB\) at [\d.]+ MiB/s", line) for line in lines), lines
+    assert re.match(r"^vda: done, 16\.0 MiB in \d+ s$", lines[-1]), lines
+    assert "ok: [vm1] => (item=vda: " in output  # the default callback shows each line as its round ends
+    [disk] = fleet.manifest("vm1")["backups"][0]["disks"]
+    assert disk["checksum"].startswith("sha256-blocks64k:") and disk["bytes_read"] == 16 * MiB
+    restored = tmp_path / "restored"
+    assert_ok(fleet.restore("vm1", restored))
+    assert same(str(restored / "vda.qcow2"), vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
+    assert_ok(fleet.run("verify.yml"), changed={"vm1": 0})
+    assert_clean(vm)

@@ -37,7 +37,7 @@ class Backups:
             incremental = disk["mode"] == "incremental"
             backing = os.path.join(directory, "%s.%s.qcow2" % (previous_prefix, disk["disk"])) if incremental else None
             result = run_module("qemu_backup_copy", src=disk["url"], dest=dest, backing=backing,
-                                dirty_bitmap=disk["dirty_bitmap"], **args)
+                                dirty_bitmap=disk["dirty_bitmap"], state_dir=self.state_dir, **args)
             assert not result.failed, result
             results[disk["disk"]] = result
         return results
@@ -51,11 +51,13 @@ class Backups:
 
 
 def vm_state_files(state_dir):
-    """What the VMs' private state directories hold besides their locks: a backup's state, socket, pause record."""
+    """What the VMs' private state directories hold besides their locks and disk records: a backup's state, socket,
+    pause record."""
     vms = os.path.join(state_dir, "vms")
     if not os.path.isdir(vms):
         return []
-    return sorted(name for vm in os.listdir(vms) for name in os.listdir(os.path.join(vms, vm)) if name != "lock")
+    return sorted(name for vm in os.listdir(vms) for name in os.listdir(os.path.join(vms, vm))
+                  if name not in ("lock", "disks.json"))  # the VM's disks as last seen running stay, on purpose
 
 
 def used_bytes(path):

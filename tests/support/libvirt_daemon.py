@@ -202,7 +202,8 @@ class LibvirtDomain(Vm):
 
     @property
     def qemu_dir(self):
-        return os.path.join(self.workdir, "qemu")
+        """Short: the starts' sockets go three levels below it, and a socket path has 107 bytes."""
+        return os.path.join(os.path.dirname(self.workdir), "q")
 
     def connection_args(self):
         return dict(domain=self.name, libvirt_uri=self.daemon.uri, qemu_dir=self.qemu_dir)
@@ -226,10 +227,16 @@ class LibvirtDomain(Vm):
         if self.pid is None:
             super()._apply(disk_id, io_command)
             return
+        # HMP answers nothing whether the write worked or not; qemu-io tells QEMU's stdout, the domain's log.
+        log = os.path.join(self.daemon.root, "log", "qemu", "%s.log" % self.name)
+        before = os.path.getsize(log)
         output = libvirt_qemu.qemuMonitorCommand(self.domain, 'qemu-io -d %s "%s"' % (
             self._qdev_backend(disk_id), io_command), libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-        if output.strip():
-            raise AssertionError("qemu-io %r failed: %s" % (io_command, output))
+        with open(log, errors="replace") as stream:
+            stream.seek(before)
+            told = stream.read()
+        if output.strip() or "failed" in told:
+            raise AssertionError("qemu-io %r failed: %s %s" % (io_command, output, told))
         self.writes[disk_id].append(io_command)
 
     def flushed_image(self, disk_id):

@@ -34,10 +34,11 @@ def halt_firmware(directory):
 
 
 class Vm:
-    def __init__(self, workdir, disks, paused=False, runas=None):
+    def __init__(self, workdir, disks, paused=False, runas=None, uuid=None):
         self.workdir = workdir
         self.paused = paused
         self.runas = runas  # a user QEMU switches to once its images and sockets are open
+        self.vm_uuid = uuid
         self.disks = {spec.id: spec for spec in disks}
         self.qmp_socket = os.path.join(workdir, "qmp.sock")
         self.test_socket = os.path.join(workdir, "test-qmp.sock")
@@ -75,6 +76,8 @@ class Vm:
                "-daemonize", "-pidfile", os.path.join(self.workdir, "qemu.pid"), "-D", self.log]
         if self.runas:
             cmd += ["-runas", self.runas]
+        if self.vm_uuid:
+            cmd += ["-uuid", self.vm_uuid]
         if any(spec.bus == "scsi" for spec in self.disks.values()):
             cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
         for spec in self.disks.values():

@@ -170,6 +170,7 @@ class SshFleet:
         self.hostvars = {}
         self.vm_dirs = {}
         self.runs = 0
+        self.all_vars = {}  # more variables for every host, and for hosts that plays add
         names = ["hv%d" % number for number in range(1, hypervisors + 1)] + ["backup"]
         for number, name in enumerate(names, start=2):
             host_dir = tmp_path / name
@@ -200,7 +201,7 @@ class SshFleet:
             return dict(self.hostvars[name], ansible_host=server.address, ansible_port=server.port)
 
         self.inventory.write_text(json.dumps({
-            "all": {"vars": {
+            "all": {"vars": dict(self.all_vars, **{
                 "ansible_connection": "ssh",
                 "ansible_user": "root",
                 "ansible_ssh_private_key_file": self.key,
@@ -208,7 +209,7 @@ class SshFleet:
                                            "-o IdentitiesOnly=yes" % self.known_hosts,
                 "ansible_control_path_dir": str(self.control_path_dir),
                 "ansible_python_interpreter": BOOTSTRAP_PYTHON,
-            }},
+            })},
             "hypervisors": {"hosts": {name: host(name) for name in self.hypervisors}},
             "backup_hosts": {"hosts": {"backup": host("backup")}},
         }, indent=1))

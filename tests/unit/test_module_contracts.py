@@ -16,11 +16,14 @@ MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(
 
 
 def test_all_modules_are_there():
-    assert MODULES == ["qemu_backup_copy", "qemu_backup_info", "qemu_backup_repository", "qemu_backup_restore",
-                       "qemu_backup_start", "qemu_backup_stop", "qemu_checkpoint"]
+    assert MODULES == ["qemu_backup_copy", "qemu_backup_copy_status", "qemu_backup_info", "qemu_backup_repository",
+                       "qemu_backup_restore", "qemu_backup_start", "qemu_backup_stop", "qemu_backup_verify",
+                       "qemu_checkpoint", "qemu_vms_info"]
 
 
-@pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("role", ["qemu_backup", "qemu_hypervisor", "qemu_restore"])])
+@pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("filter", ["summary_line"]),
+                                               ("role", ["qemu_backup", "qemu_hypervisor", "qemu_restore",
+                                                         "qemu_verify"])])
 def test_ansible_doc_renders_every_plugin(plugin_type, names):
     process = subprocess.run([ansible_bin("ansible-doc"), "-t", plugin_type, "--json"]
                              + ["fleetbackup.qemu." + name for name in names],
@@ -36,14 +39,17 @@ def test_ansible_doc_renders_every_plugin(plugin_type, names):
 
 
 @pytest.mark.parametrize("module,args,hidden,words", [
-    ("qemu_backup_copy", {"src": "nbd+unix:///x?socket=/x", "dest": "/tmp/x"}, ["nbd"], "python3-libnbd"),
+    ("qemu_backup_copy", {"src": "nbd+unix:///x?socket=/x", "dest": "TMP/x", "state_dir": "TMP/state"}, ["nbd"],
+     "python3-libnbd"),
+    ("qemu_backup_verify", {"repository": "/x"}, ["nbd"], "python3-libnbd"),
     ("qemu_backup_start", {"qmp_socket": "/x", "backup_id": "x"}, ["qemu", "qemu.qmp"], "pip install qemu.qmp"),
     ("qemu_backup_start", {"domain": "web1", "backup_id": "x"}, ["libvirt"], "apt install python3-libvirt"),
     ("qemu_backup_restore", {"repository": "/x", "vm": "x", "dest": "/x", "define_domain": True}, ["libvirt"],
      "apt install python3-libvirt"),
 ])
-def test_a_missing_library_fails_with_what_to_install(module, args, hidden, words):
-    args = {"ANSIBLE_MODULE_ARGS": args}
+def test_a_missing_library_fails_with_what_to_install(module, args, hidden, words, tmp_path):
+    args = {"ANSIBLE_MODULE_ARGS": {key: value.replace("TMP", str(tmp_path)) if isinstance(value, str) else value
+                                    for key, value in args.items()}}
     # A None entry in sys.modules makes its import fail, as on a host without the package.
     hide = "import sys, runpy; sys.modules.update(dict.fromkeys(%r)); runpy.run_module(%r, run_name='__main__')" % (
         hidden, "ansible_collections.fleetbackup.qemu.plugins.modules." + module)

@@ -99,3 +99,18 @@ def test_alignment_of_clean_and_dirty_zero_parts_in_one_chunk_copies_it():
         Extent(65536, 67232, True, False, True),
     ]
     assert align_extents(extents, 1) is extents
+
+
+def test_an_image_mapped_alone_holds_its_allocated_bytes_and_only_zero_clusters_are_zeros():
+    replies = {ALLOC: [(65536, 0), (65536, 3), (65536, 2), (65536, 3)], DEPTH: [(196608, 1), (65536, 0)]}
+    extents = merge_extents(0, replies, image_alone=True)
+    assert extents == [
+        Extent(0, 65536, False, True, True),        # data
+        Extent(65536, 65536, True, True, True),     # a zero cluster
+        Extent(131072, 65536, False, True, True),   # data that reads as zeros (over a file system's hole)
+        Extent(196608, 65536, True, False, False),  # not in this image: its backing file's, or nobody's
+    ]
+    # An overlay's zero clusters count as zeros written; a full image's, as zeros it needed not write.
+    assert list(plan_operations(extents, 65536, zero_target=False)) == [
+        (COPY, 0, 65536), (ZERO, 65536, 65536), (COPY, 131072, 65536)]
+    assert list(plan_operations(extents, 65536, zero_target=True)) == [(COPY, 0, 65536), (COPY, 131072, 65536)]

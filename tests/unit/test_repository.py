@@ -119,8 +119,11 @@ def test_a_raw_disk_is_full_in_every_backup_while_the_qcow2_disks_continue(repos
 def test_record_uses_what_the_start_really_did_and_prune_drops_whole_chains(repository):
     data = with_images(repository, dict(backups=[backup("b1")]))
     planned = plan(repository, data, "auto", 0, [vm_disk(checkpoints=[("ckpt-b1", True)])], None, NOW)
-    entry = record(data, planned, [dict(disk="vda", mode="full")], [dict(item=dict(disk="vda"), bytes_read=7)], NOW)
+    # Results of the copy module (also as async_status returns them) are matched to their disk by their image.
+    copy_result = dict(image="/backup/vm1/" + planned["disks"][0]["file"], bytes_read=7, checksum="sha256-blocks64k:0a")
+    entry = record(data, planned, [dict(disk="vda", mode="full")], [copy_result], NOW)
     assert (entry["level"], entry["chain"], entry["parent"]) == ("full", entry["name"], None)
+    assert [(d["bytes_read"], d["checksum"]) for d in entry["disks"]] == [(7, "sha256-blocks64k:0a")]
     with pytest.raises(UserError, match="not copied"):
         record(dict(backups=[]), planned, [dict(disk="vda", mode="full")], [], NOW)
     data = dict(backups=[backup("a1"), backup("a2", "incremental", "a1"), backup("b1"), backup("c1")])

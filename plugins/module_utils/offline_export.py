@@ -1,0 +1,138 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A stopped VM's images, served read-only by qemu-nbd: what any connection needs to stop such a backup.
+
+A VM may start while its offline backup runs (it wins, see offline_vm), so the backup's stop may come through
+the QMP or libvirt connection of the running VM: the teardown lives here, apart from OfflineVm.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    file_identity,
+    process_alive,
+    process_start_time,
+    remove_file,
+    this_process,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import end_pidfd
+
+OFFLINE = "offline"
+DISKS = "disks.json"
+
+
+def image_identity(path):
+    """What identifies an image file (a symlink to it is fine): [device, inode]; None when it is no regular file."""
+    return file_identity(path, follow=True)
+
+
+def image_fingerprint(path):
+    """(inode, size, mtime, ctime): any write, metadata change or replacement of the file changes it."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def remember_disks(state, disks, vm):
+    """Record a running VM's disks, and vm (its socket, name and UUID), in its private state: what a backup while it
+    is stopped goes by."""
+    record = dict(vm, disks=[dict(name=disk.name, node=disk.node, qdev=disk.qdev, format=disk.format,
+                                  filename=disk.filename, read_only=disk.read_only,
+                                  identity=image_identity(disk.filename)) for disk in disks])
+    known = state.dir.read_json(DISKS)
+    if known is None or {key: value for key, value in known.items() if key != "seen"} != record:
+        state.dir.write_json(DISKS, dict(record, seen=int(time.time())))
+
+
+def recorded_disks(state):
+    """(disks, when) as fleetbackup last saw a QMP VM running; None when it never saw it."""
+    record = state.dir.read_json(DISKS)
+    if record is None:
+        return None
+    return record["disks"], record["seen"]
+
+
+def servers_alive(record):
+    return bool(record["servers"]) and all(process_alive(server["owner"]) for server in record["servers"])
+
+
+def remove_offline_backup(connection, record, discard_checkpoint, check_mode):
+    """End an offline backup, from whichever connection reaches the VM now: its qemu-nbds (by recorded PID and
+    start time), their sockets, its state; with discard_checkpoint, the bitmaps it added.
+
+    Intact when it completed, its servers still ran, and no image changed since the export began.
+    """
+    alive = [server for server in record["servers"] if process_alive(server["owner"])]
+    changed = [path for path, fingerprint in record["fingerprints"].items() if image_fingerprint(path) != fingerprint]
+    intact = (record["complete"] and len(alive) == len(record["servers"]) and not changed) if record["complete"] \
+        else None
+    checkpoint = record["checkpoint"] if discard_checkpoint and record["added"] else None
+    # The VM may run now: its connection removes the bitmaps from QEMU, or from the images when it is stopped.
+    sockets = [server["socket"] for server in record["servers"]]
+    removed = dict(job=False, exports=[disk["export"] for disk in record["disks"]] if alive else [], nodes=[],
+                   nbd_server=bool(alive), objects=[], checkpoint=checkpoint, state_file=True,
+                   files=[path for path in sockets if os.path.lexists(path)])
+    if changed:
+        connection.notes.append("The images %s changed during the backup (the VM was started, or something else "
+                                "wrote them): the VM won, and this backup holds no single point in time."
+                                % ", ".join(sorted(changed)))
+    if check_mode:
+        return removed, intact
+    for server in alive:
+        end_server(server["owner"])
+    for path in removed["files"]:
+        remove_file(path)
+    if checkpoint:
+        connection.remove_checkpoint(checkpoint, record["added"])
+        connection.registry.forget(record["added"], checkpoint)
+    connection.state.forget_backup()
+    return removed, intact
+
+
+def end_server(owner):
+    """End a qemu-nbd of ours, if still the process we started, and wait until it is gone (it forked away)."""
+    try:
+        pidfd = os.pidfd_open(owner["pid"])
+    except ProcessLookupError:
+        return
+    if process_alive(owner):
+        end_pidfd(pidfd)
+    else:
+        os.close(pidfd)  # its PID is another process's now
+
+
+def serve_image(disk, incremental):
+    """A qemu-nbd serving one image read-only, without a lock, until the stop; it forks once it listens.
+
+    Returns the server's record: the disk, its socket, and who the process is (PID and start time).
+    """
+    pidfile = disk["socket"][:-len(".sock")] + ".pid"
+    for leftover in (disk["socket"], pidfile):
+        remove_file(leftover)  # our own directory: what a dead run left
+    argv = ["qemu-nbd", "--fork", "--persistent", "--read-only", "--shared=0", "--cache=none", "--aio=threads",
+            "--socket", disk["socket"], "--pid-file", pidfile, "--export-name", disk["export"]]
+    if disk["mode"] == "incremental":
+        argv += ["--bitmap", incremental]
+    argv += ["--image-opts", "driver=%s,file.driver=file,file.filename=%s,file.locking=off"
+             % (disk["format"], disk["filename"].replace(",", ",,"))]
+    process = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             check=False)
+    if process.returncode != 0:
+        raise UserError("qemu-nbd could not serve the image %s of disk %s: %s"
+                        % (disk["filename"], disk["disk"], process.stderr.decode(errors="replace").strip()))
+    with open(pidfile) as stream:
+        pid = int(stream.read())
+    remove_file(pidfile)
+    os.chmod(disk["socket"], 0o600)
+    owner = this_process()
+    owner.update(pid=pid, started=process_start_time(pid))
+    return dict(disk=disk["disk"], socket=disk["socket"], owner=owner)
