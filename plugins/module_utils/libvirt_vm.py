@@ -394,8 +394,8 @@ class LibvirtVm(VmConnection):
                                 "fleetbackup's directory for QEMU")
         uid, gid = self._qemu_owner()
         ours = (os.geteuid(), os.getegid())
-        for path, owner, mode in ((self.qemu_dir, ours, 0o711), (self.run_dir, ours, 0o711), (nbd_dir, (uid, gid),
-                                                                                            0o700)):
+        wanted = ((self.qemu_dir, ours, 0o711), (self.run_dir, ours, 0o711), (nbd_dir, (uid, gid), 0o700))
+        for path, owner, mode in wanted:
             if path is None:
                 continue
             try:

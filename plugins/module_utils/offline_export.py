@@ -10,7 +10,6 @@ the QMP or libvirt connection of the running VM: the teardown lives here, apart 
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import time
 

@@ -93,8 +93,8 @@ class OfflineVm(VmConnection):
         info = json.loads(process.stdout)
         if info["format"] != image["format"]:
             raise UserError("The image %s of disk %s is %s now, not %s as recorded: start the VM once so that "
-                            "fleetbackup sees its disks again." % (path, image["name"], info["format"],
-                                                                  image["format"]))
+                            "fleetbackup sees its disks again."
+                            % (path, image["name"], info["format"], image["format"]))
         known = self.metadata.names() if self.metadata else None
         bitmaps = {}
         for bitmap in info.get("format-specific", {}).get("data", {}).get("bitmaps", []):

@@ -32,6 +32,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_connection imp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import list_disks, select_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
 
+
 def qmp_vm_identity(client, socket_path):
     """(name, uuid) a running QEMU reports: its -name, else its socket's directory; its -uuid, else None."""
     name = client.execute("query-name").get("name")
@@ -137,4 +138,3 @@ class QmpVm(VmConnection):
                                   for d in disks])
         else:
             self.qmp.transaction([("block-dirty-bitmap-remove", dict(node=d.node, name=name)) for d in disks])
-

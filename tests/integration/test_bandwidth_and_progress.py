@@ -66,7 +66,7 @@ def progress_past(tmp_path, dest, share):
 
 
 def test_a_copy_held_to_its_bandwidth_shows_its_progress_mid_way_and_ends_exactly(tmp_path, server):
-    url, image, _ = server
+    url, image, _pid = server
     dest = str(tmp_path / "b1.vda.qcow2")
     assert status(tmp_path, dest)["msg"] == "vda: not started"
     outcome = {}
@@ -96,7 +96,7 @@ def test_a_copy_held_to_its_bandwidth_shows_its_progress_mid_way_and_ends_exactl
 
 
 def test_a_copy_that_is_killed_shows_gone_and_one_that_fails_says_why(tmp_path, server):
-    url, _, pid = server
+    url, _image, pid = server
     killed = str(tmp_path / "killed.qcow2")
     process = copy_process(url, killed, tmp_path, bandwidth="8M")
     try:

@@ -1,8 +1,10 @@
 """The modules as a test calls them on one VM: a private state directory and a scratch directory filled in."""
 
 import os
+import subprocess
 
 from support.modules import run_module
+from support.qemu_vm import same
 
 
 class Backups:
@@ -58,6 +60,18 @@ def vm_state_files(state_dir):
         return []
     return sorted(name for vm in os.listdir(vms) for name in os.listdir(os.path.join(vms, vm))
                   if name not in ("lock", "disks.json"))  # the VM's disks as last seen running stay, on purpose
+
+
+def marks(vm):
+    """Every disk's point in the write log, for restores_exactly."""
+    return {disk: vm.mark(disk) for disk in vm.disks}
+
+
+def restores_exactly(vm, tmp_path, disk, top, mark):
+    """Whether the chain ending at top, flattened, reads exactly as the disk did at write mark."""
+    flat = str(tmp_path / ("flat-%s-%d.raw" % (disk, mark)))
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", top, flat], check=True)
+    return same(flat, vm.expected_image(disk, mark, str(tmp_path / ("expected-%s-%d.raw" % (disk, mark)))))
 
 
 def used_bytes(path):

@@ -260,6 +260,16 @@ class LibvirtDomain(Vm):
                                        for b in node.get("dirty-bitmaps", []) if b["name"].startswith("fb-")))
         return left
 
+    def define_again_without_checkpoints(self):
+        """Undefine the domain with its checkpoints' metadata and define it again, as after a libvirtd reinstall;
+        the bitmaps stay in the images. It runs again afterwards."""
+        xml = self.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        self.destroy()
+        self.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+        self.domain = self.daemon.connection.defineXML(xml)
+        return self.start()
+
     def checkpoints(self):
         return sorted(checkpoint.getName() for checkpoint in self.domain.listAllCheckpoints(0))
 

@@ -73,8 +73,8 @@ def test_a_copy_keeps_its_record_from_start_to_end_and_the_status_reads_it(tmp_p
     progress = CopyProgress(directory, dest)
     assert os.listdir(directory.path) == [record_name(dest)]
     status = read_status(directory, dest, "vda")
-    assert (status["state"], status["running"], status["ended"], status["msg"]) == ("starting", True, False,
-                                                                                   "vda: starting")
+    assert (status["state"], status["running"], status["ended"], status["msg"]) == (
+        "starting", True, False, "vda: starting")
     progress(0, 3 * 1024 * MiB)
     for second in range(1, 13):
         clock.now += 1
