@@ -155,7 +155,7 @@ def copiers_env(argv):
 
 def start_backup(vm, scratch, backup_id, **args):
     # Nothing writes to the disk during a bench copy: 10% of the 1 TiB disk would ask for more room than it needs.
-    return start_module(vm, scratch, backup_id, scratch_min_free="1G", **args)["backup"]["disks"][0]
+    return start_module(vm, scratch, backup_id, scratch_size="1G", **args)["backup"]["disks"][0]
 
 
 def start_module(vm, scratch, backup_id, **args):
