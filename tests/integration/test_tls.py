@@ -1,6 +1,7 @@
 """Backups pulled over NBD on TCP with TLS: real QEMU servers, real TLS, certificates from the fleet_ca playbook."""
 
 import os
+import re
 import shutil
 import socket
 import stat
@@ -331,3 +332,60 @@ def test_the_backup_host_pulls_a_hypervisors_vm_over_tls_through_ssh(ssh_fleet, 
     assert stopped["removed"]["objects"] == ["fb-fleet1-authz", "fb-fleet1-tls"]
     assert Backups(vm, str(tmp_path / "hv1")).vm_state_files() == []
     assert fb_objects(vm) == [] and vm.qmp("query-block-exports") == []
+
+
+def test_the_fleet_playbook_keeps_every_repository_on_the_backup_host_pulled_over_tls(ssh_fleet, vms, tmp_path):
+    """backup_hypervisors.yml with a backup host: each hypervisor exports over TLS, the backup host copies and keeps
+    the repositories; full, then incremental; every point restores exactly; nothing is left on the hypervisors."""
+    from test_fleet import line_of, manifest, restores, run_fleet
+    from test_ssh_fleet import ran_over_ssh
+
+    repository = tmp_path / "backup" / "repository"
+    repository.mkdir(mode=0o700)
+    for name in ("hv1", "hv2", "backup"):
+        ssh_fleet.hostvars[name]["fleet_ca_tls_dir"] = str(tmp_path / name / "tls")
+    for name in ("hv1", "hv2"):
+        os.makedirs(tmp_path / name / "state", mode=0o700)
+        ssh_fleet.hostvars[name].update(qemu_hypervisor_venv=str(tmp_path / name / "venv"),
+                                        qemu_hypervisor_state_dir=str(tmp_path / name / "state"),
+                                        fleetbackup_qmp_sockets=[str(ssh_fleet.vm_dirs[name] / "*" / "qmp.sock")])
+    rc, results, output = ssh_fleet.play("- name: Certificates\n  ansible.builtin.import_playbook: "
+                                         "fleetbackup.qemu.fleet_ca\n", "-e", "fleet_ca_dir=%s" % (tmp_path / "ca"),
+                                         "-e", "fleet_ca_organization=fleet")
+    assert rc == 0, output[-4000:]
+    ssh_fleet.all_vars.update(qemu_backup_repository=str(repository), qemu_backup_repository_host="backup")
+    # For the VMs alone: their hypervisor's address and certificates.
+    ssh_fleet.vm_vars.update(
+        qemu_backup_tls_certificates=ssh_fleet.hostvars["backup"]["fleet_ca_tls_dir"],
+        qemu_backup_nbd_tcp=dict(host="{{ hostvars[fleetbackup_hypervisor].ansible_host }}",
+                                 tls_dir="{{ hostvars[fleetbackup_hypervisor].fleet_ca_tls_dir }}",
+                                 tls_allow=["O=fleet,CN=backup"]))
+    machines = {"web@%s" % name: vms([DiskSpec("vda", size=16 * MiB)], name="web", under=ssh_fleet.vm_dirs[name],
+                                     prepare=lambda vm, p=pattern: vm.write("vda", 0, 2 * MiB, p))
+                for name, pattern in (("hv1", 0x31), ("hv2", 0x32))}
+    points = [{name: vm.mark("vda") for name, vm in machines.items()}]
+    rc, results, output, summary = run_fleet(ssh_fleet, "-vvv")
+    assert rc == 0 and not results["failures"], output[-5000:]
+    for name in machines:
+        assert " full " in line_of(summary, name), summary
+    # The copies run under async (async_wrapper, then the module), on the backup host's sshd alone.
+    for name, runs_copies in (("backup", True), ("hv1", False), ("hv2", False)):
+        server = ssh_fleet.servers[name]
+        assert bool(re.search(r"<%s> SSH: EXEC ssh .*-o Port=%d .*AnsiballZ_qemu_backup_copy\.py" % (
+            re.escape(server.address), server.port), output)) == runs_copies, name
+    assert ran_over_ssh(output, ssh_fleet.servers["backup"], "qemu_backup_repository")
+    assert ran_over_ssh(output, ssh_fleet.servers["hv1"], "qemu_backup_start")
+    assert "nbds://%s:" % ssh_fleet.servers["hv2"].address in output
+
+    for vm in machines.values():
+        vm.write("vda", 4 * MiB, MiB, 0x41)
+    points.append({name: vm.mark("vda") for name, vm in machines.items()})
+    rc, results, output, summary = run_fleet(ssh_fleet)
+    assert rc == 0 and not results["failures"], output[-5000:]
+    for name, vm in machines.items():
+        assert " incremental " in line_of(summary, name), summary
+        backups = manifest(str(repository), name)
+        assert [b["level"] for b in backups] == ["full", "incremental"]
+        for point, backup in zip(points, backups):
+            assert restores(vm, str(repository), name, backup, point[name], tmp_path), (name, backup)
+        Backups(vm, str(tmp_path / name.split("@")[1])).assert_nothing_left()
