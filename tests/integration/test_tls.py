@@ -13,6 +13,7 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from support.certificates import HYPERVISOR_ADDRESS
+from support.fleet_tls import hypervisors_with_vm_dirs, pull_over_tls
 from support.flows import Backups
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, MiB, same
@@ -342,24 +343,8 @@ def test_the_fleet_playbook_keeps_every_repository_on_the_backup_host_pulled_ove
 
     repository = tmp_path / "backup" / "repository"
     repository.mkdir(mode=0o700)
-    for name in ("hv1", "hv2", "backup"):
-        ssh_fleet.hostvars[name]["fleet_ca_tls_dir"] = str(tmp_path / name / "tls")
-    for name in ("hv1", "hv2"):
-        os.makedirs(tmp_path / name / "state", mode=0o700)
-        ssh_fleet.hostvars[name].update(qemu_hypervisor_venv=str(tmp_path / name / "venv"),
-                                        qemu_hypervisor_state_dir=str(tmp_path / name / "state"),
-                                        fleetbackup_qmp_sockets=[str(ssh_fleet.vm_dirs[name] / "*" / "qmp.sock")])
-    rc, results, output = ssh_fleet.play("- name: Certificates\n  ansible.builtin.import_playbook: "
-                                         "fleetbackup.qemu.fleet_ca\n", "-e", "fleet_ca_dir=%s" % (tmp_path / "ca"),
-                                         "-e", "fleet_ca_organization=fleet")
-    assert rc == 0, output[-4000:]
-    ssh_fleet.all_vars.update(qemu_backup_repository=str(repository), qemu_backup_repository_host="backup")
-    # For the VMs alone: their hypervisor's address and certificates.
-    ssh_fleet.vm_vars.update(
-        qemu_backup_tls_certificates=ssh_fleet.hostvars["backup"]["fleet_ca_tls_dir"],
-        qemu_backup_nbd_tcp=dict(host="{{ hostvars[fleetbackup_hypervisor].ansible_host }}",
-                                 tls_dir="{{ hostvars[fleetbackup_hypervisor].fleet_ca_tls_dir }}",
-                                 tls_allow=["O=fleet,CN=backup"]))
+    hypervisors_with_vm_dirs(ssh_fleet, tmp_path)
+    pull_over_tls(ssh_fleet, tmp_path, repository)
     machines = {"web@%s" % name: vms([DiskSpec("vda", size=16 * MiB)], name="web", under=ssh_fleet.vm_dirs[name],
                                      prepare=lambda vm, p=pattern: vm.write("vda", 0, 2 * MiB, p))
                 for name, pattern in (("hv1", 0x31), ("hv2", 0x32))}
