@@ -50,7 +50,8 @@ deps: $(VENV)/.ready
 $(INSTALLED): $(VENV)/.ready $(SOURCES)
 	rm -rf build/dist && mkdir -p build/dist
 	$(VENV)/bin/ansible-galaxy collection build --force --output-path build/dist .
-	$(VENV)/bin/ansible-galaxy collection install --force -p $(COLLECTIONS) build/dist/fleetbackup-qemu-*.tar.gz
+	# --no-deps: community.crypto comes with the venv's ansible package, and Galaxy may be out of reach.
+	$(VENV)/bin/ansible-galaxy collection install --no-deps --force -p $(COLLECTIONS) build/dist/fleetbackup-qemu-*.tar.gz
 	@touch $@
 
 install: $(INSTALLED)

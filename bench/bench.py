@@ -3,8 +3,9 @@
 It builds an 8 GiB disk holding 2 GiB of data in many extents, with zeroed and
 unallocated regions, starts a backup of it in a real QEMU, and times every
 copier in turn, alternating, several rounds. Then it times an incremental with
-1% of the disk dirty, checks peak memory on a 64 GiB disk and the mapping of a
-1 TiB sparse one. Every output is checked with qemu-img compare.
+1% of the disk dirty, the same copy over the unix socket, plain TCP and TCP with
+TLS, checks peak memory on a 64 GiB disk and the mapping of a 1 TiB sparse one.
+Every output is checked with qemu-img compare.
 """
 
 import argparse
@@ -22,7 +23,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "build", "collections"))
 
-from support.modules import run_module  # noqa: E402  (needs the paths above)
+from support.certificates import HYPERVISOR_ADDRESS, FleetCertificates  # noqa: E402  (needs the paths above)
+from support.modules import run_module  # noqa: E402
 from support.qemu_vm import DiskSpec, MiB, Vm, same  # noqa: E402
 
 GiB = 1024 * MiB
@@ -153,7 +155,7 @@ def copiers_env(argv):
 
 def start_backup(vm, scratch, backup_id, **args):
     # Nothing writes to the disk during a bench copy: 10% of the 1 TiB disk would ask for more room than it needs.
-    return start_module(vm, scratch, backup_id, scratch_min_free="1G", **args)["backup"]["disks"][0]
+    return start_module(vm, scratch, backup_id, scratch_size="1G", **args)["backup"]["disks"][0]
 
 
 def start_module(vm, scratch, backup_id, **args):
@@ -169,6 +171,51 @@ def stop_backup(vm, scratch, backup_id):
                         state_dir=os.path.join(scratch, "..", "state"))
     if result.failed or result["intact"] is not True:
         raise SystemExit("stop failed: %s" % result)
+
+
+def bench_transports(vm, scratch, workdir, size, rounds, connections):
+    """The full qcow2 copy of one disk over the unix socket, plain TCP and TCP with TLS, in alternating rounds.
+
+    QEMU runs one NBD server, so each copy gets a backup of its own, started (untimed) on the same disk.
+    Returns ({transport: [seconds]}, bytes read).
+    """
+    certificates = FleetCertificates(os.path.join(workdir, "tls"))
+    rc, _results, output = certificates.make()
+    if rc != 0:
+        raise SystemExit("the fleet_ca playbook failed: %s" % output[-3000:])
+    transports = {
+        "unix socket": {},
+        "TCP, plain (loopback)": dict(nbd_tcp=dict(host="127.0.0.1", plain=True)),
+        "TCP with TLS": dict(nbd_tcp=dict(host=HYPERVISOR_ADDRESS, tls_dir=certificates.tls_dir("hv1"),
+                                          tls_allow=[certificates.dn("backup")])),
+    }
+    times = {name: [] for name in transports}
+    reference = vm.flushed_image("vda")
+    for round_index in range(rounds):
+        order = list(transports) if round_index % 2 == 0 else list(reversed(transports))
+        for name in order:
+            disk = start_backup(vm, scratch, "bench-net", **transports[name])
+            copier = Copiers(disk["url"], os.path.join(workdir, "net"), size, connections)
+            os.makedirs(copier.workdir, exist_ok=True)
+            tls = dict(tls_certificates=certificates.tls_dir("backup")) if name == "TCP with TLS" else {}
+            argv, stdin, dest = copier.ours("qcow2", **tls)
+            elapsed, output = timed(argv, stdin, env=copiers_env(argv))
+            times[name].append(elapsed)
+            if round_index == 0 and not same(dest, reference):
+                raise SystemExit("the copy over the %s differs from the disk" % name)
+            os.unlink(dest)
+            stop_backup(vm, scratch, "bench-net")
+    return times, json.loads(output)["bytes_read"]
+
+
+def report_transports(times, bytes_read):
+    print()
+    print("| full qcow2 copy over | median s | data MiB/s | vs unix socket |")
+    print("| --- | ---: | ---: | ---: |")
+    unix = statistics.median(times["unix socket"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        print("| %s | %.2f | %.0f | %.2f |" % (name, median, bytes_read / MiB / median, median / unix))
 
 
 def bench_start_stop(workdir, scratch, rounds):
@@ -210,6 +257,8 @@ def main():
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--workdir", default=None, help="default: a new directory under build/")
     parser.add_argument("--only-start-stop", action="store_true", help="only time the start and stop modules")
+    parser.add_argument("--only-transports", action="store_true",
+                        help="only the copy over the unix socket, plain TCP and TLS")
     parser.add_argument("--only-libvirt", action="store_true", help="only the libvirt roles beside virtnbdbackup")
     parser.add_argument("--libvirt-rounds", type=int, default=2)
     args = parser.parse_args()
@@ -223,6 +272,12 @@ def main():
     try:
         if args.only_libvirt:
             bench_and_report_libvirt(workdir, size, data, args.libvirt_rounds)
+            return
+        if args.only_transports:
+            vm = make_vm(workdir, "vm", size)
+            build_disk(vm, "vda", size, data)
+            vms.append(vm.start())
+            report_transports(*bench_transports(vm, scratch, workdir, size, args.rounds, args.connections))
             return
         print("Timing start and stop of a running VM with 1 and 4 disks...", flush=True)
         start_stop = bench_start_stop(workdir, scratch, 10)
@@ -263,6 +318,8 @@ def main():
         if not same(dest, vm.flushed_image("vda")):
             raise SystemExit("the incremental does not restore the disk")
         stop_backup(vm, scratch, "bench-inc")
+        print("Timing the copy over the unix socket, plain TCP and TLS, %d rounds..." % args.rounds, flush=True)
+        transports = bench_transports(vm, scratch, workdir, size, args.rounds, args.connections)
         vm.kill()
 
         # Memory on a 64 GiB disk with the same data, and the map of a 1 TiB sparse disk.
@@ -281,6 +338,7 @@ def main():
             stop_backup(machine, scratch, "bench-big")
             machine.kill()
         report(times, memory, inc_times, inc_result, full_engine, results_big, data, size)
+        report_transports(*transports)
         bench_and_report_libvirt(workdir, size, data, args.libvirt_rounds)
     finally:
         for machine in vms:

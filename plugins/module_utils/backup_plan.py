@@ -19,6 +19,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import Use
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import check_freeze_timeout
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import check_tcp_request, tcp_url
 
 BACKUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 EXPORT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -29,7 +30,7 @@ MAX_CBW_TIMEOUT = 60
 # sun_path holds 108 bytes with its terminating NUL.
 MAX_SOCKET_PATH = 107
 REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "scratch_size", "nbd_socket",
-                "cbw_timeout", "libvirt_small_scratch", "freeze", "guest_agent_socket", "freeze_timeout")
+                "nbd_tcp", "cbw_timeout", "libvirt_small_scratch", "freeze", "guest_agent_socket", "freeze_timeout")
 
 
 def check_backup_id(backup_id):
@@ -54,6 +55,7 @@ def check_request(request):
     if not 1 <= request["cbw_timeout"] <= MAX_CBW_TIMEOUT:
         raise UserError("cbw_timeout must be 1 to %d seconds: a guest write waits that long at most, and guests "
                         "reset a disk that does not answer within 30 s (Linux SCSI)." % MAX_CBW_TIMEOUT)
+    check_tcp_request(request.get("nbd_tcp"))
 
 
 def check_socket_path(path, given):
@@ -89,7 +91,9 @@ class BackupPlan:
     def __init__(self, backup_id, disks, request, registry, nbd_socket, tag=None):
         self.backup_id = backup_id
         self.request = request
-        self.nbd_socket = nbd_socket
+        self.nbd_socket = nbd_socket  # None when the exports are served over TCP
+        self.tcp = request.get("nbd_tcp")
+        self.port = self.tcp["port"] if self.tcp else None  # the port the listener got, once it listens
         self.scratch_dir = request["scratch_dir"]
         self.tag = tag or new_tag()
         self.checkpoint = request["checkpoint"]
@@ -104,16 +108,27 @@ class BackupPlan:
             self.disks.append(dict(
                 disk=disk.name, node=disk.node, root=disk.root, qdev=disk.qdev, format=disk.format,
                 filename=disk.filename, size=disk.size, mode=mode, reason=reason or checkpoint_reason,
-                checkpoint=checkpoint, export=export_name, url=nbd_url(export_name, nbd_socket),
+                checkpoint=checkpoint, export=export_name,
                 dirty_bitmap=dirty_context(temporary_bitmap(backup_id)) if incremental else None,
                 dirty_bytes=disk.bitmaps[self.incremental]["count"] if incremental else None,
                 granularity=disk.bitmaps[self.incremental]["granularity"] if incremental else None))
 
+    def url(self, export):
+        """The NBD URL of an export: over the unix socket, or over TCP at the address the copy host reaches.
+
+        A disk served apart (a stopped VM's, by a qemu-nbd of its own) carries its own url instead.
+        """
+        if self.tcp:
+            return tcp_url(export, self.tcp["host"], self.port, tls=not self.tcp["plain"])
+        return nbd_url(export, self.nbd_socket)
+
     def result(self):
-        public = ("disk", "node", "export", "url", "size", "mode", "dirty_bitmap", "dirty_bytes", "checkpoint",
-                  "reason")
-        return dict(id=self.backup_id, nbd_socket=self.nbd_socket, checkpoint=self.checkpoint,
-                    incremental=self.incremental, pause=None, disks=[{key: disk[key] for key in public} for disk in self.disks])
+        public = ("disk", "node", "export", "size", "mode", "dirty_bitmap", "dirty_bytes", "checkpoint", "reason")
+        tcp = dict(host=self.tcp["host"], port=self.port, tls=not self.tcp["plain"]) if self.tcp else None
+        return dict(id=self.backup_id, nbd_socket=self.nbd_socket, nbd_tcp=tcp, checkpoint=self.checkpoint,
+                    incremental=self.incremental, pause=None,
+                    disks=[dict({key: disk[key] for key in public}, url=disk.get("url") or self.url(disk["export"]))
+                           for disk in self.disks])
 
 
 def new_tag():

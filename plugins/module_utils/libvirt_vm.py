@@ -31,7 +31,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan impor
     EXPORT_NAME,
     BackupPlan,
     check_socket_path,
-    nbd_url,
     new_tag,
     temporary_bitmap,
 )
@@ -343,6 +342,13 @@ class LibvirtVm(VmConnection):
         return record["backup_id"] in self.running_backup_ids()
 
     def plan(self, backup_id, request, check_mode):
+        if request.get("nbd_tcp"):
+            # libvirt 9.0 serves a backup over TCP with the host-wide certificates of qemu.conf
+            # (backup_tls_x509_cert_dir) and admits any client certificate of that CA: it has no tls-authz.
+            raise UserError("nbd_tcp is not available for libvirt domains: libvirt's backup server would admit every "
+                            "client certificate of the CA (it has no tls-authz to restrict it to the backup host's), "
+                            "and takes its certificates from qemu.conf for the whole host. Copy on the hypervisor "
+                            "over the unix socket, or back up this VM over its own QMP socket (qmp_socket).")
         self._running()
         try:
             chosen = select_disks(self.disks(), request["disks"])
@@ -459,7 +465,6 @@ class LibvirtVm(VmConnection):
                 raise UserError("libvirt's backup job exports no disk %s." % ", ".join(missing))
             for disk in plan.disks:
                 disk["export"], bitmap = exports[disk["disk"]]
-                disk["url"] = nbd_url(disk["export"], plan.nbd_socket)
                 if disk["mode"] == "incremental":
                     disk["dirty_bitmap"] = dirty_context(bitmap)
             self._lock_down_socket(plan.nbd_socket, own_socket)
@@ -527,7 +532,8 @@ class LibvirtVm(VmConnection):
         intact = (exports is not None or bool(record.get("ending"))) if record and record["complete"] else None
         checkpoint = self._checkpoint_of(record) if discard_checkpoint else None
         removed = dict(job=exports is not None, exports=sorted(export for export, _bitmap in (exports or {}).values()),
-                       nodes=[], nbd_server=exports is not None, checkpoint=checkpoint, state_file=record is not None,
+                       nodes=[], nbd_server=exports is not None, objects=[], checkpoint=checkpoint,
+                       state_file=record is not None,
                        files=self._leftover_files(backup_id, record, exports is not None))
         self._note_paused_on_error()
         if check_mode:

@@ -74,6 +74,9 @@ POLL_SLICE_MS = 100
 REPORT_INTERVAL = 1.0
 ADVICE = ("check that the backup is started (src is the url that qemu_backup_start returned) and that the VM or "
           "qemu-nbd serving it is alive and not stopped, then copy again")
+TLS_ADVICE = ("; over TLS, also that tls_certificates holds the fleet CA's ca-cert.pem and this host's client-cert.pem "
+              "and client-key.pem, that the start allows that certificate's name (nbd_tcp.tls_allow; QEMU logs a "
+              "refused one), and that the server's certificate names the address in src")
 
 
 class NbdError(FleetbackupError):
@@ -129,6 +132,7 @@ class Connection:
         self.image_alone = image_alone
         self.handle = nbd.NBD()
         self.handle.set_handle_name("fleetbackup-src")
+        self.handle.set_uri_allow_local_file(True)  # tls-certificates=DIR, which the copy adds to an nbds:// URL
         self.handle.set_full_info(full_info)  # the export's description comes only with full info
         self.contexts = [c for c in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context) if c]
         for context in self.contexts:
@@ -153,7 +157,8 @@ class Connection:
 
     def failure(self, action, reason):
         """The error for a failed action ("connect to", "read offset 0 of"...) on the export."""
-        return NbdError("Cannot %s NBD export %s: %s; %s." % (action, self.url, reason, ADVICE))
+        advice = ADVICE + (TLS_ADVICE if self.url.startswith("nbds") else "")
+        return NbdError("Cannot %s NBD export %s: %s; %s." % (action, self.url, reason, advice))
 
     def _call(self, action, function, *args):
         try:

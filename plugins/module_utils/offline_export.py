@@ -78,7 +78,7 @@ def remove_offline_backup(connection, record, discard_checkpoint, check_mode):
     # The VM may run now: its connection removes the bitmaps from QEMU, or from the images when it is stopped.
     sockets = [server["socket"] for server in record["servers"]]
     removed = dict(job=False, exports=[disk["export"] for disk in record["disks"]] if alive else [], nodes=[],
-                   nbd_server=bool(alive), checkpoint=checkpoint, state_file=True,
+                   nbd_server=bool(alive), objects=[], checkpoint=checkpoint, state_file=True,
                    files=[path for path in sockets if os.path.lexists(path)])
     if changed:
         connection.notes.append("The images %s changed during the backup (the VM was started, or something else "

@@ -142,6 +142,10 @@ class OfflineVm(VmConnection):
             record["disks"])
 
     def plan(self, backup_id, request, check_mode):
+        if request.get("nbd_tcp"):
+            raise UserError("%s is not running: each of its disks is served by a qemu-nbd of its own on a unix socket "
+                            "of fleetbackup's, and nbd_tcp is for running VMs. Copy a stopped VM's backup on the "
+                            "hypervisor, or start the VM." % self.description)
         if request["nbd_socket"]:
             raise UserError("%s is not running: each of its disks is served by a qemu-nbd of its own, on a socket in "
                             "fleetbackup's directory of the VM; leave out nbd_socket." % self.description)
@@ -197,8 +201,8 @@ class OfflineVm(VmConnection):
         """A backup of the VM while it ran, which stopped since: QEMU took its objects along."""
         record = self.state.backup()
         if record is None or record["backup_id"] != backup_id:
-            return dict(job=False, exports=[], nodes=[], nbd_server=False, checkpoint=None, state_file=False,
-                        files=[]), None
+            return dict(job=False, exports=[], nodes=[], nbd_server=False, objects=[], checkpoint=None,
+                        state_file=False, files=[]), None
         removed = self.forget_backup_state(record, discard_checkpoint, check_mode)
         if removed["checkpoint"] and not check_mode:
             self.remove_checkpoint(removed["checkpoint"], [d["filename"] for d in record["disks"] if d["checkpoint"]])

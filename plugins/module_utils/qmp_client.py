@@ -9,6 +9,8 @@ Every failure is raised as QmpError with a message a user can act on.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
@@ -120,6 +122,20 @@ class QmpClient:
         """Hand QEMU a file descriptor (SCM_RIGHTS) for the command that takes it: add-fd or getfd."""
         self._qmp.send_fd_scm(fd)
         return self.execute(command, arguments)
+
+    def peer_file_uid(self):
+        """The uid with which the QEMU process behind the monitor opens files now (after any -runas).
+
+        Its PID comes from the kernel (SO_PEERCRED); the uid it holds at connect time may be root's, so it is read
+        from /proc while the connection holds that PID.
+        """
+        sock = self._qmp._writer.transport.get_extra_info("socket")  # pylint: disable=protected-access
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        with open("/proc/%d/status" % pid) as stream:
+            for line in stream:
+                if line.startswith("Uid:"):
+                    return int(line.split()[4])  # real, effective, saved, file system
+        raise QmpError("Cannot tell which user QEMU (pid %d) runs as." % pid)
 
     def transaction(self, actions):
         """Run actions atomically: all of them take effect, or none."""

@@ -15,6 +15,10 @@ point in time for the whole VM. What a backup created is found again from QEMU i
 named from the backup id, and each disk's fdset carries, in its opaque string, the device and the node
 to put back and the NBD socket that the backup bound.
 
+Over TCP, the NBD server speaks TLS with x509 credentials (verify-peer) and admits only the client
+certificates whose distinguished names the start allows (an authz-list object); both objects are named
+from the backup id too, and the listener, the credentials and the filter go with the stop.
+
 Block status of the scratch image is not a tracked request, so in principle a guest write could land
 between its two halves (the scratch's own allocation, then the disk's); on QEMU 7.2 both halves hold the
 node's qcow2 lock or run without yielding, and the copy-before-write waits for them.
@@ -31,6 +35,7 @@ import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import nbd_url, temporary_bitmap
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import NbdTimeout
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import SERVER_FILES, read_credentials
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time import (
     describe_view,
     probe_export_name,
@@ -39,7 +44,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time imp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestLeftFrozen
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.held_signals import HeldSignals
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import create_exclusive, remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError, QmpError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import create_scratch_image
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
@@ -47,6 +52,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import V
 MINIMUM_QEMU = "7.1"
 FDSET_MARK = "fleetbackup "
 EXPORT_ID = re.compile(r"^fb-(?P<backup_id>[A-Za-z0-9_-]{1,32})-p?\d+$")
+OBJECT_ID = re.compile(r"^fb-(?P<backup_id>[A-Za-z0-9_-]{1,32})-(?:tls|authz)$")
+# The opaque string of the fdset that hands QEMU the directory of a start's TLS credentials, for a moment.
+TLS_FDSET_MARK = "fleetbackup-tls "
 
 
 class QmpBackupNames:
@@ -58,6 +66,10 @@ class QmpBackupNames:
         self._node_prefix = "fb" + hashlib.sha1(backup_id.encode()).hexdigest()[:12]
         self.temp_bitmap = temporary_bitmap(backup_id)
         self.socket_fd = "fb-%s-nbd" % backup_id
+        self.tls_creds = "fb-%s-tls" % backup_id
+        self.tls_authz = "fb-%s-authz" % backup_id
+        self.tls_fdset = TLS_FDSET_MARK + backup_id
+        self.tls_dir = "tls-%s" % backup_id  # in the VM's private state directory
 
     def export_id(self, index):
         return "fb-%s-%d" % (self.backup_id, index)
@@ -119,6 +131,10 @@ def running_backup_ids(qmp):
            if set(QmpBackupNames(record["backup"]).nodes(record["index"])) & nodes}
     for export in qmp.execute("query-block-exports"):
         match = EXPORT_ID.match(export["id"])
+        if match:
+            ids.add(match.group("backup_id"))
+    for entry in qmp.execute("qom-list", {"path": "/objects"}):
+        match = OBJECT_ID.match(entry["name"])
         if match:
             ids.add(match.group("backup_id"))
     return ids
@@ -225,13 +241,16 @@ def start_backup(qmp, state, plan, registry, freeze, pause=VcpuPause):
     any failure, removes all it created."""
     names = QmpBackupNames(plan.backup_id)
     record = dict(backup_id=plan.backup_id, tag=plan.tag, request=plan.request, complete=False,
-                  qmp_socket=qmp.socket_path, nbd_socket=plan.nbd_socket, socket_identity=None,
+                  qmp_socket=qmp.socket_path, nbd_socket=plan.nbd_socket, tcp=None, socket_identity=None,
                   nbd_server_started=False, checkpoint=plan.checkpoint, disks=plan.disks, result=plan.result(),
                   started=int(time.time()))
     state.save_backup(record)
     listener = None
     try:
-        listener = _step("listening on the NBD socket", _listen, plan.nbd_socket, record, state)
+        if plan.tcp:
+            listener = _step("listening on TCP", _listen_tcp, plan, record, state)
+        else:
+            listener = _step("listening on the NBD socket", _listen, plan.nbd_socket, record, state)
         _prepare_filters(qmp, names, plan, record)
         with freeze, pause(qmp, state, plan.backup_id) as paused:
             _step("the bitmap transaction", _freeze_bitmaps, qmp, names, plan)
@@ -293,6 +312,29 @@ def _listen(path, record, state):
     record["socket_identity"] = [created.st_dev, created.st_ino]
     state.save_backup(record)
     listener.listen(16)
+    return listener
+
+
+def _listen_tcp(plan, record, state):
+    """Bind and listen on the TCP address ourselves, as on the unix socket: QEMU gets the listening socket.
+
+    So QEMU binds nothing (it may run as any user, sandboxed), and a port of 0 becomes a free port that we
+    know before any URL is handed out (QEMU would not tell which one it got). The socket is QEMU's until
+    the stop's nbd-server-stop closes it: the listener lives exactly as long as the backup.
+    """
+    host = plan.tcp["host"]
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections' TIME_WAIT only
+        listener.bind((host, plan.tcp["port"]))
+        listener.listen(16)
+    except OSError as err:
+        listener.close()
+        raise UserError("cannot listen on %s port %d (%s): give an address of this host, and another nbd_tcp.port "
+                        "or 0 for a free one" % (host, plan.tcp["port"], err.strerror)) from None
+    plan.port = listener.getsockname()[1]
+    record.update(tcp=dict(host=host, port=plan.port), result=plan.result())
+    state.save_backup(record)
     return listener
 
 
@@ -361,7 +403,10 @@ def _export(qmp, names, plan, record, state, listener):
     for index, disk in enumerate(plan.disks):
         _step("adding the probe node of disk %s" % disk["disk"], qmp.execute, "blockdev-add", {
             "driver": "snapshot-access", "node-name": names.probe_node(index), "file": names.filter_node(index)})
-    _step("starting the NBD server", _start_nbd_server, qmp, names, listener, record, state)
+    tls = bool(plan.tcp) and not plan.tcp["plain"]
+    if tls:
+        _step("adding the TLS credentials and the client filter", _add_tls, qmp, names, plan.tcp, state)
+    _step("starting the NBD server", _start_nbd_server, qmp, names, listener, record, state, tls)
     for index, disk in enumerate(plan.disks):
         export = {"type": "nbd", "id": names.export_id(index), "node-name": names.scratch_node(index),
                   "name": disk["export"], "writable": False, "allocation-depth": True,
@@ -375,13 +420,65 @@ def _export(qmp, names, plan, record, state, listener):
             "name": probe_export_name(disk["export"]), "writable": False})
 
 
-def _start_nbd_server(qmp, names, listener, record, state):
+def _add_tls(qmp, names, tcp, state):
+    """QEMU's x509 credentials, checking every client's certificate against the CA (verify-peer), and the filter
+    that admits only the allowed distinguished names.
+
+    QEMU reads the credentials itself, as the user it runs as (-runas), once: when the object is made. So
+    the files are copied, as we read and checked them, into a directory of ours inside the private state
+    directory, as files that QEMU's user owns and alone can read; QEMU reaches them through a descriptor of
+    that directory (/proc/self/fd/N), never by a path, and the copies are gone as soon as QEMU has read them.
+    """
+    contents = read_credentials(tcp["tls_dir"], SERVER_FILES, "nbd_tcp.tls_dir")
+    uid = qmp.peer_file_uid()
+    directory = state.dir.path_of(names.tls_dir)
+    _remove_tls_dir(directory)  # a copy that a killed start left
+    os.mkdir(directory, 0o700)
+    try:
+        os.chmod(directory, 0o711)  # the private state directory around it is the barrier
+        for name, data in contents.items():
+            created = create_exclusive(directory, name)
+            try:
+                os.write(created.fd, data)  # a few KiB: one write
+                os.fchown(created.fd, uid, -1)
+                os.fchmod(created.fd, 0o400)
+            finally:
+                os.close(created.fd)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            added = qmp.execute_with_fd(fd, "add-fd", {"opaque": names.tls_fdset})
+        finally:
+            os.close(fd)
+        try:
+            qmp.execute("object-add", {"qom-type": "tls-creds-x509", "id": names.tls_creds, "endpoint": "server",
+                                       "verify-peer": True, "dir": "/proc/self/fd/%d" % added["fd"]})
+        finally:
+            qmp.execute("remove-fd", {"fdset-id": added["fdset-id"]})
+    finally:
+        _remove_tls_dir(directory)
+    qmp.execute("object-add", {"qom-type": "authz-list", "id": names.tls_authz, "policy": "deny", "rules": [
+        {"match": name, "policy": "allow", "format": "exact"} for name in tcp["tls_allow"]]})
+
+
+def _remove_tls_dir(directory):
+    for name in SERVER_FILES:
+        remove_file(os.path.join(directory, name))
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+
+
+def _start_nbd_server(qmp, names, listener, record, state, tls):
     """QEMU serves NBD on the socket we listen on: it opens no path of ours."""
     record["nbd_server_started"] = True  # before, so that a start killed right after it still stops it
     state.save_backup(record)
     qmp.execute_with_fd(listener.fileno(), "getfd", {"fdname": names.socket_fd})
+    arguments = {"addr": {"type": "fd", "data": {"str": names.socket_fd}}}
+    if tls:
+        arguments.update({"tls-creds": names.tls_creds, "tls-authz": names.tls_authz})
     try:
-        qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": names.socket_fd}}})
+        qmp.execute("nbd-server-start", arguments)
     except QmpCommandError as err:
         qmp.execute("closefd", {"fdname": names.socket_fd})
         record["nbd_server_started"] = False  # it is someone else's: ours never started
@@ -429,6 +526,11 @@ class Teardown:
         # Our exports live only on the NBD server we started.
         self.nbd_server = bool(self.exports) or bool(self.record and self.record["nbd_server_started"])
         self.sockets, self.foreign_sockets = self._sockets(disks.values())
+        present_objects = {entry["name"] for entry in qmp.execute("qom-list", {"path": "/objects"})}
+        # The server holds the credentials: the filter and the credentials go after it.
+        self.objects = [name for name in (names.tls_authz, names.tls_creds) if name in present_objects]
+        self.tls_fdsets = [fdset["fdset-id"] for fdset in qmp.execute("query-fdsets")
+                           if any(fd.get("opaque") == names.tls_fdset for fd in fdset["fds"])]
 
     def _sockets(self, disks):
         """(the sockets to remove, those named only by QEMU outside our own directory, which we leave alone).
@@ -450,30 +552,63 @@ class Teardown:
     def removed(self):
         return dict(job=False, exports=self.exports, nodes=self.nodes, devices=[disk["qdev"] for disk in self.devices],
                     bitmaps=len(self.bitmap_nodes), scratch_images=self.scratch_images, nbd_server=self.nbd_server,
-                    files=self.sockets, checkpoint=self.checkpoint if self.checkpoint_disks else None,
+                    objects=self.objects, files=self.sockets, checkpoint=self.checkpoint if self.checkpoint_disks else None,
                     state_file=self.record is not None)
 
     def intact(self):
         """Whether the point-in-time view of a completed start still holds; None when there is none.
 
+        Over TCP QEMU admits only the backup host's certificate, so the probes are read after the TCP server
+        ended, on a unix socket of ours (_serve_probes_on_unix). That changes QEMU: in check mode it is None.
         A probe that QEMU does not answer proves nothing: not intact.
         """
         record = self.record
         if not record or not record["complete"]:
             return None
+        if record.get("tcp") and self.state.read_only:
+            return None
+        if not backup_is_whole(self.qmp, record):
+            return False
+        socket_path = self._serve_probes_on_unix() if record.get("tcp") else record["nbd_socket"]
         try:
-            return backup_is_whole(self.qmp, record) and all(
-                view_intact(nbd_url(probe_export_name(d["export"]), record["nbd_socket"])) for d in record["disks"])
+            return all(view_intact(nbd_url(probe_export_name(d["export"]), socket_path)) for d in record["disks"])
         except NbdTimeout:
             return False
 
+    def _serve_probes_on_unix(self):
+        """End the TCP server and every export, then serve the probes alone on the VM's default unix socket."""
+        qmp, names, record = self.qmp, self.names, self.record
+        self._delete_exports()
+        _stop_nbd_server(qmp)
+        path = record["nbd_socket"] = self.state.default_socket  # recorded: a stop that dies still finds it
+        remove_file(path)  # ours, in our own directory: left by a stop that died
+        listener = _listen(path, record, self.state)
+        try:
+            _start_nbd_server(qmp, names, listener, record, self.state, tls=False)
+        finally:
+            listener.close()
+        self.sockets.append(path)
+        for index, disk in enumerate(record["disks"]):
+            qmp.execute("block-export-add", {
+                "type": "nbd", "id": names.probe_export_id(index), "node-name": names.probe_node(index),
+                "name": probe_export_name(disk["export"]), "writable": False})
+        return path
+
+    def _delete_exports(self):
+        """Delete the exports of this backup that QEMU has now, and wait until they are gone."""
+        for export in self.qmp.execute("query-block-exports"):
+            if self.names.owns_export(export["id"]):
+                self.qmp.execute("block-export-del", {"id": export["id"], "mode": "hard"})
+                self.qmp.wait_event("BLOCK_EXPORT_DELETED", id=export["id"])
+
     def run(self, registry):
         qmp, names = self.qmp, self.names
-        for export_id in self.exports:
-            qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
-            qmp.wait_event("BLOCK_EXPORT_DELETED", id=export_id)
+        self._delete_exports()
         if self.nbd_server:
             _stop_nbd_server(qmp)
+        for name in self.objects:
+            qmp.execute("object-del", {"id": name})
+        _remove_tls_dir(self.state.dir.path_of(names.tls_dir))
         # The probe holds the filter's source consistent: it goes before the devices can move back.
         self._delete("-p")
         for disk in self.devices:
@@ -486,7 +621,7 @@ class Teardown:
             qmp.execute("block-dirty-bitmap-remove", {"node": disk["node"], "name": self.checkpoint})
         if self.checkpoint_disks:
             registry.forget([disk["filename"] for disk in self.checkpoint_disks], self.checkpoint)
-        for fdset, _disk in self.fdsets:
+        for fdset in [fdset for fdset, _disk in self.fdsets] + self.tls_fdsets:
             qmp.execute("remove-fd", {"fdset-id": fdset})
         for path in self.sockets:
             remove_file(path)  # QEMU may have unlinked it already when it closed the listener, if it could

@@ -15,6 +15,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze impo
     SocketAgent,
     thaw_abandoned_freeze,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import SERVER_FILES, read_credentials
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import recorded_disks, remember_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_vm import OfflineVm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory, utc
@@ -114,8 +115,13 @@ class QmpVm(VmConnection):
         if not chosen:
             raise UserError("%s has no writable disk with a medium to back up; name disks explicitly."
                             % self.description)
-        nbd_socket = request["nbd_socket"] or self.state.default_socket
-        check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
+        nbd_socket = None
+        if request.get("nbd_tcp"):
+            if request["nbd_tcp"]["tls_dir"]:
+                read_credentials(request["nbd_tcp"]["tls_dir"], SERVER_FILES, "nbd_tcp.tls_dir")
+        else:
+            nbd_socket = request["nbd_socket"] or self.state.default_socket
+            check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
         shares = scratch_shares(scratch_bytes(request["scratch_size"], sum(disk.size for disk in chosen)),
                                 [disk.size for disk in chosen])
         scratch_dir = request["scratch_dir"] or self.state.default_scratch_dir

@@ -183,8 +183,8 @@ class VmConnection:
         """Remove what a backup of a VM that stopped since left outside QEMU: its socket and state."""
         checkpoint = record["checkpoint"] if discard_checkpoint else None
         ours = record["socket_identity"] and self.state.holds_socket(record["nbd_socket"], record["socket_identity"])
-        removed = dict(job=False, exports=[], nodes=[], nbd_server=False, checkpoint=checkpoint, state_file=True,
-                       files=[record["nbd_socket"]] if ours else [])
+        removed = dict(job=False, exports=[], nodes=[], nbd_server=False, objects=[], checkpoint=checkpoint,
+                       state_file=True, files=[record["nbd_socket"]] if ours else [])
         if not check_mode:
             if checkpoint:
                 self.registry.forget([d["filename"] for d in record["disks"] if d["checkpoint"]], checkpoint)

@@ -43,6 +43,18 @@ options:
       - A server that sends nothing for 60 seconds, while connecting or during the copy, fails the copy.
     type: str
     required: true
+  tls_certificates:
+    description:
+      - For an C(nbds://) O(src), as a start with O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp) returns, the
+        directory with the fleet CA's C(ca-cert.pem) and this host's C(client-cert.pem) and C(client-key.pem), as the
+        C(fleetbackup.qemu.fleet_ca) playbook makes them on the backup host.
+      - The copy checks the server's certificate against that CA and its name against the address in O(src), and
+        presents its own certificate, whose distinguished name the start must allow
+        (O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp.tls_allow)).
+      - The directory and files must belong to root (or this user) and be writable by nobody else; the key must be
+        readable by its owner alone (0600). Links are refused.
+      - Required for an C(nbds://) O(src), unless O(src) names them itself (C(tls-certificates=DIR)).
+    type: path
   dest:
     description: Path of the backup image to write. Its directory must exist.
     type: path
@@ -118,6 +130,12 @@ EXAMPLES = r"""
 - name: Full copy of one disk
   fleetbackup.qemu.qemu_backup_copy:
     src: nbd+unix:///vda?socket=/var/tmp/web1-nightly.nbd
+    dest: /backup/web1/2026-11-29.vda.qcow2
+
+- name: Full copy over TLS from a start with nbd_tcp, on the backup host
+  fleetbackup.qemu.qemu_backup_copy:
+    src: nbds://192.0.2.11:40813/web1-nightly/5f3a9c01/vda
+    tls_certificates: /etc/fleetbackup/tls
     dest: /backup/web1/2026-11-29.vda.qcow2
 
 - name: Incremental copy, an overlay on the previous backup
@@ -220,6 +238,11 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
     dirty_context,
     export_size_and_connections,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import (
+    CLIENT_FILES,
+    read_credentials,
+    with_certificates,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time import (
     SnapshotBroken,
     broken_view_message,
@@ -246,6 +269,7 @@ def main():
     module = FleetbackupModule(
         argument_spec=dict(
             src=dict(type="str", required=True),
+            tls_certificates=dict(type="path"),
             dest=dict(type="path", required=True),
             format=dict(type="str", choices=["qcow2", "raw"], default="qcow2"),
             force=dict(type="bool", default=False),
@@ -274,6 +298,7 @@ def check_params(params):
     if not params["src"].startswith("nbd"):
         raise UserError("src '%s' is not an NBD URL: pass the url from qemu_backup_start, like "
                         "nbd+unix:///vda?socket=/var/tmp/ID.nbd." % params["src"])
+    check_tls(params)
     if not 1 <= params["connections"] <= 16 or not 1 <= params["requests"] <= 1024:
         raise UserError("connections must be 1 to 16 and requests 1 to 1024.")
     if not CLUSTER_SIZE <= params["request_size"] <= MAX_REQUEST_SIZE or params["request_size"] % CLUSTER_SIZE:
@@ -295,6 +320,18 @@ def check_params(params):
                             % params["backing"])
         check_backing_name(os.path.relpath(params["backing"], dest_dir))
     return dest_dir
+
+
+def check_tls(params):
+    """An nbds:// src gets its client certificates; certificates go only with an nbds:// src."""
+    tls = params["src"].startswith("nbds")
+    if params["tls_certificates"]:
+        if not tls:
+            raise UserError("tls_certificates is for an nbds:// src (a start with nbd_tcp), not for %s." % params["src"])
+        read_credentials(params["tls_certificates"], CLIENT_FILES, "tls_certificates")
+    elif tls and "tls-certificates=" not in params["src"]:
+        raise UserError("src %s is served over TLS: give tls_certificates, the directory with the fleet CA's "
+                        "ca-cert.pem and this host's client-cert.pem and client-key.pem." % params["src"])
 
 
 def copy_backup(module):
@@ -325,10 +362,11 @@ def copy_or_keep(module, progress):
     bandwidth = parse_bandwidth(params["bandwidth"])
     dest_dir = check_params(params)
     dest = params["dest"]
+    src = with_certificates(params["src"], params["tls_certificates"]) if params["tls_certificates"] else params["src"]
     bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
     # Also in check mode: reading the export's size is harmless and proves src is right.
-    size, connections = export_size_and_connections(params["src"], bitmap_context, params["connections"])
-    view = export_view(params["src"])
+    size, connections = export_size_and_connections(src, bitmap_context, params["connections"])
+    view = export_view(src)
     check_view(view)
     identity = dict(export=export_name_of(params["src"]), size=size, bitmap=bitmap_context, format=params["format"],
                     backing=os.path.relpath(params["backing"], dest_dir) if params["backing"] else None,
@@ -349,7 +387,7 @@ def copy_or_keep(module, progress):
     backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
     started = time.monotonic()
     try:
-        copied = copy_to_image(params["src"], partial, params["format"], size, bitmap_context, backing,
+        copied = copy_to_image(src, partial, params["format"], size, bitmap_context, backing,
                                params["backing_format"], connections, params["requests"], params["request_size"],
                                bandwidth=bandwidth, report=progress)
     except FleetbackupError:

@@ -12,8 +12,9 @@ version_added: 0.1.0
 description:
   - Starts a pull-mode backup of a running QEMU VM over QMP. Every chosen disk gets a point-in-time view
     at one single instant, while the guest keeps running and writing.
-  - Each disk's view is exported read-only over NBD on a unix socket; copy it with
-    M(fleetbackup.qemu.qemu_backup_copy), then end the backup with M(fleetbackup.qemu.qemu_backup_stop).
+  - Each disk's view is exported read-only over NBD on a unix socket, or with O(nbd_tcp) over TCP with TLS for a
+    copy on another host (the backup host); copy it with M(fleetbackup.qemu.qemu_backup_copy), then end the backup
+    with M(fleetbackup.qemu.qemu_backup_stop).
   - The guest always wins. Data that the guest overwrites during the backup is first kept in a scratch image
     (a copy-before-write filter with C(on-cbw-error=break-snapshot)). When the scratch space runs out, or keeping
     old data takes longer than O(cbw_timeout), the guest's write lands anyway and only the backup's view breaks;
@@ -100,7 +101,65 @@ options:
       - Defaults to C(nbd.sock) in the VM's directory under O(state_dir), or under O(qemu_dir) with O(domain), where
         QEMU creates it and the module makes it 0600.
       - Its directory must not be writable by other users unless it is sticky.
+      - Not with O(nbd_tcp).
     type: path
+  nbd_tcp:
+    description:
+      - Serve the exports over TCP instead of the unix socket, so that M(fleetbackup.qemu.qemu_backup_copy) can read
+        them from another host, such as the backup host that holds the repository.
+      - QEMU's NBD server then speaks TLS only, with the x509 certificates in O(nbd_tcp.tls_dir). It checks every
+        client's certificate against the CA (C(verify-peer)), and admits only those whose distinguished name is in
+        O(nbd_tcp.tls_allow) (a C(tls-authz) filter); clients without a certificate, with one of another CA or with
+        another name are refused before they see any export.
+      - The module binds and listens on the address itself and hands QEMU the listening socket, as it does with the
+        unix socket, so QEMU binds nothing and a free port (O(nbd_tcp.port=0)) is known before the URLs are
+        returned. The listener, the credentials and the filter exist only until M(fleetbackup.qemu.qemu_backup_stop).
+      - QEMU reads the credentials as the user it runs as (C(-runas)). The module copies them, as it checked them,
+        into its private state directory for QEMU's user alone and hands QEMU a descriptor of that directory; the
+        copies are removed as soon as QEMU has loaded them.
+      - The URLs in RV(backup.disks[].url) are C(nbds://HOST:PORT/EXPORT); the copy adds its client certificates
+        with O(fleetbackup.qemu.qemu_backup_copy#module:tls_certificates).
+      - Not for libvirt domains (O(domain)), since libvirt's backup server would admit every certificate of the CA and
+        takes its certificates from C(qemu.conf) for the whole host. Such a start fails.
+      - M(fleetbackup.qemu.qemu_backup_stop), which has no certificate that QEMU admits, ends the TCP server first and
+        reads the backup's probes on a unix socket of its own, to report
+        RV(fleetbackup.qemu.qemu_backup_stop#module:intact).
+    type: dict
+    suboptions:
+      host:
+        description:
+          - The IP address of this hypervisor to listen on, one that the backup host reaches; it goes into the URLs.
+          - The server certificate must name it as an IP SAN, since the copy checks the server's name.
+          - A wildcard address (C(0.0.0.0), C(::)) is refused.
+        type: str
+        required: true
+      port:
+        description:
+          - TCP port to listen on; C(0) takes a free port, returned in RV(backup.nbd_tcp.port) and the URLs.
+          - Each running backup needs a port of its own.
+        type: int
+        default: 0
+      tls_dir:
+        description:
+          - Directory on the hypervisor with the fleet CA's C(ca-cert.pem) and this hypervisor's C(server-cert.pem)
+            and C(server-key.pem), as the C(fleetbackup.qemu.fleet_ca) playbook makes them.
+          - The directory and files must belong to root and be writable by nobody else; the key must be readable by
+            root alone (0600). Links are refused.
+          - Required unless O(nbd_tcp.plain).
+        type: path
+      tls_allow:
+        description:
+          - The distinguished names of the client certificates that may read the exports, as QEMU prints them, in
+            the order of the certificate's subject, like C(O=fleet,CN=backup1). Usually the backup host's alone.
+          - Required with O(nbd_tcp.tls_dir).
+        type: list
+        elements: str
+      plain:
+        description:
+          - Serve plain NBD over TCP, without TLS. Anyone who reaches the address could read the disks, so it is
+            refused unless O(nbd_tcp.host) is a loopback address.
+        type: bool
+        default: false
   checkpoint:
     description:
       - Name of a new checkpoint (a persistent dirty bitmap) added to every backed-up disk at the backup's
@@ -210,6 +269,24 @@ EXAMPLES = r"""
     scratch_dir: /srv/scratch
     scratch_size: 20G
 
+- name: Export over TCP with TLS, for a copy on the backup host
+  fleetbackup.qemu.qemu_backup_start:
+    qmp_socket: /run/vms/web1/qmp.sock
+    backup_id: web1-nightly
+    nbd_tcp:
+      host: 192.0.2.11
+      tls_dir: /etc/fleetbackup/tls
+      tls_allow: ["O=fleet,CN=backup1"]
+  register: started
+
+- name: Copy each disk on the backup host, presenting its client certificate
+  fleetbackup.qemu.qemu_backup_copy:
+    src: "{{ item.url }}"
+    tls_certificates: /etc/fleetbackup/tls
+    dest: "/backup/web1/{{ item.disk }}.qcow2"
+  loop: "{{ started.backup.disks }}"
+  delegate_to: backup1
+
 - name: Incremental since c0001, opening c0002
   fleetbackup.qemu.qemu_backup_start:
     qmp_socket: /run/vms/web1/qmp.sock
@@ -230,9 +307,25 @@ backup:
       type: str
       sample: web1-nightly
     nbd_socket:
-      description: The NBD server's unix socket.
+      description: The NBD server's unix socket; null with O(nbd_tcp).
       type: str
       sample: /var/lib/fleetbackup/vms/qmp-3c1f0a2b9d4e/nbd.sock
+    nbd_tcp:
+      description: With O(nbd_tcp), where the NBD server listens; else null.
+      type: dict
+      contains:
+        host:
+          description: The address.
+          type: str
+          sample: 192.0.2.11
+        port:
+          description: The port, also when a free one was taken (in check mode, the one asked for).
+          type: int
+          sample: 40813
+        tls:
+          description: Whether the server speaks TLS only (false only with O(nbd_tcp.plain)).
+          type: bool
+          sample: true
     checkpoint:
       description: The checkpoint created at this backup's point in time, if any.
       type: str
@@ -312,7 +405,9 @@ backup:
           type: str
           sample: web1-nightly/5f3a9c01/vda
         url:
-          description: NBD URL of the point-in-time view; the O(fleetbackup.qemu.qemu_backup_copy#module:src) to copy.
+          description:
+            - NBD URL of the point-in-time view; the O(fleetbackup.qemu.qemu_backup_copy#module:src) to copy.
+            - With O(nbd_tcp), C(nbds://HOST:PORT/EXPORT) (C(nbd://) with O(nbd_tcp.plain)).
           type: str
           sample: nbd+unix:///web1-nightly/5f3a9c01/vda?socket=/var/lib/fleetbackup/vms/qmp-3c1f0a2b9d4e/nbd.sock
         size:
@@ -355,6 +450,13 @@ def main():
             scratch_size=dict(type="str", default="10%"),
             cbw_timeout=dict(type="int", default=10),
             nbd_socket=dict(type="path"),
+            nbd_tcp=dict(type="dict", options=dict(
+                host=dict(type="str", required=True),
+                port=dict(type="int", default=0),
+                tls_dir=dict(type="path"),
+                tls_allow=dict(type="list", elements="str"),
+                plain=dict(type="bool", default=False),
+            )),
             checkpoint=dict(type="str"),
             incremental=dict(type="str"),
             fallback_to_full=dict(type="bool", default=False),
@@ -363,7 +465,7 @@ def main():
             guest_agent_socket=dict(type="path"),
             freeze_timeout=dict(type="float", default=10),
         ),
-        mutually_exclusive=[("domain", "guest_agent_socket")],
+        mutually_exclusive=[("domain", "guest_agent_socket"), ("nbd_socket", "nbd_tcp")],
         supports_check_mode=True,
     )
     module.run(start)

@@ -11,7 +11,8 @@ short_description: End a backup started by qemu_backup_start and remove everythi
 version_added: 0.1.0
 description:
   - Removes the backup's NBD exports (waiting for C(BLOCK_EXPORT_DELETED)) and the NBD server that the backup
-    started, puts every disk back on its own node, deletes the filters, the snapshot and scratch nodes, the
+    started, which closes its listener (unix socket or TCP), and the TLS credentials and client filter objects of a
+    TCP backup; puts every disk back on its own node, deletes the filters, the snapshot and scratch nodes, the
     temporary bitmaps and the scratch images, the socket and the backup's state.
   - It needs only the VM and the O(backup_id). It finds what the backup created in QEMU by its names and in
     fleetbackup's private state, whatever O(fleetbackup.qemu.qemu_backup_start#module:scratch_dir) or
@@ -70,6 +71,9 @@ intact:
       took longer than O(fleetbackup.qemu.qemu_backup_start#module:cbw_timeout)); the guest's writes all landed,
       and any copy that read the broken view has failed. Do not keep such a backup.
     - Null when there was no complete backup to stop, or when the VM was gone.
+    - For a backup served over TCP (O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp)), where QEMU admits only the
+      backup host's certificate, the stop first ends the TCP server and then reads the probes on a unix socket of its
+      own; so in check mode it is null there.
   returned: success
   type: bool
   sample: true
@@ -101,6 +105,11 @@ removed:
       description: Whether the NBD server that the backup started was stopped.
       type: bool
       sample: true
+    objects:
+      description: The QEMU objects of a TCP backup, its x509 credentials and its client filter (tls-authz).
+      type: list
+      elements: str
+      sample: [fb-web1-nightly-authz, fb-web1-nightly-tls]
     checkpoint:
       description: The checkpoint removed with O(discard_checkpoint), else null.
       type: str

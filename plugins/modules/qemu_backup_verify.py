@@ -32,6 +32,7 @@ options:
     description: The VM whose backups to verify, its subdirectory in the repository; a plain file name. Every VM that
       has a manifest in the repository by default.
     type: str
+    required: false
   backups:
     description:
       - Names of the backups to verify, with every image they need; all of them by default.

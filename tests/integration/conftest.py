@@ -103,3 +103,17 @@ def ssh_fleet(tmp_path):
         yield fleet.start()
     finally:
         fleet.stop()
+
+
+@pytest.fixture(scope="session")
+def fleet_certificates(tmp_path_factory):
+    """The fleet's CA and certificates (hv1's server certificate for 127.0.0.2, the backup host's and an intruder's
+    client certificates), and those of another CA, each made once per run by the fleet_ca playbook."""
+    from support.certificates import FleetCertificates
+    from support.fleet import assert_ok
+
+    fleet = FleetCertificates(str(tmp_path_factory.mktemp("fleet-ca")))
+    other = FleetCertificates(str(tmp_path_factory.mktemp("other-ca")))
+    fleet.first_run = assert_ok(fleet.make())
+    assert_ok(other.make())
+    return fleet, other

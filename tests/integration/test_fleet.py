@@ -16,9 +16,9 @@ PLAYBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.
 SUMMARY = "One line per VM, and one per hypervisor whose VMs could not be found"
 
 
-def run_fleet(ssh_fleet):
+def run_fleet(ssh_fleet, *args):
     with open(PLAYBOOK) as stream:
-        rc, results, output = ssh_fleet.play(stream.read(), forks=8)
+        rc, results, output = ssh_fleet.play(stream.read(), *args, forks=8)
     assert "localhost" in results["tasks"], output[-5000:]
     return rc, results, output, results["tasks"]["localhost"][SUMMARY]["msg"]
 

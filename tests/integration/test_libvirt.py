@@ -21,7 +21,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import i
 TWO_DISKS = [DiskSpec("vda", size=64 * MiB), DiskSpec("vdb", size=32 * MiB)]
 
 
-
 def run_files(vm):
     """What is left under qemu_dir besides the VMs' own directories: scratch images, starts' socket directories."""
     found = []

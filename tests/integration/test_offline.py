@@ -17,7 +17,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import i
 TWO_DISKS = [DiskSpec("vda", size=32 * MiB), DiskSpec("vdb", size=16 * MiB)]
 
 
-
 def offline_record(flow):
     """The running offline backup's state, as the module keeps it."""
     vms = os.path.join(flow.state_dir, "vms")

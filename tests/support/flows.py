@@ -82,5 +82,5 @@ def used_bytes(path):
 
 def assert_no_leftovers(vm):
     """Nothing of a backup in QEMU, and no scratch image held open (they have no name: look at QEMU's descriptors)."""
-    assert vm.leftovers() == dict(nodes=[], moved={}, exports=[], jobs=[], fdsets=[], deleted_files=[],
+    assert vm.leftovers() == dict(nodes=[], moved={}, exports=[], jobs=[], fdsets=[], deleted_files=[], objects=[],
                                   bitmaps={d: [] for d in vm.disks})

@@ -57,6 +57,8 @@ def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False
     if at_task:
         env.update(AT_TASK=at_task[0], AT_TASK_COMMAND=json.dumps(at_task[1]))
     process = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900, check=False)
+    # ansible-playbook that stops before its recap (an error in the playbook) writes no results: say why.
+    assert os.path.exists(results_file), process.stdout.decode(errors="replace")[-5000:]
     with open(results_file) as stream:
         return process.returncode, json.load(stream), process.stdout.decode(errors="replace")
 

@@ -44,6 +44,8 @@ class Vm:
         self.test_socket = os.path.join(workdir, "test-qmp.sock")
         # For a process that acts as the guest while a playbook runs (the test holds test-qmp.sock).
         self.hook_socket = os.path.join(workdir, "hook-qmp.sock")
+        # QEMU's messages (-D keeps a daemonized QEMU's stderr there), such as why it refused an NBD client.
+        self.log = os.path.join(workdir, "qemu.log")
         self.pid = None
         self.monitor = None
         self.writes = {spec.id: [] for spec in disks}
@@ -71,7 +73,7 @@ class Vm:
                "-qmp", "unix:%s,server=on,wait=off" % self.qmp_socket,
                "-qmp", "unix:%s,server=on,wait=off" % self.test_socket,
                "-qmp", "unix:%s,server=on,wait=off" % self.hook_socket,
-               "-daemonize", "-pidfile", os.path.join(self.workdir, "qemu.pid")]
+               "-daemonize", "-pidfile", os.path.join(self.workdir, "qemu.pid"), "-D", self.log]
         if self.runas:
             cmd += ["-runas", self.runas]
         if self.vm_uuid:
@@ -102,6 +104,11 @@ class Vm:
 
     def qmp(self, command, **arguments):
         return self.monitor.cmd(command, **arguments)
+
+    def messages(self):
+        """What QEMU has written to its log so far."""
+        with open(self.log, errors="replace") as stream:
+            return stream.read()
 
     def wait_event(self, name, timeout=30.0, **match):
         """The next event `name` whose data has every key=value of match, as the test monitor receives it."""
@@ -181,7 +188,7 @@ class Vm:
 
     def leftovers(self):
         """Everything in QEMU that a backup adds: nodes beyond the disks', devices moved off their node, exports,
-        jobs, temporary bitmaps, fdsets (scratch images)."""
+        jobs, temporary bitmaps, fdsets (scratch images), objects (TLS credentials and client filters)."""
         own_nodes = {"%s-file" % d for d in self.disks} | {self.node(d) for d in self.disks}
         return dict(
             nodes=[n["node-name"] for n in self.qmp("query-named-block-nodes", flat=True)
@@ -193,6 +200,7 @@ class Vm:
             bitmaps={d: sorted(b for b in self.named_bitmaps(d) if b.startswith("fb-")) for d in self.disks},
             fdsets=[] if self.paused else self.qmp("query-fdsets"),
             deleted_files=[] if self.paused else self.deleted_files(),
+            objects=sorted(o["name"] for o in self.qmp("qom-list", path="/objects") if o["name"].startswith("fb-")),
         )
 
     def deleted_files(self):

@@ -171,6 +171,7 @@ class SshFleet:
         self.vm_dirs = {}
         self.runs = 0
         self.all_vars = {}  # more variables for every host, and for hosts that plays add
+        self.vm_vars = {}  # variables of the group fleetbackup_vms, the VMs that backup_hypervisors.yml adds
         names = ["hv%d" % number for number in range(1, hypervisors + 1)] + ["backup"]
         for number, name in enumerate(names, start=2):
             host_dir = tmp_path / name
@@ -212,6 +213,7 @@ class SshFleet:
             })},
             "hypervisors": {"hosts": {name: host(name) for name in self.hypervisors}},
             "backup_hosts": {"hosts": {"backup": host("backup")}},
+            "fleetbackup_vms": {"vars": self.vm_vars},
         }, indent=1))
         return str(self.inventory)
 

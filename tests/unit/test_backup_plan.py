@@ -6,6 +6,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan impor
     BackupPlan,
     EXPORT_NAME,
     check_backup_id,
+    check_request,
     export_names,
     nbd_url,
     request_differences,
@@ -37,7 +38,8 @@ def fake_vm(bitmaps=()):
 
 def request(**overrides):
     values = dict(disks=None, checkpoint=None, incremental=None, fallback_to_full=False, scratch_dir="/s",
-                  nbd_socket=None, cbw_timeout=10, scratch_size="10%")
+                  nbd_socket=None, nbd_tcp=None, cbw_timeout=10, scratch_size="10%", libvirt_small_scratch=False,
+                  freeze="auto", guest_agent_socket=None, freeze_timeout=10)
     values.update(overrides)
     return values
 
@@ -194,3 +196,45 @@ def test_a_qemu_without_break_snapshot_is_refused_naming_the_version_needed():
     new = FakeQmp({"query-qmp-schema": schema(["on-cbw-error", "cbw-timeout"], ["qcow2", "snapshot-access"]),
                    "query-version": version})
     check_fleecing_support(new)
+
+
+def tcp(**overrides):
+    values = dict(host="192.0.2.11", port=0, tls_dir="/etc/fleetbackup/tls", tls_allow=["O=fleet,CN=backup1"],
+                  plain=False)
+    values.update(overrides)
+    return values
+
+
+def test_tcp_urls_carry_the_listening_address_and_the_port_it_got():
+    planned = plan(fake_vm(), wanted=["vda"], nbd_tcp=tcp())
+    planned.port = 40813
+    result = planned.result()
+    assert result["nbd_tcp"] == dict(host="192.0.2.11", port=40813, tls=True) and result["nbd_socket"] == "/s/nbd.sock"
+    assert result["disks"][0]["url"] == "nbds://192.0.2.11:40813/b1/%s/vda" % planned.tag
+    ipv6 = plan(fake_vm(), wanted=["vda"], nbd_tcp=tcp(host="::1", tls_dir=None, tls_allow=None, plain=True))
+    assert ipv6.result()["disks"][0]["url"] == "nbd://[::1]:0/b1/%s/vda" % ipv6.tag
+    assert request_differences(request(nbd_tcp=tcp()), request(nbd_tcp=tcp(port=10809))) == ["nbd_tcp"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(host="hv1.example.com"), "is not an IP address"),
+    (dict(host="::"), "listens on every address"),
+    (dict(port=70000), "is no TCP port"),
+    (dict(tls_dir=None), "nbd_tcp needs tls_dir"),
+    (dict(tls_allow=[]), "nbd_tcp.tls_allow is empty"),
+    (dict(plain=True, tls_dir=None, tls_allow=None), "Plain TCP (nbd_tcp.plain) is refused on 192.0.2.11"),
+    (dict(plain=True), "nbd_tcp.plain turns TLS off"),
+])
+def test_tcp_listeners_without_tls_or_a_reachable_address_are_refused(overrides, message):
+    with pytest.raises(UserError) as failure:
+        check_request(request(nbd_tcp=tcp(**overrides)))
+    assert message in str(failure.value)
+    check_request(request(nbd_tcp=tcp(host="127.0.0.1", plain=True, tls_dir=None, tls_allow=None)))
+
+
+def test_libvirt_domains_refuse_tcp_before_touching_anything():
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils.libvirt_vm import LibvirtVm
+
+    domain = LibvirtVm("qemu:///system", "web1", 10, "/nonexistent/state", "/nonexistent/qemu", REGISTRY)
+    with pytest.raises(UserError, match="nbd_tcp is not available for libvirt domains: libvirt's backup server"):
+        domain.plan("b1", request(nbd_tcp=tcp()), check_mode=True)

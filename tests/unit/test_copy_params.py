@@ -11,7 +11,7 @@ MiB = 1024 ** 2
 def params(tmp_path, **changes):
     values = dict(src="nbd+unix:///vda?socket=/x.nbd", dest=str(tmp_path / "b2.vda.qcow2"), format="qcow2",
                   dirty_bitmap=None, backing=None, backing_format="qcow2", connections=4, requests=16,
-                  request_size=256 * 1024)
+                  request_size=256 * 1024, tls_certificates=None)
     values.update(changes)
     return values
 
