@@ -16,13 +16,19 @@ others could read is refused.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import socket
 import stat
 from urllib.parse import quote
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    check_trusted_directory,
+    create_exclusive,
+    remove_file,
+)
 
 SERVER_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 CLIENT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
@@ -104,3 +110,61 @@ def read_credentials(directory, names, option):
         if len(contents[name]) > MAX_CREDENTIAL_BYTES or b"-----BEGIN " not in contents[name]:
             raise UserError("%s is not a PEM file." % path)
     return contents
+
+
+def credential_copies_name(backup_id):
+    """The directory, in the VM's private state, where a start's server credentials are copied for a moment."""
+    return "tls-%s" % backup_id
+
+
+def listen_tcp(host, port):
+    """A TCP socket that we bind and listen on ourselves, for a server that gets it as a descriptor.
+
+    So the server binds nothing (QEMU may run as any user, sandboxed), and a port of 0 becomes a free port that we
+    know before any URL is handed out (neither QEMU nor qemu-nbd tells which one it got).
+    """
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections' TIME_WAIT only
+        listener.bind((host, port))
+        listener.listen(16)
+    except OSError as err:
+        listener.close()
+        raise UserError("cannot listen on %s port %d (%s): give an address of this host, and another nbd_tcp.port "
+                        "or 0 for a free one" % (host, port, err.strerror)) from None
+    return listener
+
+
+@contextlib.contextmanager
+def credential_copies(directory, contents, uid):
+    """The server's credentials, as read and checked, copied into directory (inside our private state), owned by
+    uid and readable by it alone, for as long as the server needs to load them: it reads them once, at start."""
+    remove_credential_copies(directory)  # a copy that a killed start left
+    os.mkdir(directory, 0o700)
+    try:
+        os.chmod(directory, 0o711)  # the private state directory around it is the barrier
+        for name, data in contents.items():
+            created = create_exclusive(directory, name)
+            try:
+                os.write(created.fd, data)  # a few KiB: one write
+                os.fchown(created.fd, uid, -1)
+                os.fchmod(created.fd, 0o400)
+            finally:
+                os.close(created.fd)
+        yield directory
+    finally:
+        remove_credential_copies(directory)
+
+
+def remove_credential_copies(directory):
+    for name in SERVER_FILES:
+        remove_file(os.path.join(directory, name))
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+
+
+def authz_rules(allowed):
+    """The rules of an authz-list that admits exactly these distinguished names."""
+    return [{"match": name, "policy": "allow", "format": "exact"} for name in allowed]

@@ -9,11 +9,17 @@ the QMP or libvirt connection of the running VM: the teardown lives here, apart 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import (
+    authz_rules,
+    credential_copies_name,
+    remove_credential_copies,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
     file_identity,
     process_alive,
@@ -76,7 +82,7 @@ def remove_offline_backup(connection, record, discard_checkpoint, check_mode):
         else None
     checkpoint = record["checkpoint"] if discard_checkpoint and record["added"] else None
     # The VM may run now: its connection removes the bitmaps from QEMU, or from the images when it is stopped.
-    sockets = [server["socket"] for server in record["servers"]]
+    sockets = [server["socket"] for server in record["servers"] if server["socket"]]
     removed = dict(job=False, exports=[disk["export"] for disk in record["disks"]] if alive else [], nodes=[],
                    nbd_server=bool(alive), objects=[], checkpoint=checkpoint, state_file=True,
                    files=[path for path in sockets if os.path.lexists(path)])
@@ -90,6 +96,8 @@ def remove_offline_backup(connection, record, discard_checkpoint, check_mode):
         end_server(server["owner"])
     for path in removed["files"]:
         remove_file(path)
+    # A start killed while qemu-nbd loaded its credentials left their copies.
+    remove_credential_copies(connection.state.dir.path_of(credential_copies_name(record["backup_id"])))
     if checkpoint:
         connection.remove_checkpoint(checkpoint, record["added"])
         connection.registry.forget(record["added"], checkpoint)
@@ -109,29 +117,49 @@ def end_server(owner):
         os.close(pidfd)  # its PID is another process's now
 
 
-def serve_image(disk, incremental):
+def serve_image(disk, incremental, pidfile, listener=None, tls=None):
     """A qemu-nbd serving one image read-only, without a lock, until the stop; it forks once it listens.
 
+    It listens on the disk's unix socket, or on a TCP listener of ours, handed over as systemd's socket activation
+    does (descriptor 3, LISTEN_PID, LISTEN_FDS), so a free port is known before it starts. tls: (a directory with
+    the server's credentials, the distinguished names that may connect); qemu-nbd loads them before it forks.
     Returns the server's record: the disk, its socket, and who the process is (PID and start time).
     """
-    pidfile = disk["socket"][:-len(".sock")] + ".pid"
     for leftover in (disk["socket"], pidfile):
-        remove_file(leftover)  # our own directory: what a dead run left
+        if leftover:
+            remove_file(leftover)  # our own directory: what a dead run left
     argv = ["qemu-nbd", "--fork", "--persistent", "--read-only", "--shared=0", "--cache=none", "--aio=threads",
-            "--socket", disk["socket"], "--pid-file", pidfile, "--export-name", disk["export"]]
+            "--pid-file", pidfile, "--export-name", disk["export"]]
+    if listener is None:
+        argv += ["--socket", disk["socket"]]
+    if tls:
+        directory, allowed = tls
+        argv += ["--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir=%s"
+                 % directory.replace(",", ",,"),
+                 "--object", json.dumps({"qom-type": "authz-list", "id": "authz0", "policy": "deny",
+                                         "rules": authz_rules(allowed)}),
+                 "--tls-creds", "tls0", "--tls-authz", "authz0"]
     if disk["mode"] == "incremental":
         argv += ["--bitmap", incremental]
     argv += ["--image-opts", "driver=%s,file.driver=file,file.filename=%s,file.locking=off"
              % (disk["format"], disk["filename"].replace(",", ",,"))]
+    pass_fds = ()
+    if listener is not None:
+        fd = listener.fileno()
+        # LISTEN_PID must be qemu-nbd's own PID: the shell's, which exec keeps.
+        moved = "" if fd == 3 else " 3<&%d %d<&-" % (fd, fd)
+        argv = ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@"' + moved, "qemu-nbd"] + argv
+        pass_fds = (fd,)
     process = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             check=False)
+                             pass_fds=pass_fds, check=False)
     if process.returncode != 0:
         raise UserError("qemu-nbd could not serve the image %s of disk %s: %s"
                         % (disk["filename"], disk["disk"], process.stderr.decode(errors="replace").strip()))
     with open(pidfile) as stream:
         pid = int(stream.read())
     remove_file(pidfile)
-    os.chmod(disk["socket"], 0o600)
+    if disk["socket"]:
+        os.chmod(disk["socket"], 0o600)
     owner = this_process()
     owner.update(pid=pid, started=process_start_time(pid))
     return dict(disk=disk["disk"], socket=disk["socket"], owner=owner)

@@ -18,7 +18,9 @@ size, mtime and ctime changed) and reports as intact=false; the backup role then
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import (
@@ -29,6 +31,13 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan impor
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import FreezeUnavailable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import (
+    SERVER_FILES,
+    credential_copies,
+    credential_copies_name,
+    listen_tcp,
+    read_credentials,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import (
     OFFLINE,
     image_fingerprint,
@@ -142,10 +151,6 @@ class OfflineVm(VmConnection):
             record["disks"])
 
     def plan(self, backup_id, request, check_mode):
-        if request.get("nbd_tcp"):
-            raise UserError("%s is not running: each of its disks is served by a qemu-nbd of its own on a unix socket "
-                            "of fleetbackup's, and nbd_tcp is for running VMs. Copy a stopped VM's backup on the "
-                            "hypervisor, or start the VM." % self.description)
         if request["nbd_socket"]:
             raise UserError("%s is not running: each of its disks is served by a qemu-nbd of its own, on a socket in "
                             "fleetbackup's directory of the VM; leave out nbd_socket." % self.description)
@@ -155,11 +160,20 @@ class OfflineVm(VmConnection):
             raise UserError(str(err)) from None
         if not chosen:
             raise UserError("%s has no writable disk to back up; name disks explicitly." % self.description)
+        tcp = request.get("nbd_tcp")
+        if tcp and tcp["port"] and len(chosen) > 1:
+            raise UserError("%s is not running: each of its %d disks is served by a qemu-nbd of its own, on a port "
+                            "of its own; give nbd_tcp.port 0 (free ports, each in its disk's url), or one disk."
+                            % (self.description, len(chosen)))
         plan = BackupPlan(backup_id, chosen, request, self.registry, self.state.default_socket)
         for index, disk in enumerate(plan.disks):
-            disk["socket"] = self.state.dir.path_of("nbd-%d.sock" % index)
-            check_socket_path(disk["socket"], given=False)
-            disk["url"] = nbd_url(disk["export"], disk["socket"])
+            if tcp:
+                disk["socket"] = None
+                disk["url"] = plan.url(disk["export"])  # its port once its server listens
+            else:
+                disk["socket"] = self.state.dir.path_of("nbd-%d.sock" % index)
+                check_socket_path(disk["socket"], given=False)
+                disk["url"] = nbd_url(disk["export"], disk["socket"])
             if disk["mode"] == "incremental":
                 disk["dirty_bitmap"] = dirty_context(plan.incremental)
         plan.nbd_socket = None
@@ -181,9 +195,14 @@ class OfflineVm(VmConnection):
                 if self.metadata:
                     self.metadata.define(plan.checkpoint, [disk["disk"] for disk in with_checkpoint])
             record["fingerprints"] = {disk["filename"]: image_fingerprint(disk["filename"]) for disk in plan.disks}
-            for disk in plan.disks:
-                record["servers"].append(serve_image(disk, plan.incremental))
+            credentials = None
+            if plan.tcp and not plan.tcp["plain"]:
+                credentials = read_credentials(plan.tcp["tls_dir"], SERVER_FILES, "nbd_tcp.tls_dir")
+            for index, disk in enumerate(plan.disks):
+                record["servers"].append(self._serve(plan, index, disk, credentials))
                 self.state.save_backup(record)
+            if plan.tcp and len(plan.disks) > 1:
+                plan.port = None  # each disk has a port of its own, in its url
             result = dict(plan.result(), offline=True, **freeze.result())
             record.update(complete=True, result=result)
             self.state.save_backup(record)
@@ -196,6 +215,20 @@ class OfflineVm(VmConnection):
             raise UserError("Starting backup '%s' of %s failed: %s. Everything it had created was removed."
                             % (plan.backup_id, self.description, err)) from None
         return record
+
+    def _serve(self, plan, index, disk, credentials):
+        """One disk's qemu-nbd: on its unix socket, or on a TCP listener of ours, with TLS when credentials."""
+        pidfile = self.state.dir.path_of("nbd-%d.pid" % index)
+        if not plan.tcp:
+            return serve_image(disk, plan.incremental, pidfile)
+        with contextlib.closing(listen_tcp(plan.tcp["host"], plan.tcp["port"])) as listener:
+            plan.port = listener.getsockname()[1]
+            disk["url"] = plan.url(disk["export"])
+            if credentials is None:
+                return serve_image(disk, plan.incremental, pidfile, listener)
+            with credential_copies(self.state.dir.path_of(credential_copies_name(plan.backup_id)), credentials,
+                                   os.geteuid()) as directory:
+                return serve_image(disk, plan.incremental, pidfile, listener, (directory, plan.tcp["tls_allow"]))
 
     def remove_backup(self, backup_id, discard_checkpoint, check_mode):
         """A backup of the VM while it ran, which stopped since: QEMU took its objects along."""

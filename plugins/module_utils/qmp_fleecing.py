@@ -35,7 +35,15 @@ import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import nbd_url, temporary_bitmap
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import NbdTimeout
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import SERVER_FILES, read_credentials
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import (
+    SERVER_FILES,
+    authz_rules,
+    credential_copies,
+    credential_copies_name,
+    listen_tcp,
+    read_credentials,
+    remove_credential_copies,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time import (
     describe_view,
     probe_export_name,
@@ -44,7 +52,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time imp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestLeftFrozen
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.held_signals import HeldSignals
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import create_exclusive, remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError, QmpError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import create_scratch_image
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
@@ -69,7 +77,7 @@ class QmpBackupNames:
         self.tls_creds = "fb-%s-tls" % backup_id
         self.tls_authz = "fb-%s-authz" % backup_id
         self.tls_fdset = TLS_FDSET_MARK + backup_id
-        self.tls_dir = "tls-%s" % backup_id  # in the VM's private state directory
+        self.tls_dir = credential_copies_name(backup_id)
 
     def export_id(self, index):
         return "fb-%s-%d" % (self.backup_id, index)
@@ -316,24 +324,11 @@ def _listen(path, record, state):
 
 
 def _listen_tcp(plan, record, state):
-    """Bind and listen on the TCP address ourselves, as on the unix socket: QEMU gets the listening socket.
-
-    So QEMU binds nothing (it may run as any user, sandboxed), and a port of 0 becomes a free port that we
-    know before any URL is handed out (QEMU would not tell which one it got). The socket is QEMU's until
-    the stop's nbd-server-stop closes it: the listener lives exactly as long as the backup.
-    """
-    host = plan.tcp["host"]
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections' TIME_WAIT only
-        listener.bind((host, plan.tcp["port"]))
-        listener.listen(16)
-    except OSError as err:
-        listener.close()
-        raise UserError("cannot listen on %s port %d (%s): give an address of this host, and another nbd_tcp.port "
-                        "or 0 for a free one" % (host, plan.tcp["port"], err.strerror)) from None
+    """The TCP listener, made by us as the unix one is: QEMU gets the listening socket, and keeps it until the stop's
+    nbd-server-stop closes it, so the listener lives exactly as long as the backup."""
+    listener = listen_tcp(plan.tcp["host"], plan.tcp["port"])
     plan.port = listener.getsockname()[1]
-    record.update(tcp=dict(host=host, port=plan.port), result=plan.result())
+    record.update(tcp=dict(host=plan.tcp["host"], port=plan.port), result=plan.result())
     state.save_backup(record)
     return listener
 
@@ -430,20 +425,7 @@ def _add_tls(qmp, names, tcp, state):
     that directory (/proc/self/fd/N), never by a path, and the copies are gone as soon as QEMU has read them.
     """
     contents = read_credentials(tcp["tls_dir"], SERVER_FILES, "nbd_tcp.tls_dir")
-    uid = qmp.peer_file_uid()
-    directory = state.dir.path_of(names.tls_dir)
-    _remove_tls_dir(directory)  # a copy that a killed start left
-    os.mkdir(directory, 0o700)
-    try:
-        os.chmod(directory, 0o711)  # the private state directory around it is the barrier
-        for name, data in contents.items():
-            created = create_exclusive(directory, name)
-            try:
-                os.write(created.fd, data)  # a few KiB: one write
-                os.fchown(created.fd, uid, -1)
-                os.fchmod(created.fd, 0o400)
-            finally:
-                os.close(created.fd)
+    with credential_copies(state.dir.path_of(names.tls_dir), contents, qmp.peer_file_uid()) as directory:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             added = qmp.execute_with_fd(fd, "add-fd", {"opaque": names.tls_fdset})
@@ -454,19 +436,8 @@ def _add_tls(qmp, names, tcp, state):
                                        "verify-peer": True, "dir": "/proc/self/fd/%d" % added["fd"]})
         finally:
             qmp.execute("remove-fd", {"fdset-id": added["fdset-id"]})
-    finally:
-        _remove_tls_dir(directory)
-    qmp.execute("object-add", {"qom-type": "authz-list", "id": names.tls_authz, "policy": "deny", "rules": [
-        {"match": name, "policy": "allow", "format": "exact"} for name in tcp["tls_allow"]]})
-
-
-def _remove_tls_dir(directory):
-    for name in SERVER_FILES:
-        remove_file(os.path.join(directory, name))
-    try:
-        os.rmdir(directory)
-    except FileNotFoundError:
-        pass
+    qmp.execute("object-add", {"qom-type": "authz-list", "id": names.tls_authz, "policy": "deny",
+                               "rules": authz_rules(tcp["tls_allow"])})
 
 
 def _start_nbd_server(qmp, names, listener, record, state, tls):
@@ -608,7 +579,7 @@ class Teardown:
             _stop_nbd_server(qmp)
         for name in self.objects:
             qmp.execute("object-del", {"id": name})
-        _remove_tls_dir(self.state.dir.path_of(names.tls_dir))
+        remove_credential_copies(self.state.dir.path_of(names.tls_dir))
         # The probe holds the filter's source consistent: it goes before the devices can move back.
         self._delete("-p")
         for disk in self.devices:

@@ -119,6 +119,9 @@ options:
         copies are removed as soon as QEMU has loaded them.
       - The URLs in RV(backup.disks[].url) are C(nbds://HOST:PORT/EXPORT); the copy adds its client certificates
         with O(fleetbackup.qemu.qemu_backup_copy#module:tls_certificates).
+      - A stopped VM's disks are each served by a qemu-nbd of their own, with the same TLS checks. The module hands
+        each a listener of its own (socket activation), so with several disks O(nbd_tcp.port) must be C(0), each
+        disk's port is in its URL, and RV(backup.nbd_tcp.port) is null.
       - Not for libvirt domains (O(domain)), since libvirt's backup server would admit every certificate of the CA and
         takes its certificates from C(qemu.conf) for the whole host. Such a start fails.
       - M(fleetbackup.qemu.qemu_backup_stop), which has no certificate that QEMU admits, ends the TCP server first and
@@ -319,7 +322,9 @@ backup:
           type: str
           sample: 192.0.2.11
         port:
-          description: The port, also when a free one was taken (in check mode, the one asked for).
+          description:
+            - The port, also when a free one was taken (in check mode, the one asked for).
+            - Null for a stopped VM with several disks, whose disks are served on ports of their own (in their URLs).
           type: int
           sample: 40813
         tls:

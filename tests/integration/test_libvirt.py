@@ -136,10 +136,7 @@ def test_chain_differential_and_writes_during_backups(domain, tmp_path):
 def test_crash_falls_back_to_full_and_a_clean_destroy_keeps_the_chain(domain, tmp_path):
     vm = domain
     flow = Backups(vm, str(tmp_path))
-    repo = str(tmp_path / "repo")
-    os.mkdir(repo)
-    flow.copy_all(flow.start("b1", checkpoint="c1")["backup"], repo, "b1")
-    flow.stop("b1")
+    repo = flow.full_into_new_repo(tmp_path)
 
     # virsh destroy: QEMU gets SIGTERM and stores its bitmaps; the chain goes on.
     vm.write("vda", 8 * MiB, MiB, 0x51)

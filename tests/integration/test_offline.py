@@ -7,40 +7,20 @@ import subprocess
 
 import libvirt
 
-from support.flows import Backups, marks, restores_exactly
+from support.flows import Backups, assert_servers_gone, marks, offline_record, restores_exactly
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, MiB
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import process_alive
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import image_bitmaps
 
 TWO_DISKS = [DiskSpec("vda", size=32 * MiB), DiskSpec("vdb", size=16 * MiB)]
 
 
-def offline_record(flow):
-    """The running offline backup's state, as the module keeps it."""
-    vms = os.path.join(flow.state_dir, "vms")
-    for key in os.listdir(vms):
-        path = os.path.join(vms, key, "backup.json")
-        if os.path.exists(path):
-            with open(path) as stream:
-                return json.load(stream)
-    return None
-
-
-def assert_servers_gone(record):
-    assert record["servers"] and not any(process_alive(server["owner"]) for server in record["servers"])
-    assert not any(os.path.lexists(server["socket"]) for server in record["servers"])
-
-
 def test_a_stopped_vm_continues_its_chain_offline_and_online(vms, tmp_path):
     vm = vms(TWO_DISKS, prepare=lambda vm: vm.write("vda", 0, 4 * MiB, 0x11))
     flow = Backups(vm, str(tmp_path))
-    repo = str(tmp_path / "repo")
-    os.mkdir(repo)
     points = [marks(vm)]
-    flow.copy_all(flow.start("b1", checkpoint="c1")["backup"], repo, "b1")
-    flow.stop("b1")
+    repo = flow.full_into_new_repo(tmp_path)
     vm.write("vda", 8 * MiB, MiB, 0x21)
     vm.write("vdb", 0, MiB, 0x22)
     vm.quit()  # a clean shutdown: QEMU stores c1 and what it recorded
@@ -160,10 +140,7 @@ def test_a_stopped_vm_is_refused_clearly_when_its_disks_are_unknown_or_swapped(v
 def test_a_shut_off_libvirt_domain_is_backed_up_offline_and_its_chain_goes_on(libvirt_daemon, domains, tmp_path):
     vm = domains(libvirt_daemon(), TWO_DISKS, prepare=lambda vm: vm.write("vda", 0, 2 * MiB, 0x51))
     flow = Backups(vm, str(tmp_path))
-    repo = str(tmp_path / "repo")
-    os.mkdir(repo)
-    flow.copy_all(flow.start("b1", checkpoint="c1")["backup"], repo, "b1")
-    flow.stop("b1")
+    repo = flow.full_into_new_repo(tmp_path)
     vm.write("vda", 4 * MiB, MiB, 0x52)
     vm.destroy()
     point = marks(vm)

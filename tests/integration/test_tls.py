@@ -14,7 +14,7 @@ from qemu.qmp import ExecuteError
 
 from support.certificates import HYPERVISOR_ADDRESS
 from support.fleet_tls import hypervisors_with_vm_dirs, pull_over_tls
-from support.flows import Backups
+from support.flows import Backups, assert_servers_gone, offline_record
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, MiB, same
 
@@ -185,6 +185,44 @@ def test_qemu_refuses_clients_without_the_fleet_ca_or_the_allowed_name(vms, tmp_
     flow.assert_nothing_left()
 
 
+def test_a_stopped_vms_disks_are_pulled_over_tls_each_from_a_qemu_nbd_of_its_own(vms, tmp_path, fleet_certificates):
+    fleet, _other = fleet_certificates
+
+    def prepare(vm):
+        vm.write("vda", 0, 2 * MiB, 0x81)
+        vm.write("vdb", MiB, MiB, 0x82)
+
+    vm = vms([DiskSpec("vda"), DiskSpec("vdb", size=16 * MiB)], prepare=prepare)
+    flow = Backups(vm, str(tmp_path))
+    flow.info()  # fleetbackup sees the VM's disks while it runs
+    vm.quit()
+    fixed = tls_start(flow, fleet, tcp=dict(port=10809))
+    assert fixed.failed and "give nbd_tcp.port 0" in fixed["msg"] and flow.vm_state_files() == []
+
+    started = tls_start(flow, fleet, checkpoint="c1")
+    assert not started.failed, started["msg"]
+    backup = started["backup"]
+    assert backup["offline"] is True and backup["nbd_tcp"] == dict(host=HYPERVISOR_ADDRESS, port=None, tls=True)
+    ports = [int(re.match(r"nbds://%s:(\d+)/" % re.escape(HYPERVISOR_ADDRESS), d["url"]).group(1))
+             for d in backup["disks"]]
+    assert len(set(ports)) == 2 and all(listening(port) for port in ports)
+    assert flow.vm_state_files() == ["backup.json"]  # the credentials' copies went once qemu-nbd had loaded them
+    url = backup["disks"][0]["url"]
+    assert "server requires TLS" in connect(url.replace("nbds://", "nbd://"))
+    assert connect(url, fleet.tls_dir("intruder")).startswith(REFUSED)
+    assert connect(url, fleet.tls_dir(ALLOWED)) == b"\x81" * 4096
+    copies = flow.copy_all(backup, str(tmp_path), "b1", tls_certificates=fleet.tls_dir(ALLOWED))
+    assert copies["vda"]["bytes_read"] == 2 * MiB and copies["vdb"]["bytes_read"] == MiB
+    for disk in vm.disks:
+        image = str(tmp_path / ("b1.%s.qcow2" % disk))
+        assert same(image, vm.expected_image(disk, vm.mark(disk), image + ".expected"))
+    record = offline_record(flow)
+    stopped = flow.stop("b1")
+    assert stopped["changed"] is True and stopped["intact"] is True, stopped
+    assert_servers_gone(record)
+    assert not any(listening(port) for port in ports) and flow.vm_state_files() == []
+
+
 def test_plain_tcp_only_by_choice_and_on_loopback(vms, tmp_path):
     vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, MiB, 0x44))
     flow = Backups(vm, str(tmp_path))
@@ -336,8 +374,10 @@ def test_the_backup_host_pulls_a_hypervisors_vm_over_tls_through_ssh(ssh_fleet, 
 
 
 def test_the_fleet_playbook_keeps_every_repository_on_the_backup_host_pulled_over_tls(ssh_fleet, vms, tmp_path):
-    """backup_hypervisors.yml with a backup host: each hypervisor exports over TLS, the backup host copies and keeps
-    the repositories; full, then incremental; every point restores exactly; nothing is left on the hypervisors."""
+    """backup_hypervisors.yml with a backup host: two running VMs on each hypervisor, a stopped one and one that
+    fails; each hypervisor exports over TLS (the stopped VM through qemu-nbd), the backup host copies and keeps the
+    repositories; full, then incremental, then the stopped VM runs again and its chain goes on online; every point
+    restores exactly; nothing is left on the hypervisors."""
     from test_fleet import line_of, manifest, restores, run_fleet
     from test_ssh_fleet import ran_over_ssh
 
@@ -345,14 +385,29 @@ def test_the_fleet_playbook_keeps_every_repository_on_the_backup_host_pulled_ove
     repository.mkdir(mode=0o700)
     hypervisors_with_vm_dirs(ssh_fleet, tmp_path)
     pull_over_tls(ssh_fleet, tmp_path, repository)
-    machines = {"web@%s" % name: vms([DiskSpec("vda", size=16 * MiB)], name="web", under=ssh_fleet.vm_dirs[name],
-                                     prepare=lambda vm, p=pattern: vm.write("vda", 0, 2 * MiB, p))
-                for name, pattern in (("hv1", 0x31), ("hv2", 0x32))}
+    machines = {}
+    for pattern, (vm_name, hypervisor) in enumerate(
+            [("web", "hv1"), ("db", "hv1"), ("web", "hv2"), ("mail", "hv2"), ("old", "hv1"), ("broken", "hv2")]):
+        machines["%s@%s" % (vm_name, hypervisor)] = vms(
+            [DiskSpec("vda", size=16 * MiB)], name=vm_name, under=ssh_fleet.vm_dirs[hypervisor],
+            prepare=lambda vm, p=0x31 + pattern: vm.write("vda", 0, 2 * MiB, p))
+    for name in ("old@hv1", "broken@hv2"):  # seen running by a module on their hypervisor, then shut down
+        hypervisor = name.split("@")[1]
+        seen = run_module("qemu_backup_info", qmp_socket=machines[name].qmp_socket,
+                          state_dir=str(tmp_path / hypervisor / "state"))
+        assert not seen.failed, seen
+        machines[name].quit()
+    broken = machines.pop("broken@hv2")  # its image is another file now: refused, alone
+    os.rename(broken.image("vda"), broken.image("vda") + ".moved")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", broken.image("vda"), str(16 * MiB)], check=True)
+
     points = [{name: vm.mark("vda") for name, vm in machines.items()}]
     rc, results, output, summary = run_fleet(ssh_fleet, "-vvv")
-    assert rc == 0 and not results["failures"], output[-5000:]
+    assert rc != 0 and list(results["failures"]) == ["broken@hv2"], output[-5000:]
+    assert "is not the file" in line_of(summary, "broken@hv2")
     for name in machines:
         assert " full " in line_of(summary, name), summary
+    assert "(offline)" in line_of(summary, "old@hv1")
     # The copies run under async (async_wrapper, then the module), on the backup host's sshd alone.
     for name, runs_copies in (("backup", True), ("hv1", False), ("hv2", False)):
         server = ssh_fleet.servers[name]
@@ -360,17 +415,29 @@ def test_the_fleet_playbook_keeps_every_repository_on_the_backup_host_pulled_ove
             re.escape(server.address), server.port), output)) == runs_copies, name
     assert ran_over_ssh(output, ssh_fleet.servers["backup"], "qemu_backup_repository")
     assert ran_over_ssh(output, ssh_fleet.servers["hv1"], "qemu_backup_start")
-    assert "nbds://%s:" % ssh_fleet.servers["hv2"].address in output
+    for name in ("hv1", "hv2"):
+        assert "nbds://%s:" % ssh_fleet.servers[name].address in output
 
-    for vm in machines.values():
-        vm.write("vda", 4 * MiB, MiB, 0x41)
+    for name, vm in machines.items():
+        vm.write("vda", 4 * MiB, MiB, 0x41)  # the stopped one's with qemu-io: its persistent bitmap records it
     points.append({name: vm.mark("vda") for name, vm in machines.items()})
     rc, results, output, summary = run_fleet(ssh_fleet)
-    assert rc == 0 and not results["failures"], output[-5000:]
-    for name, vm in machines.items():
+    assert list(results["failures"]) == ["broken@hv2"], output[-5000:]
+    for name in machines:
         assert " incremental " in line_of(summary, name), summary
+    assert "(offline)" in line_of(summary, "old@hv1")
+
+    old = machines["old@hv1"].start()  # running again: the chain goes on online, from the checkpoint added offline
+    old.write("vda", 8 * MiB, MiB, 0x42)
+    points.append({name: vm.mark("vda") for name, vm in machines.items()})
+    rc, results, output, summary = run_fleet(ssh_fleet)
+    assert list(results["failures"]) == ["broken@hv2"], output[-5000:]
+    assert "(offline)" not in line_of(summary, "old@hv1") and " incremental " in line_of(summary, "old@hv1"), summary
+
+    for name, vm in machines.items():
         backups = manifest(str(repository), name)
-        assert [b["level"] for b in backups] == ["full", "incremental"]
+        assert [b["level"] for b in backups] == ["full", "incremental", "incremental"], name
         for point, backup in zip(points, backups):
             assert restores(vm, str(repository), name, backup, point[name], tmp_path), (name, backup)
         Backups(vm, str(tmp_path / name.split("@")[1])).assert_nothing_left()
+    assert not os.path.exists(os.path.join(repository, "broken@hv2", "manifest.json"))

@@ -1,10 +1,13 @@
 """The modules as a test calls them on one VM: a private state directory and a scratch directory filled in."""
 
+import json
 import os
 import subprocess
 
 from support.modules import run_module
 from support.qemu_vm import same
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import process_alive
 
 
 class Backups:
@@ -43,6 +46,14 @@ class Backups:
             assert not result.failed, result
             results[disk["disk"]] = result
         return results
+
+    def full_into_new_repo(self, tmp_path):
+        """A new directory tmp_path/repo holding b1, a full backup that opened checkpoint c1; its path."""
+        repo = str(tmp_path / "repo")
+        os.mkdir(repo)
+        self.copy_all(self.start("b1", checkpoint="c1")["backup"], repo, "b1")
+        self.stop("b1")
+        return repo
 
     def vm_state_files(self):
         return vm_state_files(self.state_dir)
@@ -84,3 +95,19 @@ def assert_no_leftovers(vm):
     """Nothing of a backup in QEMU, and no scratch image held open (they have no name: look at QEMU's descriptors)."""
     assert vm.leftovers() == dict(nodes=[], moved={}, exports=[], jobs=[], fdsets=[], deleted_files=[], objects=[],
                                   bitmaps={d: [] for d in vm.disks})
+
+
+def offline_record(flow):
+    """The running offline backup's state, as the module keeps it."""
+    vms = os.path.join(flow.state_dir, "vms")
+    for key in os.listdir(vms):
+        path = os.path.join(vms, key, "backup.json")
+        if os.path.exists(path):
+            with open(path) as stream:
+                return json.load(stream)
+    return None
+
+
+def assert_servers_gone(record):
+    assert record["servers"] and not any(process_alive(server["owner"]) for server in record["servers"])
+    assert not any(server["socket"] and os.path.lexists(server["socket"]) for server in record["servers"])
