@@ -186,8 +186,8 @@ def report_libvirt(results, size, data, rounds):
     for tool, steps in results.items():
         times = [statistics.median(seconds for seconds, _rss in runs) for runs in steps.values()]
         peaks = [max((rss for _seconds, rss in runs if rss), default=None) for runs in steps.values()]
-        print("| %s | %.2f | %.2f | %.2f | %s |" % (tool, *times, " / ".join("%.0f" % peak if peak else "-"
-                                                                              for peak in peaks)))
+        shown = " / ".join("%.0f" % peak if peak else "-" for peak in peaks)
+        print("| %s | %.2f | %.2f | %.2f | %s |" % (tool, *times, shown))
     print("The modules alone restore with qemu-img convert of the chain's top (the restore module reads a repository).")
     print("The role's fixed cost (ansible-playbook, lease, info and plan; no backup due): %.2f s, in every run above."
           % statistics.median(seconds for seconds, _rss in fixed))
