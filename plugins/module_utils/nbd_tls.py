@@ -46,6 +46,9 @@ def check_tcp_request(tcp):
         raise UserError("nbd_tcp.host %r is not an IP address: give the address of this hypervisor that the backup "
                         "host reaches; its server certificate must name it (an IP SAN), since the copy checks "
                         "the server's name against it." % tcp["host"]) from None
+    if getattr(address, "scope_id", None):
+        raise UserError("nbd_tcp.host %s has a zone (%%%s), which an NBD URL cannot carry: give an address without one."
+                        % (tcp["host"], address.scope_id))
     if address.is_unspecified:
         raise UserError("nbd_tcp.host %s listens on every address, and the copy's URL needs one address that the "
                         "backup host reaches: give that address." % address)
@@ -120,7 +123,7 @@ def credential_copies_name(backup_id):
 def listen_tcp(host, port):
     """A TCP socket that we bind and listen on ourselves, for a server that gets it as a descriptor.
 
-    So the server binds nothing (QEMU may run as any user, sandboxed), and a port of 0 becomes a free port that we
+    So the server binds nothing (QEMU may run as any user), and a port of 0 becomes a free port that we
     know before any URL is handed out (neither QEMU nor qemu-nbd tells which one it got).
     """
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
@@ -31,6 +32,16 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import e
 
 OFFLINE = "offline"
 DISKS = "disks.json"
+# Hands qemu-nbd a listener as systemd's socket activation does: on descriptor 3, with LISTEN_PID its own PID
+# (exec keeps it) and LISTEN_FDS 1. In Python, not sh: dash takes no descriptor above 9 in a redirection.
+SOCKET_ACTIVATION = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); "
+                     "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+                     "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def pidfile_name(index):
+    """The pid file of disk index's qemu-nbd, in the VM's private state directory."""
+    return "nbd-%d.pid" % index
 
 
 def image_identity(path):
@@ -76,7 +87,8 @@ def remove_offline_backup(connection, record, discard_checkpoint, check_mode):
 
     Intact when it completed, its servers still ran, and no image changed since the export began.
     """
-    alive = [server for server in record["servers"] if process_alive(server["owner"])]
+    unrecorded = unrecorded_servers(connection.state, record)
+    alive = [server for server in record["servers"] + unrecorded if process_alive(server["owner"])]
     changed = [path for path, fingerprint in record["fingerprints"].items() if image_fingerprint(path) != fingerprint]
     intact = (record["complete"] and len(alive) == len(record["servers"]) and not changed) if record["complete"] \
         else None
@@ -96,6 +108,8 @@ def remove_offline_backup(connection, record, discard_checkpoint, check_mode):
         end_server(server["owner"])
     for path in removed["files"]:
         remove_file(path)
+    for index in range(len(record["disks"])):
+        remove_file(connection.state.dir.path_of(pidfile_name(index)))
     # A start killed while qemu-nbd loaded its credentials left their copies.
     remove_credential_copies(connection.state.dir.path_of(credential_copies_name(record["backup_id"])))
     if checkpoint:
@@ -103,6 +117,25 @@ def remove_offline_backup(connection, record, discard_checkpoint, check_mode):
         connection.registry.forget(record["added"], checkpoint)
     connection.state.forget_backup()
     return removed, intact
+
+
+def unrecorded_servers(state, record):
+    """The qemu-nbds that a start killed after they forked, before it recorded them: found by the pid files they
+    wrote in our private directory, and taken for ours only when their command line serves the disk's export."""
+    found = []
+    for index, disk in enumerate(record["disks"][len(record["servers"]):], start=len(record["servers"])):
+        try:
+            with open(state.dir.path_of(pidfile_name(index))) as stream:
+                pid = int(stream.read())
+            with open("/proc/%d/cmdline" % pid, "rb") as stream:
+                argv = stream.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if [b"--export-name", disk["export"].encode()] in [argv[i:i + 2] for i in range(len(argv) - 1)]:
+            owner = this_process()
+            owner.update(pid=pid, started=process_start_time(pid))
+            found.append(dict(disk=disk["disk"], socket=disk["socket"], owner=owner))
+    return found
 
 
 def end_server(owner):
@@ -123,7 +156,8 @@ def serve_image(disk, incremental, pidfile, listener=None, tls=None):
     It listens on the disk's unix socket, or on a TCP listener of ours, handed over as systemd's socket activation
     does (descriptor 3, LISTEN_PID, LISTEN_FDS), so a free port is known before it starts. tls: (a directory with
     the server's credentials, the distinguished names that may connect); qemu-nbd loads them before it forks.
-    Returns the server's record: the disk, its socket, and who the process is (PID and start time).
+    Returns the server's record: the disk, its socket, and who the process is (PID and start time). The pid file
+    stays until the caller recorded the server: a start killed before finds the server by it (unrecorded_servers).
     """
     for leftover in (disk["socket"], pidfile):
         if leftover:
@@ -145,11 +179,8 @@ def serve_image(disk, incremental, pidfile, listener=None, tls=None):
              % (disk["format"], disk["filename"].replace(",", ",,"))]
     pass_fds = ()
     if listener is not None:
-        fd = listener.fileno()
-        # LISTEN_PID must be qemu-nbd's own PID: the shell's, which exec keeps.
-        moved = "" if fd == 3 else " 3<&%d %d<&-" % (fd, fd)
-        argv = ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@"' + moved, "qemu-nbd"] + argv
-        pass_fds = (fd,)
+        argv = [sys.executable, "-c", SOCKET_ACTIVATION, str(listener.fileno())] + argv
+        pass_fds = (listener.fileno(),)
     process = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              pass_fds=pass_fds, check=False)
     if process.returncode != 0:
@@ -157,7 +188,6 @@ def serve_image(disk, incremental, pidfile, listener=None, tls=None):
                         % (disk["filename"], disk["disk"], process.stderr.decode(errors="replace").strip()))
     with open(pidfile) as stream:
         pid = int(stream.read())
-    remove_file(pidfile)
     if disk["socket"]:
         os.chmod(disk["socket"], 0o600)
     owner = this_process()

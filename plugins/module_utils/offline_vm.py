@@ -42,10 +42,12 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export im
     OFFLINE,
     image_fingerprint,
     image_identity,
+    pidfile_name,
     remove_offline_backup,
     serve_image,
     servers_alive,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
     QemuImgError,
     checked_qemu_img,
@@ -165,6 +167,8 @@ class OfflineVm(VmConnection):
             raise UserError("%s is not running: each of its %d disks is served by a qemu-nbd of its own, on a port "
                             "of its own; give nbd_tcp.port 0 (free ports, each in its disk's url), or one disk."
                             % (self.description, len(chosen)))
+        if tcp and tcp["tls_dir"]:
+            read_credentials(tcp["tls_dir"], SERVER_FILES, "nbd_tcp.tls_dir")  # before any bitmap is added
         plan = BackupPlan(backup_id, chosen, request, self.registry, self.state.default_socket)
         for index, disk in enumerate(plan.disks):
             if tcp:
@@ -201,6 +205,7 @@ class OfflineVm(VmConnection):
             for index, disk in enumerate(plan.disks):
                 record["servers"].append(self._serve(plan, index, disk, credentials))
                 self.state.save_backup(record)
+                remove_file(self.state.dir.path_of(pidfile_name(index)))  # recorded: no longer needed to find it
             if plan.tcp and len(plan.disks) > 1:
                 plan.port = None  # each disk has a port of its own, in its url
             result = dict(plan.result(), offline=True, **freeze.result())
@@ -218,7 +223,7 @@ class OfflineVm(VmConnection):
 
     def _serve(self, plan, index, disk, credentials):
         """One disk's qemu-nbd: on its unix socket, or on a TCP listener of ours, with TLS when credentials."""
-        pidfile = self.state.dir.path_of("nbd-%d.pid" % index)
+        pidfile = self.state.dir.path_of(pidfile_name(index))
         if not plan.tcp:
             return serve_image(disk, plan.incremental, pidfile)
         with contextlib.closing(listen_tcp(plan.tcp["host"], plan.tcp["port"])) as listener:

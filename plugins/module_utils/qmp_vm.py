@@ -19,7 +19,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import SE
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import recorded_disks, remember_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_vm import OfflineVm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import check_trusted_directory, utc
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient, QmpUnreachable
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient, QmpCommandError, QmpUnreachable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_fleecing import (
     backup_is_whole,
     check_fleecing_support,
@@ -119,6 +119,7 @@ class QmpVm(VmConnection):
         if request.get("nbd_tcp"):
             if request["nbd_tcp"]["tls_dir"]:
                 read_credentials(request["nbd_tcp"]["tls_dir"], SERVER_FILES, "nbd_tcp.tls_dir")
+            check_socket_path(self.state.default_socket, given=False)  # where the stop serves the probes
         else:
             nbd_socket = request["nbd_socket"] or self.state.default_socket
             check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
@@ -140,7 +141,12 @@ class QmpVm(VmConnection):
 
     def remove_backup(self, backup_id, discard_checkpoint, check_mode):
         teardown = Teardown(self.qmp, self.state, backup_id, discard_checkpoint)
-        intact = teardown.intact()
+        try:
+            intact = teardown.intact()
+        except (UserError, QmpCommandError) as err:
+            intact = None  # unknown; the teardown must go on all the same
+            self.notes.append("Whether the point in time held could not be read (%s): the backup is removed, and its "
+                              "copies' own probe checks are what tell." % err)
         if not check_mode:
             teardown.run(self.registry)
         if teardown.scratch_images and self.qmp.execute("query-status")["status"] != "running":

@@ -122,8 +122,9 @@ options:
       - A stopped VM's disks are each served by a qemu-nbd of their own, with the same TLS checks. The module hands
         each a listener of its own (socket activation), so with several disks O(nbd_tcp.port) must be C(0), each
         disk's port is in its URL, and RV(backup.nbd_tcp.port) is null.
-      - Not for libvirt domains (O(domain)), since libvirt's backup server would admit every certificate of the CA and
-        takes its certificates from C(qemu.conf) for the whole host. Such a start fails.
+      - Not for running libvirt domains (O(domain)), since libvirt's backup server would admit every certificate of
+        the CA and takes its certificates from C(qemu.conf) for the whole host. Such a start fails. A shut-off domain
+        is served by qemu-nbd like any stopped VM, and may use it.
       - M(fleetbackup.qemu.qemu_backup_stop), which has no certificate that QEMU admits, ends the TCP server first and
         reads the backup's probes on a unix socket of its own, to report
         RV(fleetbackup.qemu.qemu_backup_stop#module:intact).
@@ -160,7 +161,9 @@ options:
       plain:
         description:
           - Serve plain NBD over TCP, without TLS. Anyone who reaches the address could read the disks, so it is
-            refused unless O(nbd_tcp.host) is a loopback address.
+            refused unless O(nbd_tcp.host) is a loopback address, and even there every local user (and every
+            container in the host's network namespace) can read them while the backup runs. For tests and
+            benchmarks; use TLS, or the unix socket (root's alone), for real backups.
         type: bool
         default: false
   checkpoint:
@@ -412,7 +415,8 @@ backup:
         url:
           description:
             - NBD URL of the point-in-time view; the O(fleetbackup.qemu.qemu_backup_copy#module:src) to copy.
-            - With O(nbd_tcp), C(nbds://HOST:PORT/EXPORT) (C(nbd://) with O(nbd_tcp.plain)).
+            - With O(nbd_tcp), C(nbds://HOST:PORT/EXPORT) (C(nbd://) with O(nbd_tcp.plain)). In check mode the port
+              is the one asked for (C(0) for a free one), a placeholder.
           type: str
           sample: nbd+unix:///web1-nightly/5f3a9c01/vda?socket=/var/lib/fleetbackup/vms/qmp-3c1f0a2b9d4e/nbd.sock
         size:

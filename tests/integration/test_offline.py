@@ -6,11 +6,15 @@ import os
 import subprocess
 
 import libvirt
+import nbd
 
 from support.flows import Backups, assert_servers_gone, marks, offline_record, restores_exactly
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, MiB
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import listen_tcp
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import end_server, serve_image
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import process_start_time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import image_bitmaps
 
 TWO_DISKS = [DiskSpec("vda", size=32 * MiB), DiskSpec("vdb", size=16 * MiB)]
@@ -102,6 +106,24 @@ def test_a_start_stopped_part_way_is_undone_by_stop(vms, tmp_path):
     assert stopped["changed"] is True and stopped["removed"]["checkpoint"] == "c1"
     assert all(image_bitmaps(vm.image(disk)) == [] for disk in vm.disks) and flow.vm_state_files() == []
 
+    # Killed once the first disk's qemu-nbd forked and listens, before the start recorded it: the stop finds it by
+    # the pid file it wrote in our directory and its command line, and ends it.
+    (fake / "qemu-nbd").write_text('#!/bin/sh\n/usr/bin/qemu-nbd "$@" && kill -KILL $PPID\n')
+    killed = run_module_with_path("qemu_backup_start", str(fake), **dict(
+        vm.connection_args(), state_dir=flow.state_dir, backup_id="b3", checkpoint="c3"))
+    assert killed.returncode == -9
+    record = offline_record(flow)
+    assert record["servers"] == []
+    (key,) = os.listdir(os.path.join(flow.state_dir, "vms"))
+    pidfile = os.path.join(flow.state_dir, "vms", key, "nbd-0.pid")
+    with open(pidfile) as stream:
+        orphan = int(stream.read())
+    assert process_start_time(orphan) is not None  # serving vda, recorded nowhere but in its pid file
+    stopped = flow.stop("b3", discard_checkpoint=True)
+    assert stopped["changed"] is True and stopped["removed"]["nbd_server"] is True, stopped
+    assert process_start_time(orphan) is None and flow.vm_state_files() == []
+    assert all(image_bitmaps(vm.image(disk)) == [] for disk in vm.disks)
+
     # A qemu-nbd that fails for the second disk: the start removes what it made, and names the failure.
     (fake / "qemu-nbd").write_text('#!/bin/sh\ncase "$*" in *vdb*) echo "no room" >&2; exit 1;; esac\n'
                                    'exec /usr/bin/qemu-nbd "$@"\n')
@@ -166,3 +188,30 @@ def test_a_shut_off_libvirt_domain_is_backed_up_offline_and_its_chain_goes_on(li
     for disk in vm.disks:
         assert restores_exactly(vm, tmp_path, disk, os.path.join(repo, "b3.%s.qcow2" % disk), point[disk])
     assert run_module("qemu_backup_info", **dict(vm.connection_args(), state_dir=flow.state_dir))["disks"]
+
+
+def test_qemu_nbd_gets_its_listener_whatever_descriptor_it_has(vms, tmp_path):
+    """Socket activation hands qemu-nbd descriptor 3 whichever descriptor the module's listener got (the shell of
+    Debian, dash, takes none above 9 in a redirection)."""
+    vm = vms([DiskSpec("vda", size=16 * MiB)], prepare=lambda vm: vm.write("vda", 0, MiB, 0x61))
+    vm.quit()
+    taken = [os.open(os.devnull, os.O_RDONLY) for _ in range(12)]
+    listener = listen_tcp("127.0.0.1", 0)
+    pidfile = str(tmp_path / "nbd.pid")
+    try:
+        assert listener.fileno() > 9
+        disk = dict(disk="vda", socket=None, export="e", mode="full", format="qcow2", filename=vm.image("vda"))
+        server = serve_image(disk, None, pidfile, listener)
+        url = "nbd://127.0.0.1:%d/e" % listener.getsockname()[1]
+    finally:
+        listener.close()
+        for fd in taken:
+            os.close(fd)
+    try:
+        handle = nbd.NBD()
+        handle.connect_uri(url)
+        assert handle.pread(4096, 0) == b"\x61" * 4096
+        handle.shutdown()
+    finally:
+        end_server(server["owner"])
+    assert process_start_time(server["owner"]["pid"]) is None

@@ -55,6 +55,11 @@ def test_chain_restores_each_point_and_reruns_change_nothing(vms, tmp_path):
 def test_max_age_and_check_mode_change_nothing(vms, tmp_path):
     vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, MiB, 0x42))
     fleet = Fleet(tmp_path, {"vm1": vm})
+    rc, results, output = fleet.backup(qemu_backup_repository_host="localhost")  # copies there, exports here
+    (refused,) = results["failures"]["vm1"]
+    assert rc != 0 and refused.startswith("fleetbackup.qemu.qemu_backup : Check that copies on another host can "
+                                          "reach the exports: vm1: a "
+                                          "repository on localhost, another host than vm1, needs qemu_backup_nbd_tcp")
     planned = assert_ok(fleet.backup(check=True, qemu_backup_max_age="1h"), changed={"vm1": 0})
     assert "full backup" in planned["tasks"]["vm1"]["Report the plan"]["msg"]
     assert not (fleet.repository / "vm1" / "manifest.json").exists() and vm.named_bitmaps("vda") == {}

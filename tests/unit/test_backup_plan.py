@@ -219,6 +219,7 @@ def test_tcp_urls_carry_the_listening_address_and_the_port_it_got():
 @pytest.mark.parametrize("overrides,message", [
     (dict(host="hv1.example.com"), "is not an IP address"),
     (dict(host="::"), "listens on every address"),
+    (dict(host="fe80::1%eth0"), "has a zone (%eth0)"),
     (dict(port=70000), "is no TCP port"),
     (dict(tls_dir=None), "nbd_tcp needs tls_dir"),
     (dict(tls_allow=[]), "nbd_tcp.tls_allow is empty"),
