@@ -4,8 +4,9 @@ It builds an 8 GiB disk holding 2 GiB of data in many extents, with zeroed and
 unallocated regions, starts a backup of it in a real QEMU, and times every
 copier in turn, alternating, several rounds. Then it times an incremental with
 1% of the disk dirty, the same copy over the unix socket, plain TCP and TCP with
-TLS, checks peak memory on a 64 GiB disk and the mapping of a 1 TiB sparse one.
-Every output is checked with qemu-img compare.
+TLS, checks peak memory on a 64 GiB disk and the mapping of a 1 TiB sparse one,
+backs up a libvirt domain beside virtnbdbackup, and times the fleet playbook per VM
+(fleet_bench.py). Every output is checked with qemu-img compare.
 """
 
 import argparse
@@ -261,6 +262,9 @@ def main():
                         help="only the copy over the unix socket, plain TCP and TLS")
     parser.add_argument("--only-libvirt", action="store_true", help="only the libvirt roles beside virtnbdbackup")
     parser.add_argument("--libvirt-rounds", type=int, default=2)
+    parser.add_argument("--only-fleet", action="store_true",
+                        help="only the fleet playbook over SSH, repositories on the hypervisors and over TLS")
+    parser.add_argument("--fleet-rounds", type=int, default=2)
     args = parser.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-", dir=os.path.join(ROOT, "build"))
@@ -272,6 +276,9 @@ def main():
     try:
         if args.only_libvirt:
             bench_and_report_libvirt(workdir, size, data, args.libvirt_rounds)
+            return
+        if args.only_fleet:
+            bench_and_report_fleet(workdir, args.fleet_rounds)
             return
         if args.only_transports:
             vm = make_vm(workdir, "vm", size)
@@ -340,6 +347,7 @@ def main():
         report(times, memory, inc_times, inc_result, full_engine, results_big, data, size)
         report_transports(*transports)
         bench_and_report_libvirt(workdir, size, data, args.libvirt_rounds)
+        bench_and_report_fleet(workdir, args.fleet_rounds)
     finally:
         for machine in vms:
             machine.kill()
@@ -353,6 +361,16 @@ def bench_and_report_libvirt(workdir, size, data, rounds):
     print("Backing up a libvirt domain with the roles and with virtnbdbackup, %d rounds..." % rounds, flush=True)
     libvirt_dir = tempfile.mkdtemp(prefix="libvirt-", dir=workdir)
     report_libvirt(bench_libvirt(libvirt_dir, size, data, rounds), size, data, rounds)
+
+
+def bench_and_report_fleet(workdir, rounds):
+    from fleet_bench import bench_fleet, report_fleet  # needs root: sshds of its own, as the SSH fleet tests
+
+    size, data = 2 * GiB, 512 * MiB
+    print("Backing up a fleet (2 hypervisors x 2 VMs over SSH), repositories local and over TLS, %d rounds..."
+          % rounds, flush=True)
+    fleet_dir = tempfile.mkdtemp(prefix="fleet-", dir=workdir)
+    report_fleet(bench_fleet(fleet_dir, size, data, rounds), size, data, rounds)
 
 
 def report(times, memory, inc_times, inc_result, full_engine, results_big, data, size):
