@@ -39,6 +39,9 @@
 #       is being written. N may be larger than the VM will ever live: nothing of size N is precomputed.
 #   sync                    FBG DONE sync STATUS
 #       sync, then fdatasync on every disk: each device gets a flush.
+#   workload ARGS...        FBG DONE workload STATUS WORDS...
+#       Only on the guest disk (build-disk.sh): runs fbg-workload ARGS (guest/workload.sh), as the agent's
+#       guest-exec would; STATUS is its exit status, WORDS its output and errors, joined on one line.
 #   anything else           FBG ERROR unknown COMMAND   (bad arguments: FBG ERROR usage ...)
 set -euo pipefail
 

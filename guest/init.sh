@@ -110,6 +110,16 @@ flush() {
     echo "FBG DONE sync $?"
 }
 
+# For a host that cannot run it through the agent: a libvirt domain's agent channel is libvirt's.
+workload() {
+    if [ ! -x /usr/bin/fbg-workload ]; then
+        echo "FBG ERROR workload: only the guest disk has fbg-workload"
+        return
+    fi
+    answer=$(fbg-workload "$@" 2>&1)
+    echo "FBG DONE workload $?" $answer
+}
+
 ready
 while read -r command arguments; do
     case $command in
@@ -118,6 +128,7 @@ while read -r command arguments; do
         overwrite) overwrite $arguments ;;
         records) records $arguments ;;
         sync) flush ;;
+        workload) workload $arguments ;;
         *) echo "FBG ERROR unknown $command" ;;
     esac
 done

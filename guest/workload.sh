@@ -1,7 +1,7 @@
 #!/bin/sh
 # fbg-workload, the guest disk's /usr/bin/fbg-workload: writes files into the disk's file system without end
 # and keeps a checksum log, so that a restored copy of the disk can be checked. Run it through the guest
-# agent (guest-exec).
+# agent (guest-exec), or the serial console's workload command (build-kit.sh).
 #
 #   fbg-workload start [KIB]  Starts writing in the background: /data/file-N, KIB KiB (default 64) of random
 #                             bytes each, N counting on from the log's length. Prints "started".

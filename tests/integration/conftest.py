@@ -75,13 +75,14 @@ def libvirt_daemon(tmp_path, tmp_path_factory, tmpfs):  # after tmpfs: the daemo
 
 @pytest.fixture
 def domains(tmp_path):
-    """Define and start libvirt domains (LibvirtDomain) in this test's directory, on a daemon of libvirt_daemon."""
+    """Define and start libvirt domains (kind: LibvirtDomain, or LibvirtGuestDomain for a booting guest) in this
+    test's directory, on a daemon of libvirt_daemon."""
     from support.libvirt_daemon import LibvirtDomain
 
-    def make(daemon, disks, name="dom", start=True, prepare=None, under=None, **options):
+    def make(daemon, disks, name="dom", start=True, prepare=None, under=None, kind=LibvirtDomain, **options):
         workdir = (under or tmp_path) / name
         workdir.mkdir(exist_ok=True)
-        domain = LibvirtDomain(str(workdir), disks, daemon, "fbt-%s-%s" % (name, os.getpid()), **options)
+        domain = kind(str(workdir), disks, daemon, "fbt-%s-%s" % (name, os.getpid()), **options)
         if prepare:
             prepare(domain)
         return domain.start() if start else domain

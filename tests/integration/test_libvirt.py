@@ -1,7 +1,8 @@
 """libvirt-managed VMs: the same modules through libvirt's backup and checkpoint APIs, against a real libvirtd.
 
 Each test starts its own libvirtd and virtlogd (no systemd) and domains of type qemu with two qcow2 disks. The
-test writes as the guest through libvirt's monitor (HMP qemu-io); the modules never touch the monitor.
+test writes as the guest through libvirt's monitor (HMP qemu-io); the modules never touch the monitor. The freeze
+test boots the guest kit's Linux instead, whose qemu-guest-agent libvirt talks to.
 """
 
 import json
@@ -14,6 +15,8 @@ import pytest
 
 from support.fleet import Fleet, assert_clean, assert_ok
 from support.flows import Backups, marks, restores_exactly, vm_state_files
+from support.guest import clean_filesystem, workload_files
+from support.libvirt_daemon import LibvirtGuestDomain
 from support.qemu_vm import DiskSpec, MiB, same
 from support.modules import run_module
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import image_bitmaps
@@ -131,6 +134,48 @@ def test_chain_differential_and_writes_during_backups(domain, tmp_path):
     removed = flow.checkpoint("c1", state="absent")
     assert removed["changed"] is True and sorted(removed["disks"]) == ["vda", "vdb"]
     assert_nothing_left(vm, flow, ["c2", "c3"])
+
+
+def workload(vm, *args):
+    """fbg-workload's answer, as words, through the guest's serial console: the agent's channel is libvirt's, and
+    an agent command passed through libvirt would taint the domain."""
+    status, *words = vm.run(" ".join(("workload",) + args), timeout=90)
+    assert status == "0", words
+    return words
+
+
+def test_a_real_guest_agent_freezes_through_libvirt_and_the_copy_restores_clean(
+        libvirt_daemon, domains, tmp_path, scratch):
+    vm = domains(libvirt_daemon(), [], kind=LibvirtGuestDomain)
+    assert vm.wait_ready() == ["vda"]
+    assert workload(vm, "start", "64") == ["started"]
+    vm.wait_agent_connected()  # what the start's check reads: the channel's state in the live XML
+    workload(vm, "wait", "5")
+    flow = Backups(vm, str(tmp_path))
+
+    backup = flow.start("app", freeze="always")["backup"]
+    assert backup["consistency"] == "application" and backup["freeze"]["filesystems"] == 1
+    assert backup["freeze"]["reason"] is None and 0 < backup["freeze"]["seconds"] < 5
+    # Thawed: the workload, whose every file is fsync'd, goes on writing while the backup runs.
+    logged = int(workload(vm, "status")[1])
+    assert workload(vm, "wait", str(logged + 2))[0] == "logged"
+    flow.copy_all(backup, str(tmp_path), "app")
+    assert flow.stop("app")["intact"] is True
+
+    # The same guest without the freeze: its journal needs recovery, so the check below can fail.
+    crash = flow.start("crash", freeze="never")["backup"]
+    assert crash["consistency"] == "crash" and crash["freeze"]["reason"] == "freeze is never"
+    flow.copy_all(crash, str(tmp_path), "crash")
+    flow.stop("crash")
+
+    # The freeze went through libvirt's API: no monitor command, no agent command passed through.
+    assert vm.tainted() == []
+    assert_nothing_left(vm, flow, [])  # its QMP queries taint the domain: after the check
+    image = str(tmp_path / "app.vda.qcow2")
+    assert clean_filesystem(image, scratch) == (False, 0)
+    assert clean_filesystem(str(tmp_path / "crash.vda.qcow2"), scratch)[0] is True
+    files, changed = workload_files(image, scratch)
+    assert files >= 5 and changed == []
 
 
 def test_crash_falls_back_to_full_and_a_clean_destroy_keeps_the_chain(domain, tmp_path):

@@ -75,9 +75,12 @@ class GuestVm(Vm):
 
     def start(self):
         super().start()
+        self.connect_console()
+        return self
+
+    def connect_console(self):
         self.serial = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.serial.connect(self.serial_socket)
-        return self
 
     def send(self, command):
         self.serial.sendall(command.encode() + b"\n")

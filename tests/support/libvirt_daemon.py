@@ -8,9 +8,11 @@ The capabilities cache lives in the session's directory, so only the first daemo
 
 Domains are TCG q35 machines running the one-instruction halt firmware, with qcow2 disks on virtio. The test
 writes as the guest through the monitor (HMP qemu-io, which taints the domain: tests only); the modules never do.
+A LibvirtGuestDomain boots the guest kit's disk instead, with a serial console and a guest agent libvirt talks to.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -19,8 +21,9 @@ from xml.etree import ElementTree
 import libvirt
 import libvirt_qemu
 
+from support.guest import GuestVm, kit_path
 from support.processes import end_process
-from support.qemu_vm import Vm, halt_firmware
+from support.qemu_vm import DiskSpec, Vm, halt_firmware, virtual_size
 
 MOUNTED = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
 NAMESPACE_SCRIPT = r'''
@@ -154,17 +157,19 @@ def domain_pid(daemon, name):
         return None
 
 
-def domain_xml(name, firmware, disks, nvram=None):
+def domain_xml(name, firmware, disks, nvram=None, memory_mib=64, serial_socket=None, agent_channel=False):
+    """A TCG q35 domain. firmware None: SeaBIOS, which boots the first disk. serial_socket: the serial console, a
+    unix socket that QEMU listens on. agent_channel: org.qemu.guest_agent.0, whose socket libvirt makes and holds."""
     root = ElementTree.Element("domain", type="qemu")
     ElementTree.SubElement(root, "name").text = name
-    ElementTree.SubElement(root, "memory", unit="MiB").text = "64"
+    ElementTree.SubElement(root, "memory", unit="MiB").text = str(memory_mib)
     ElementTree.SubElement(root, "vcpu").text = "1"
     os_element = ElementTree.SubElement(root, "os")
     ElementTree.SubElement(os_element, "type", arch="x86_64", machine="q35").text = "hvm"
     if nvram:  # UEFI-like: the firmware read-only on the first flash, a variable store on the second
         ElementTree.SubElement(os_element, "loader", readonly="yes", type="pflash").text = firmware
         ElementTree.SubElement(os_element, "nvram").text = nvram
-    else:
+    elif firmware:
         ElementTree.SubElement(os_element, "loader", type="rom").text = firmware
     features = ElementTree.SubElement(root, "features")
     ElementTree.SubElement(features, "acpi")
@@ -176,6 +181,12 @@ def domain_xml(name, firmware, disks, nvram=None):
         ElementTree.SubElement(disk, "source", file=image)
         ElementTree.SubElement(disk, "target", dev=disk_id, bus="virtio")
         ElementTree.SubElement(disk, "alias", name="ua-" + disk_id)  # a user alias: the qdev id is ua-<target>
+    if serial_socket:
+        serial = ElementTree.SubElement(devices, "serial", type="unix")
+        ElementTree.SubElement(serial, "source", mode="bind", path=serial_socket)
+    if agent_channel:
+        channel = ElementTree.SubElement(devices, "channel", type="unix")
+        ElementTree.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
     ElementTree.SubElement(devices, "controller", type="usb", model="none")
     ElementTree.SubElement(devices, "memballoon", model="none")
     return ElementTree.tostring(root, encoding="unicode")
@@ -196,9 +207,13 @@ class LibvirtDomain(Vm):
             with open(self.nvram, "wb") as stream:
                 stream.write(os.urandom(64 * 1024))
         open_path(workdir)
-        self.domain = daemon.connection.defineXML(domain_xml(
-            name, halt_firmware(workdir), [(d, self.image(d), self.disks[d].format) for d in self.disks],
-            self.nvram))
+        self.domain = daemon.connection.defineXML(self.definition())
+
+    def definition(self):
+        return domain_xml(self.name, halt_firmware(self.workdir), self.disk_sources(), self.nvram)
+
+    def disk_sources(self):
+        return [(d, self.image(d), self.disks[d].format) for d in self.disks]
 
     @property
     def qemu_dir(self):
@@ -295,8 +310,43 @@ class LibvirtDomain(Vm):
     def quit(self):
         self.destroy()
 
-    def _forget(self):
-        self.pid = None
-
     def tainted(self):
-        return "custom-monitor" in self.daemon.qemu_log(self.name)
+        """The taints libvirt wrote in the domain's log ("Domain id=1 is tainted: custom-monitor"), e.g.
+        custom-monitor (a monitor command passed through), custom-ga-command (an agent command passed through)."""
+        return [line.split(" is tainted: ", 1)[1].split()[0] for line in self.daemon.qemu_log(self.name).splitlines()
+                if " is tainted: " in line]
+
+
+class LibvirtGuestDomain(LibvirtDomain, GuestVm):
+    """A LibvirtDomain that boots the guest kit's disk through SeaBIOS under TCG, as BootedGuestVm does, with its
+    serial console (the line protocol of guest/build-kit.sh) and the agent's channel, which libvirt holds.
+
+    vda is a copy of the kit's disk.qcow2 in the domain's directory: libvirt chowns a domain's images, backing
+    files included, to libvirt-qemu, and the kit's image is shared. The disks given follow it (vdb, ...).
+    """
+
+    def __init__(self, workdir, disks, daemon, name):
+        template = os.path.join(kit_path(), "disk.qcow2")
+        root = DiskSpec("vda", size=virtual_size(template))
+        shutil.copyfile(template, os.path.join(workdir, "vda.qcow2"))
+        super().__init__(workdir, [root, *disks], daemon, name)
+
+    def definition(self):
+        return domain_xml(self.name, None, self.disk_sources(), memory_mib=256, serial_socket=self.serial_socket,
+                          agent_channel=True)
+
+    def start(self):
+        super().start()
+        self.connect_console()
+        return self
+
+    def wait_agent_connected(self, timeout=60.0):
+        """Wait until libvirt says that the guest opened its agent's channel (the live XML's channel state)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = ElementTree.fromstring(self.domain.XMLDesc(0))
+            if [target.get("state") for target in live.findall("./devices/channel/target")] == ["connected"]:
+                return
+            if time.monotonic() > deadline:
+                raise self._failure("libvirt did not see the guest agent connect in %d s" % timeout)
+            time.sleep(0.05)
