@@ -126,7 +126,7 @@ class FleetBench:
             vms[name] = dict(role=span["last"] - span["first"], summary=int(found.group(3)), tasks=span["ran"],
                              skipped=span["skipped"], copy=max(copy["elapsed"] for copy in copies),
                              bytes=sum(copy["bytes_read"] for copy in copies),
-                             own=sum(seconds for _name, seconds, _skipped in span["tasks"]))
+                             own=sum(seconds for _name, seconds, _skipped, _began in span["tasks"]))
         firsts = [spans[name]["first"] for name in self.vms[mode]]
         lasts = [spans[name]["last"] for name in self.vms[mode]]
         return dict(wall=wall, play=max(lasts) - min(firsts), vms=vms, load=load)

@@ -29,6 +29,12 @@ def line_of(summary, vm):
     return lines[0]
 
 
+def began(results, host, task):
+    """When host's first run of the task (named without its role) started, by the results callback's clock."""
+    return next(start for name, _seconds, _skipped, start in results["spans"][host]["tasks"]
+                if name.split(" : ")[-1] == task)
+
+
 def manifest(repository, vm):
     with open(os.path.join(repository, vm, "manifest.json")) as stream:
         return json.load(stream)["backups"]
@@ -91,8 +97,12 @@ def test_a_fleet_of_hypervisors_backs_up_every_vm_it_finds(ssh_fleet, vms, libvi
     for name in backed_up:
         assert " full " in line_of(summary, name), summary
     assert "(offline)" in line_of(summary, "old@hv1")
-    # Each VM was a host of its own, backed up through its own hypervisor over SSH.
+    # Each VM was a host of its own, backed up through its own hypervisor over SSH, the hypervisors side by side:
+    # each VM began before the other's backup stopped.
     assert "web@hv1" in results["stats"] and "web@hv2" in results["stats"]
+    for one, other in (("web@hv1", "web@hv2"), ("web@hv2", "web@hv1")):
+        assert began(results, one, "Describe the VM's disks and checkpoints") < began(
+            results, other, "Stop the backup before recording it, to learn whether its point in time held")
 
     for name, vm in machines.items():
         if name != "old@hv1" and vm.pid is not None:

@@ -45,7 +45,7 @@ class CallbackModule(CallbackBase):
         span["last"] = time.time()
         span["skipped" if skipped else "ran"] += 1
         began = self.started.pop((result._host.get_name(), result._task._uuid), span["last"])
-        span["tasks"].append([result._task.get_name(), round(span["last"] - began, 3), skipped])
+        span["tasks"].append([result._task.get_name(), round(span["last"] - began, 3), skipped, began])
 
     def v2_runner_on_start(self, host, task):
         self._span(host.get_name())
