@@ -70,8 +70,8 @@ def check_tcp_request(tcp):
                         "plain TCP without TLS needs plain: true and a loopback host.")
     if not tcp["tls_allow"]:
         raise UserError("nbd_tcp.tls_allow is empty: name the distinguished names of the client certificates that "
-                        "may read the backup (the backup host's, as QEMU prints it, like 'O=fleet,CN=backup1'); "
-                        "any other certificate of the CA is refused.")
+                        "may read the backup (the backup host's, as QEMU prints it, like "
+                        "'O=fleet,OU=client,CN=backup1'); any other certificate of the CA is refused.")
 
 
 def tcp_url(export, host, port, tls):

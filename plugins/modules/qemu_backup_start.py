@@ -154,7 +154,8 @@ options:
       tls_allow:
         description:
           - The distinguished names of the client certificates that may read the exports, as QEMU prints them, in
-            the order of the certificate's subject, like C(O=fleet,CN=backup1). Usually the backup host's alone.
+            the order of the certificate's subject, like C(O=fleet,OU=client,CN=backup1). Usually the backup host's
+            alone.
           - Required with O(nbd_tcp.tls_dir).
         type: list
         elements: str
@@ -282,7 +283,7 @@ EXAMPLES = r"""
     nbd_tcp:
       host: 192.0.2.11
       tls_dir: /etc/fleetbackup/tls
-      tls_allow: ["O=fleet,CN=backup1"]
+      tls_allow: ["O=fleet,OU=client,CN=backup1"]
   register: started
 
 - name: Copy each disk on the backup host, presenting its client certificate

@@ -1,5 +1,7 @@
 """Backups pulled over NBD on TCP with TLS: real QEMU servers, real TLS, certificates from the fleet_ca playbook."""
 
+import datetime
+import ipaddress
 import os
 import re
 import shutil
@@ -10,9 +12,14 @@ import sys
 
 import nbd
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from qemu.qmp import ExecuteError
 
-from support.certificates import HYPERVISOR_ADDRESS
+from support.certificates import HYPERVISOR_ADDRESS, FleetCertificates
+from support.fleet import assert_ok
 from support.fleet_tls import hypervisors_with_vm_dirs, pull_over_tls
 from support.flows import Backups, assert_servers_gone, offline_record
 from support.modules import run_module
@@ -67,9 +74,142 @@ def test_the_fleet_ca_playbook_makes_private_keys_and_ip_sans_and_a_rerun_change
     assert "IP Address:%s" % HYPERVISOR_ADDRESS in text and "TLS Web Server Authentication" in text
     subprocess.run(["openssl", "verify", "-CAfile", os.path.join(fleet.ca_dir, "ca-cert.pem"),
                     os.path.join(fleet.tls_dir("backup"), "client-cert.pem")], check=True, stdout=subprocess.DEVNULL)
+    for host, role in (("hv1", "server"), ("backup", "client")):
+        subject = certificate(os.path.join(fleet.tls_dir(host), "%s-cert.pem" % role)).subject.rfc4514_string()
+        assert subject == "CN=%s,OU=%s,O=fleet" % (host, role)  # RFC 4514 lists it backwards
+        assert fleet.dn(host) == "O=fleet,OU=%s,CN=%s" % (role, host)
+        with open(os.path.join(fleet.tls_dir(host), "ca-cert.pem")) as installed, \
+                open(os.path.join(fleet.ca_dir, "ca-cert.pem")) as ca:
+            assert installed.read() == ca.read()
+    ca_constraints = certificate(os.path.join(fleet.ca_dir, "ca-cert.pem")).extensions.get_extension_for_class(
+        x509.BasicConstraints)
+    assert ca_constraints.critical and ca_constraints.value == x509.BasicConstraints(ca=True, path_length=0)
     rc, again, output = fleet.make()
     assert rc == 0 and {host: stats["changed"] for host, stats in again["stats"].items()} == dict(
         localhost=0, hv1=0, backup=0, intruder=0), output[-3000:]
+
+
+def certificate(path):
+    with open(path, "rb") as stream:
+        return x509.load_pem_x509_certificate(stream.read())
+
+
+def request(path, name, role="client", ips=(), ca=False, usages=None, organization="fleet", more=()):
+    """A certificate request as a compromised host could send it, by default the one the CA expects of a client."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    usages = usages or [ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH]
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    if ips:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), critical=False)
+    builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=ca)
+    builder = builder.add_extension(x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=not ca, data_encipherment=False,
+        key_agreement=False, key_cert_sign=ca, crl_sign=ca, encipher_only=False, decipher_only=False), critical=True)
+    builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    for extension in more:
+        builder = builder.add_extension(extension, critical=False)
+    with open(path, "wb") as stream:
+        stream.write(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_the_fleet_ca_refuses_a_request_for_another_name_or_a_ca_or_more_than_the_hosts_role(
+        tmp_path, fleet_certificates):
+    """The CA's side of the playbook (tasks/fleet_ca_sign.yml), with the fleet's CA, on requests a compromised host
+    could send: only the honest ones are signed."""
+    fleet, _other = fleet_certificates
+    ip = "127.0.0.9"
+    hosts = {
+        # The requests the playbook itself would make: signed (the check refuses nothing it should sign).
+        "honest-client": dict(role="client", csr=dict(name="honest-client")),
+        "honest-server": dict(role="server", ansible_host=ip, csr=dict(name="honest-server", role="server", ips=[ip])),
+        # The backup host's name, in every hypervisor's tls_allow.
+        "wants-backup": dict(role="client", csr=dict(name="backup")),
+        # A server certificate where the host is a client (a hypervisor's tls_allow could not tell them apart).
+        "wants-server": dict(role="client", csr=dict(name="wants-server", role="server")),
+        # A CA of its own, under the fleet's CA.
+        "wants-ca": dict(role="client", csr=dict(name="wants-ca", ca=True)),
+        # Another address, or another use, or an extension the CA would copy.
+        "wants-address": dict(role="server", ansible_host=ip,
+                              csr=dict(name="wants-address", role="server", ips=[ip, "10.9.9.9"])),
+        "wants-both": dict(role="server", ansible_host=ip, csr=dict(
+            name="wants-both", role="server", ips=[ip],
+            usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])),
+        "wants-more": dict(role="client", csr=dict(name="wants-more", more=[x509.NameConstraints(
+            permitted_subtrees=[x509.DNSName("example.org")], excluded_subtrees=None)])),
+    }
+    inventory = {}
+    for host, spec in hosts.items():
+        os.makedirs(fleet.tls_dir(host), mode=0o700, exist_ok=True)
+        csr_file = request(str(tmp_path / ("%s.csr" % host)), **spec.pop("csr"))
+        inventory[host] = dict(spec, csr_file=csr_file)
+    rc, results, output = fleet.sign_requests(inventory)
+    assert rc != 0
+    assert sorted(results["failures"]) == sorted(h for h in hosts if h.startswith("wants-")), output[-4000:]
+    for host in ("honest-client", "honest-server"):
+        role = inventory[host]["role"]
+        issued = os.path.join(fleet.tls_dir(host), "%s-cert.pem" % role)
+        subprocess.run(["openssl", "verify", "-CAfile", os.path.join(fleet.ca_dir, "ca-cert.pem"), issued],
+                       check=True, stdout=subprocess.DEVNULL)
+        assert certificate(issued).subject.rfc4514_string() == "CN=%s,OU=%s,O=fleet" % (host, role)
+    for host in hosts:
+        if host.startswith("wants-"):
+            assert os.listdir(fleet.tls_dir(host)) == [], host  # no certificate
+    failures = {host: " ".join(messages) for host, messages in results["failures"].items()}
+    for host, message in failures.items():
+        assert "The CA refuses to sign the certificate request of %s" % host in message, message
+        assert "it gets no certificate" in message
+    assert '[["organizationName", "fleet"], ["organizationalUnitName", "client"], ["commonName", "backup"]]' in \
+        failures["wants-backup"]
+    assert "subject is" in failures["wants-server"] and "TLS Web Server Authentication" in failures["wants-server"]
+    assert 'basic_constraints is ["CA:TRUE", "pathlen:0"], not ["CA:FALSE"]' in failures["wants-ca"]
+    assert "Certificate Sign" in failures["wants-ca"]
+    assert 'subject_alt_name is ["IP:127.0.0.9", "IP:10.9.9.9"], not ["IP:127.0.0.9"]' in failures["wants-address"]
+    assert "extended_key_usage is" in failures["wants-both"] and "subject is" not in failures["wants-both"]
+    assert "extensions is" in failures["wants-more"] and "2.5.29.30" in failures["wants-more"]
+
+
+def test_a_hypervisor_named_by_dns_gets_no_certificate_and_is_told_to_give_its_ip_addresses(tmp_path):
+    fleet = FleetCertificates(str(tmp_path), hypervisors={
+        "hv1": {"ansible_host": HYPERVISOR_ADDRESS}, "hv2": {"ansible_host": "hv2.example"},
+        "hv3": {"fleet_ca_addresses": ["192.0.2.3", "2001:db8::3", "hv3.example"]}})
+    rc, results, output = fleet.make()
+    assert rc != 0 and sorted(results["failures"]) == ["hv2", "hv3"], output[-4000:]
+    assert ("hv2: its server certificate names the IP addresses that the copies connect to, and hv2.example is not "
+            "an IP address (its ansible_host). Set fleet_ca_addresses") in results["failures"]["hv2"][0]
+    assert "hv3.example is not an IP address (fleet_ca_addresses)" in results["failures"]["hv3"][0]
+    assert not os.path.exists(fleet.tls_dir("hv2")) and not os.path.exists(fleet.tls_dir("hv3"))  # nothing done
+    assert os.path.exists(os.path.join(fleet.tls_dir("hv1"), "server-cert.pem"))
+
+
+def test_a_rerun_renews_certificates_that_expire_within_fleet_ca_renew_days(tmp_path):
+    fleet = FleetCertificates(str(tmp_path))
+    first = assert_ok(fleet.make(extra_vars=dict(fleet_ca_days=10, fleet_ca_ca_days=20)))
+    assert first["stats"]["hv1"]["changed"]
+    paths = dict(ca=os.path.join(fleet.ca_dir, "ca-cert.pem"),
+                 hv1=os.path.join(fleet.tls_dir("hv1"), "server-cert.pem"),
+                 backup=os.path.join(fleet.tls_dir("backup"), "client-cert.pem"))
+    before = {name: certificate(path) for name, path in paths.items()}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert all(c.not_valid_after_utc < now + datetime.timedelta(days=21) for c in before.values())
+    # Within 30 days of their end: the CA's certificate (with its key) and every host's are signed anew.
+    again = assert_ok(fleet.make())
+    assert all(stats["changed"] for stats in again["stats"].values()), again["stats"]
+    after = {name: certificate(path) for name, path in paths.items()}
+    assert after["ca"].not_valid_after_utc > now + datetime.timedelta(days=3000)
+    assert after["hv1"].not_valid_after_utc > now + datetime.timedelta(days=360)
+    assert after["backup"].not_valid_after_utc > now + datetime.timedelta(days=360)
+    assert after["ca"].public_key() == before["ca"].public_key()
+    assert after["hv1"].public_key() == before["hv1"].public_key()  # the key stays; only the certificate is new
+    for name in ("hv1", "backup"):
+        subprocess.run(["openssl", "verify", "-CAfile", os.path.join(fleet.tls_dir(name), "ca-cert.pem"),
+                        paths[name]], check=True, stdout=subprocess.DEVNULL)
+    # Long enough: a third run changes nothing.
+    assert_ok(fleet.make(), changed=dict(localhost=0, hv1=0, backup=0, intruder=0))
 
 
 def test_a_backup_pulled_over_tls_restores_exactly_and_its_listener_goes_with_the_stop(

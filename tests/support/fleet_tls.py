@@ -6,7 +6,7 @@ its host's own directory.
 """
 
 FLEET_CA_PLAY = "- name: Certificates\n  ansible.builtin.import_playbook: fleetbackup.qemu.fleet_ca\n"
-BACKUP_HOST_DN = "O=fleet,CN=backup"
+BACKUP_HOST_DN = "O=fleet,OU=client,CN=backup"
 
 
 def hypervisors_with_vm_dirs(ssh_fleet, tmp_path):

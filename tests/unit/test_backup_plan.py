@@ -199,7 +199,7 @@ def test_a_qemu_without_break_snapshot_is_refused_naming_the_version_needed():
 
 
 def tcp(**overrides):
-    values = dict(host="192.0.2.11", port=0, tls_dir="/etc/fleetbackup/tls", tls_allow=["O=fleet,CN=backup1"],
+    values = dict(host="192.0.2.11", port=0, tls_dir="/etc/fleetbackup/tls", tls_allow=["O=fleet,OU=client,CN=backup1"],
                   plain=False)
     values.update(overrides)
     return values
