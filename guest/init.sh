@@ -21,7 +21,7 @@ boot_disk() {
     mkdir -p /newroot
     if ! mount -t ext4 "$1" /newroot; then
         echo "FBG ERROR mount $1"
-        return
+        poweroff -f  # no root, no agent: QEMU quits at once, and a drill fails now rather than at its timeout
     fi
     # The disk's init mounts its own: nothing may stay mounted, hidden, under the initramfs.
     umount /proc /sys

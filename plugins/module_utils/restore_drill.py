@@ -56,6 +56,7 @@ DEFAULT_MEMORY_MIB = 1024
 CONSOLE_LINES = 15
 OUTPUT_BYTES = 4096
 SYNC_INTERVAL = 2.0  # while the guest boots, a sync is sent again this often
+QEMU_EXIT_WAIT = 5.0  # after the agent's socket closed, for QEMU to exit
 AGENT_TIMEOUT = 30.0  # for each answer of the agent once it is up
 OWNER = "owner.json"
 # What a kernel says when a file system or its disk is not sound.
@@ -242,8 +243,7 @@ class Drill:
         connected = False
         while True:
             if self.process.poll() is not None:
-                raise DrillFailed("QEMU exited (status %d) before the guest agent answered%s"
-                                  % (self.process.returncode, self._qemu_said()))
+                raise self._exited_before_the_agent()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DrillFailed("no guest agent answered within %s s of the start: the guest did not boot, or "
@@ -258,6 +258,17 @@ class Drill:
                 return
             except GuestAgentTimeout:
                 continue  # not up yet: its answer comes once the agent runs, and the next sync finds it
+            except GuestAgentError as err:
+                # The agent's socket closes as QEMU exits: a guest that powered off, or a QEMU that died.
+                try:
+                    self.process.wait(QEMU_EXIT_WAIT)
+                except subprocess.TimeoutExpired:
+                    raise err from None
+                raise self._exited_before_the_agent() from None
+
+    def _exited_before_the_agent(self):
+        return DrillFailed("QEMU exited (status %d) before the guest agent answered%s"
+                           % (self.process.returncode, self._qemu_said()))
 
     def _qemu_said(self):
         with open(self.path("qemu.log"), "rb") as stream:

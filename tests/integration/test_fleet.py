@@ -108,16 +108,8 @@ def test_a_fleet_of_hypervisors_backs_up_every_vm_it_finds(ssh_fleet, vms, libvi
         if name != "old@hv1" and vm.pid is not None:
             vm.write("vda", 4 * MiB, MiB, 0x21)
     machines["old@hv1"].write("vda", 8 * MiB, MiB, 0x22)  # offline, with qemu-io: the persistent bitmap records it
-    points.append({name: vm.mark("vda") for name, vm in machines.items()})
-    rc, results, output, summary = run_fleet(ssh_fleet)
-    assert list(results["failures"]) == ["broken@hv2"], output[-4000:]
-    for name in backed_up:
-        assert " incremental " in line_of(summary, name), summary
-
-    # The stopped VM runs again: the chain goes on online, from the checkpoint added offline. And the VM with a
-    # UUID moves to hv2 with its image (and the checkpoint in it): its chain goes on there, in the same directory.
-    old = machines["old@hv1"].start()
-    old.write("vda", 12 * MiB, MiB, 0x23)
+    # The VM with a UUID moves to hv2 with its image (and the checkpoint in it): its chain goes on there, in the
+    # same directory.
     db_name = "db.%s" % db_uuid.replace("-", "")[:8]
     db = machines[db_name]
     db.quit()
@@ -128,10 +120,12 @@ def test_a_fleet_of_hypervisors_backs_up_every_vm_it_finds(ssh_fleet, vms, libvi
     moved.writes = db.writes  # the same disk: its write log goes on
     moved.write("vda", 6 * MiB, MiB, 0x24)
     machines[db_name] = moved
-    points.append({"old@hv1": old.mark("vda"), db_name: moved.mark("vda")})
+    points.append({name: vm.mark("vda") for name, vm in machines.items()})
     rc, results, output, summary = run_fleet(ssh_fleet)
-    assert "old@hv1: incremental " in line_of(summary, "old@hv1") and "(offline)" not in line_of(summary, "old@hv1")
-    assert " incremental " in line_of(summary, db_name), summary
+    assert list(results["failures"]) == ["broken@hv2"], output[-4000:]
+    for name in backed_up:
+        assert " incremental " in line_of(summary, name), summary
+    assert "(offline)" in line_of(summary, "old@hv1")
     # hv2 backed it up: its private state now records the moved VM's image.
     records = [os.path.join(root, "disks.json") for root, _dirs, files in os.walk(tmp_path / "hv2" / "state")
                if "disks.json" in files]
@@ -140,7 +134,7 @@ def test_a_fleet_of_hypervisors_backs_up_every_vm_it_finds(ssh_fleet, vms, libvi
 
     for name in backed_up:
         backups = manifest(repository, name)
-        assert [b["level"] for b in backups][:2] == ["full", "incremental"], name
+        assert [b["level"] for b in backups] == ["full", "incremental"], name
         for point, backup in zip(points, backups):
             if name in point:
                 assert restores(machines[name], repository, name, backup, point[name], tmp_path), (name, backup)
