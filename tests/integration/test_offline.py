@@ -195,7 +195,7 @@ def test_qemu_nbd_gets_its_listener_whatever_descriptor_it_has(vms, tmp_path):
     Debian, dash, takes none above 9 in a redirection)."""
     vm = vms([DiskSpec("vda", size=16 * MiB)], prepare=lambda vm: vm.write("vda", 0, MiB, 0x61))
     vm.quit()
-    taken = [os.open(os.devnull, os.O_RDONLY) for _ in range(12)]
+    taken = [os.open(os.devnull, os.O_RDONLY) for _index in range(12)]
     listener = listen_tcp("127.0.0.1", 0)
     pidfile = str(tmp_path / "nbd.pid")
     try:
