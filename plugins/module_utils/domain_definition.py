@@ -61,6 +61,12 @@ def restored_domain_xml(xml, name, images, nvram_path, identity, firmware_dirs=N
     return ElementTree.tostring(root, encoding="unicode"), left_out
 
 
+def in_firmware_directories(path, firmware_dirs=None):
+    """Whether path names a file right inside one of the host's firmware directories (never one a backup chose)."""
+    return any(os.path.dirname(os.path.normpath(path)) == os.path.normpath(directory)
+               for directory in firmware_dirs or FIRMWARE_DIRECTORIES)
+
+
 def restored_os(os_element, nvram_path, firmware_dirs):
     """Firmware from the host's firmware directories only; no host kernel; the restored UEFI variables."""
     left_out = []
@@ -72,8 +78,7 @@ def restored_os(os_element, nvram_path, firmware_dirs):
             left_out.append("the direct kernel boot from <%s>" % element.tag)
         elif element.tag in ("loader", "nvram"):
             path = element.text if element.tag == "loader" else element.get("template")
-            if path and not any(os.path.dirname(os.path.normpath(path)) == os.path.normpath(directory)
-                                for directory in firmware_dirs):
+            if path and not in_firmware_directories(path, firmware_dirs):
                 os_element.remove(element)
                 left_out.append("the firmware %s, outside the host's firmware directories" % path)
     nvram = os_element.find("nvram")

@@ -116,3 +116,30 @@ def discover(qmp_sockets, libvirt_uri, state_dir, hypervisor, repository, timeou
         missing = sorted(entry for entry in os.listdir(repository) if is_plain_name(entry)
                          and os.path.isdir(os.path.join(repository, entry)) and entry not in names)
     return dict(vms=vms, problems=problems, missing=missing)
+
+
+def choose_fleet_vms(hypervisors):
+    """One entry per repository directory across the fleet, from each hypervisor's discovery.
+
+    A VM that moved is still listed as stopped where it ran before (from that hypervisor's state): the hypervisor
+    where it runs wins. Two running, or only stopped ones on several hypervisors, cannot be told apart: the entry
+    carries a conflict, and that VM is not backed up. hypervisors: the hypervisors' variables (inventory_hostname,
+    qemu_hypervisor_state_dir, fleetbackup_found).
+    """
+    listed = {}
+    for host in hypervisors:
+        for vm in host["fleetbackup_found"]["vms"]:
+            listed.setdefault(vm["repository_name"], []).append((host, vm))
+    chosen = []
+    for name, entries in listed.items():
+        candidates = [entry for entry in entries if entry[1]["running"]] or entries
+        host, vm = candidates[0]
+        conflict = ""
+        if len(candidates) > 1:
+            conflict = ("%s is %s on %s, and which of them is the VM cannot be told: remove or rename the others "
+                        "(another name or UUID), or start the one to back up and stop the others."
+                        % (name, "running" if vm["running"] else "stopped",
+                           " and ".join(entry[0]["inventory_hostname"] for entry in candidates)))
+        chosen.append(dict(hypervisor=host["inventory_hostname"], state_dir=host["qemu_hypervisor_state_dir"], vm=vm,
+                           conflict=conflict))
+    return chosen

@@ -129,7 +129,11 @@ class GuestFreeze:
         if self.agent is None:
             return self
         self._signals.hold()
-        self.state.record_freeze(self.backup_id, self.agent.record())
+        try:
+            self.state.record_freeze(self.backup_id, self.agent.record())
+        except BaseException:
+            self._signals.release(interrupt=False)  # nothing frozen yet: the failure to record is the news
+            raise
         self._asked_at = time.monotonic()
         try:
             frozen = self.agent.freeze()

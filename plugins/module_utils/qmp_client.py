@@ -123,14 +123,17 @@ class QmpClient:
         self._qmp.send_fd_scm(fd)
         return self.execute(command, arguments)
 
+    def peer_pid(self):
+        """The PID of the QEMU process behind the monitor, from the kernel (SO_PEERCRED)."""
+        sock = self._qmp._writer.transport.get_extra_info("socket")  # pylint: disable=protected-access
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+
     def peer_file_uid(self):
         """The uid with which the QEMU process behind the monitor opens files now (after any -runas).
 
-        Its PID comes from the kernel (SO_PEERCRED); the uid it holds at connect time may be root's, so it is read
-        from /proc while the connection holds that PID.
+        The uid it holds at connect time may be root's, so it is read from /proc while the connection holds its PID.
         """
-        sock = self._qmp._writer.transport.get_extra_info("socket")  # pylint: disable=protected-access
-        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        pid = self.peer_pid()
         with open("/proc/%d/status" % pid) as stream:
             for line in stream:
                 if line.startswith("Uid:"):

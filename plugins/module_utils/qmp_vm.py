@@ -90,11 +90,29 @@ class QmpVm(VmConnection):
             raise FreezeUnavailable("no guest_agent_socket was given, the socket of the VM's virtio-serial port "
                                     "org.qemu.guest_agent.0")
         check_trusted_directory(os.path.dirname(path), "guest_agent_socket", "the guest agent's socket")
+        if os.path.lexists(path) and not self._serves_chardev(path):
+            # Another VM's agent would freeze that guest, and call this backup application-consistent.
+            raise UserError("guest_agent_socket %s is no socket of this QEMU's character devices (query-chardev): "
+                            "give the path of this VM's own org.qemu.guest_agent.0 chardev." % path)
         status = self.qmp.execute("query-status")["status"]
         if status != "running":
             raise FreezeUnavailable("the VM is %s: its guest agent cannot answer, and its file systems cannot change"
                                     % status)
         return SocketAgent(path, request["freeze_timeout"])
+
+    def _serves_chardev(self, path):
+        """Whether path is the same socket file as one of this QEMU's unix socket chardevs."""
+        cwd = "/proc/%d/cwd" % self.qmp.peer_pid()  # a relative chardev path is QEMU's own
+        for chardev in self.qmp.execute("query-chardev"):
+            address = chardev["filename"][len("disconnected:"):] if chardev["filename"].startswith(
+                "disconnected:") else chardev["filename"]
+            if address.startswith("unix:"):
+                try:
+                    if os.path.samefile(path, os.path.join(cwd, address[len("unix:"):].split(",")[0])):
+                        return True
+                except OSError:
+                    continue
+        return False
 
     def disks(self):
         disks = list_disks(self.qmp)

@@ -154,6 +154,18 @@ class Repository:
         except QemuImgError as err:
             raise UserError("The backup chain of disk %s is broken at %s: %s" % (disk["disk"], source, err)) from None
 
+    def check_chain(self, data, backup, disk):
+        """The chain that the images' own headers name is the one the manifest records, file by file and format by
+        format: QEMU follows the headers, and anyone who can write the repository can write them."""
+        found = [(os.path.normpath(info["filename"]), info["format"]) for info in self.chain(disk)]
+        recorded = [(os.path.normpath(self.image(entry["file"])), entry.get("format", "qcow2"))
+                    for _member, entry in images_needed(data, dict(backup, disks=[disk]))]
+        if found != recorded:
+            raise UserError("The images of disk %s name the chain %s, but the manifest records %s: the repository "
+                            "was changed; check it with qemu_backup_verify." % (
+                                disk["disk"], ", ".join("%s (%s)" % entry for entry in found),
+                                ", ".join("%s (%s)" % entry for entry in recorded)))
+
     def nvram(self, definition):
         """The UEFI variables a backup kept, checked against their recorded checksum; None when it kept none."""
         nvram = (definition or {}).get("nvram")
@@ -264,6 +276,26 @@ def _unique_name(backups, now):
             return name
 
 
+def images_needed(data, backup):
+    """(backup, disk entry) of every image a restore of backup reads: each disk's, then its parents' in turn."""
+    by_name = {b["name"]: b for b in data["backups"]}
+    needed = []
+    for disk in backup["disks"]:
+        member, entry = backup, disk
+        needed.append((member, entry))
+        visited = {member["name"]}
+        while entry.get("backing") and member.get("parent") in by_name:
+            if member["parent"] in visited:
+                break  # a damaged manifest whose parents loop: each image is checked once all the same
+            member = by_name[member["parent"]]
+            visited.add(member["name"])
+            entry = next((d for d in member["disks"] if d["file"] == entry["backing"]), None)
+            if entry is None:
+                break  # check_image reports the broken link on the child
+            needed.append((member, entry))
+    return needed
+
+
 def chain_of(data, backup):
     """The backups whose images `backup` needs, itself first, back to its full backup."""
     by_name = {b["name"]: b for b in data["backups"]}
@@ -273,6 +305,9 @@ def chain_of(data, backup):
         if parent not in by_name:
             raise UserError("Backup %s needs backup %s, which the manifest no longer lists: take a full backup."
                             % (chain[-1]["name"], parent))
+        if any(member["name"] == parent for member in chain):
+            raise UserError("The manifest is damaged: backup %s's parents lead back to %s, a loop." % (
+                backup["name"], parent))
         chain.append(by_name[parent])
     return chain
 

@@ -34,6 +34,7 @@ import subprocess
 import time
 from xml.etree import ElementTree
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import in_firmware_directories
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_agent import (
     GuestAgent,
@@ -51,10 +52,14 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import c
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+# The host's empty UEFI variable stores, for a backup that kept none.
+OVMF_VARS = {False: "/usr/share/OVMF/OVMF_VARS_4M.fd", True: "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"}
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 DEFAULT_MEMORY_MIB = 1024
 CONSOLE_LINES = 15
 OUTPUT_BYTES = 4096
+# The machine types a drill boots; the value goes into -machine, so nothing else may pass.
+MACHINE_TYPE = re.compile(r"^(pc|q35)(-[a-z0-9.]+)*$")
 SYNC_INTERVAL = 2.0  # while the guest boots, a sync is sent again this often
 QEMU_EXIT_WAIT = 5.0  # after the agent's socket closed, for QEMU to exit
 AGENT_TIMEOUT = 30.0  # for each answer of the agent once it is up
@@ -78,11 +83,10 @@ class DrillDisk:
 class DrillMachine:
     """The virtual hardware: q35 with SeaBIOS and virtio disks, or what a libvirt domain's XML says."""
 
-    def __init__(self, machine="q35", loader=None, secure=False, nvram=False, memory_mib=None, buses=None):
+    def __init__(self, machine="q35", loader=None, secure=False, memory_mib=None, buses=None):
         self.machine = machine
         self.loader = loader
         self.secure = secure
-        self.nvram = nvram
         self.memory_mib = memory_mib
         self.buses = buses or {}
 
@@ -95,11 +99,18 @@ class DrillMachine:
             raise UserError("The backup's domain XML cannot be read (%s)." % err) from None
         os_type = root.find("./os/type")
         machine = os_type.get("machine") if os_type is not None and os_type.get("machine") else "q35"
+        if not MACHINE_TYPE.match(machine):
+            raise UserError("The backup's domain XML names the machine type %r: drills boot pc and q35 machines "
+                            "only." % machine)
         loader = root.find("./os/loader")
         uefi = root.find("./os").get("firmware") == "efi" if root.find("./os") is not None else False
         path = loader.text.strip() if loader is not None and loader.text else None
         if loader is not None and loader.get("type") == "rom":
             raise UserError("The domain boots from a firmware ROM (%s): drills boot SeaBIOS or a UEFI pflash only." % path)
+        if path and not in_firmware_directories(path):
+            # The repository may be anyone's: QEMU would read any host file it named, and the guest with it.
+            raise UserError("The backup's domain XML names the firmware %s, outside the host's firmware directories: "
+                            "a drill boots only the host's own firmware." % path)
         if uefi and not path:
             path = OVMF_CODE
         memory = root.find("memory")
@@ -109,8 +120,7 @@ class DrillMachine:
                                              "GiB": 1 << 30, "G": 1 << 30}.get(memory.get("unit", "KiB"), 1024) >> 20
         buses = {disk.find("target").get("dev"): disk.find("target").get("bus", "virtio")
                  for disk in root.findall("./devices/disk") if disk.get("device", "disk") == "disk"}
-        return cls(machine, path, loader is not None and loader.get("secure") == "yes",
-                   root.find("./os/nvram") is not None or bool(path), memory_mib, buses)
+        return cls(machine, path, loader is not None and loader.get("secure") == "yes", memory_mib, buses)
 
 
 def drill_directory(state_dir):
@@ -138,7 +148,7 @@ class Drill:
         self.accel = accel
         self.memory_mib = memory_mib or machine.memory_mib or DEFAULT_MEMORY_MIB
         self.cpus = cpus
-        self.nvram = nvram  # the backup's UEFI variables (bytes), or None
+        self.nvram = nvram  # the backup's UEFI variables (bytes); for UEFI without them, the host's empty store
         self.process = None
         self.listener = None
         self.agent = None
@@ -218,6 +228,13 @@ class Drill:
                                  "/dev/fd/%d" % overlay.fd, info["virtual-size"], pass_fds=(overlay.fd,))
             finally:
                 os.close(overlay.fd)
+        if self.machine.loader and self.nvram is None:
+            try:
+                with open(OVMF_VARS[self.machine.secure], "rb") as stream:
+                    self.nvram = stream.read()
+            except FileNotFoundError:
+                raise UserError("The backup boots UEFI and kept no UEFI variables, and this host has no empty store "
+                                "%s: install ovmf." % OVMF_VARS[self.machine.secure]) from None
         if self.nvram is not None:
             copy = create_exclusive(self.workdir, "nvram.fd")
             with os.fdopen(copy.fd, "wb") as stream:
@@ -334,7 +351,12 @@ class Drill:
             self.agent.close()
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+            try:
+                self.process.wait(QEMU_EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                raise UserError("The drill's QEMU (pid %d) did not end when killed: it waits in the kernel, on a "
+                                "hung disk or file system. Its directory %s stays until it ends."
+                                % (self.process.pid, self.workdir)) from None
         if self.listener is not None:
             self.listener.close()
 

@@ -21,7 +21,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import Fle
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import checksum_of_image_export
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import is_plain_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import alone, image_damage, image_info, served
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import MANIFEST
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import MANIFEST, images_needed
 
 
 def repository_vms(root):
@@ -61,22 +61,6 @@ def _chosen(repository, data, wanted):
         raise UserError("No backup named %s in %s. Its backups are: %s." % (", ".join(unknown), repository.path,
                                                                             ", ".join(sorted(known)) or "none"))
     return [b for b in data["backups"] if b["name"] in wanted]
-
-
-def images_needed(data, backup):
-    """(backup, disk entry) of every image a restore of backup reads: each disk's, then its parents' in turn."""
-    by_name = {b["name"]: b for b in data["backups"]}
-    needed = []
-    for disk in backup["disks"]:
-        member, entry = backup, disk
-        needed.append((member, entry))
-        while entry.get("backing") and member.get("parent") in by_name:
-            member = by_name[member["parent"]]
-            entry = next((d for d in member["disks"] if d["file"] == entry["backing"]), None)
-            if entry is None:
-                break  # check_image reports the broken link on the child
-            needed.append((member, entry))
-    return needed
 
 
 def _backup_report(data, backup, images):

@@ -216,6 +216,7 @@ def drill(module):
     params = module.params
     check_numbers(params)
     repository = Repository(params["repository"], params["vm"])
+    data = repository.load() if os.path.exists(repository.manifest_path) else None
     backup = repository.recorded(params["backup"])
     definition = backup.get("definition")
     machine = DrillMachine.from_domain_xml(repository.read_file(definition["domain_xml"]).decode()) \
@@ -224,7 +225,7 @@ def drill(module):
         raise UserError("The UEFI firmware %s that backup %s boots is not on this host: install it (Debian: apt install "
                         "ovmf), or drill on a host that has it." % (machine.loader, backup["name"]))
     nvram = repository.nvram(definition)
-    disks = [DrillDisk(disk["disk"], chosen_image(repository, disk, params["images"] or {}),
+    disks = [DrillDisk(disk["disk"], chosen_image(repository, data, backup, disk, params["images"] or {}),
                        machine.buses.get(disk["disk"], "virtio")) for disk in backup["disks"]]
     unknown = sorted(set(params["images"] or {}) - {disk.name for disk in disks})
     if unknown:
@@ -257,10 +258,10 @@ def check_numbers(params):
             raise UserError("%s must be at least %d." % (name, low))
 
 
-def chosen_image(repository, disk, images):
+def chosen_image(repository, data, backup, disk, images):
     """The image a disk boots from: the one given in images, else the top of its chain in the repository."""
     if disk["disk"] not in images:
-        repository.chain(disk)
+        repository.check_chain(data, backup, disk)
         return repository.image(disk["file"])
     path = images[disk["disk"]]
     try:

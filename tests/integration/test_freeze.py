@@ -6,6 +6,7 @@ The guest disk boots through the firmware under TCG with qemu-ga and fbg-workloa
 import json
 import os
 import signal
+import socket
 
 import pytest
 
@@ -85,6 +86,13 @@ def test_auto_freezes_when_the_agent_answers_and_says_why_not_otherwise(vms, tmp
     backup = flow.start("b2")["backup"]
     assert backup["consistency"] == "crash" and "no guest_agent_socket was given" in backup["freeze"]["reason"]
     flow.stop("b2")
+    # Another socket (as another VM's agent would be) is refused: its guest would be frozen for this backup.
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(str(tmp_path / "other-qga.sock"))
+    foreign = flow.start("b9", guest_agent_socket=str(tmp_path / "other-qga.sock"), freeze="always")
+    other.close()
+    assert foreign.failed and "is no socket of this QEMU's character devices" in foreign["msg"], foreign
+    assert flow.vm_state_files() == []
     vm.qmp("stop")  # a paused guest's agent cannot answer, and its file systems cannot change
     backup = flow.start("b3", guest_agent_socket=vm.agent_socket)["backup"]
     assert backup["consistency"] == "crash" and "the VM is paused" in backup["freeze"]["reason"]

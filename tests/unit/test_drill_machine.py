@@ -30,13 +30,18 @@ UEFI_DOMAIN = """<domain type='kvm'>
 
 def test_a_domain_xml_gives_the_machine_firmware_memory_and_buses():
     machine = DrillMachine.from_domain_xml(UEFI_DOMAIN)
-    assert (machine.machine, machine.loader, machine.secure, machine.nvram, machine.memory_mib) == (
-        "pc-q35-7.2", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", True, True, 2048)
+    assert (machine.machine, machine.loader, machine.secure, machine.memory_mib) == (
+        "pc-q35-7.2", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", True, 2048)
     assert machine.buses == dict(sda="sata", sdb="scsi", vda="virtio")
     auto = DrillMachine.from_domain_xml("<domain><os firmware='efi'><type>hvm</type></os><devices/></domain>")
     assert (auto.machine, auto.loader, auto.secure) == ("q35", OVMF_CODE, False)
     with pytest.raises(UserError, match="drills boot SeaBIOS or a UEFI pflash only"):
         DrillMachine.from_domain_xml("<domain><os><loader type='rom'>/x.bin</loader></os><devices/></domain>")
+    for hostile, message in (("<type machine='q35,kernel=/etc/shadow'>hvm</type>", "drills boot pc and q35"),
+                             ("<loader type='pflash'>/var/lib/vms/db1/vda.qcow2</loader>", "host's own firmware"),
+                             ("<loader type='pflash'>/usr/share/OVMF/../../../etc/shadow</loader>", "host's own")):
+        with pytest.raises(UserError, match=message):
+            DrillMachine.from_domain_xml("<domain><os>%s</os><devices/></domain>" % hostile)
     with pytest.raises(UserError, match="cannot be read"):
         DrillMachine.from_domain_xml("<domain>")
 
@@ -62,3 +67,13 @@ def test_the_command_line_is_isolated_and_boots_the_overlays_on_their_buses(tmp_
     assert "/r/" not in line and "filename=%s/disk0.qcow2" % tmp_path in line
     with pytest.raises(UserError, match="on a usb bus, which drills do not emulate"):
         Drill(str(tmp_path), [DrillDisk("sdz", "/r/z", "usb")], DrillMachine(), "tcg", 256, 1).command_line(7)
+
+
+def test_a_uefi_backup_without_its_variables_boots_on_a_copy_of_the_hosts_empty_store(tmp_path):
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils.restore_drill import OVMF_VARS
+
+    drill = Drill(str(tmp_path), [], DrillMachine(loader=OVMF_CODE, secure=True), "tcg", 256, 1)
+    drill.prepare()
+    with open(OVMF_VARS[True], "rb") as template:
+        assert (tmp_path / "nvram.fd").read_bytes() == template.read()
+    assert "if=pflash,format=raw,file=%s/nvram.fd" % tmp_path in " ".join(drill.command_line(7))

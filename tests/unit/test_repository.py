@@ -168,3 +168,13 @@ def test_the_lease_is_one_run_at_a_time_until_it_expires(repository):
         lease.check("run1", NOW + 902)
     assert lease.release("run1") is False and lease.release("run2") is True
     assert lease.take("run3", "x", 600, NOW + 903)["run_id"] == "run3"
+
+
+def test_a_manifest_whose_parents_loop_is_refused_and_verified_without_looping():
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import chain_of, images_needed
+
+    disk = dict(disk="vda", file="x.qcow2", backing="x.qcow2")
+    looped = dict(backups=[dict(name="a", parent="b", disks=[disk]), dict(name="b", parent="a", disks=[disk])])
+    with pytest.raises(UserError, match="parents lead back to a, a loop"):
+        chain_of(looped, looped["backups"][0])
+    assert [member["name"] for member, _disk in images_needed(looped, looped["backups"][0])] == ["a", "b"]
