@@ -197,9 +197,8 @@ EXPLANATION = """\
 What a VM's time includes. Role run: its host's span in the backup play, from its first task's start to its last
 task's end. Its tasks: the sum of its own tasks' times
 (%(tasks)s), each a module sent over SSH to its hypervisor or
-to the backup host and run there; the difference is time spent waiting while other VMs' tasks ran (the linear
-strategy runs a task on every host of an include before the next task; the include's apply: delegate_to is
-templated per VM, so each hypervisor's VMs are an include of their own and the hypervisors take turns). Summary line:
+to the backup host and run there; the difference is time spent waiting for the other VMs' run of the same task
+(the linear strategy runs a task on every VM, of both hypervisors, before the next task). Summary line:
 the role's own seconds, from the plan to the record, whole seconds. Copy: the copy engine's time for the VM's
 slowest disk. Beside the copy, a task costs %(per_task).2f s here (median of (its tasks - copy) / tasks ran). The whole
 run adds ansible-playbook's start, the hypervisor role and the discovery on each hypervisor, and the summary."""
