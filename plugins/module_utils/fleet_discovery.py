@@ -22,12 +22,8 @@ QMP_KEY_PREFIX = "qmp-"
 
 def qmp_identity(socket_path, timeout):
     """(name, uuid) that a running QEMU reports; UUID None when it has none (no -uuid)."""
-    client = QmpClient(socket_path, timeout)
-    client.connect()
-    try:
+    with QmpClient(socket_path, timeout) as client:
         return qmp_vm_identity(client, socket_path)
-    finally:
-        client.close()
 
 
 def repository_name(name, uuid, hypervisor):

@@ -128,12 +128,7 @@ class GuestFreeze:
     def __enter__(self):
         if self.agent is None:
             return self
-        self._signals.hold()
-        try:
-            self.state.record_freeze(self.backup_id, self.agent.record())
-        except BaseException:
-            self._signals.release(interrupt=False)  # nothing frozen yet: the failure to record is the news
-            raise
+        self._signals.hold(then=lambda: self.state.record_freeze(self.backup_id, self.agent.record()))
         self._asked_at = time.monotonic()
         try:
             frozen = self.agent.freeze()

@@ -31,10 +31,18 @@ class HeldSignals:
         self._handlers = None
         self._mask = None
 
-    def hold(self):
+    def hold(self, then=None):
+        """Hold the signals, then call then() (the record of what is about to be held still); if it fails, let them
+        go again: nothing is held still yet, and its failure is the news."""
         self._signals = []
         self._handlers = {signum: signal.signal(signum, self._hold) for signum in HELD_SIGNALS}
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        if then is not None:
+            try:
+                then()
+            except BaseException:
+                self.release(interrupt=False)
+                raise
         return self
 
     def _hold(self, signum, frame):

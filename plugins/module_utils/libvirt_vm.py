@@ -137,7 +137,7 @@ class LibvirtVm(VmConnection):
         self.description = "domain %s (%s) on %s" % (self.domain.name(), uuid, self.uri)
         self.state = VmState(self.state_dir, libvirt_vm_key(uuid), self.description, self.read_only)
         self.run_dir = os.path.join(self.qemu_dir, libvirt_vm_key(uuid))
-        if not self._active():
+        if not self.active():
             return ShutOffDomain(self)
         return self
 
@@ -156,25 +156,25 @@ class LibvirtVm(VmConnection):
         raise UserError("libvirt at %s has no domain %s (by name or UUID): check domain and libvirt_uri."
                         % (self.uri, self.domain_name))
 
-    def _active(self):
+    def active(self):
         return bool(call("Asking whether the domain runs", self.domain.isActive))
 
     def _job_operation(self):
         """The operation of the domain's current job (VIR_DOMAIN_JOB_OPERATION_*), 0 without one."""
-        if not self._active():
+        if not self.active():
             return 0
         return call("Reading the domain's job", self.domain.jobStats).get("operation", 0)
 
     def _running(self):
-        if not self._active():
+        if not self.active():
             raise UserError("%s is not running: libvirt backs up and checkpoints only running domains. Start it."
                             % self.description)
 
     def definition(self):
         """The domain's persistent definition, as an element tree."""
-        return self._xml(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        return self.xml(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
-    def _xml(self, flags=0):
+    def xml(self, flags=0):
         return ElementTree.fromstring(call("Reading the domain's XML", self.domain.XMLDesc, flags))
 
     def undo_abandoned(self):
@@ -191,7 +191,7 @@ class LibvirtVm(VmConnection):
         self._running()
         checkpoints = self._checkpoint_sizes()
         disks = []
-        for element in self._xml().findall("./devices/disk"):
+        for element in self.xml().findall("./devices/disk"):
             source = element.find("source")
             if element.get("device", "disk") != "disk" or source is None:
                 continue  # CD-ROMs, floppies, empty drives
@@ -297,7 +297,7 @@ class LibvirtVm(VmConnection):
         images (those of our record) offline, and libvirt forgets the metadata.
         """
         checkpoint = call("Looking up checkpoint %s" % name, self.domain.checkpointLookupByName, name)
-        if self._active():
+        if self.active():
             try:
                 checkpoint.delete(0)
                 return
@@ -388,7 +388,7 @@ class LibvirtVm(VmConnection):
 
     def _qemu_owner(self):
         """(uid, gid) QEMU runs as, from the dac label of the running domain (root without one)."""
-        for label in self._xml().findall("./seclabel[@model='dac']/label"):
+        for label in self.xml().findall("./seclabel[@model='dac']/label"):
             user, group = label.text.split(":")
             return (int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid,
                     int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid)
@@ -499,7 +499,7 @@ class LibvirtVm(VmConnection):
     def _definition(self, plan):
         """What a restore needs besides the disks: the domain's and the checkpoint's XML, the UEFI variables; and
         what cannot be kept."""
-        live = self._xml()
+        live = self.xml()
         definition = dict(domain_xml=call("Reading the domain's definition", self.domain.XMLDesc,
                                           libvirt.VIR_DOMAIN_XML_INACTIVE),
                           checkpoint_xml=None, nvram=None, not_backed_up=[])
@@ -680,9 +680,9 @@ class LibvirtGuestAgent:
     def check(self):
         """Whether the domain has an agent channel that its guest has opened, as the live XML says: no agent call."""
         vm = self.vm
-        if not vm.domain.isActive():
+        if not vm.active():
             raise FreezeUnavailable("%s is not running" % vm.description)
-        live = ElementTree.fromstring(call("Reading the domain's XML", vm.domain.XMLDesc, 0))
+        live = vm.xml()
         states = [target.get("state") for target in live.findall("./devices/channel/target")
                   if target.get("name") == AGENT_CHANNEL]
         if not states:
@@ -713,13 +713,6 @@ class LibvirtGuestAgent:
             if is_error(err, "VIR_ERR_AGENT_UNRESPONSIVE"):
                 raise FreezeUnavailable(message) from None
             raise GuestAgentError(message) from None
-
-
-def mark_inconsistent(disk, name):
-    """disk, with checkpoint `name` marked inconsistent (libvirt found a bitmap of it missing or broken)."""
-    if name not in disk.bitmaps:
-        return disk
-    return disk._replace(bitmaps=dict(disk.bitmaps, **{name: dict(disk.bitmaps[name], inconsistent=True)}))
 
 
 def read_nvram(path):

@@ -90,8 +90,7 @@ def remove_offline_backup(connection, record, discard_checkpoint, check_mode):
     unrecorded = unrecorded_servers(connection.state, record)
     alive = [server for server in record["servers"] + unrecorded if process_alive(server["owner"])]
     changed = [path for path, fingerprint in record["fingerprints"].items() if image_fingerprint(path) != fingerprint]
-    intact = (record["complete"] and len(alive) == len(record["servers"]) and not changed) if record["complete"] \
-        else None
+    intact = (len(alive) == len(record["servers"]) and not changed) if record["complete"] else None
     checkpoint = record["checkpoint"] if discard_checkpoint and record["added"] else None
     # The VM may run now: its connection removes the bitmaps from QEMU, or from the images when it is stopped.
     sockets = [server["socket"] for server in record["servers"] if server["socket"]]

@@ -108,10 +108,11 @@ class QmpBackupNames:
                                             socket=socket_path, socket_identity=socket_identity), sort_keys=True)
 
 
-def our_fdsets(qmp):
-    """[(fdset id, {backup, index, qdev, root, socket, socket_identity})] of every backup in this QEMU."""
+def our_fdsets(qmp, fdsets=None):
+    """[(fdset id, {backup, index, qdev, root, socket, socket_identity})] of every backup in this QEMU (fdsets: its
+    query-fdsets answer, if already asked)."""
     found = []
-    for fdset in qmp.execute("query-fdsets"):
+    for fdset in qmp.execute("query-fdsets") if fdsets is None else fdsets:
         for fd in fdset["fds"]:
             record = _parse_opaque(fd.get("opaque"))
             if record is not None:
@@ -148,10 +149,11 @@ def running_backup_ids(qmp):
     return ids
 
 
-def backup_is_whole(qmp, record):
-    """Whether every export of a completed start is still there."""
+def backup_is_whole(qmp, record, present=None):
+    """Whether every export of a completed start is still there (present: the export ids, if already asked)."""
     names = QmpBackupNames(record["backup_id"])
-    present = {export["id"] for export in qmp.execute("query-block-exports")}
+    if present is None:
+        present = {export["id"] for export in qmp.execute("query-block-exports")}
     return all(names.export_id(index) in present and names.probe_export_id(index) in present
                for index in range(len(record["disks"])))
 
@@ -191,8 +193,7 @@ class VcpuPause:
     def __enter__(self):
         if self.qmp.execute("query-status")["status"] != "running":
             return self  # paused, prelaunch...: no guest write can come, and the state stays as it was
-        self._signals.hold()
-        self.state.record_pause(self.backup_id)
+        self._signals.hold(then=lambda: self.state.record_pause(self.backup_id))
         self._stopped_at = time.monotonic()
         try:
             self.qmp.execute("stop")
@@ -410,9 +411,14 @@ def _export(qmp, names, plan, record, state, listener):
         if disk["mode"] == "incremental":
             export["bitmaps"] = [{"node": disk["node"], "name": names.temp_bitmap}]
         _step("exporting disk %s over NBD" % disk["disk"], qmp.execute, "block-export-add", export)
-        _step("exporting the probe of disk %s over NBD" % disk["disk"], qmp.execute, "block-export-add", {
-            "type": "nbd", "id": names.probe_export_id(index), "node-name": names.probe_node(index),
-            "name": probe_export_name(disk["export"]), "writable": False})
+        _step("exporting the probe of disk %s over NBD" % disk["disk"], _export_probe, qmp, names, index, disk)
+
+
+def _export_probe(qmp, names, index, disk):
+    """The snapshot-access node of a disk, exported: it fails every read once the point-in-time view broke."""
+    qmp.execute("block-export-add", {"type": "nbd", "id": names.probe_export_id(index),
+                                     "node-name": names.probe_node(index),
+                                     "name": probe_export_name(disk["export"]), "writable": False})
 
 
 def _add_tls(qmp, names, tcp, state):
@@ -480,7 +486,8 @@ class Teardown:
         record = state.backup()
         self.record = record if record is not None and record["backup_id"] == backup_id else None
         # On a VM that is not running, removed fdsets linger: an id used again may have several per disk.
-        self.fdsets = [(fdset, disk) for fdset, disk in our_fdsets(qmp) if disk["backup"] == backup_id]
+        fdsets = qmp.execute("query-fdsets")
+        self.fdsets = [(fdset, disk) for fdset, disk in our_fdsets(qmp, fdsets) if disk["backup"] == backup_id]
         disks = {disk["index"]: disk for _fdset, disk in self.fdsets}
         self.exports = sorted(e["id"] for e in qmp.execute("query-block-exports") if names.owns_export(e["id"]))
         present = {entry["node-name"]: entry for entry in qmp.execute("query-named-block-nodes", {"flat": True})}
@@ -500,7 +507,7 @@ class Teardown:
         present_objects = {entry["name"] for entry in qmp.execute("qom-list", {"path": "/objects"})}
         # The server holds the credentials: the filter and the credentials go after it.
         self.objects = [name for name in (names.tls_authz, names.tls_creds) if name in present_objects]
-        self.tls_fdsets = [fdset["fdset-id"] for fdset in qmp.execute("query-fdsets")
+        self.tls_fdsets = [fdset["fdset-id"] for fdset in fdsets
                            if any(fd.get("opaque") == names.tls_fdset for fd in fdset["fds"])]
 
     def _sockets(self, disks):
@@ -538,7 +545,7 @@ class Teardown:
             return None
         if record.get("tcp") and self.state.read_only:
             return None
-        if not backup_is_whole(self.qmp, record):
+        if not backup_is_whole(self.qmp, record, set(self.exports)):
             return False
         socket_path = self._serve_probes_on_unix() if record.get("tcp") else record["nbd_socket"]
         try:
@@ -560,9 +567,7 @@ class Teardown:
             listener.close()
         self.sockets.append(path)
         for index, disk in enumerate(record["disks"]):
-            qmp.execute("block-export-add", {
-                "type": "nbd", "id": names.probe_export_id(index), "node-name": names.probe_node(index),
-                "name": probe_export_name(disk["export"]), "writable": False})
+            _export_probe(qmp, names, index, disk)
         return path
 
     def _delete_exports(self):

@@ -38,6 +38,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import l
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
 
 
+NO_UUID = "00000000-0000-0000-0000-000000000000"
+
+
 def qmp_vm_identity(client, socket_path):
     """(name, uuid) a running QEMU reports: its -name, else its socket's directory; its -uuid, else None."""
     name = client.execute("query-name").get("name")
@@ -49,9 +52,6 @@ def qmp_vm_identity(client, socket_path):
 def qmp_vm_key(qmp_socket):
     """The private-state key of the VM behind a QMP socket."""
     return "qmp-" + hashlib.sha256(os.path.realpath(qmp_socket).encode()).hexdigest()[:12]
-
-
-NO_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 class QmpVm(VmConnection):
@@ -104,8 +104,9 @@ class QmpVm(VmConnection):
         """Whether path is the same socket file as one of this QEMU's unix socket chardevs."""
         cwd = "/proc/%d/cwd" % self.qmp.peer_pid()  # a relative chardev path is QEMU's own
         for chardev in self.qmp.execute("query-chardev"):
-            address = chardev["filename"][len("disconnected:"):] if chardev["filename"].startswith(
-                "disconnected:") else chardev["filename"]
+            address = chardev["filename"]
+            if address.startswith("disconnected:"):
+                address = address[len("disconnected:"):]
             if address.startswith("unix:"):
                 try:
                     if os.path.samefile(path, os.path.join(cwd, address[len("unix:"):].split(",")[0])):

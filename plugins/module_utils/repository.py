@@ -142,9 +142,7 @@ class Repository:
 
     def recorded(self, name=None):
         """The named backup, or the newest, from the manifest; UserError when there is none."""
-        if not os.path.exists(self.manifest_path):
-            raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (self.path, self.vm))
-        return self.find(self.load(), name)
+        return self.find(self.load_existing(), name)
 
     def chain(self, disk):
         """qemu-img's description of a recorded disk's image and its whole backing chain; UserError when broken."""

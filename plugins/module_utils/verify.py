@@ -38,16 +38,17 @@ def verify_vm(repository, wanted=None):
     """The report on the backups of one VM (those named in wanted, by default all) and every image they need."""
     data = repository.load_existing()
     backups = _chosen(repository, data, wanted)
+    needs = {b["name"]: images_needed(data, b) for b in data["backups"]}
     images = {}
     for backup in backups:
-        for member, disk in images_needed(data, backup):
+        for member, disk in needs[backup["name"]]:
             if disk["file"] not in images:
                 images[disk["file"]] = check_image(repository, data, member, disk)
     bad = [report for report in images.values() if report["problems"]]
     for report in bad:
         report["dependents"] = [b["name"] for b in data["backups"]
-                                if report["image"] in {d["file"] for _member, d in images_needed(data, b)}]
-    return dict(vm=repository.vm, backups=[_backup_report(data, backup, images) for backup in backups],
+                                if report["image"] in {d["file"] for _member, d in needs[b["name"]]}]
+    return dict(vm=repository.vm, backups=[_backup_report(backup, needs[backup["name"]], images) for backup in backups],
                 bad_images=bad, unverified_images=[r["image"] for r in images.values() if not r["verified"]
                                                    and not r["problems"]], images_checked=len(images))
 
@@ -63,8 +64,8 @@ def _chosen(repository, data, wanted):
     return [b for b in data["backups"] if b["name"] in wanted]
 
 
-def _backup_report(data, backup, images):
-    needed = [images[disk["file"]] for _member, disk in images_needed(data, backup)]
+def _backup_report(backup, needs, images):
+    needed = [images[disk["file"]] for _member, disk in needs]
     problems = ["%s: %s" % (r["image"], "; ".join(r["problems"])) for r in needed if r["problems"]]
     unverified = [r["image"] for r in needed if not r["verified"] and not r["problems"]]
     if problems:

@@ -369,8 +369,9 @@ def prune_action(module):
 def discard_action(module):
     repository = repository_of(module)
     held_lease(module, repository)
-    listed = {disk["file"] for backup in repository.load()["backups"] for disk in backup["disks"]}
-    listed.update(name for backup in repository.load()["backups"] for name in definition_files(backup))
+    backups = repository.load()["backups"]
+    listed = {disk["file"] for backup in backups for disk in backup["disks"]}
+    listed.update(name for backup in backups for name in definition_files(backup))
     written = [disk["file"] for disk in module.params["planned"]["disks"]] + list(
         definition_file_names(module.params["planned"]["name"]))
     written = [name for name in written if name not in listed]

@@ -216,8 +216,8 @@ def drill(module):
     params = module.params
     check_numbers(params)
     repository = Repository(params["repository"], params["vm"])
-    data = repository.load() if os.path.exists(repository.manifest_path) else None
-    backup = repository.recorded(params["backup"])
+    data = repository.load_existing()
+    backup = repository.find(data, params["backup"])
     definition = backup.get("definition")
     machine = DrillMachine.from_domain_xml(repository.read_file(definition["domain_xml"]).decode()) \
         if definition else DrillMachine()

@@ -1,8 +1,10 @@
+import json
 import os
 import subprocess
 
 import pytest
 
+from support.processes import end_process
 from support.qemu_vm import Vm
 from support.ssh_fleet import SshFleet
 
@@ -27,6 +29,41 @@ def vms(tmp_path, tmpfs):  # after tmpfs: VMs are killed before their scratch fi
     yield make
     for vm in started:
         vm.kill()
+
+
+@pytest.fixture(autouse=True)
+def offline_servers(tmp_path):
+    """The qemu-nbds that the modules forked for stopped VMs in this test, ended by their PIDs at teardown, pass or
+    fail: those its backups' state records, and those only their pid files name (a start killed before recording)."""
+    yield
+    for pid in recorded_qemu_nbds(str(tmp_path)):
+        end_process(pid)
+
+
+def recorded_qemu_nbds(root):
+    """PIDs of live qemu-nbd processes that state files under root name."""
+    pids = set()
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            try:
+                if name == "backup.json":
+                    with open(path) as stream:
+                        pids.update(server["owner"]["pid"] for server in json.load(stream).get("servers", []))
+                elif name.startswith("nbd-") and name.endswith(".pid"):
+                    with open(path) as stream:
+                        pids.add(int(stream.read()))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return [pid for pid in pids if is_qemu_nbd(pid)]
+
+
+def is_qemu_nbd(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as stream:
+            return os.path.basename(stream.read().split(b"\0")[0]) == b"qemu-nbd"
+    except OSError:
+        return False
 
 
 @pytest.fixture
