@@ -4,16 +4,22 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 COLLECTIONS := $(CURDIR)/build/collections
 INSTALLED := $(COLLECTIONS)/ansible_collections/fleetbackup/qemu/MANIFEST.json
-APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv openssh-server \
+# Every program and file the tests, the demo and the modules use comes from these: tests/unit/test_host_packages.py
+# checks it, naming a package that is missing.
+APT_PACKAGES := qemu-system-x86 qemu-utils seabios ovmf python3-libnbd libnbd-bin python3-venv \
+	openssh-server openssh-client openssl mount e2fsprogs \
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 # Only for make bench: the tool it is compared with.
 BENCH_APT_PACKAGES := virtnbdbackup
+# Stamps named by their lists: a package added to a list is installed by the next make.
+APT_STAMP := build/.apt-$(shell echo $(APT_PACKAGES) | sha256sum | cut -c1-12)
+APT_BENCH_STAMP := build/.apt-bench-$(shell echo $(BENCH_APT_PACKAGES) | sha256sum | cut -c1-12)
 SOURCES := galaxy.yml $(shell find meta plugins roles playbooks -type f -not -name '*.pyc' 2>/dev/null)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_PYTHON_INTERPRETER := $(PY)
 
-.PHONY: all demo test sanity unit integration bench deps install guest-kit clean
+.PHONY: all demo test sanity unit integration bench deps install guest-kit clean apt-lists
 
 all: test
 
@@ -28,18 +34,18 @@ define apt_install
 endef
 
 # libvirt-daemon alone creates no users; the tests' own libvirtd runs QEMU as libvirt-qemu, as Debian's does.
-build/.apt:
+$(APT_STAMP):
 	@mkdir -p build
 	$(call apt_install,$(APT_PACKAGES))
 	$$( [ $$(id -u) -eq 0 ] || echo sudo ) tests/support/libvirt-users.sh
 	@touch $@
 
-build/.apt-bench: build/.apt
+$(APT_BENCH_STAMP): $(APT_STAMP)
 	$(call apt_install,$(BENCH_APT_PACKAGES))
 	@touch $@
 
 # libnbd's bindings live in Debian's python3, so the venv must come from it and see its site-packages.
-$(VENV)/.ready: requirements-dev.txt build/.apt
+$(VENV)/.ready: requirements-dev.txt $(APT_STAMP)
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade -r requirements-dev.txt
 	$(PY) -c 'import nbd, qemu.qmp, ansible, libvirt'
@@ -76,8 +82,13 @@ unit: install
 integration: install guest-kit
 	cd tests && $(PY) -m pytest -ra integration $(PYTEST_ARGS)
 
-bench: install build/.apt-bench
+bench: install $(APT_BENCH_STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# The package lists, for the test that checks them.
+apt-lists:
+	@echo APT_PACKAGES=$(APT_PACKAGES)
+	@echo BENCH_APT_PACKAGES=$(BENCH_APT_PACKAGES)
 
 clean:
 	rm -rf build .venv
