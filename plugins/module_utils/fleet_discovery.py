@@ -15,6 +15,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export im
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import PrivateDir, is_plain_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient, QmpError, QmpUnreachable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import qmp_vm_identity
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import RepositoryRoot
 
 UNSAFE = re.compile(r"[^A-Za-z0-9_.:+-]")
 QMP_KEY_PREFIX = "qmp-"
@@ -96,7 +97,7 @@ def libvirt_vms(uri, hypervisor):
         connection.close()
 
 
-def discover(qmp_sockets, libvirt_uri, state_dir, hypervisor, repository, timeout):
+def discover(qmp_sockets, libvirt_uri, state_dir, hypervisor, repository, timeout, follow_repository_link=False):
     problems = []
     vms, running_sockets = running_qmp_vms(qmp_sockets, hypervisor, timeout, problems)
     vms += stopped_qmp_vms(state_dir, hypervisor, running_sockets, timeout)
@@ -108,9 +109,8 @@ def discover(qmp_sockets, libvirt_uri, state_dir, hypervisor, repository, timeou
         raise UserError("Two VMs of this hypervisor would share the repository directory %s (the same name and "
                         "UUID): give them distinct -name or -uuid." % ", ".join(twice))
     missing = []
-    if repository and os.path.isdir(repository):
-        missing = sorted(entry for entry in os.listdir(repository) if is_plain_name(entry)
-                         and os.path.isdir(os.path.join(repository, entry)) and entry not in names)
+    if repository and os.path.lexists(repository):
+        missing = [name for name in RepositoryRoot(repository, follow_repository_link).vm_names() if name not in names]
     return dict(vms=vms, problems=problems, missing=missing)
 
 

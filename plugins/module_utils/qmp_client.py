@@ -96,8 +96,10 @@ class QmpClient:
             return "No permission to open QMP socket %s: run as a user that may." % self.socket_path
         if isinstance(cause, OSError):
             return "Cannot connect to QMP socket %s: %s" % (self.socket_path, cause)
+        # A decoder's own words (a UTF-16 mark, a codec's position) mean nothing to the user: say what came.
+        what = "it sent bytes that are not QMP's JSON greeting" if isinstance(cause, ValueError) else cause or err
         return ("%s did not answer as a QEMU QMP monitor (%s): check that it is a -qmp socket, "
-                "not a serial console, HMP monitor or NBD socket." % (self.socket_path, cause or err))
+                "not a serial console, HMP monitor or NBD socket." % (self.socket_path, what))
 
     def close(self):
         try:

@@ -31,6 +31,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import Use
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import QemuImgError, image_info
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
     check_plain_name,
+    is_plain_name,
     create_exclusive,
     flock_within,
     read_regular_file,
@@ -61,21 +62,229 @@ def backup_id_for(vm, name):
                          name.replace("T", "").replace("Z", ""))
 
 
-# The options that name a VM's repository (doc fragment fleetbackup.qemu.repository).
-REPOSITORY_ARGUMENT_SPEC = dict(repository=dict(type="path", required=True), vm=dict(type="str", required=True))
+# The options that name a VM's repository (doc fragments fleetbackup.qemu.repository and .link).
+LINK_ARGUMENT_SPEC = dict(follow_repository_link=dict(type="bool", default=False))
+REPOSITORY_ARGUMENT_SPEC = dict(repository=dict(type="path", required=True), vm=dict(type="str", required=True),
+                                **LINK_ARGUMENT_SPEC)
+
+# Directories of the system itself, and trees of it, that are never a repository, nor hold one.
+SYSTEM_DIRECTORIES = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp", "/var", "/var/lib",
+                      "/var/log", "/var/tmp")
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr")
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class Value:
+    """A field of the manifest: what a value must be, and whether the field must be there (null: may be null)."""
+
+    def __init__(self, check, expected, required=False, null=False):
+        self.check, self.expected, self.required, self.null = check, expected, required, null
+
+    def problem(self, value, at):
+        """(where, what is wrong there) when value does not fit, else None."""
+        if (value is None and self.null) or self.check(value):
+            return None
+        return at, "is %s, expected %s%s" % (json.dumps(value)[:80], self.expected, " or null" if self.null else "")
+
+
+class Record(Value):
+    """An object whose fields each have their Value."""
+
+    def __init__(self, fields, required=False, null=False):
+        super().__init__(lambda value: isinstance(value, dict), "an object", required, null)
+        self.fields = fields
+
+    def problem(self, value, at):
+        problem = super().problem(value, at)
+        if problem or value is None:
+            return problem
+        for name, field in self.fields.items():
+            where = "%s.%s" % (at, name) if at else name
+            if name not in value:
+                if field.required:
+                    return where, "is missing"
+                continue
+            problem = field.problem(value[name], where)
+            if problem:
+                return problem
+        return None
+
+
+class ListOf(Value):
+    """A list whose items are each an element."""
+
+    def __init__(self, element, items, required=False, at_least=0):
+        super().__init__(lambda value: isinstance(value, list) and len(value) >= at_least,
+                         "a list of %s%s" % ("at least %d " % at_least if at_least else "", items), required)
+        self.element = element
+
+    def problem(self, value, at):
+        return super().problem(value, at) or next(
+            (p for index, item in enumerate(value) for p in [self.element.problem(item, "%s[%d]" % (at, index))] if p),
+            None)
+
+
+def _one_of(*values, **kwargs):
+    return Value(lambda value: value in values, "one of %s" % ", ".join(values), **kwargs)
+
+
+def _text(**kwargs):
+    return Value(lambda value: isinstance(value, str), "a string", **kwargs)
+
+
+def _name(**kwargs):
+    return Value(is_plain_name, "a plain file name (letters, digits and _.:@+- only, not starting with a dot)",
+                 **kwargs)
+
+
+def _whole(**kwargs):
+    return Value(lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 "a whole number of 0 or more", **kwargs)
+
+
+def _seconds(**kwargs):
+    return Value(lambda value: isinstance(value, (int, float)) and not isinstance(value, bool), "a time in seconds",
+                 **kwargs)
+
+
+# The manifest's schema, which every reader checks before it uses a manifest (check_manifest).
+DISK_SCHEMA = Record(dict(
+    disk=_name(required=True), file=_name(required=True), size=_whole(required=True), format=_one_of("qcow2", "raw"),
+    bytes_read=_whole(), checksum=_text(null=True), mode=_one_of("full", "incremental"), backing=_name(null=True)))
+DEFINITION_SCHEMA = Record(dict(
+    domain_xml=_name(required=True), checkpoint_xml=_text(null=True), not_backed_up=ListOf(_text(), "strings"),
+    nvram=Record(dict(file=_name(required=True), path=_text(required=True), sha256=_text(required=True)), null=True)),
+    null=True)
+BACKUP_SCHEMA = Record(dict(
+    name=_name(required=True), level=_one_of("full", "incremental", required=True), parent=_name(null=True),
+    chain=_name(required=True), checkpoint=_text(null=True), incremental=_text(null=True), started=_seconds(),
+    finished=_seconds(required=True), disks=ListOf(DISK_SCHEMA, "disks", required=True, at_least=1),
+    consistency=_text(null=True), freeze=Record({}, null=True), definition=DEFINITION_SCHEMA))
+MANIFEST_SCHEMA = Record(dict(format=_whole(required=True), vm=_text(), backups=ListOf(BACKUP_SCHEMA, "backups", required=True)))
+
+
+def check_manifest(data, path):
+    """data, a manifest read from path, if it matches the schema; UserError naming the field otherwise."""
+    problem = MANIFEST_SCHEMA.problem(data, "")
+    if problem:
+        raise UserError("The manifest %s does not match its schema: %s %s. Nothing was changed; restore the manifest "
+                        "from a copy (its images are untouched)." % (path, problem[0] or "the manifest", problem[1]))
+    if data["format"] != MANIFEST_FORMAT:
+        raise UserError("The manifest %s has format %s; this collection reads format %d."
+                        % (path, data["format"], MANIFEST_FORMAT))
+    return data
+
+
+def _link_target(path):
+    """What the symbolic link at path points to, or None when path is no link."""
+    try:
+        return os.readlink(path) if stat.S_ISLNK(os.lstat(path).st_mode) else None
+    except FileNotFoundError:
+        return None
+
+
+class OpenedDirectory:
+    """A directory opened once and then reached only through its descriptor: what replaces the path after the
+    check (a link planted, a directory renamed) changes nothing.
+
+    path: where the directory really is, for messages and results. working: the same directory through the
+    descriptor (/proc/<our PID>/fd/<fd>), for our own opens and for the programs we run, which run as we do.
+    """
+
+    def __init__(self, given, what, follow_link, create, shown=None):
+        self.given = os.path.abspath(given)
+        shown = shown or self.given  # how messages name it
+        link = _link_target(self.given)
+        if link is not None and not follow_link:
+            raise UserError("%s %s is a symbolic link to %s: fleetbackup does not follow it, since whoever can plant "
+                            "a link there steers root's writes anywhere. Give the directory itself, or set "
+                            "follow_repository_link: true for a link of your own (such as one to an NFS mount)."
+                            % (what, shown, link))
+        if create and link is None and not os.path.lexists(self.given):
+            try:
+                os.makedirs(self.given, mode=0o700)
+            except FileExistsError:
+                pass  # made meanwhile; it is checked as opened below
+            except OSError as err:
+                raise UserError("Cannot create %s %s (%s): make the repository writable by this user."
+                                % (what, shown, err.strerror)) from None
+        try:
+            self.fd = os.open(self.given, DIRECTORY_FLAGS | (0 if follow_link else os.O_NOFOLLOW))
+        except FileNotFoundError:
+            raise UserError("%s %s does not exist: give the directory that holds one directory per VM, or create "
+                            "it (root's, mode 0700)." % (what, shown)) from None
+        except OSError as err:
+            raise UserError("Cannot open %s %s (%s): it must be a directory." % (what, shown, err.strerror)) \
+                from None
+        self.working = "/proc/%d/fd/%d" % (os.getpid(), self.fd)
+        self.path = os.readlink(self.working)
+        if link is not None:
+            self._check_link_target("%s %s, a symbolic link to %s (%s)," % (what, shown, link, self.path))
+
+    def _check_link_target(self, where):
+        """A followed link must lead to a directory that only root (or we) can change."""
+        info = os.fstat(self.fd)
+        if info.st_uid not in (0, os.geteuid()):
+            raise UserError("%s belongs to uid %d: a followed link must lead to a directory of root's."
+                            % (where, info.st_uid))
+        if stat.S_IMODE(info.st_mode) & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UserError("%s can be written by group or others (mode %o): a followed link must lead to a "
+                            "directory only its owner can change." % (where, stat.S_IMODE(info.st_mode)))
+
+
+class RepositoryRoot(OpenedDirectory):
+    """The repository: a directory with one directory per VM, opened once."""
+
+    def __init__(self, given, follow_link=False, create=False):
+        super().__init__(given, "The repository", follow_link, create)
+        if self.path in SYSTEM_DIRECTORIES or any(self.path == tree or self.path.startswith(tree + "/")
+                                                  for tree in SYSTEM_TREES):
+            raise UserError("The repository %s is %s, a directory of the system: give a directory of its own for "
+                            "backups, such as /backup or /srv/backup." % (self.given, self.path))
+
+    def vm_names(self):
+        """The plain names of the VM directories that hold a manifest."""
+        return sorted(name for name in os.listdir(self.fd) if is_plain_name(name)
+                      and os.path.isdir(os.path.join(self.working, name))
+                      and os.path.isfile(os.path.join(self.working, name, MANIFEST)))
 
 
 class Repository:
-    """The directory <root>/<vm> of one VM."""
+    """The directory <root>/<vm> of one VM, reached through the root's descriptor (and its own, once it exists).
 
-    def __init__(self, root, vm):
+    root: a RepositoryRoot, or its path. create: make the VM's directory if it is missing.
+    """
+
+    def __init__(self, root, vm, follow_link=False, create=False):
         self.vm = check_plain_name(vm, "VM name")
-        self.path = os.path.join(root, vm)
+        self.root = root if isinstance(root, RepositoryRoot) else RepositoryRoot(root, follow_link, create)
+        self.path = os.path.join(self.root.path, vm)
+        self.working = os.path.join(self.root.working, vm)
+        if create or os.path.lexists(self.working):
+            opened = OpenedDirectory(self.working, "The directory of VM %s" % vm, follow_link, create, self.path)
+            self._directory = opened  # keeps its descriptor open for as long as this repository
+            self.path, self.working = opened.path, opened.working
         self.manifest_path = os.path.join(self.path, MANIFEST)
+
+    def exists(self):
+        return os.path.isdir(self.working)
+
+    def shown(self, path):
+        """A path of ours as the user knows it: the repository's real path instead of our descriptor's."""
+        return self.path + path[len(self.working):] if path.startswith(self.working + "/") else path
+
+    @contextmanager
+    def _messages_in_its_paths(self):
+        """UserErrors of the helpers below name the repository's real paths, not our descriptors'."""
+        try:
+            yield
+        except UserError as err:
+            raise UserError(str(err).replace(self.working, self.path)) from None
 
     def load(self):
         try:
-            fd = os.open(self.manifest_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(os.path.join(self.working, MANIFEST), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                         os.O_CLOEXEC)
         except FileNotFoundError:
             return dict(format=MANIFEST_FORMAT, vm=self.vm, backups=[])
         except OSError as err:
@@ -90,34 +299,27 @@ class Repository:
         except ValueError as err:
             raise UserError("The manifest %s is damaged (%s): restore it from a copy; its images are untouched."
                             % (self.manifest_path, err)) from None
-        if data.get("format") != MANIFEST_FORMAT:
-            raise UserError("The manifest %s has format %s; this collection reads format %d."
-                            % (self.manifest_path, data.get("format"), MANIFEST_FORMAT))
-        for backup in data["backups"]:
-            where = "in backup %s of %s" % (backup.get("name"), self.manifest_path)
-            for disk in backup["disks"]:
-                check_plain_name(disk["file"], "Image " + where)
-                check_plain_name(disk["disk"], "Disk " + where)
-            for name in definition_files(backup):
-                check_plain_name(name, "File " + where)
-        return data
+        return check_manifest(data, self.manifest_path)
 
     def load_existing(self):
         """load() a repository that must exist; UserError when it has no manifest."""
-        if not os.path.exists(self.manifest_path):
+        if not os.path.exists(os.path.join(self.working, MANIFEST)):
             raise UserError("%s is no backup repository of VM %s: it has no manifest.json." % (self.path, self.vm))
         return self.load()
 
     def save(self, data):
         """Replace the manifest atomically and durably."""
-        write_json_atomic(self.path, MANIFEST, data)
+        with self._messages_in_its_paths():
+            write_json_atomic(self.working, MANIFEST, data)
 
     def image(self, file_name):
-        return os.path.join(self.path, check_plain_name(file_name, "Image name"))
+        """The path through which we and our programs reach an image (shown() gives the user's)."""
+        return os.path.join(self.working, check_plain_name(file_name, "Image name"))
 
     def write_file(self, file_name, content):
         """A new file of this VM's directory (mode 0600, never through a link), written durably."""
-        created = create_exclusive(self.path, check_plain_name(file_name, "File name"))
+        with self._messages_in_its_paths():
+            created = create_exclusive(self.working, check_plain_name(file_name, "File name"))
         try:
             with os.fdopen(created.fd, "wb") as stream:
                 stream.write(content)
@@ -130,14 +332,15 @@ class Repository:
 
     def read_file(self, file_name):
         """The content of a plain file of this VM's directory (never through a link)."""
-        return read_regular_file(os.path.join(self.path, check_plain_name(file_name, "File name")),
-                                 "The repository's file")
+        with self._messages_in_its_paths():
+            return read_regular_file(os.path.join(self.working, check_plain_name(file_name, "File name")),
+                                     "The repository's file")
 
     def remove_images(self, file_names):
         """Delete images of this VM's directory; the names removed."""
         removed = [name for name in file_names if remove_file(self.image(name))]
         if removed:
-            sync_directory(self.path)
+            sync_directory(self.working)
         return removed
 
     def recorded(self, name=None):
@@ -150,7 +353,8 @@ class Repository:
         try:
             return image_info(source, chain=True)
         except QemuImgError as err:
-            raise UserError("The backup chain of disk %s is broken at %s: %s" % (disk["disk"], source, err)) from None
+            raise UserError(("The backup chain of disk %s is broken at %s: %s" % (disk["disk"], source, err)).replace(
+                self.working, self.path)) from None
 
     def check_chain(self, data, backup, disk):
         """The chain that the images' own headers name is the one the manifest records, file by file and format by
@@ -161,8 +365,8 @@ class Repository:
         if found != recorded:
             raise UserError("The images of disk %s name the chain %s, but the manifest records %s: the repository "
                             "was changed; check it with qemu_backup_verify." % (
-                                disk["disk"], ", ".join("%s (%s)" % entry for entry in found),
-                                ", ".join("%s (%s)" % entry for entry in recorded)))
+                                disk["disk"], ", ".join("%s (%s)" % (self.shown(path), fmt) for path, fmt in found),
+                                ", ".join("%s (%s)" % (self.shown(path), fmt) for path, fmt in recorded)))
 
     def nvram(self, definition):
         """The UEFI variables a backup kept, checked against their recorded checksum; None when it kept none."""
@@ -419,6 +623,7 @@ class Lease:
     def __init__(self, repository):
         self.repository = repository
         self.path = os.path.join(repository.path, LEASE)
+        self.working = os.path.join(repository.working, LEASE)
 
     def take(self, run_id, holder, ttl, now):
         """Take the lease for run_id, or renew it; UserError naming the holder when another live run has it."""
@@ -457,7 +662,7 @@ class Lease:
     def _locked(self):
         """(fd, the current lease or None) under an exclusive flock of the lease file."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.working, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise UserError("Cannot open the lease %s of the repository (%s): the repository must be writable by "
                             "this user, and the lease a plain file." % (self.path, err.strerror)) from None

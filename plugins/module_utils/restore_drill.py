@@ -156,12 +156,12 @@ class Drill:
     def path(self, name):
         return os.path.join(self.workdir, name)
 
-    def run(self, boot_timeout, check_filesystems, command, command_timeout):
+    def run(self, boot_timeout, check_filesystems, command, command_timeout, silence_timeout=0):
         started = time.monotonic()
         result = dict(passed=False, problems=[], boot_seconds=None, seconds=None, filesystems=[], command=None,
                       console=[])
         try:
-            self._boot(started, boot_timeout)
+            self._boot(started, boot_timeout, silence_timeout)
             result["boot_seconds"] = round(time.monotonic() - started, 3)
             if check_filesystems:
                 result["filesystems"] = self._check_filesystems(result["problems"])
@@ -240,7 +240,7 @@ class Drill:
             with os.fdopen(copy.fd, "wb") as stream:
                 stream.write(self.nvram)
 
-    def _boot(self, started, boot_timeout):
+    def _boot(self, started, boot_timeout, silence_timeout):
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.listener.bind(self.path("agent.sock"))
@@ -258,9 +258,11 @@ class Drill:
         self.agent = GuestAgent(self.path("agent.sock"), AGENT_TIMEOUT)
         deadline = started + boot_timeout
         connected = False
+        console = ConsoleWatch(self.path("console.log"), silence_timeout)
         while True:
             if self.process.poll() is not None:
                 raise self._exited_before_the_agent()
+            console.check()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DrillFailed("no guest agent answered within %s s of the start: the guest did not boot, or "
@@ -363,6 +365,36 @@ class Drill:
 
 class DrillFailed(Exception):
     """The drill cannot go on: the message is its problem."""
+
+
+class ConsoleWatch:
+    """Whether a booting guest is stuck: it wrote on its serial console, then nothing for silence_timeout seconds.
+
+    A guest that never writes there (no serial console) is not judged by it; 0 turns the watch off.
+    """
+
+    def __init__(self, path, silence_timeout):
+        self.path = path
+        self.silence_timeout = silence_timeout
+        self.size = 0
+        self.grew = time.monotonic()
+
+    def check(self):
+        """DrillFailed once the console has been silent for too long."""
+        if not self.silence_timeout:
+            return
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            size = 0
+        now = time.monotonic()
+        if size != self.size:
+            self.size, self.grew = size, now
+        elif size and now - self.grew >= self.silence_timeout:
+            raise DrillFailed("the guest wrote nothing more on its serial console for %g s and its agent did not "
+                              "answer: it is stuck (in its bootloader, firmware or kernel). For a guest that boots "
+                              "that long in silence, raise console_silence_timeout (0 turns this check off)"
+                              % self.silence_timeout)
 
 
 def _die_with_parent():

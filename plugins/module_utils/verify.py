@@ -19,19 +19,8 @@ import stat
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import checksum_of_image_export
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import is_plain_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import alone, image_damage, image_info, served
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import MANIFEST, images_needed
-
-
-def repository_vms(root):
-    """The VMs that have a manifest in the repository at root."""
-    try:
-        names = sorted(os.listdir(root))
-    except OSError as err:
-        raise UserError("Cannot list the repository %s (%s): give the directory that holds one directory per VM."
-                        % (root, err.strerror)) from None
-    return [name for name in names if is_plain_name(name) and os.path.isfile(os.path.join(root, name, MANIFEST))]
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import images_needed
 
 
 def verify_vm(repository, wanted=None):

@@ -29,6 +29,7 @@ author:
   - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
+  - fleetbackup.qemu.repository.link
 options:
   action:
     description: What to do.
@@ -142,6 +143,12 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+directory:
+  description:
+    - The VM's directory in the repository, where it really is (after a symbolic link the module was let to follow).
+  returned: always
+  type: str
+  sample: /backup/web1
 lease:
   description: With O(action=lock), the lease this run holds now.
   returned: action is lock
@@ -285,11 +292,23 @@ def main():
                      ("action", "prune", ["run_id"]), ("action", "unlock", ["run_id"])],
         supports_check_mode=True,
     )
-    module.run(ACTIONS[module.params["action"]])
+    module.run(run_action)
+
+
+def run_action(module):
+    """The action's result, with the repository's real path (after any link the user let us follow)."""
+    result = ACTIONS[module.params["action"]](module)
+    result["directory"] = repository_of(module).path
+    return result
 
 
 def repository_of(module):
-    return Repository(module.params["repository"], module.params["vm"])
+    """The VM's repository, opened once per run of the module; lock makes its directories."""
+    if not hasattr(module, "repository"):
+        params = module.params
+        module.repository = Repository(params["repository"], params["vm"], params["follow_repository_link"],
+                                       create=params["action"] == "lock" and not module.check_mode)
+    return module.repository
 
 
 def held_lease(module, repository):
@@ -301,24 +320,19 @@ def held_lease(module, repository):
 
 def lock_action(module):
     params = module.params
-    repository = repository_of(module)
-    run_id = params["run_id"] or secrets.token_hex(8)
     if params["lock_ttl"] < 60:
         raise UserError("lock_ttl must be at least 60 seconds: the run renews the lease only between its steps.")
+    repository = repository_of(module)
+    run_id = params["run_id"] or secrets.token_hex(8)
     if module.check_mode:
         return dict(changed=False, lease=dict(run_id=run_id, holder=params["holder"]))
-    try:
-        os.makedirs(repository.path, mode=0o700, exist_ok=True)
-    except OSError as err:
-        raise UserError("Cannot create %s (%s): make the repository writable by this user."
-                        % (repository.path, err.strerror)) from None
     lease = Lease(repository).take(run_id, params["holder"], params["lock_ttl"], int(time.time()))
     return dict(changed=True, lease=lease)
 
 
 def unlock_action(module):
     repository = repository_of(module)
-    if module.check_mode or not os.path.isdir(repository.path):
+    if module.check_mode or not repository.exists():
         return dict(changed=False)
     return dict(changed=Lease(repository).release(module.params["run_id"]))
 
@@ -348,7 +362,7 @@ def record_action(module):
 
 def newest_action(module):
     repository = repository_of(module)
-    backups = repository.load()["backups"] if os.path.isdir(repository.path) else []
+    backups = repository.load()["backups"] if repository.exists() else []
     return dict(changed=False, backup=backups[-1] if backups else None)
 
 

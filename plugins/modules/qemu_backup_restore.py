@@ -27,6 +27,7 @@ author:
   - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
+  - fleetbackup.qemu.repository.link
 options:
   backup:
     description: Name of the backup to restore, as in the manifest; the newest complete backup by default.
@@ -114,6 +115,11 @@ backup:
   returned: success
   type: str
   sample: 20261128T020000Z
+directory:
+  description: The VM's directory in the repository, where it really is (after a link the module was let to follow).
+  returned: success
+  type: str
+  sample: /backup/web1
 disks:
   description: One entry per restored disk.
   returned: success
@@ -230,7 +236,7 @@ def restore(module):
     params = module.params
     if not os.path.isdir(params["dest"]):
         raise UserError("dest %s is not a directory: create it first." % params["dest"])
-    repository = Repository(params["repository"], params["vm"])
+    repository = Repository(params["repository"], params["vm"], params["follow_repository_link"])
     backup = repository.recorded(params["backup"])
     disks = _chosen_disks(backup, params["disks"])
     definition = backup.get("definition")
@@ -240,7 +246,7 @@ def restore(module):
     results = [_restore_disk(module, repository, disk) for disk in disks]
     domain = _restore_definition(module, repository, backup["name"], definition, results) if definition else None
     changed = any(r["changed"] for r in results) or bool(domain and domain.pop("changed"))
-    return dict(changed=changed, backup=backup["name"], disks=results, domain=domain)
+    return dict(changed=changed, backup=backup["name"], directory=repository.path, disks=results, domain=domain)
 
 
 def _restore_definition(module, repository, backup_name, definition, results):
@@ -292,7 +298,8 @@ def _restore_disk(module, repository, disk):
     source = repository.image(disk["file"])
     chain = repository.chain(disk)
     target = os.path.join(params["dest"], "%s.%s" % (disk["disk"], params["format"]))
-    result = dict(disk=disk["disk"], image=target, source=source, size=chain[0]["virtual-size"], changed=False)
+    result = dict(disk=disk["disk"], image=target, source=repository.shown(source), size=chain[0]["virtual-size"],
+                  changed=False)
     if os.path.exists(target):
         if image_info(target)["format"] == params["format"] and images_equal(source, target):
             return result
@@ -310,7 +317,8 @@ def _restore_disk(module, repository, disk):
         if params["format"] == "qcow2":
             check_image(partial.path)
         if not images_equal(source, partial.path):
-            raise UserError("The restored image of disk %s differs from its backup %s." % (disk["disk"], source))
+            raise UserError("The restored image of disk %s differs from its backup %s."
+                            % (disk["disk"], repository.shown(source)))
         os.rename(partial.path, target)
     except BaseException:
         remove_file(partial.path)  # ours: made above, and not yet renamed

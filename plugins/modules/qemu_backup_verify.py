@@ -27,6 +27,7 @@ author:
   - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
+  - fleetbackup.qemu.repository.link
 options:
   vm:
     description: The VM whose backups to verify, its subdirectory in the repository; a plain file name. Every VM that
@@ -69,6 +70,11 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+repository:
+  description: The repository, where it really is (after a link the module was let to follow).
+  returned: always
+  type: str
+  sample: /backup
 vms:
   description: Per VM, each backup checked.
   returned: always
@@ -135,8 +141,12 @@ msg:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.verify import repository_vms, verify_vm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import (
+    LINK_ARGUMENT_SPEC,
+    Repository,
+    RepositoryRoot,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.verify import verify_vm
 
 
 def main():
@@ -145,6 +155,7 @@ def main():
             repository=dict(type="path", required=True),
             vm=dict(type="str"),
             backups=dict(type="list", elements="str"),
+            **LINK_ARGUMENT_SPEC,
         ),
         required_by=dict(backups="vm"),
         needs_nbd=True,
@@ -155,12 +166,14 @@ def main():
 
 def verify(module):
     params = module.params
-    names = [params["vm"]] if params["vm"] else repository_vms(params["repository"])
-    reports = [verify_vm(Repository(params["repository"], name), params["backups"]) for name in names]
+    root = RepositoryRoot(params["repository"], params["follow_repository_link"])
+    names = [params["vm"]] if params["vm"] else root.vm_names()
+    reports = [verify_vm(Repository(root, name, params["follow_repository_link"]), params["backups"])
+               for name in names]
     bad = [dict(image, vm=report["vm"]) for report in reports for image in report["bad_images"]]
     unverified = sum(len(report["unverified_images"]) for report in reports)
     checked = sum(report["images_checked"] for report in reports)
-    result = dict(changed=False, vms=reports, bad_images=bad)
+    result = dict(changed=False, repository=root.path, vms=reports, bad_images=bad)
     if bad:
         result.update(failed=True, msg="%d of the %d images checked are bad: %s." % (len(bad), checked, "; ".join(
             "%s/%s (%s), needed by %s" % (image["vm"], image["image"], "; ".join(image["problems"]),

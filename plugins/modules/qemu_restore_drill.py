@@ -38,6 +38,7 @@ author:
   - fleetbackup.qemu developers (@fleetbackup)
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
+  - fleetbackup.qemu.repository.link
 options:
   backup:
     description: Name of the backup to drill, as in the manifest; the newest complete backup by default.
@@ -68,6 +69,14 @@ options:
     description: Seconds from QEMU's start until the guest agent must answer.
     type: float
     default: 300
+  console_silence_timeout:
+    description:
+      - Seconds that a booting guest may write nothing more on its serial console, once it wrote there, before its
+        agent answers. A guest stuck in its bootloader, firmware or kernel then fails at once, saying so, instead of
+        after O(boot_timeout).
+      - A guest that never writes on its serial console is not judged by it. V(0) turns the check off.
+    type: float
+    default: 120
   check_filesystems:
     description: Check the guest's file systems through its agent, as described above.
     type: bool
@@ -133,6 +142,10 @@ drill:
       description: The backup drilled.
       type: str
       sample: 20261129T020000Z-3f2a
+    directory:
+      description: The VM's directory in the repository, where it really is (after a link it was let to follow).
+      type: str
+      sample: /backup/web1
     passed:
       description: Whether the guest booted and every check passed; null in check mode.
       type: bool
@@ -203,6 +216,7 @@ def main():
             memory=dict(type="int"),
             cpus=dict(type="int", default=1),
             boot_timeout=dict(type="float", default=300),
+            console_silence_timeout=dict(type="float", default=120),
             check_filesystems=dict(type="bool", default=True),
             command=dict(type="list", elements="str"),
             command_timeout=dict(type="float", default=300),
@@ -215,7 +229,7 @@ def main():
 def drill(module):
     params = module.params
     check_numbers(params)
-    repository = Repository(params["repository"], params["vm"])
+    repository = Repository(params["repository"], params["vm"], params["follow_repository_link"])
     data = repository.load_existing()
     backup = repository.find(data, params["backup"])
     definition = backup.get("definition")
@@ -231,8 +245,9 @@ def drill(module):
     if unknown:
         raise UserError("Backup %s has no disk %s; it has %s."
                         % (backup["name"], ", ".join(unknown), ", ".join(disk.name for disk in disks)))
-    report = dict(vm=params["vm"], backup=backup["name"], machine=machine.machine, firmware=machine.loader or "bios",
-                  disks=[dict(disk=disk.name, image=disk.image, bus=disk.bus) for disk in disks])
+    report = dict(vm=params["vm"], backup=backup["name"], directory=repository.path, machine=machine.machine,
+                  firmware=machine.loader or "bios",
+                  disks=[dict(disk=disk.name, image=repository.shown(disk.image), bus=disk.bus) for disk in disks])
     if module.check_mode:
         return dict(changed=False, drill=dict(report, passed=None, problems=[], boot_seconds=None, seconds=None,
                                               filesystems=[], command=None, console=[]))
@@ -241,7 +256,7 @@ def drill(module):
         run = Drill(workdir, disks, machine, params["accel"], params["memory"], params["cpus"], nvram)
         run.prepare()
         report.update(run.run(params["boot_timeout"], params["check_filesystems"], params["command"],
-                              params["command_timeout"]))
+                              params["command_timeout"], params["console_silence_timeout"]))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if not report["passed"]:
@@ -253,6 +268,8 @@ def drill(module):
 
 
 def check_numbers(params):
+    if params["console_silence_timeout"] < 0:
+        raise UserError("console_silence_timeout must be 0 (no check) or more.")
     for name, low in (("boot_timeout", 1), ("command_timeout", 1), ("cpus", 1), ("memory", 16)):
         if params[name] is not None and params[name] < low:
             raise UserError("%s must be at least %d." % (name, low))

@@ -25,6 +25,8 @@ description:
   - It changes nothing.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
+extends_documentation_fragment:
+  - fleetbackup.qemu.repository.link
 options:
   qmp_sockets:
     description:
@@ -122,7 +124,9 @@ problems:
   type: list
   elements: str
 missing:
-  description: With O(repository), the repository's VM directories that match no VM found here.
+  description:
+    - With O(repository), the repository's VM directories (those with a C(manifest.json)) that match no VM found
+      here.
   returned: success
   type: list
   elements: str
@@ -131,6 +135,7 @@ missing:
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.fleet_discovery import discover
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import DEFAULT_STATE_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import LINK_ARGUMENT_SPEC
 
 
 def main():
@@ -142,6 +147,7 @@ def main():
             hypervisor=dict(type="str", required=True),
             repository=dict(type="path"),
             timeout=dict(type="float", default=5),
+            **LINK_ARGUMENT_SPEC,
         ),
         supports_check_mode=True,
     )

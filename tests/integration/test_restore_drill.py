@@ -5,7 +5,7 @@ import os
 import subprocess
 
 from support.fleet import Fleet, assert_ok
-from support.guest import ROOT_FS_OFFSET, BootedGuestVm, file_digest
+from support.guest import ROOT_FS_OFFSET, BootedGuestVm, file_digest, kit_path
 from support.modules import run_module
 from support.processes import descendants
 
@@ -111,3 +111,30 @@ def test_the_drill_role_over_a_fleet_runs_with_forks_and_ends_with_a_summary(vms
                 if "Report the summary" in tasks]
     assert sorted(line.split(",")[0] for line in summary) == ["bad: PASS", "good: PASS"]
     assert_nothing_left(fleet)
+
+
+def test_a_guest_stuck_in_its_bootloader_fails_once_its_console_falls_silent(tmp_path):
+    """The guest kit's disk with a bootloader whose kernel is gone: SYSLINUX says so on the console, then waits."""
+    raw = str(tmp_path / "stuck.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", os.path.join(kit_path(), "disk.qcow2"), raw], check=True)
+    config = tmp_path / "extlinux.conf"
+    config.write_text("SERIAL 0 115200\nPROMPT 0\nTIMEOUT 0\nDEFAULT gone\nLABEL gone\n  LINUX /boot/no-such-kernel\n")
+    root = "%s?offset=%d" % (raw, ROOT_FS_OFFSET)
+    for request in ("rm /boot/extlinux/extlinux.conf", "write %s /boot/extlinux/extlinux.conf" % config):
+        subprocess.run(["debugfs", "-w", "-R", request, root], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    repository = tmp_path / "repository"
+    (repository / "stuck").mkdir(parents=True)
+    image = repository / "stuck" / "b1.vda.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, str(image)], check=True)
+    size = os.stat(raw).st_size
+    (repository / "stuck" / "manifest.json").write_text(json.dumps(dict(format=1, vm="stuck", backups=[dict(
+        name="b1", level="full", parent=None, chain="b1", checkpoint=None, finished=1,
+        disks=[dict(disk="vda", file="b1.vda.qcow2", size=size, format="qcow2")])])))
+    state = tmp_path / "state"
+    failed = run_module("qemu_restore_drill", repository=str(repository), vm="stuck", state_dir=str(state),
+                        accel="tcg", boot_timeout=600, console_silence_timeout=5)
+    assert failed.failed and "wrote nothing more on its serial console for 5 s" in failed["msg"]
+    assert "no-such-kernel" in failed["msg"]  # the console's last lines show where it stuck
+    assert failed["drill"]["seconds"] < 120  # it did not wait for boot_timeout
+    assert os.listdir(state / "drills") == [] and descendants(os.getpid()) == []

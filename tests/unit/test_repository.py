@@ -140,7 +140,8 @@ def test_a_manifest_naming_a_path_outside_the_vm_directory_is_refused(repository
     data["backups"][0]["disks"][0][field] = value
     with open(repository.manifest_path, "w") as stream:
         json.dump(data, stream)
-    with pytest.raises(UserError, match="not a plain file name"):
+    expected = r"does not match its schema: backups\[0\]\.disks\[0\]\.%s is .*, expected a plain file name" % field
+    with pytest.raises(UserError, match=expected):
         repository.load()
 
 
