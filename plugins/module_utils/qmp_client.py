@@ -88,17 +88,17 @@ class QmpClient:
     def _describe_connect_error(self, err):
         cause = err.exc
         if isinstance(cause, FileNotFoundError):
-            return ("QMP socket %s does not exist: is the VM running, and is this the path "
+            return ("The QMP socket %s (qmp_socket) does not exist: is the VM running, and is this the path "
                     "given to its -qmp option?" % self.socket_path)
         if isinstance(cause, ConnectionRefusedError):
-            return "Nothing listens on QMP socket %s: the VM behind it has stopped." % self.socket_path
+            return "Nothing listens on the QMP socket %s (qmp_socket): the VM behind it has stopped." % self.socket_path
         if isinstance(cause, PermissionError):
-            return "No permission to open QMP socket %s: run as a user that may." % self.socket_path
+            return "No permission to open the QMP socket %s (qmp_socket): run as a user that may." % self.socket_path
         if isinstance(cause, OSError):
-            return "Cannot connect to QMP socket %s: %s" % (self.socket_path, cause)
+            return "Cannot connect to the QMP socket %s (qmp_socket): %s" % (self.socket_path, cause)
         # A decoder's own words (a UTF-16 mark, a codec's position) mean nothing to the user: say what came.
         what = "it sent bytes that are not QMP's JSON greeting" if isinstance(cause, ValueError) else cause or err
-        return ("%s did not answer as a QEMU QMP monitor (%s): check that it is a -qmp socket, "
+        return ("%s (qmp_socket) did not answer as a QEMU QMP monitor (%s): check that it is a -qmp socket, "
                 "not a serial console, HMP monitor or NBD socket." % (self.socket_path, what))
 
     def close(self):
