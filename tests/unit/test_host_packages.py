@@ -47,21 +47,27 @@ NEEDS = {
     "e2fsck": ("e2fsprogs", TESTS),
     "debugfs": ("e2fsprogs", TESTS),
     "dumpe2fs": ("e2fsprogs", TESTS),
+    "shellcheck": ("shellcheck", TESTS),  # ansible-test sanity's shellcheck test, which without it only warns
+    "git": ("git", TESTS),  # tests/sanity/run.sh snapshots the tree with it
+    "awk": ("mawk", TESTS),  # guest/build-disk.sh
     "virtnbdbackup": ("virtnbdbackup", BENCH),
     "virtnbdrestore": ("virtnbdbackup", BENCH),
 }
 
 # Programs of Debian's essential packages, on every Debian machine.
-ESSENTIAL = {"sh", "true", "cp", "runuser", "unshare", "dpkg-query", "flock", "gzip", "dd", "truncate", "ldd", "find"}
+ESSENTIAL = {"sh", "true", "cp", "runuser", "unshare", "dpkg-query", "flock", "gzip", "dd", "truncate", "ldd", "find",
+             "dpkg-deb", "xargs", "sha256sum", "realpath"}
 
 # Words the scan takes for programs that are none the Makefile could install.
 NOT_FROM_THE_MAKEFILE = {
     "make": "what runs the Makefile",
+    "apt-get": "what installs the Makefile's lists",
     "file": "a QAPI block driver's name in a fake schema (test_backup_plan)",
 }
 
 # What the shell scripts run, which the scan of Python sources cannot see.
-SCRIPT_PROGRAMS = {"mkfs.ext4", "mount", "umount", "qemu-img", "flock", "gzip", "dd", "truncate", "ldd", "find"}
+SCRIPT_PROGRAMS = {"mkfs.ext4", "mount", "umount", "qemu-img", "qemu-io", "qemu-system-x86_64", "flock", "gzip", "dd",
+                   "truncate", "ldd", "find", "git", "awk", "dpkg-deb", "xargs", "sha256sum", "realpath"}
 
 SCANNED = ("tests", "bench", "demo", "plugins")
 
