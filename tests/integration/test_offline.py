@@ -149,7 +149,7 @@ def test_a_stopped_vm_is_refused_clearly_when_its_disks_are_unknown_or_swapped(v
     flow = Backups(vm, str(tmp_path))
     vm.quit()
     unknown = flow.start("b1")
-    assert unknown.failed and "does not exist" in unknown["msg"] or "Nothing listens" in unknown["msg"]
+    assert unknown.failed and ("does not exist" in unknown["msg"] or "Nothing listens" in unknown["msg"])
     vm.start()
     flow.info()
     vm.quit()
