@@ -9,6 +9,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import HAS_LIBNBD, LIBNBD_IMPORT_ERROR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import shown_paths
 
 
 def missing_libnbd():
@@ -24,6 +25,12 @@ class FleetbackupModule(AnsibleModule):
         super().__init__(argument_spec=argument_spec, **kwargs)
         if needs_nbd and not HAS_LIBNBD:
             self.fail_json(msg=missing_libnbd(), exception=str(LIBNBD_IMPORT_ERROR))
+
+    def exit_json(self, **kwargs):
+        super().exit_json(**shown_paths(kwargs))
+
+    def fail_json(self, msg, **kwargs):
+        super().fail_json(msg=shown_paths(msg), **shown_paths(kwargs))
 
     def warn_all(self, messages):
         for message in messages:

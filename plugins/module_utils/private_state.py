@@ -27,6 +27,33 @@ PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,254}$")
 LOCK_POLL = 0.05
 
 
+# Paths through our descriptors (/proc/<pid>/fd/<n>) and the real paths they stand for, for what the user reads.
+_PATH_ALIASES = {}
+
+
+def alias_path(working, shown):
+    """Show `shown` wherever a message or result of this process names `working`."""
+    _PATH_ALIASES[working] = shown
+
+
+def forget_path_alias(working):
+    _PATH_ALIASES.pop(working, None)
+
+
+def shown_paths(value):
+    """value (a string, or lists and dicts of them) with every aliased path as the user knows it."""
+    if isinstance(value, str):
+        for working, shown in sorted(_PATH_ALIASES.items(), key=lambda item: -len(item[0])):
+            value = value.replace(working + "/", shown + "/")
+            value = shown if value == working else value
+        return value
+    if isinstance(value, dict):
+        return {key: shown_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [shown_paths(item) for item in value]
+    return value
+
+
 def is_plain_name(name):
     """Whether name is one path component of our own making: no '/', no '..', no leading dot."""
     return isinstance(name, str) and bool(PLAIN_NAME.match(name)) and ".." not in name

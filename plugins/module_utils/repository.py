@@ -30,10 +30,12 @@ from contextlib import contextmanager
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import QemuImgError, image_info
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+    alias_path,
     check_plain_name,
     is_plain_name,
     create_exclusive,
     flock_within,
+    forget_path_alias,
     read_regular_file,
     remove_file,
     sync_directory,
@@ -183,16 +185,24 @@ def _link_target(path):
         return None
 
 
+def _system_directory(path):
+    return path in SYSTEM_DIRECTORIES or any(path == tree or path.startswith(tree + "/") for tree in SYSTEM_TREES)
+
+
 class OpenedDirectory:
     """A directory opened once and then reached only through its descriptor: what replaces the path after the
     check (a link planted, a directory renamed) changes nothing.
 
     path: where the directory really is, for messages and results. working: the same directory through the
-    descriptor (/proc/<our PID>/fd/<fd>), for our own opens and for the programs we run, which run as we do.
+    descriptor (/proc/<our PID>/fd/<fd>), for our own opens and for the programs we run, which run as we do; the
+    module's messages and results show path instead (private_state.shown_paths). A directory of the system is
+    refused, whatever led to it. missing_ok: a directory that does not exist is no error, and stays unopened (a
+    check-mode run before the first backup).
     """
 
-    def __init__(self, given, what, follow_link, create, shown=None):
+    def __init__(self, given, what, follow_link, create, shown=None, missing_ok=False):
         self.given = os.path.abspath(given)
+        self.fd = None
         shown = shown or self.given  # how messages name it
         link = _link_target(self.given)
         if link is not None and not follow_link:
@@ -200,26 +210,47 @@ class OpenedDirectory:
                             "a link there steers root's writes anywhere. Give the directory itself, or set "
                             "follow_repository_link: true for a link of your own (such as one to an NFS mount)."
                             % (what, shown, link))
-        if create and link is None and not os.path.lexists(self.given):
-            try:
-                os.makedirs(self.given, mode=0o700)
-            except FileExistsError:
-                pass  # made meanwhile; it is checked as opened below
-            except OSError as err:
-                raise UserError("Cannot create %s %s (%s): make the repository writable by this user."
-                                % (what, shown, err.strerror)) from None
+        self._refuse_system_directory(what, shown, os.path.realpath(self.given))  # before anything is made
+        if link is None and not os.path.lexists(self.given):
+            if missing_ok and not create:
+                self.path, self.working = shown, self.given
+                return
+            if create:
+                self._make(what, shown)
         try:
-            self.fd = os.open(self.given, DIRECTORY_FLAGS | (0 if follow_link else os.O_NOFOLLOW))
+            # Only a link seen above is followed: one planted since is refused.
+            self.fd = os.open(self.given, DIRECTORY_FLAGS | (0 if link is not None else os.O_NOFOLLOW))
         except FileNotFoundError:
             raise UserError("%s %s does not exist: give the directory that holds one directory per VM, or create "
                             "it (root's, mode 0700)." % (what, shown)) from None
         except OSError as err:
-            raise UserError("Cannot open %s %s (%s): it must be a directory." % (what, shown, err.strerror)) \
-                from None
+            raise UserError("Cannot open %s %s (%s): it must be a directory, not a symbolic link."
+                            % (what, shown, err.strerror)) from None
         self.working = "/proc/%d/fd/%d" % (os.getpid(), self.fd)
         self.path = os.readlink(self.working)
-        if link is not None:
-            self._check_link_target("%s %s, a symbolic link to %s (%s)," % (what, shown, link, self.path))
+        try:
+            self._refuse_system_directory(what, shown, self.path)
+            if link is not None:
+                self._check_link_target("%s %s, a symbolic link to %s (%s)," % (what, shown, link, self.path))
+        except UserError:
+            self.close()
+            raise
+        alias_path(self.working, self.path)
+
+    def _make(self, what, shown):
+        try:
+            os.makedirs(self.given, mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile; it is checked as opened
+        except OSError as err:
+            raise UserError("Cannot create %s %s (%s): make the repository writable by this user."
+                            % (what, shown, err.strerror)) from None
+
+    @staticmethod
+    def _refuse_system_directory(what, shown, path):
+        if _system_directory(path):
+            raise UserError("%s %s is %s, a directory of the system: give a directory of its own for backups, such "
+                            "as /backup or /srv/backup." % (what, shown, path))
 
     def _check_link_target(self, where):
         """A followed link must lead to a directory that only root (or we) can change."""
@@ -231,20 +262,22 @@ class OpenedDirectory:
             raise UserError("%s can be written by group or others (mode %o): a followed link must lead to a "
                             "directory only its owner can change." % (where, stat.S_IMODE(info.st_mode)))
 
+    def close(self):
+        if self.fd is not None:
+            forget_path_alias(self.working)
+            os.close(self.fd)
+            self.fd = None
+
 
 class RepositoryRoot(OpenedDirectory):
     """The repository: a directory with one directory per VM, opened once."""
 
-    def __init__(self, given, follow_link=False, create=False):
-        super().__init__(given, "The repository", follow_link, create)
-        if self.path in SYSTEM_DIRECTORIES or any(self.path == tree or self.path.startswith(tree + "/")
-                                                  for tree in SYSTEM_TREES):
-            raise UserError("The repository %s is %s, a directory of the system: give a directory of its own for "
-                            "backups, such as /backup or /srv/backup." % (self.given, self.path))
+    def __init__(self, given, follow_link=False, create=False, missing_ok=False):
+        super().__init__(given, "The repository", follow_link, create, missing_ok=missing_ok)
 
     def vm_names(self):
         """The plain names of the VM directories that hold a manifest."""
-        return sorted(name for name in os.listdir(self.fd) if is_plain_name(name)
+        return sorted(name for name in os.listdir(self.working) if is_plain_name(name)
                       and os.path.isdir(os.path.join(self.working, name))
                       and os.path.isfile(os.path.join(self.working, name, MANIFEST)))
 
@@ -252,34 +285,27 @@ class RepositoryRoot(OpenedDirectory):
 class Repository:
     """The directory <root>/<vm> of one VM, reached through the root's descriptor (and its own, once it exists).
 
-    root: a RepositoryRoot, or its path. create: make the VM's directory if it is missing.
+    root: a RepositoryRoot, or its path. create: make the VM's directory if it is missing. missing_ok: a missing
+    repository reads as one without backups. As a context manager, it closes its VM directory's descriptor.
     """
 
-    def __init__(self, root, vm, follow_link=False, create=False):
+    def __init__(self, root, vm, follow_link=False, create=False, missing_ok=False):
         self.vm = check_plain_name(vm, "VM name")
-        self.root = root if isinstance(root, RepositoryRoot) else RepositoryRoot(root, follow_link, create)
-        self.path = os.path.join(self.root.path, vm)
-        self.working = os.path.join(self.root.working, vm)
-        if create or os.path.lexists(self.working):
-            opened = OpenedDirectory(self.working, "The directory of VM %s" % vm, follow_link, create, self.path)
-            self._directory = opened  # keeps its descriptor open for as long as this repository
-            self.path, self.working = opened.path, opened.working
+        self.root = root if isinstance(root, RepositoryRoot) else RepositoryRoot(root, follow_link, create,
+                                                                                 missing_ok)
+        self.directory = OpenedDirectory(os.path.join(self.root.working, vm), "The directory of VM %s" % vm,
+                                         follow_link, create, os.path.join(self.root.path, vm), missing_ok=True)
+        self.path, self.working = self.directory.path, self.directory.working
         self.manifest_path = os.path.join(self.path, MANIFEST)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        self.directory.close()
 
     def exists(self):
         return os.path.isdir(self.working)
-
-    def shown(self, path):
-        """A path of ours as the user knows it: the repository's real path instead of our descriptor's."""
-        return self.path + path[len(self.working):] if path.startswith(self.working + "/") else path
-
-    @contextmanager
-    def _messages_in_its_paths(self):
-        """UserErrors of the helpers below name the repository's real paths, not our descriptors'."""
-        try:
-            yield
-        except UserError as err:
-            raise UserError(str(err).replace(self.working, self.path)) from None
 
     def load(self):
         try:
@@ -309,17 +335,15 @@ class Repository:
 
     def save(self, data):
         """Replace the manifest atomically and durably."""
-        with self._messages_in_its_paths():
-            write_json_atomic(self.working, MANIFEST, data)
+        write_json_atomic(self.working, MANIFEST, check_manifest(data, self.manifest_path))
 
     def image(self, file_name):
-        """The path through which we and our programs reach an image (shown() gives the user's)."""
+        """The path through which we and our programs reach an image."""
         return os.path.join(self.working, check_plain_name(file_name, "Image name"))
 
     def write_file(self, file_name, content):
         """A new file of this VM's directory (mode 0600, never through a link), written durably."""
-        with self._messages_in_its_paths():
-            created = create_exclusive(self.working, check_plain_name(file_name, "File name"))
+        created = create_exclusive(self.working, check_plain_name(file_name, "File name"))
         try:
             with os.fdopen(created.fd, "wb") as stream:
                 stream.write(content)
@@ -332,9 +356,8 @@ class Repository:
 
     def read_file(self, file_name):
         """The content of a plain file of this VM's directory (never through a link)."""
-        with self._messages_in_its_paths():
-            return read_regular_file(os.path.join(self.working, check_plain_name(file_name, "File name")),
-                                     "The repository's file")
+        return read_regular_file(os.path.join(self.working, check_plain_name(file_name, "File name")),
+                                 "The repository's file")
 
     def remove_images(self, file_names):
         """Delete images of this VM's directory; the names removed."""
@@ -353,8 +376,7 @@ class Repository:
         try:
             return image_info(source, chain=True)
         except QemuImgError as err:
-            raise UserError(("The backup chain of disk %s is broken at %s: %s" % (disk["disk"], source, err)).replace(
-                self.working, self.path)) from None
+            raise UserError("The backup chain of disk %s is broken at %s: %s" % (disk["disk"], source, err)) from None
 
     def check_chain(self, data, backup, disk):
         """The chain that the images' own headers name is the one the manifest records, file by file and format by
@@ -365,8 +387,8 @@ class Repository:
         if found != recorded:
             raise UserError("The images of disk %s name the chain %s, but the manifest records %s: the repository "
                             "was changed; check it with qemu_backup_verify." % (
-                                disk["disk"], ", ".join("%s (%s)" % (self.shown(path), fmt) for path, fmt in found),
-                                ", ".join("%s (%s)" % (self.shown(path), fmt) for path, fmt in recorded)))
+                                disk["disk"], ", ".join("%s (%s)" % entry for entry in found),
+                                ", ".join("%s (%s)" % entry for entry in recorded)))
 
     def nvram(self, definition):
         """The UEFI variables a backup kept, checked against their recorded checksum; None when it kept none."""

@@ -258,7 +258,7 @@ class Drill:
         self.agent = GuestAgent(self.path("agent.sock"), AGENT_TIMEOUT)
         deadline = started + boot_timeout
         connected = False
-        console = ConsoleWatch(self.path("console.log"), silence_timeout)
+        console = ConsoleWatch(self.path("console.log"), silence_timeout, self.process.pid)
         while True:
             if self.process.poll() is not None:
                 raise self._exited_before_the_agent()
@@ -368,19 +368,32 @@ class DrillFailed(Exception):
 
 
 class ConsoleWatch:
-    """Whether a booting guest is stuck: it wrote on its serial console, then nothing for silence_timeout seconds.
-
-    A guest that never writes there (no serial console) is not judged by it; 0 turns the watch off.
+    """Whether a booting guest is stuck: it wrote on its serial console, then nothing for silence_timeout seconds,
+    while its vCPUs idled (QEMU used less than IDLE_SHARE of a CPU). A guest that boots on without a serial console
+    keeps its vCPUs busy; one that never writes there is not judged by it; 0 turns the watch off.
     """
 
-    def __init__(self, path, silence_timeout):
+    IDLE_SHARE = 0.25
+
+    def __init__(self, path, silence_timeout, pid):
         self.path = path
         self.silence_timeout = silence_timeout
+        self.pid = pid
         self.size = 0
         self.grew = time.monotonic()
+        self.cpu_at_growth = self._cpu_seconds()
+
+    def _cpu_seconds(self):
+        """The CPU time QEMU has used, in seconds (utime and stime of /proc/<pid>/stat)."""
+        try:
+            with open("/proc/%d/stat" % self.pid) as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def check(self):
-        """DrillFailed once the console has been silent for too long."""
+        """DrillFailed once the console has been silent, and the guest idle, for too long."""
         if not self.silence_timeout:
             return
         try:
@@ -388,13 +401,15 @@ class ConsoleWatch:
         except FileNotFoundError:
             size = 0
         now = time.monotonic()
-        if size != self.size:
-            self.size, self.grew = size, now
-        elif size and now - self.grew >= self.silence_timeout:
-            raise DrillFailed("the guest wrote nothing more on its serial console for %g s and its agent did not "
-                              "answer: it is stuck (in its bootloader, firmware or kernel). For a guest that boots "
-                              "that long in silence, raise console_silence_timeout (0 turns this check off)"
-                              % self.silence_timeout)
+        silent = now - self.grew
+        if size != self.size or (silent >= self.silence_timeout and
+                                 self._cpu_seconds() - self.cpu_at_growth > self.IDLE_SHARE * silent):
+            self.size, self.grew, self.cpu_at_growth = size, now, self._cpu_seconds()  # growing, or busy: not stuck
+        elif size and silent >= self.silence_timeout:
+            raise DrillFailed("the guest wrote nothing more on its serial console for %g s, its vCPUs idle, and "
+                              "its agent did not answer: it is stuck (in its bootloader, firmware or kernel). For a "
+                              "guest that waits that long in silence, raise console_silence_timeout (0 turns this "
+                              "check off)" % self.silence_timeout)
 
 
 def _die_with_parent():

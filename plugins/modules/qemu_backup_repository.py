@@ -307,7 +307,7 @@ def repository_of(module):
     if not hasattr(module, "repository"):
         params = module.params
         module.repository = Repository(params["repository"], params["vm"], params["follow_repository_link"],
-                                       create=params["action"] == "lock" and not module.check_mode)
+                                       create=params["action"] == "lock" and not module.check_mode, missing_ok=True)
     return module.repository
 
 

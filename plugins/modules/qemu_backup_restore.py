@@ -298,7 +298,7 @@ def _restore_disk(module, repository, disk):
     source = repository.image(disk["file"])
     chain = repository.chain(disk)
     target = os.path.join(params["dest"], "%s.%s" % (disk["disk"], params["format"]))
-    result = dict(disk=disk["disk"], image=target, source=repository.shown(source), size=chain[0]["virtual-size"],
+    result = dict(disk=disk["disk"], image=target, source=source, size=chain[0]["virtual-size"],
                   changed=False)
     if os.path.exists(target):
         if image_info(target)["format"] == params["format"] and images_equal(source, target):
@@ -317,8 +317,7 @@ def _restore_disk(module, repository, disk):
         if params["format"] == "qcow2":
             check_image(partial.path)
         if not images_equal(source, partial.path):
-            raise UserError("The restored image of disk %s differs from its backup %s."
-                            % (disk["disk"], repository.shown(source)))
+            raise UserError("The restored image of disk %s differs from its backup %s." % (disk["disk"], source))
         os.rename(partial.path, target)
     except BaseException:
         remove_file(partial.path)  # ours: made above, and not yet renamed

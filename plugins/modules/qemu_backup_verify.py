@@ -141,6 +141,7 @@ msg:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import shown_paths
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import (
     LINK_ARGUMENT_SPEC,
     Repository,
@@ -168,8 +169,11 @@ def verify(module):
     params = module.params
     root = RepositoryRoot(params["repository"], params["follow_repository_link"])
     names = [params["vm"]] if params["vm"] else root.vm_names()
-    reports = [verify_vm(Repository(root, name, params["follow_repository_link"]), params["backups"])
-               for name in names]
+    reports = []
+    for name in names:
+        # One VM's directory open at a time; its paths shown before its descriptor goes.
+        with Repository(root, name, params["follow_repository_link"]) as repository:
+            reports.append(shown_paths(verify_vm(repository, params["backups"])))
     bad = [dict(image, vm=report["vm"]) for report in reports for image in report["bad_images"]]
     unverified = sum(len(report["unverified_images"]) for report in reports)
     checked = sum(report["images_checked"] for report in reports)

@@ -247,7 +247,7 @@ def drill(module):
                         % (backup["name"], ", ".join(unknown), ", ".join(disk.name for disk in disks)))
     report = dict(vm=params["vm"], backup=backup["name"], directory=repository.path, machine=machine.machine,
                   firmware=machine.loader or "bios",
-                  disks=[dict(disk=disk.name, image=repository.shown(disk.image), bus=disk.bus) for disk in disks])
+                  disks=[dict(disk=disk.name, image=disk.image, bus=disk.bus) for disk in disks])
     if module.check_mode:
         return dict(changed=False, drill=dict(report, passed=None, problems=[], boot_seconds=None, seconds=None,
                                               filesystems=[], command=None, console=[]))

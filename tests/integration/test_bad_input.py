@@ -16,12 +16,14 @@ from support.qemu_vm import DiskSpec, MiB
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
 
-# Outside the test's directory: what no bad input may change (names and modification times of their entries).
-WATCHED = ("/etc", "/var/lib", "/var/tmp", "/run", "/root", "/")
+# Outside the test's directory: what no bad input may change (names and modification times of their entries), and
+# fleetbackup's default directories, which must not come to exist.
+WATCHED = ("/etc", "/var/tmp", "/root", "/usr/lib", "/")
+DEFAULT_DIRECTORIES = ("/var/lib/fleetbackup", "/var/lib/fleetbackup-qemu")
 
 
 def watched_state():
-    state = {}
+    state = {path: os.path.lexists(path) for path in DEFAULT_DIRECTORIES}
     for directory in WATCHED:
         for name in os.listdir(directory):
             try:
@@ -96,7 +98,8 @@ def cases(t, vm_socket, garbage):
                                    **state), "nbd_tcp", None),
         ("qemu_backup_stop", dict(qmp_socket=vm_socket, backup_id="b 1", **state), "backup_id", None),
         ("qemu_backup_info", dict(qmp_socket=vm_socket, domain="web1", **state), "qmp_socket", None),
-        ("qemu_checkpoint", dict(qmp_socket=vm_socket, name="c1", state="sideways", **state), "state", None),
+        ("qemu_checkpoint", dict(qmp_socket=vm_socket, name="c1", state="sideways", **state),
+         "value of state must be one of", None),
         ("qemu_backup_copy", dict(src="http://example.invalid/vda", dest=os.path.join(t["root"], "x.qcow2"),
                                   **state), "src", os.path.join(t["root"], "x.qcow2")),
         ("qemu_backup_copy", dict(src="nbd+unix:///vda?socket=" + garbage, dest=os.path.join(missing, "x.qcow2"),
@@ -112,11 +115,13 @@ def cases(t, vm_socket, garbage):
         ("qemu_backup_repository", dict(repository=t["etc_link"], vm="fbtest-vm", action="lock"),
          "follow_repository_link", "/etc/fbtest-vm"),
         ("qemu_backup_repository", dict(repository=t["repository"], vm="../vm1", action="lock"), "VM name", None),
+        ("qemu_backup_repository", dict(repository="/usr/lib/fbtest-repository", vm="vm1", action="lock"),
+         "a directory of the system", "/usr/lib/fbtest-repository"),
         ("qemu_backup_repository", dict(repository=t["repository"], vm="vm1", action="lock", lock_ttl=5),
          "lock_ttl", os.path.join(t["repository"], "vm1")),
         ("qemu_backup_repository", dict(manifest_repository, action="newest"), "backups", None),
         ("qemu_backup_verify", dict(repository=missing), "repository", missing),
-        ("qemu_backup_verify", dict(repository=t["repository"], backups=["b1"]), "vm", None),
+        ("qemu_backup_verify", dict(repository=t["repository"], backups=["b1"]), "required by 'backups': vm", None),
         ("qemu_backup_verify", dict(manifest_repository), "backups", None),
         ("qemu_restore_drill", dict(repository=t["repository"], vm="vm1", boot_timeout=0, **state), "boot_timeout",
          None),
@@ -195,6 +200,20 @@ def test_a_repository_reached_through_a_link_is_refused_unless_followed_and_then
     vm_link = run_module("qemu_backup_repository", repository=str(real), vm="vm2", action="newest")
     assert vm_link.failed and "The directory of VM vm2 %s is a symbolic link to %s" % (real / "vm2", nfs / "vm1") \
         in vm_link["msg"]
+    followed = run_module("qemu_backup_repository", repository=str(real), vm="vm2", action="newest",
+                          follow_repository_link=True)
+    assert not followed.failed and followed["directory"] == str(nfs / "vm1")
+    # Followed or not, a VM's directory never leads into the system.
+    os.symlink("/etc", str(real / "vm3"))
+    into_etc = run_module("qemu_backup_repository", repository=str(real), vm="vm3", action="lock",
+                          follow_repository_link=True)
+    assert into_etc.failed and "is /etc, a directory of the system" in into_etc["msg"]
+    assert not os.path.lexists("/etc/lock")
+
+    # Check mode before the first backup: a repository that does not exist yet plans a full backup, and stays so.
+    first = tmp_path / "first"
+    planned = run_module("qemu_backup_repository", repository=str(first), vm="vm1", action="lock", check_mode=True)
+    assert not planned.failed and planned["directory"] == str(first / "vm1") and not os.path.lexists(first)
 
 
 def test_the_repository_is_used_through_the_descriptor_it_was_opened_as(tmp_path):
