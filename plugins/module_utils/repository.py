@@ -28,14 +28,14 @@ import time
 from contextlib import contextmanager
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.manifest_schema import MANIFEST_FORMAT, check_manifest
+from ansible_collections.fleetbackup.qemu.plugins.module_utils.opened_directory import OpenedDirectory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import QemuImgError, image_info
 from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
-    alias_path,
     check_plain_name,
-    is_plain_name,
     create_exclusive,
     flock_within,
-    forget_path_alias,
+    is_plain_name,
     read_regular_file,
     remove_file,
     sync_directory,
@@ -44,7 +44,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state imp
 )
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
 DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 UNSAFE = re.compile(r"[^A-Za-z0-9]")
@@ -68,206 +67,6 @@ def backup_id_for(vm, name):
 LINK_ARGUMENT_SPEC = dict(follow_repository_link=dict(type="bool", default=False))
 REPOSITORY_ARGUMENT_SPEC = dict(repository=dict(type="path", required=True), vm=dict(type="str", required=True),
                                 **LINK_ARGUMENT_SPEC)
-
-# Directories of the system itself, and trees of it, that are never a repository, nor hold one.
-SYSTEM_DIRECTORIES = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp", "/var", "/var/lib",
-                      "/var/log", "/var/tmp")
-SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr")
-DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-
-
-class Value:
-    """A field of the manifest: what a value must be, and whether the field must be there (null: may be null)."""
-
-    def __init__(self, check, expected, required=False, null=False):
-        self.check, self.expected, self.required, self.null = check, expected, required, null
-
-    def problem(self, value, at):
-        """(where, what is wrong there) when value does not fit, else None."""
-        if (value is None and self.null) or self.check(value):
-            return None
-        return at, "is %s, expected %s%s" % (json.dumps(value)[:80], self.expected, " or null" if self.null else "")
-
-
-class Record(Value):
-    """An object whose fields each have their Value."""
-
-    def __init__(self, fields, required=False, null=False):
-        super().__init__(lambda value: isinstance(value, dict), "an object", required, null)
-        self.fields = fields
-
-    def problem(self, value, at):
-        problem = super().problem(value, at)
-        if problem or value is None:
-            return problem
-        for name, field in self.fields.items():
-            where = "%s.%s" % (at, name) if at else name
-            if name not in value:
-                if field.required:
-                    return where, "is missing"
-                continue
-            problem = field.problem(value[name], where)
-            if problem:
-                return problem
-        return None
-
-
-class ListOf(Value):
-    """A list whose items are each an element."""
-
-    def __init__(self, element, items, required=False, at_least=0):
-        super().__init__(lambda value: isinstance(value, list) and len(value) >= at_least,
-                         "a list of %s%s" % ("at least %d " % at_least if at_least else "", items), required)
-        self.element = element
-
-    def problem(self, value, at):
-        return super().problem(value, at) or next(
-            (p for index, item in enumerate(value) for p in [self.element.problem(item, "%s[%d]" % (at, index))] if p),
-            None)
-
-
-def _one_of(*values, **kwargs):
-    return Value(lambda value: value in values, "one of %s" % ", ".join(values), **kwargs)
-
-
-def _text(**kwargs):
-    return Value(lambda value: isinstance(value, str), "a string", **kwargs)
-
-
-def _name(**kwargs):
-    return Value(is_plain_name, "a plain file name (letters, digits and _.:@+- only, not starting with a dot)",
-                 **kwargs)
-
-
-def _whole(**kwargs):
-    return Value(lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                 "a whole number of 0 or more", **kwargs)
-
-
-def _seconds(**kwargs):
-    return Value(lambda value: isinstance(value, (int, float)) and not isinstance(value, bool), "a time in seconds",
-                 **kwargs)
-
-
-# The manifest's schema, which every reader checks before it uses a manifest (check_manifest).
-DISK_SCHEMA = Record(dict(
-    disk=_name(required=True), file=_name(required=True), size=_whole(required=True), format=_one_of("qcow2", "raw"),
-    bytes_read=_whole(), checksum=_text(null=True), mode=_one_of("full", "incremental"), backing=_name(null=True)))
-DEFINITION_SCHEMA = Record(dict(
-    domain_xml=_name(required=True), checkpoint_xml=_text(null=True), not_backed_up=ListOf(_text(), "strings"),
-    nvram=Record(dict(file=_name(required=True), path=_text(required=True), sha256=_text(required=True)), null=True)),
-    null=True)
-BACKUP_SCHEMA = Record(dict(
-    name=_name(required=True), level=_one_of("full", "incremental", required=True), parent=_name(null=True),
-    chain=_name(required=True), checkpoint=_text(null=True), incremental=_text(null=True), started=_seconds(),
-    finished=_seconds(required=True), disks=ListOf(DISK_SCHEMA, "disks", required=True, at_least=1),
-    consistency=_text(null=True), freeze=Record({}, null=True), definition=DEFINITION_SCHEMA))
-MANIFEST_SCHEMA = Record(dict(format=_whole(required=True), vm=_text(), backups=ListOf(BACKUP_SCHEMA, "backups", required=True)))
-
-
-def check_manifest(data, path):
-    """data, a manifest read from path, if it matches the schema; UserError naming the field otherwise."""
-    problem = MANIFEST_SCHEMA.problem(data, "")
-    if problem:
-        raise UserError("The manifest %s does not match its schema: %s %s. Nothing was changed; restore the manifest "
-                        "from a copy (its images are untouched)." % (path, problem[0] or "the manifest", problem[1]))
-    if data["format"] != MANIFEST_FORMAT:
-        raise UserError("The manifest %s has format %s; this collection reads format %d."
-                        % (path, data["format"], MANIFEST_FORMAT))
-    return data
-
-
-def _link_target(path):
-    """What the symbolic link at path points to, or None when path is no link."""
-    try:
-        return os.readlink(path) if stat.S_ISLNK(os.lstat(path).st_mode) else None
-    except FileNotFoundError:
-        return None
-
-
-def _system_directory(path):
-    return path in SYSTEM_DIRECTORIES or any(path == tree or path.startswith(tree + "/") for tree in SYSTEM_TREES)
-
-
-class OpenedDirectory:
-    """A directory opened once and then reached only through its descriptor: what replaces the path after the
-    check (a link planted, a directory renamed) changes nothing.
-
-    path: where the directory really is, for messages and results. working: the same directory through the
-    descriptor (/proc/<our PID>/fd/<fd>), for our own opens and for the programs we run, which run as we do; the
-    module's messages and results show path instead (private_state.shown_paths). A directory of the system is
-    refused, whatever led to it. missing_ok: a directory that does not exist is no error, and stays unopened (a
-    check-mode run before the first backup).
-    """
-
-    def __init__(self, given, what, follow_link, create, shown=None, missing_ok=False):
-        self.given = os.path.abspath(given)
-        self.fd = None
-        shown = shown or self.given  # how messages name it
-        link = _link_target(self.given)
-        if link is not None and not follow_link:
-            raise UserError("%s %s is a symbolic link to %s: fleetbackup does not follow it, since whoever can plant "
-                            "a link there steers root's writes anywhere. Give the directory itself, or set "
-                            "follow_repository_link: true for a link of your own (such as one to an NFS mount)."
-                            % (what, shown, link))
-        self._refuse_system_directory(what, shown, os.path.realpath(self.given))  # before anything is made
-        if link is None and not os.path.lexists(self.given):
-            if missing_ok and not create:
-                self.path, self.working = shown, self.given
-                return
-            if create:
-                self._make(what, shown)
-        try:
-            # Only a link seen above is followed: one planted since is refused.
-            self.fd = os.open(self.given, DIRECTORY_FLAGS | (0 if link is not None else os.O_NOFOLLOW))
-        except FileNotFoundError:
-            raise UserError("%s %s does not exist: give the directory that holds one directory per VM, or create "
-                            "it (root's, mode 0700)." % (what, shown)) from None
-        except OSError as err:
-            raise UserError("Cannot open %s %s (%s): it must be a directory, not a symbolic link."
-                            % (what, shown, err.strerror)) from None
-        self.working = "/proc/%d/fd/%d" % (os.getpid(), self.fd)
-        self.path = os.readlink(self.working)
-        try:
-            self._refuse_system_directory(what, shown, self.path)
-            if link is not None:
-                self._check_link_target("%s %s, a symbolic link to %s (%s)," % (what, shown, link, self.path))
-        except UserError:
-            self.close()
-            raise
-        alias_path(self.working, self.path)
-
-    def _make(self, what, shown):
-        try:
-            os.makedirs(self.given, mode=0o700)
-        except FileExistsError:
-            pass  # made meanwhile; it is checked as opened
-        except OSError as err:
-            raise UserError("Cannot create %s %s (%s): make the repository writable by this user."
-                            % (what, shown, err.strerror)) from None
-
-    @staticmethod
-    def _refuse_system_directory(what, shown, path):
-        if _system_directory(path):
-            raise UserError("%s %s is %s, a directory of the system: give a directory of its own for backups, such "
-                            "as /backup or /srv/backup." % (what, shown, path))
-
-    def _check_link_target(self, where):
-        """A followed link must lead to a directory that only root (or we) can change."""
-        info = os.fstat(self.fd)
-        if info.st_uid not in (0, os.geteuid()):
-            raise UserError("%s belongs to uid %d: a followed link must lead to a directory of root's."
-                            % (where, info.st_uid))
-        if stat.S_IMODE(info.st_mode) & (stat.S_IWGRP | stat.S_IWOTH):
-            raise UserError("%s can be written by group or others (mode %o): a followed link must lead to a "
-                            "directory only its owner can change." % (where, stat.S_IMODE(info.st_mode)))
-
-    def close(self):
-        if self.fd is not None:
-            forget_path_alias(self.working)
-            os.close(self.fd)
-            self.fd = None
-
 
 class RepositoryRoot(OpenedDirectory):
     """The repository: a directory with one directory per VM, opened once."""
