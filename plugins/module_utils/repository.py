@@ -68,6 +68,7 @@ LINK_ARGUMENT_SPEC = dict(follow_repository_link=dict(type="bool", default=False
 REPOSITORY_ARGUMENT_SPEC = dict(repository=dict(type="path", required=True), vm=dict(type="str", required=True),
                                 **LINK_ARGUMENT_SPEC)
 
+
 class RepositoryRoot(OpenedDirectory):
     """The repository: a directory with one directory per VM, opened once."""
 

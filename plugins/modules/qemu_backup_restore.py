@@ -298,8 +298,7 @@ def _restore_disk(module, repository, disk):
     source = repository.image(disk["file"])
     chain = repository.chain(disk)
     target = os.path.join(params["dest"], "%s.%s" % (disk["disk"], params["format"]))
-    result = dict(disk=disk["disk"], image=target, source=source, size=chain[0]["virtual-size"],
-                  changed=False)
+    result = dict(disk=disk["disk"], image=target, source=source, size=chain[0]["virtual-size"], changed=False)
     if os.path.exists(target):
         if image_info(target)["format"] == params["format"] and images_equal(source, target):
             return result

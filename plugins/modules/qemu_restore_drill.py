@@ -268,9 +268,8 @@ def drill(module):
 
 
 def check_numbers(params):
-    if params["console_silence_timeout"] < 0:
-        raise UserError("console_silence_timeout must be 0 (no check) or more.")
-    for name, low in (("boot_timeout", 1), ("command_timeout", 1), ("cpus", 1), ("memory", 16)):
+    for name, low in (("boot_timeout", 1), ("console_silence_timeout", 0), ("command_timeout", 1), ("cpus", 1),
+                      ("memory", 16)):
         if params[name] is not None and params[name] < low:
             raise UserError("%s must be at least %d." % (name, low))
 
