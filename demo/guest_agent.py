@@ -5,7 +5,7 @@ Usage: guest_agent.py AGENT_SOCKET wait | AGENT_SOCKET run PROGRAM [ARG...]
 
 import sys
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_agent import GuestAgent
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent import GuestAgent
 
 socket_path, action, command = sys.argv[1], sys.argv[2], sys.argv[3:]
 # A booting guest answers once qemu-ga runs: the first sync waits for it.

@@ -223,14 +223,14 @@ import socket
 import stat
 import time
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.copy_progress import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import (
     CopyProgress,
     copies_dir,
     parse_bandwidth,
     prune_records,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError, UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import (
     HAS_LIBNBD,
     MAX_BUFFER_BYTES,
     MAX_REQUEST_SIZE,
@@ -238,25 +238,25 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
     dirty_context,
     export_size_and_connections,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import (
     CLIENT_FILES,
     read_credentials,
     with_certificates,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.point_in_time import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_time import (
     SnapshotBroken,
     broken_view_message,
     export_name_of,
     export_view,
     view_intact,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
     DEFAULT_STATE_DIR,
     remove_file,
     sync_directory,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import CLUSTER_SIZE, check_backing_name
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule, missing_libnbd
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import CLUSTER_SIZE, check_backing_name
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule, missing_libnbd
 
 
 # A copy writes .<dest name>.part-<its PID>@<its host> and renames it when complete.

@@ -150,10 +150,10 @@ msg:
 
 import time
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.copy_progress import copies_dir, read_status
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import DEFAULT_STATE_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import copies_dir, read_status
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
 
 # Seconds between two looks at the records while waiting: they change about once a second.
 POLL = 0.2

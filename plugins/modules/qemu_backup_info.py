@@ -112,8 +112,8 @@ backups:
   sample: {"web1-nightly": {"complete": true, "started": 1796000000}}
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import describe_checkpoints
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import VmModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import describe_checkpoints
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import VmModule
 
 
 def main():

@@ -178,32 +178,32 @@ import os
 
 from ansible.module_utils.basic import missing_required_lib
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.definition import (
     FIRMWARE_DIRECTORIES,
     domain_name,
     restored_domain_xml,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.libvirt_vm import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import (
     DEFAULT_URI,
     HAS_LIBVIRT,
     LIBVIRT_IMPORT_ERROR,
     define_domain,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
     check_image,
     convert_into,
     image_info,
     images_equal,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
     create_exclusive,
     read_regular_file,
     remove_file,
     write_atomic,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import REPOSITORY_ARGUMENT_SPEC, Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
 
 
 DOMAIN_XML_FILE = "domain.xml"

@@ -446,9 +446,9 @@ backup:
           sample: checkpoint 'c0001' on disk vda is inconsistent (QEMU stopped uncleanly); it can only be removed
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import REQUEST_KEYS, check_request
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import FREEZE_MODES
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import BACKUP_ID_ARGUMENT_SPEC, VmModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import REQUEST_KEYS, check_request
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import FREEZE_MODES
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
 
 def main():

@@ -120,8 +120,8 @@ removed:
       sample: true
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpUnreachable
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import BACKUP_ID_ARGUMENT_SPEC, VmModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpUnreachable
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
 
 def main():

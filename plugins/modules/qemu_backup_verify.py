@@ -140,14 +140,14 @@ msg:
   type: str
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import shown_paths
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import (
     LINK_ARGUMENT_SPEC,
     Repository,
     RepositoryRoot,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.verify import verify_vm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.verify import verify_vm
 
 
 def main():

@@ -83,10 +83,10 @@ disks:
   sample: [vda, vdb]
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import check_checkpoint_name
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import select_disks
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_module import VmModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import check_checkpoint_name
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import select_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import VmModule
 
 
 def main():

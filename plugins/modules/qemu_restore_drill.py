@@ -192,12 +192,12 @@ drill:
 import os
 import shutil
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import DEFAULT_STATE_DIR
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import QemuImgError, image_info
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import REPOSITORY_ARGUMENT_SPEC, Repository
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.restore_drill import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import QemuImgError, image_info
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import (
     Drill,
     DrillDisk,
     DrillMachine,

@@ -132,10 +132,10 @@ missing:
   elements: str
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.fleet_discovery import discover
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import DEFAULT_STATE_DIR
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import LINK_ARGUMENT_SPEC
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.discovery import discover
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import LINK_ARGUMENT_SPEC
 
 
 def main():

@@ -14,7 +14,7 @@ import pytest
 from support.modules import COLLECTIONS, run_module
 from support.qemu_vm import DiskSpec, MiB
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.repository import Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 
 # Outside the test's directory: what no bad input may change (names and modification times of their entries), and
 # fleetbackup's default directories, which must not come to exist.

@@ -17,13 +17,13 @@ import time
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import FleetbackupError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import (
     FileTarget,
     copy_to_image,
     export_size_and_connections,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import ImageWriteError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import ImageWriteError
 
 from support.flows import Backups
 from support.modules import run_module

@@ -16,12 +16,12 @@ from support.modules import run_module
 from support.held import INTERRUPTED, hold_in_a_child
 from support.qemu_vm import DiskSpec, Vm
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestFreeze, SocketAgent
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import GuestFreeze, SocketAgent
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import QmpVm, qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
 
 def workload(vm, *args):

@@ -14,13 +14,13 @@ from support.modules import run_module
 from support.held import INTERRUPTED, hold_in_a_child
 from support.qemu_vm import DiskSpec, MiB, same
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils import qmp_fleecing
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestFreeze
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpClient
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.restore_drill import FILESYSTEM_ERRORS
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views import fleecing as qmp_fleecing
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import GuestFreeze
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpClient
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import QmpVm, qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import FILESYSTEM_ERRORS
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
 BROKEN = "point-in-time view of disk vda broke while it was copied"
 

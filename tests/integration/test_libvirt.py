@@ -19,7 +19,7 @@ from support.guest import clean_filesystem, workload_files
 from support.libvirt_daemon import LibvirtGuestDomain
 from support.qemu_vm import DiskSpec, MiB, same
 from support.modules import run_module
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import image_bitmaps
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import image_bitmaps
 
 TWO_DISKS = [DiskSpec("vda", size=64 * MiB), DiskSpec("vdb", size=32 * MiB)]
 

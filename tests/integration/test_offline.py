@@ -12,10 +12,10 @@ from support.flows import Backups, assert_servers_gone, marks, offline_record, r
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, MiB
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_tls import listen_tcp
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.offline_export import end_server, serve_image
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import process_start_time
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qemu_img import image_bitmaps
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import listen_tcp
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import end_server, serve_image
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import process_start_time
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import image_bitmaps
 
 TWO_DISKS = [DiskSpec("vda", size=32 * MiB), DiskSpec("vdb", size=16 * MiB)]
 

@@ -7,13 +7,13 @@ import pytest
 from support.flows import Backups
 from support.qemu_vm import DiskSpec
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils import qmp_fleecing
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_freeze import GuestFreeze
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_client import QmpCommandError, QmpError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qmp_vm import QmpVm, qmp_vm_key
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views import fleecing as qmp_fleecing
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import GuestFreeze
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError, QmpError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import QmpVm, qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
 # (command, which call of it fails) for two disks, the second on an iothread, with a checkpoint.
 STEPS = [("add-fd", 1), ("add-fd", 2), ("blockdev-add", 1), ("blockdev-add", 2), ("blockdev-add", 4),

@@ -16,7 +16,7 @@ import time
 from support.paths import ROOT
 from support.qemu_vm import DiskSpec, Vm, virtual_size
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_agent import GuestAgent
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent import GuestAgent
 
 BUILD_SCRIPT = os.path.join(ROOT, "guest", "build-kit.sh")
 RECORD_SIZE = 4096

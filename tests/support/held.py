@@ -5,7 +5,7 @@ Apart from processes.py, which hooks run with no collection on their path.
 
 import os
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.held_signals import Interrupted
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.held_signals import Interrupted
 
 # The exit status of hold_in_a_child's child when the signal became Interrupted.
 INTERRUPTED = 3

@@ -5,7 +5,7 @@ import random
 
 import nbd
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.block_checksum import BLOCK_SIZE, BlockSum
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import BLOCK_SIZE, BlockSum
 
 BLOCKS = {offset: bytes([index + 1]) * BLOCK_SIZE
           for index, offset in enumerate(range(0, 8 * BLOCK_SIZE, BLOCK_SIZE))}

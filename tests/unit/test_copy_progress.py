@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils import copy_progress, nbd_copy
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.copy_progress import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd import copy as nbd_copy, progress as copy_progress
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import (
     KEEP_ENDED,
     CopyProgress,
     copies_dir,
@@ -17,7 +17,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.copy_progress imp
     record_name,
     size,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 
 MiB = 1024 ** 2
 

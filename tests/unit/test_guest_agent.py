@@ -8,7 +8,7 @@ import pytest
 
 from fake_agent import FakeAgent
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.guest_agent import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent import (
     ExecResult,
     GuestAgent,
     GuestAgentCommandError,

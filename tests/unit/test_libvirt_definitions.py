@@ -4,15 +4,15 @@ from xml.etree import ElementTree
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.backup_plan import BackupPlan
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.checkpoints import CheckpointRegistry
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.domain_definition import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import BackupPlan
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.definition import (
     restore_identity,
     restored_domain_xml,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.libvirt_vm import backup_xml, checkpoint_xml
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_disks import Disk
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import backup_xml, checkpoint_xml
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import Disk
 
 DOMAIN = """<domain type='kvm'>
   <name>web1</name>

@@ -1,6 +1,6 @@
 """Merging block-status contexts and planning copy operations: pure logic, plain lists."""
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import (
     CONTEXT_ALLOCATION as ALLOC,
     CONTEXT_ALLOCATION_DEPTH as DEPTH,
     COPY,
@@ -78,7 +78,7 @@ def test_huge_zero_extents_are_split_into_bounded_zero_requests():
 
 
 def test_alignment_keeps_whole_chunks_and_turns_mixed_chunks_into_data():
-    from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import align_extents
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import align_extents
     extents = [
         Extent(0, 4096, False, True, True),      # data in the first 64 KiB chunk...
         Extent(4096, 192512, True, True, True),  # ...then zeros up to 192 KiB + 4 KiB
@@ -92,7 +92,7 @@ def test_alignment_keeps_whole_chunks_and_turns_mixed_chunks_into_data():
 
 
 def test_alignment_of_clean_and_dirty_zero_parts_in_one_chunk_copies_it():
-    from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_extents import align_extents
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import align_extents
     extents = [Extent(0, 32768, True, True, True), Extent(32768, 100000, True, False, True)]
     assert align_extents(extents, 65536) == [
         Extent(0, 65536, False, True, True),

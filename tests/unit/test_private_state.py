@@ -5,8 +5,8 @@ import stat
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
     PrivateDir,
     check_plain_name,
     check_trusted_directory,
@@ -14,8 +14,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils.private_state imp
     process_alive,
     this_process,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.scratch import scratch_bytes, scratch_shares
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.vm_state import VmState
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch import scratch_bytes, scratch_shares
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
 
 def mode(path):

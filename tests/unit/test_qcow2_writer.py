@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.nbd_copy import FileTarget
-from ansible_collections.fleetbackup.qemu.plugins.module_utils.qcow2_writer import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import FileTarget
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import (
     CLUSTER_SIZE,
     MAX_BACKING_NAME,
     REGION,

@@ -1,0 +1,645 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The NBD layer: connect to an export, map its extents, copy it fast.
+
+The copy runs one thread per NBD connection; each keeps many asynchronous
+reads in flight and writes each one out as it completes, into a target that
+all threads share (a raw file, or a qcow2 image written directly). libnbd and
+pwrite release the GIL, and data stays in nbd.Buffer objects, never in Python
+bytes. Each thread also sums the block checksum (block_checksum.py) of what it
+writes, on the buffer it just wrote, so the image is never read twice; every
+operation covers whole 64 KiB blocks at block-aligned offsets.
+
+A bandwidth limit meters the reads of all threads together, and a report
+callback learns the progress about once a second from a thread of its own.
+
+No wait is unbounded. Every call that needs an answer from the server is
+asynchronous and polled: a server that sends nothing for io_timeout seconds
+(IO_TIMEOUT by default) fails the copy, and the first thread that fails stops
+all the others.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque, namedtuple
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd import qcow2_writer
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import BLOCK_SIZE, BlockSum
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import (
+    create_image_file,
+    write_all,
+    write_failure,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.write_behind import WriteBehind
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import (
+    CONTEXT_ALLOCATION,
+    CONTEXT_ALLOCATION_DEPTH,
+    COPY,
+    DIRTY_BITMAP_PREFIX,
+    STATUS_WINDOW,
+    align_extents,
+    clip,
+    count_bytes,
+    merge_extents,
+    plan_operations,
+)
+
+try:
+    import nbd
+    HAS_LIBNBD = True
+    LIBNBD_IMPORT_ERROR = None
+except ImportError as import_error:
+    HAS_LIBNBD = False
+    LIBNBD_IMPORT_ERROR = import_error
+
+# Work is handed to the connections in batches of about this many bytes of data.
+BATCH_BYTES = 4 * 1024 ** 2
+# QEMU refuses reads larger than this.
+MAX_REQUEST_SIZE = 32 * 1024 ** 2
+# The read buffers of a copy, connections x requests x request_size, stay within this: 64 times the default,
+# far past the point where more stop helping, and little beside the VMs that the hypervisor's memory is for.
+MAX_BUFFER_BYTES = 1024 ** 3
+# Seconds a server may send nothing before the copy fails. A healthy one answers in milliseconds; this
+# outlasts stalls of busy storage (and a 32 MiB read at 1 MiB/s) and still fails a scheduled run in a minute.
+IO_TIMEOUT = 60
+# Waits wake this often (milliseconds) to see whether another thread has failed.
+POLL_SLICE_MS = 100
+# Seconds between two progress reports.
+REPORT_INTERVAL = 1.0
+ADVICE = ("check that the backup is started (src is the url that qemu_backup_start returned) and that the VM or "
+          "qemu-nbd serving it is alive and not stopped, then copy again")
+TLS_ADVICE = ("; over TLS, also that tls_certificates holds the fleet CA's ca-cert.pem and this host's client-cert.pem "
+              "and client-key.pem, that the start allows that certificate's name (nbd_tcp.tls_allow; QEMU logs a "
+              "refused one), and that the server's certificate names the address in src")
+
+
+class NbdError(FleetbackupError):
+    """An NBD failure, phrased for the user."""
+
+
+class NbdTimeout(NbdError):
+    """The server sent nothing for io_timeout seconds."""
+
+
+def dirty_context(bitmap):
+    """The meta context that exports dirty bitmap `bitmap`."""
+    return bitmap if bitmap.startswith(DIRTY_BITMAP_PREFIX) else DIRTY_BITMAP_PREFIX + bitmap
+
+
+class Abort:
+    """The first failure (exception) of a copy. Once it is set, every thread stops issuing work and returns."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.error = None
+        self.event = threading.Event()  # set with the failure: ends every sleep at once
+
+    def fail(self, error):
+        with self._lock:
+            self.error = self.error or error
+        self.event.set()
+
+    def take(self):
+        """Hand the failure over: kept here, its traceback's frames (which hold this) would make a cycle."""
+        error, self.error = self.error, None
+        return error
+
+
+class Aborted(Exception):
+    """The copy failed elsewhere (in another thread, or the caller was interrupted): this thread must stop."""
+
+
+class Connection:
+    """A connection to the export, asking for the contexts that the copy needs.
+
+    Every wait on it ends once the server has sent nothing for io_timeout
+    seconds, or as soon as the copy that it serves fails (abort). image_alone:
+    the export is one image opened without its backing file (see Extent).
+    """
+
+    def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None, full_info=False,
+                 image_alone=False):
+        self.url = url
+        self.bitmap_context = bitmap_context
+        self.io_timeout = io_timeout
+        self.abort = abort
+        self.image_alone = image_alone
+        self.handle = nbd.NBD()
+        self.handle.set_handle_name("fleetbackup-src")
+        self.handle.set_uri_allow_local_file(True)  # tls-certificates=DIR, which the copy adds to an nbds:// URL
+        self.handle.set_full_info(full_info)  # the export's description comes only with full info
+        self.contexts = [c for c in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context) if c]
+        for context in self.contexts:
+            self.handle.add_meta_context(context)
+        try:
+            # Not connect_uri: it waits forever for a server that accepts and never answers.
+            self._call("connect to", self.handle.aio_connect_uri, url)
+            self.wait_until(lambda: not self.handle.aio_is_connecting(), "connect to")
+            if not self.handle.can_meta_context(CONTEXT_ALLOCATION):
+                raise NbdError("NBD export %s does not report base:allocation, so it cannot be copied sparsely: "
+                               "export it from QEMU or qemu-nbd, which do." % url)
+            if bitmap_context and not self.handle.can_meta_context(bitmap_context):
+                raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
+                               "that qemu_backup_start returned for this disk." % (url, bitmap_context))
+            if image_alone and not self.handle.can_meta_context(CONTEXT_ALLOCATION_DEPTH):
+                raise NbdError("NBD export %s does not report %s, so what the image itself holds is unknown: "
+                               "export it with qemu-nbd -A." % (url, CONTEXT_ALLOCATION_DEPTH))
+        except BaseException:
+            self.close()  # now: the traceback, which holds this object, would keep the socket open
+            raise
+        self.contexts = [c for c in self.contexts if self.handle.can_meta_context(c)]
+
+    def failure(self, action, reason):
+        """The error for a failed action ("connect to", "read offset 0 of"...) on the export."""
+        advice = ADVICE + (TLS_ADVICE if self.url.startswith("nbds") else "")
+        return NbdError("Cannot %s NBD export %s: %s; %s." % (action, self.url, reason, advice))
+
+    def _call(self, action, function, *args):
+        try:
+            return function(*args)
+        except nbd.Error as err:
+            raise self.failure(action, err) from None
+
+    def wait_until(self, finished, action):
+        """Poll until finished() is true: the server must show life every io_timeout seconds."""
+        idle_ms = 0
+        try:
+            while not finished():
+                if self.abort is not None and self.abort.error:
+                    raise Aborted()
+                # poll answers 0 only when its whole slice passed with nothing from the server.
+                idle_ms = 0 if self.handle.poll(POLL_SLICE_MS) else idle_ms + POLL_SLICE_MS
+                if idle_ms >= self.io_timeout * 1000:
+                    raise NbdTimeout(str(self.failure(action, "its server sent nothing for %g s. It is hung, or busy "
+                                                              "with another client (qemu-nbd without --shared serves "
+                                                              "one at a time)" % self.io_timeout)))
+        except nbd.Error as err:
+            raise self.failure(action, err) from None
+
+    def description(self):
+        """The export's description, or None when its server gave none (connect with full_info)."""
+        try:
+            return self.handle.get_export_description()
+        except nbd.Error:
+            return None
+
+    def read_now(self, length, offset):
+        """Read length bytes at offset and wait for them, within io_timeout."""
+        action = "read offset %d of" % offset
+        cookie = self._call(action, self.handle.aio_pread, nbd.Buffer(length), offset)
+        self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
+
+    def read(self, buf, offset, completion):
+        """Start reading len(buf) bytes at offset; libnbd calls completion(error) inside a later wait."""
+        self._call("read offset %d of" % offset, self.handle.aio_pread, buf, offset, completion)
+
+    def extents(self, start, length):
+        """Yield the merged Extents of [start, start+length), asked in bounded windows."""
+        end = start + length
+        offset = start
+        while offset < end:
+            replies = {context: [] for context in self.contexts}
+
+            def collect(context, _offset, entries, _error):
+                # libnbd passes a flat list: length, flags, length, flags...
+                if context in replies:
+                    replies[context].extend(zip(entries[0::2], entries[1::2]))
+                return 0
+
+            action = "get block status at offset %d of" % offset
+            cookie = self._call(action, self.handle.aio_block_status, min(STATUS_WINDOW, end - offset), offset, collect)
+            self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
+            extents = clip(merge_extents(offset, replies, self.bitmap_context, self.image_alone), end)
+            if not extents:
+                raise self.failure(action, "its server answered with no extent")
+            yield from extents
+            offset = extents[-1].start + extents[-1].length
+
+    def close(self):
+        """Say goodbye when idle, and close at once: a server that does not answer cannot hold this up."""
+        if self.handle.aio_is_ready():
+            self.handle.aio_disconnect(0)  # sent now; the server's answer is not awaited
+        # The last reference to the handle: libnbd closes the socket and drops the callbacks of unanswered reads.
+        self.handle = None
+
+
+class CopyStats:
+    """What a copy did, shared by all its threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bytes_read = 0
+        self.bytes_zeroed = 0
+        self.bytes_clean = 0
+        self.bytes_written_as_zeros = 0
+
+    @property
+    def done(self):
+        """Bytes processed so far: read, or written as zeros."""
+        return self.bytes_read + self.bytes_written_as_zeros
+
+    def add_extents(self, extents):
+        _data, zero, clean = count_bytes(extents)
+        with self.lock:
+            self.bytes_zeroed += zero
+            self.bytes_clean += clean
+
+    def add_read(self, length):
+        with self.lock:
+            self.bytes_read += length
+
+    def add_written_as_zeros(self, length):
+        with self.lock:
+            self.bytes_written_as_zeros += length
+
+
+def aligned_extents(src, start, length):
+    """The Extents of [start, start+length) over Connection src, cut at whole blocks."""
+    return align_extents(list(src.extents(start, length)), BLOCK_SIZE)
+
+
+def planned_bytes(src, size, zero_target):
+    """Bytes a copy will process: data to read, and zeros to write unless the target reads as zeros already.
+
+    It maps the disk once more, with block status only, so that progress has a total from the start.
+    """
+    total = 0
+    for start in range(0, size, STATUS_WINDOW):
+        data, zero, _clean = count_bytes(aligned_extents(src, start, min(STATUS_WINDOW, size - start)))
+        total += data + (0 if zero_target else zero)
+    return total
+
+
+class Throttle:
+    """A bandwidth limit shared by the threads of a copy: reads start at rate bytes per second on average.
+
+    A thread accounts for each read as it starts it and learns when it may start the next one; beyond the
+    first read of each thread, reads never run ahead of the rate.
+    """
+
+    def __init__(self, rate):
+        self._seconds_per_byte = 1.0 / rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def reserve(self, length):
+        """Account for a read of length bytes starting now; returns the monotonic time the next read may start."""
+        with self._lock:
+            self._next = max(self._next, time.monotonic()) + length * self._seconds_per_byte
+            return self._next
+
+
+class WorkQueue:
+    """Maps the disk in large block-status windows and hands out batches of planned operations.
+
+    Mapping and batching are separate: a sparse disk is mapped a window
+    (up to 2 GiB) per request, while data is handed out in small batches so
+    that every connection stays busy.
+    """
+
+    def __init__(self, size, request_size, zero_target, stats, target, abort):
+        self._size = size
+        self._abort = abort
+        self._target = target
+        self._mapped = 0
+        self._ready = deque()
+        self._lock = threading.Lock()
+        self._request_size = request_size
+        self._zero_target = zero_target
+        self._stats = stats
+
+    def take(self, src):
+        """The next batch of operations, mapping more of the disk over Connection src when needed.
+
+        None at the end, and once the copy has failed.
+        """
+        with self._lock:
+            if self._abort.error:
+                return None
+            while not self._ready and self._mapped < self._size:
+                self._map_window(src)
+            batch = []
+            data = 0
+            while self._ready and data < BATCH_BYTES:
+                operation = self._ready.popleft()
+                batch.append(operation)
+                data += operation[2] if operation[0] == COPY else 0
+            return batch or None
+
+    def _map_window(self, src):
+        length = min(STATUS_WINDOW, self._size - self._mapped)
+        extents = aligned_extents(src, self._mapped, length)
+        self._mapped += length
+        self._stats.add_extents(extents)
+        operations = list(plan_operations(extents, self._request_size, self._zero_target))
+        self._target.planned(operations, self._mapped)
+        self._ready.extend(operations)
+
+
+class FileTarget:
+    """A fresh raw image written with pwrite from the copying threads, which release the GIL meanwhile.
+
+    It never gets zero requests: a new sparse file already reads as zeros.
+    """
+
+    def __init__(self, path, size):
+        self.path = path
+        self.size = size
+        self.fd = create_image_file(path)
+        self._write_behind = WriteBehind(self.fd)
+
+    def planned(self, operations, mapped_through):
+        """Nothing to prepare: a raw file has no metadata."""
+
+    def write(self, buf, offset):
+        write_all(self.fd, buf.to_buffer(), offset, self.path)
+        self._write_behind.written(offset, buf.size())
+
+    def finish(self):
+        os.ftruncate(self.fd, self.size)  # the size of the disk, also where its end is a hole
+        os.fdatasync(self.fd)
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Qcow2Target:
+    """A new qcow2 image, shared by all copying threads.
+
+    It tells the writer when a 512 MiB region is done (mapped past, and no
+    operation on it left), so only the tables of regions in progress stay in memory.
+    """
+
+    def __init__(self, path, size, backing, backing_format):
+        self.writer = qcow2_writer.Qcow2Writer(path, size, backing, backing_format)
+        self._lock = threading.Lock()
+        self._pending = {}
+        self._mapped = 0
+
+    def planned(self, operations, mapped_through):
+        with self._lock:
+            for _kind, offset, length in operations:
+                for region in self._regions(offset, length):
+                    self._pending[region] = self._pending.get(region, 0) + 1
+            self._mapped = mapped_through
+            self._release_done_regions()
+
+    def write(self, buf, offset):
+        self.writer.write(buf.to_buffer(), offset)
+        self._operation_done(offset, buf.size())
+
+    def zero(self, offset, length):
+        self.writer.zero(offset, length)
+        self._operation_done(offset, length)
+
+    def _operation_done(self, offset, length):
+        with self._lock:
+            for region in self._regions(offset, length):
+                self._pending[region] -= 1
+            self._release_done_regions()
+
+    @staticmethod
+    def _regions(offset, length):
+        return range(offset // qcow2_writer.REGION, (offset + length - 1) // qcow2_writer.REGION + 1)
+
+    def _release_done_regions(self):
+        for region in [r for r, count in self._pending.items() if count == 0]:
+            if (region + 1) * qcow2_writer.REGION <= self._mapped:
+                self.writer.region_done(region)
+                del self._pending[region]
+
+    def finish(self):
+        self.writer.finish()
+
+    def close(self):
+        self.writer.close()
+
+
+class ChecksumOnly:
+    """A target that keeps nothing: copying into it only sums the block checksum of the export."""
+
+    def planned(self, operations, mapped_through):
+        """Nothing to prepare."""
+
+    def write(self, buf, offset):
+        """Nothing to keep."""
+
+    def zero(self, offset, length):
+        """Nothing to keep."""
+
+    def finish(self):
+        """Nothing to make durable."""
+
+    def close(self):
+        """Nothing to close."""
+
+
+class _Worker:
+    """One source connection and one target: many reads in flight, each written out as it completes."""
+
+    def __init__(self, src, target, queue, stats, requests, request_size, throttle):
+        self.src = src
+        self.target = target
+        self.queue = queue
+        self.stats = stats
+        self.throttle = throttle
+        self.checksum = BlockSum()  # this thread's share; the copy adds them up
+        self.free = [nbd.Buffer(request_size) for _request in range(requests)]
+        self.reading = 0  # reads on the wire
+        self.read_done = []  # reads completed and not yet written
+        self.read_error = None
+        self.next_read_at = 0.0  # monotonic time before which the bandwidth limit starts no read
+
+    def run(self):
+        try:
+            self._copy()
+        except Aborted:
+            pass  # the failure of another thread, which the copy reports
+        except Exception as err:  # pylint: disable=broad-except
+            # Stops the other threads, and the copy raises it: it would otherwise vanish with this thread.
+            self.src.abort.fail(err)
+
+    def _copy(self):
+        operations = []
+        exhausted = False
+        while True:
+            if self.read_error:
+                raise self.read_error
+            self._write_completed_reads()
+            while self.free and not exhausted and not self._held_back():
+                if operations:
+                    self._start(*operations.pop())
+                else:
+                    batch = self.queue.take(self.src)
+                    exhausted = batch is None
+                    operations = (batch or [])[::-1]
+            if self.read_done:
+                continue  # take() maps with block status, inside which libnbd may complete our reads
+            if self.reading:
+                self.src.wait_until(lambda: self.read_done or self.read_error, "read from")
+            elif exhausted:
+                return
+            else:  # held back by the bandwidth limit, with nothing on the wire
+                self.src.abort.event.wait(max(0.0, self.next_read_at - time.monotonic()))
+
+    def _held_back(self):
+        return self.throttle is not None and time.monotonic() < self.next_read_at
+
+    def _start(self, kind, offset, length):
+        if kind != COPY:
+            self.target.zero(offset, length)
+            self.checksum.add_zeros(offset, length)
+            self.stats.add_written_as_zeros(length)
+            return
+        buf = self.free.pop()
+        if buf.size() != length:
+            buf = nbd.Buffer(length)
+        self.reading += 1
+        self.src.read(buf, offset, lambda error: self._on_read(error.value, buf, offset))
+        if self.throttle is not None:
+            self.next_read_at = self.throttle.reserve(length)
+
+    # Completion callbacks run inside libnbd: they only record, never call a handle.
+    def _on_read(self, errno_value, buf, offset):
+        self.reading -= 1
+        if errno_value:
+            self.free.append(buf)
+            self.read_error = self.read_error or self.src.failure("read offset %d of" % offset,
+                                                                  os.strerror(errno_value))
+        else:
+            self.read_done.append((buf, offset))
+        return 1
+
+    def _write_completed_reads(self):
+        while self.read_done:
+            buf, offset = self.read_done.pop()
+            self.target.write(buf, offset)
+            self.checksum.add_data(buf, offset)
+            self.stats.add_read(buf.size())
+            self.free.append(buf)
+
+
+CopyResult = namedtuple("CopyResult", "bytes_read bytes_zeroed bytes_clean checksum")
+CopyResult.__doc__ = "What a copy did; checksum is the block checksum of what it wrote (block_checksum.py)."
+
+
+def _report_progress(report, stats, total, stop, abort):
+    """Call report(done, total) every REPORT_INTERVAL seconds until stop is set; a failure fails the copy."""
+    try:
+        while not stop.wait(REPORT_INTERVAL):
+            report(stats.done, total)
+    except Exception as err:  # pylint: disable=broad-except
+        abort.fail(err)
+
+
+def copy(src_url, target, size, connections, bitmap_context=None, zero_target=True, requests=16,
+         request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0, report=None, image_alone=False):
+    """Copy the export at src_url into target over `connections` connections, one thread each.
+
+    bandwidth: bytes per second that the reads of all connections together may take; 0 for no limit.
+    report: called as report(done, total) with the bytes processed (read, or written as zeros) and the bytes
+    the copy will process, once the disk is mapped, then about once a second, and at the end of a copy that
+    succeeded. image_alone: the export is one image without its backing file (see Extent), as when checking it.
+
+    Every thread has ended when this returns or raises. Returns a CopyResult.
+    """
+    abort = Abort()
+    stats = CopyStats()
+    queue = WorkQueue(size, request_size, zero_target, stats, target, abort)
+    throttle = Throttle(bandwidth) if bandwidth else None
+    stop_reports = threading.Event()
+    reporter = None
+    sources = []
+    threads = []
+    workers = []
+    try:
+        for _connection in range(connections):
+            sources.append(Connection(src_url, bitmap_context, io_timeout, abort, image_alone=image_alone))
+        if report:
+            total = planned_bytes(sources[0], size, zero_target)
+            report(0, total)
+            reporter = threading.Thread(target=_report_progress, args=(report, stats, total, stop_reports, abort),
+                                        name="copy-progress")
+            reporter.start()
+        for index, source in enumerate(sources):
+            workers.append(_Worker(source, target, queue, stats, requests, request_size, throttle))
+            threads.append(threading.Thread(target=workers[-1].run, name="copy-%d" % index))
+            threads[-1].start()
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        abort.fail(Aborted())  # stops the threads; the exception itself goes on up
+        raise
+    finally:
+        stop_reports.set()
+        for thread in threads + ([reporter] if reporter else []):
+            thread.join()  # prompt: every wait of a thread ends once the copy has failed
+        for source in sources:
+            source.close()
+    if abort.error:
+        raise abort.take()
+    checksum = BlockSum()
+    for worker in workers:
+        checksum.add(worker.checksum)
+    if report:
+        report(stats.done, total)
+    return CopyResult(stats.bytes_read, stats.bytes_zeroed, stats.bytes_clean, checksum.text())
+
+
+def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format="qcow2",
+                  connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0,
+                  report=None):
+    """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
+
+    backing is stored as given: keep it relative to the image's directory. bandwidth and report: see copy().
+
+    The image is complete and durable when this returns. When it fails, the image it created is gone, and
+    nothing that was at path before is ever touched. Returns a CopyResult.
+    """
+    try:
+        if image_format == "raw":
+            target = FileTarget(path, size)
+        else:
+            target = Qcow2Target(path, size, backing, backing_format)
+    except OSError as err:
+        raise write_failure(path, err.strerror or err) from None
+    try:
+        try:
+            result = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
+                          request_size, io_timeout, bandwidth, report)
+            target.finish()
+            return result
+        finally:
+            target.close()
+    except BaseException as err:
+        remove_file(path)  # ours: the target above created it
+        if isinstance(err, OSError):
+            raise write_failure(path, err.strerror or err) from None
+        raise
+
+
+def export_size_and_connections(src_url, bitmap_context, wanted, io_timeout=IO_TIMEOUT):
+    """Probe the export: its size, and how many connections it allows (1 without multi-conn)."""
+    src = Connection(src_url, bitmap_context, io_timeout)
+    try:
+        return src.handle.get_size(), wanted if src.handle.can_multi_conn() else 1
+    finally:
+        src.close()
+
+
+def checksum_of_image_export(src_url, has_backing, connections=4, io_timeout=IO_TIMEOUT):
+    """The block checksum of an image exported alone (without its backing file, with qemu:allocation-depth).
+
+    It is summed as the copy that wrote the image summed it: what the image holds as data is read, its zero
+    clusters count as blocks written as zeros when it is an overlay (has_backing), and what it does not hold
+    counts for nothing.
+    """
+    size, connections = export_size_and_connections(src_url, None, connections, io_timeout)
+    return copy(src_url, ChecksumOnly(), size, connections, zero_target=not has_backing, io_timeout=io_timeout,
+                image_alone=True).checksum

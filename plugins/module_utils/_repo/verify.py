@@ -1,0 +1,152 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Verifying a repository without its VMs: each image alone, each chain's links, each recorded checksum.
+
+Every image is read alone, never through its backing file: qemu-img and qemu-nbd get it as a file
+descriptor (opened without following a symbolic link) in an image spec whose backing is null, so no path
+that an image names is ever opened. The links of a chain are checked against the manifest instead: an
+incremental image must name its parent's image, and the parent's format.
+
+An image is bad when anything is wrong with it. Every backup that needs a bad image (the image's own
+backup, and each later backup whose chain runs through it) cannot be restored, and is named with it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import checksum_of_image_export
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import alone, image_damage, image_info, served
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import images_needed
+
+
+def verify_vm(repository, wanted=None):
+    """The report on the backups of one VM (those named in wanted, by default all) and every image they need."""
+    data = repository.load_existing()
+    backups = _chosen(repository, data, wanted)
+    needs = {b["name"]: images_needed(data, b) for b in data["backups"]}
+    images = {}
+    for backup in backups:
+        for member, disk in needs[backup["name"]]:
+            if disk["file"] not in images:
+                images[disk["file"]] = check_image(repository, data, member, disk)
+    bad = [report for report in images.values() if report["problems"]]
+    for report in bad:
+        report["dependents"] = [b["name"] for b in data["backups"]
+                                if report["image"] in {d["file"] for _member, d in needs[b["name"]]}]
+    return dict(vm=repository.vm, backups=[_backup_report(backup, needs[backup["name"]], images) for backup in backups],
+                bad_images=bad, unverified_images=[r["image"] for r in images.values() if not r["verified"]
+                                                   and not r["problems"]], images_checked=len(images))
+
+
+def _chosen(repository, data, wanted):
+    if not wanted:
+        return data["backups"]
+    known = {b["name"] for b in data["backups"]}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise UserError("No backup named %s in %s. Its backups are: %s." % (", ".join(unknown), repository.path,
+                                                                            ", ".join(sorted(known)) or "none"))
+    return [b for b in data["backups"] if b["name"] in wanted]
+
+
+def _backup_report(backup, needs, images):
+    needed = [images[disk["file"]] for _member, disk in needs]
+    problems = ["%s: %s" % (r["image"], "; ".join(r["problems"])) for r in needed if r["problems"]]
+    unverified = [r["image"] for r in needed if not r["verified"] and not r["problems"]]
+    if problems:
+        state = "bad"
+    elif unverified:
+        state = "unverified"
+        problems = ["%s has no recorded checksum (an older copy made it), so its content cannot be verified"
+                    % name for name in unverified]
+    else:
+        state = "ok"
+    return dict(name=backup["name"], state=state, problems=problems)
+
+
+def check_image(repository, data, backup, disk):
+    """What is wrong with one image: its file, its qcow2 structure, its link to its parent, its checksum."""
+    report = dict(image=disk["file"], backup=backup["name"], disk=disk["disk"], problems=[], verified=False)
+    try:
+        fd = _open_image(repository, disk["file"])
+    except ImageProblem as problem:
+        report["problems"].append(str(problem))
+        return report
+    try:
+        image = alone(fd, disk.get("format", "qcow2"))
+        try:
+            info = image_info(image, pass_fds=(fd,))
+        except FleetbackupError as err:
+            report["problems"].append("cannot be read as %s: %s" % (disk.get("format", "qcow2"), err))
+            return report
+        report["problems"] += _structure_problems(image, fd, info, disk) + _link_problems(data, backup, disk, info)
+        if not disk.get("checksum"):
+            return report
+        try:
+            with served(image, pass_fds=(fd,)) as url:
+                checksum = checksum_of_image_export(url, has_backing=bool(info.get("backing-filename")))
+        except FleetbackupError as err:
+            report["problems"].append("its data cannot be read: %s" % err)
+            return report
+    finally:
+        os.close(fd)
+    if checksum != disk["checksum"]:
+        report["problems"].append("its data has checksum %s, not %s as recorded when it was written: it changed "
+                                  "since" % (checksum, disk["checksum"]))
+    else:
+        report["verified"] = True
+    return report
+
+
+class ImageProblem(Exception):
+    """An image file that cannot be checked at all."""
+
+
+def _open_image(repository, name):
+    path = repository.image(name)
+    try:
+        # O_NONBLOCK: a FIFO in its place must not hang us; fstat below refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageProblem("missing from %s" % repository.path) from None
+    except OSError as err:
+        raise ImageProblem("cannot be opened (%s): an image must be a plain file, not a symbolic link"
+                           % err.strerror) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageProblem("is not a regular file")
+    return fd
+
+
+def _structure_problems(image, fd, info, disk):
+    problems = []
+    if info["virtual-size"] != disk["size"]:
+        problems.append("its size is %d bytes, not %d as recorded" % (info["virtual-size"], disk["size"]))
+    if info["format"] == "qcow2":
+        damage = image_damage(image, pass_fds=(fd,))
+        if damage:
+            problems.append("qemu-img check finds it damaged: %s" % damage)
+    return problems
+
+
+def _link_problems(data, backup, disk, info):
+    """How the backing file the image names differs from the parent's image that the manifest records."""
+    named, named_format = info.get("backing-filename"), info.get("backing-filename-format")
+    if not disk.get("backing"):
+        return ["it names a backing file, %s, though the manifest records a full image" % named] if named else []
+    parent = next((b for b in data["backups"] if b["name"] == backup.get("parent")), None)
+    entry = parent and next((d for d in parent["disks"] if d["file"] == disk["backing"]), None)
+    if entry is None:
+        return ["its backing image %s, as the manifest records it, belongs to no backup %s in the manifest"
+                % (disk["backing"], backup.get("parent"))]
+    problems = []
+    if named != disk["backing"]:
+        problems.append("it names %s as its backing file, not its parent's image %s" % (named, disk["backing"]))
+    parent_format = entry.get("format", "qcow2")
+    if named_format != parent_format:
+        problems.append("it names %s as its backing file's format, not %s" % (named_format, parent_format))
+    return problems

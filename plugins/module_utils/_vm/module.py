@@ -1,0 +1,77 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The base of the modules that talk to a VM: one argument spec (doc fragment fleetbackup.qemu.vm) and a connection.
+
+A VM is reached either over a QMP socket of its own (qmp_socket) or through libvirt (domain, libvirt_uri); the
+modules get a VmConnection and never look at which.
+"""
+
+from __future__ import annotations
+
+from ansible.module_utils.basic import missing_required_lib
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import (
+    DEFAULT_QEMU_DIR,
+    DEFAULT_URI,
+    HAS_LIBVIRT,
+    LIBVIRT_IMPORT_ERROR,
+    LibvirtVm,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import (
+    DEFAULT_TIMEOUT,
+    HAS_QEMU_QMP,
+    QEMU_QMP_IMPORT_ERROR,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import QmpVm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import registry_dir
+
+VM_ARGUMENT_SPEC = dict(
+    qmp_socket=dict(type="path"),
+    domain=dict(type="str"),
+    libvirt_uri=dict(type="str", default=DEFAULT_URI, aliases=["uri"]),
+    qemu_dir=dict(type="path", default=DEFAULT_QEMU_DIR),
+    timeout=dict(type="float", default=DEFAULT_TIMEOUT, aliases=["qmp_timeout"]),
+    state_dir=dict(type="path", default=DEFAULT_STATE_DIR),
+)
+VM_CONNECTIONS = ("qmp_socket", "domain")
+
+# With doc fragment fleetbackup.qemu.vm.backup_id.
+BACKUP_ID_ARGUMENT_SPEC = dict(backup_id=dict(type="str", required=True))
+
+
+class VmModule(FleetbackupModule):
+    """A module with the shared VM options, a connection to the VM and the checkpoint registry."""
+
+    def __init__(self, argument_spec, mutually_exclusive=(), **kwargs):
+        super().__init__(argument_spec=dict(VM_ARGUMENT_SPEC, **argument_spec),
+                         mutually_exclusive=[VM_CONNECTIONS] + list(mutually_exclusive),
+                         required_one_of=[VM_CONNECTIONS], **kwargs)
+        if self.params["domain"] is not None and not HAS_LIBVIRT:
+            self.fail_json(msg=missing_required_lib(
+                "libvirt's Python bindings (Debian: apt install python3-libvirt; the interpreter must see Debian's "
+                "packages, as a venv made with --system-site-packages does)"), exception=str(LIBVIRT_IMPORT_ERROR))
+        if self.params["qmp_socket"] is not None and not HAS_QEMU_QMP:
+            self.fail_json(msg=missing_required_lib("qemu.qmp (pip install qemu.qmp)"),
+                           exception=str(QEMU_QMP_IMPORT_ERROR))
+
+    @property
+    def checkpoints(self):
+        """The registry of what QEMU does not record about checkpoints."""
+        return CheckpointRegistry(registry_dir(self.params["state_dir"]))
+
+    @property
+    def uses_libvirt(self):
+        return self.params["domain"] is not None
+
+    def vm(self):
+        """The VM's connection, to use in a with block."""
+        params = self.params
+        if self.uses_libvirt:
+            return LibvirtVm(params["libvirt_uri"], params["domain"], params["timeout"], params["state_dir"],
+                             params["qemu_dir"], self.checkpoints, read_only=self.check_mode)
+        return QmpVm(params["qmp_socket"], params["timeout"], params["state_dir"], self.checkpoints,
+                     read_only=self.check_mode)
