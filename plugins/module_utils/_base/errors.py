@@ -21,17 +21,25 @@ class UserError(FleetbackupError):
     """Bad input, or a state of the VM or the files that the user must resolve."""
 
 
+class TranslatedError(FleetbackupError):
+    """A library's error, translated by an ErrorHandler; cause is the library's exception, to look at its kind."""
+
+    def __init__(self, message, cause=None):
+        super().__init__(message)
+        self.cause = cause
+
+
 class ErrorHandler:
     """Turns one library's exceptions into ours, with a message that names the action that failed.
 
     One subclass per library (QMP, libvirt, NBD), as amazon.aws's error handlers are: it says which exceptions it
-    translates (library_errors), into what (error, called with the message and the library's exception), and how
+    translates (library_errors), into which TranslatedError (error), and how
     the library's exception reads (detail). Use handles(action) as a decorator, or call(action, function, ...).
     The action may name the decorated function's arguments, as in "Reading checkpoint {name}".
     """
 
     library_errors = ()
-    error = FleetbackupError
+    error = TranslatedError
 
     @classmethod
     def detail(cls, err):
@@ -66,10 +74,3 @@ class ErrorHandler:
         except cls.library_errors as err:
             raise cls.failure(action, err) from None
 
-
-class TranslatedError(FleetbackupError):
-    """A library's error, translated by an ErrorHandler; cause is the library's exception, to look at its kind."""
-
-    def __init__(self, message, cause=None):
-        super().__init__(message)
-        self.cause = cause
