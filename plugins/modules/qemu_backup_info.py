@@ -112,6 +112,7 @@ backups:
   sample: {"web1-nightly": {"complete": true, "started": 1796000000}}
 """
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import describe_checkpoints
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import VmModule
 
@@ -127,7 +128,7 @@ def describe(module):
         disks = [dict(disk=disk.name, node=disk.node, file=disk.filename, format=disk.format, size=disk.size,
                       read_only=disk.read_only, checkpoints=describe_checkpoints(disk, module.checkpoints))
                  for disk in vm.disks()]
-        backups = vm.describe_backups()
+        backups = VmBackups(vm).describe()
     module.warn_all(vm.notes)
     return dict(changed=resumed, disks=disks, backups=backups)
 

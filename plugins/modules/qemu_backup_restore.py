@@ -184,12 +184,12 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.defin
     restored_domain_xml,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import (
     DEFAULT_URI,
     HAS_LIBVIRT,
     LIBVIRT_IMPORT_ERROR,
-    define_domain,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.define import define_domain
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
     check_image,
     convert_into,

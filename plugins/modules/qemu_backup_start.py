@@ -447,6 +447,7 @@ backup:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import REQUEST_KEYS, check_request
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import FREEZE_MODES
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
@@ -486,7 +487,7 @@ def start(module):
     request = {key: params[key] for key in REQUEST_KEYS}
     check_request(request)
     with module.vm() as vm:
-        changed, backup = vm.start_backup(params["backup_id"], request, module.check_mode)
+        changed, backup = VmBackups(vm).start(params["backup_id"], request, module.check_mode)
     module.warn_all(vm.notes)
     return dict(changed=changed, backup=backup)
 

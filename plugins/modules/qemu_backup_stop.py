@@ -120,7 +120,7 @@ removed:
       sample: true
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpUnreachable
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import BACKUP_ID_ARGUMENT_SPEC, VmModule
 
 
@@ -135,22 +135,11 @@ def main():
 
 def stop(module):
     params = module.params
-    vm = module.vm()
-    try:
-        with vm as connection:
-            changed, removed, intact = connection.stop_backup(params["backup_id"], params["discard_checkpoint"],
-                                                              module.check_mode)
-    except QmpUnreachable as err:
-        # No QEMU there, and no record of the VM's disks to reach its images by.
-        connection = vm
-        removed = vm.forget_dead_backup(params["backup_id"], params["discard_checkpoint"], module.check_mode)
-        if removed is None:
-            raise
-        changed, intact = True, None
-        vm.notes.append("%s The VM took the backup's QEMU objects and scratch images with it; its socket and state "
-                        "were removed." % err)
-    module.warn_all(connection.notes)
-    return dict(changed=changed, removed=removed, intact=intact)
+    with module.vm(ending=params["backup_id"]) as vm:
+        changed, removed, intact = VmBackups(vm).stop(params["backup_id"], params["discard_checkpoint"],
+                                                      module.check_mode)
+    module.warn_all(vm.notes)
+    return dict(changed=changed, removed=removed.result(), intact=intact)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints i
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import GuestFreeze, SocketAgent
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import QmpVm, qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.reach import open_qmp_vm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
 
@@ -157,11 +159,11 @@ def start_in_process(vm, flow, backup_id, fail):
     request = dict(disks=None, checkpoint="c1", incremental=None, fallback_to_full=False, nbd_socket=None,
                    cbw_timeout=10, scratch_size="10%", scratch_dir=flow.scratch, freeze="always",
                    guest_agent_socket=vm.agent_socket, freeze_timeout=10, libvirt_small_scratch=False)
-    with QmpVm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
+    with open_qmp_vm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
         real_execute = connection.qmp.execute
         connection.qmp.execute = lambda command, arguments=None, timeout=None: fail(
             command, lambda: real_execute(command, arguments, timeout))
-        return connection.start_backup(backup_id, request, False)
+        return VmBackups(connection).start(backup_id, request, False)
 
 
 def test_the_guest_is_thawed_even_when_the_transaction_fails(vms, tmp_path):

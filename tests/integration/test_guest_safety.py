@@ -18,7 +18,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views import fle
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import GuestFreeze
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpClient
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import QmpVm, qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.pause import VcpuPause
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.reach import open_qmp_vm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import FILESYSTEM_ERRORS
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
@@ -121,7 +123,7 @@ def pause_in_a_child(vm, state_dir, signum):
     def pause():
         qmp = QmpClient(vm.qmp_socket)
         qmp.connect()
-        return qmp_fleecing.VcpuPause(qmp, VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM"), "dying")
+        return VcpuPause(qmp, VmState(state_dir, qmp_vm_key(vm.qmp_socket), "test VM"), "dying")
 
     return hold_in_a_child(pause, signum)
 
@@ -213,11 +215,11 @@ def start_without_pause(vm, flow, backup_id, monkeypatch, delay):
                    cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch, freeze="never",
                    guest_agent_socket=None, freeze_timeout=10)
     try:
-        with QmpVm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
-            plan = connection.plan(backup_id, request, False)
-            return qmp_fleecing.start_backup(connection.qmp, connection.state, plan, registry,
-                                             GuestFreeze(connection.state, backup_id, "never", None),
-                                             pause=NoPause)["result"]
+        with open_qmp_vm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
+            view = qmp_fleecing.FleecingView(connection)
+            view.pause = NoPause
+            plan = view.plan(backup_id, request)
+            return view.create(plan, GuestFreeze(connection.state, backup_id, "never", None))["result"]
     finally:
         monkeypatch.setattr(qmp_fleecing, "set_drive", switch)
 

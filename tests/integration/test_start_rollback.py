@@ -12,7 +12,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints i
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import GuestFreeze
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError, QmpError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import QmpVm, qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.reach import open_qmp_vm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
 # (command, which call of it fails) for two disks, the second on an iothread, with a checkpoint.
@@ -28,17 +29,17 @@ def start_in_process(vm, flow, fail):
     request = dict(disks=None, checkpoint="c1", incremental=None, fallback_to_full=False, nbd_socket=None,
                    cbw_timeout=10, scratch_size="0", scratch_dir=flow.scratch, freeze="never",
                    guest_agent_socket=None, freeze_timeout=10)
-    with QmpVm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
+    with open_qmp_vm(vm.qmp_socket, 10, flow.state_dir, registry) as connection:
         qmp = connection.qmp
         real_execute, real_with_fd = qmp.execute, qmp.execute_with_fd
         qmp.execute = lambda command, arguments=None, timeout=None: fail(
             command, lambda: real_execute(command, arguments, timeout))
         qmp.execute_with_fd = lambda fd, command, arguments: fail(
             command, lambda: real_with_fd(fd, command, arguments))
-        plan = connection.plan("f1", request, False)
+        view = qmp_fleecing.FleecingView(connection)
+        plan = view.plan("f1", request)
         with pytest.raises(UserError) as failure:
-            qmp_fleecing.start_backup(qmp, connection.state, plan, registry,
-                                      GuestFreeze(connection.state, "f1", "never", None))
+            view.create(plan, GuestFreeze(connection.state, "f1", "never", None))
     return str(failure.value)
 
 

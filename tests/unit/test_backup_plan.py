@@ -14,7 +14,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan impor
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_time import describe_view, parse_view
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing import QmpBackupNames, _freeze_bitmaps
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing import _freeze_bitmaps
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qmp_objects import QmpBackupNames
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import list_disks, select_disks
 
 from fake_qmp import FakeQmp, bitmap, block_device, named_node
@@ -168,7 +169,7 @@ def test_a_second_start_must_ask_for_the_same_backup():
 
 def test_a_qom_set_error_is_checked_against_what_is_attached():
     from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError
-    from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing import set_drive
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qmp_objects import set_drive
 
     def refuse(arguments):
         raise QmpCommandError("qom-set", "GenericError", "reported, whatever happened")
@@ -186,7 +187,7 @@ def schema(cbw_members, drivers):
 
 
 def test_a_qemu_without_break_snapshot_is_refused_naming_the_version_needed():
-    from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing import check_fleecing_support
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qmp_objects import check_fleecing_support
 
     version = {"qemu": {"major": 7, "minor": 0, "micro": 0}}
     old = FakeQmp({"query-qmp-schema": schema(["file", "target"], ["qcow2", "copy-before-write"]),
@@ -234,8 +235,9 @@ def test_tcp_listeners_without_tls_or_a_reachable_address_are_refused(overrides,
 
 
 def test_libvirt_domains_refuse_tcp_before_touching_anything():
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.libvirt_pull import LibvirtPull
     from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import LibvirtVm
 
     domain = LibvirtVm("qemu:///system", "web1", 10, "/nonexistent/state", "/nonexistent/qemu", REGISTRY)
     with pytest.raises(UserError, match="nbd_tcp is not available for libvirt domains: libvirt's backup server"):
-        domain.plan("b1", request(nbd_tcp=tcp()), check_mode=True)
+        LibvirtPull(domain).plan("b1", request(nbd_tcp=tcp()))

@@ -11,7 +11,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.defin
     restored_domain_xml,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import backup_xml, checkpoint_xml
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.libvirt_pull import backup_xml
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.checkpoints import checkpoint_xml
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import Disk
 
 DOMAIN = """<domain type='kvm'>

@@ -21,6 +21,13 @@ class UserError(FleetbackupError):
     """Bad input, or a state of the VM or the files that the user must resolve."""
 
 
+class LeftHeld(FleetbackupError):
+    """A hold on the guest that could not be let go (its vCPUs paused, its file systems frozen): a failed start
+    says so after everything else."""
+
+    still = None  # what is still held, as in "the VM is still paused"
+
+
 class TranslatedError(FleetbackupError):
     """A library's error, translated by an ErrorHandler; cause is the library's exception, to look at its kind."""
 

@@ -11,7 +11,7 @@ import os
 import re
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import DISKS
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.seen_disks import DISKS
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import PrivateDir, is_plain_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpClient, QmpError, QmpUnreachable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import qmp_vm_identity
@@ -84,7 +84,7 @@ def stopped_qmp_vms(state_dir, hypervisor, running_sockets, timeout):
 
 
 def libvirt_vms(uri, hypervisor):
-    from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import HAS_LIBVIRT, connect
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import HAS_LIBVIRT, connect
     if not HAS_LIBVIRT:
         raise UserError("libvirt_uri needs libvirt's Python bindings: apt install python3-libvirt, with an "
                         "interpreter that sees Debian's packages.")

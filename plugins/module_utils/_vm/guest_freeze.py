@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import LeftHeld, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent import (
     GuestAgent,
     GuestAgentError,
@@ -41,8 +41,10 @@ class FreezeUnavailable(GuestAgentError):
     """This guest cannot be frozen now: auto goes on crash-consistent, always fails."""
 
 
-class GuestLeftFrozen(FleetbackupError):
+class GuestLeftFrozen(LeftHeld):
     """Thawing failed: the one failure the user must hear about first."""
+
+    still = "the guest's file systems may still be frozen"
 
 
 def check_freeze_timeout(seconds):

@@ -12,13 +12,12 @@ from __future__ import annotations
 from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import (
-    DEFAULT_QEMU_DIR,
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import (
     DEFAULT_URI,
     HAS_LIBVIRT,
     LIBVIRT_IMPORT_ERROR,
-    LibvirtVm,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import DEFAULT_QEMU_DIR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import (
@@ -26,7 +25,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client im
     HAS_QEMU_QMP,
     QEMU_QMP_IMPORT_ERROR,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import QmpVm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.reach import open_libvirt_vm, open_qmp_vm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import registry_dir
 
 VM_ARGUMENT_SPEC = dict(
@@ -67,11 +66,12 @@ class VmModule(FleetbackupModule):
     def uses_libvirt(self):
         return self.params["domain"] is not None
 
-    def vm(self):
-        """The VM's connection, to use in a with block."""
+    def vm(self, ending=None):
+        """The VM's connection, to use in a with block; ending: the id of a backup to end even on a QMP VM that is
+        gone and was never seen."""
         params = self.params
         if self.uses_libvirt:
-            return LibvirtVm(params["libvirt_uri"], params["domain"], params["timeout"], params["state_dir"],
-                             params["qemu_dir"], self.checkpoints, read_only=self.check_mode)
-        return QmpVm(params["qmp_socket"], params["timeout"], params["state_dir"], self.checkpoints,
-                     read_only=self.check_mode)
+            return open_libvirt_vm(params["libvirt_uri"], params["domain"], params["timeout"], params["state_dir"],
+                                   params["qemu_dir"], self.checkpoints, read_only=self.check_mode)
+        return open_qmp_vm(params["qmp_socket"], params["timeout"], params["state_dir"], self.checkpoints,
+                           read_only=self.check_mode, ending=ending)

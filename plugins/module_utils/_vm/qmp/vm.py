@@ -8,33 +8,21 @@ from __future__ import annotations
 import hashlib
 import os
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import BackupPlan, check_socket_path
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import check_trusted_directory
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing import FleecingView
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import OfflineExport
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import FLEECING, OFFLINE
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import VmConnection
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import list_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.seen_disks import remember_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import (
     FreezeUnavailable,
     SocketAgent,
     thaw_abandoned_freeze,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import SERVER_FILES, read_credentials
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import recorded_disks, remember_disks
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.vm import OfflineVm
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import check_trusted_directory, utc
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpClient, QmpCommandError, QmpUnreachable
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing import (
-    backup_is_whole,
-    check_fleecing_support,
-    resume_abandoned_pause,
-    Teardown,
-    running_backup_ids,
-    start_backup,
-)
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch import (
-    check_scratch_dir,
-    scratch_bytes,
-    scratch_shares,
-)
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import VmConnection
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import list_disks, select_disks
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpClient
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.pause import resume_abandoned_pause
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
 
@@ -55,6 +43,12 @@ def qmp_vm_key(qmp_socket):
 
 
 class QmpVm(VmConnection):
+    """A running QEMU on its QMP socket; connect() before use (open_qmp_vm does)."""
+
+    # An offline backup of its images may still run when the VM started during it.
+    views = {FLEECING: FleecingView, OFFLINE: OfflineExport}
+    new_view = FLEECING
+
     def __init__(self, qmp_socket, timeout, state_dir, registry, read_only=False):
         state = VmState(state_dir, qmp_vm_key(qmp_socket), "QMP socket %s" % qmp_socket, read_only)
         super().__init__(state, registry, timeout)
@@ -62,20 +56,11 @@ class QmpVm(VmConnection):
         self.socket_path = qmp_socket
         self.qmp = QmpClient(qmp_socket, timeout)
 
-    def __enter__(self):
-        """This connection; or, when no QEMU serves the socket, the stopped VM's images as last seen running."""
-        try:
-            self.qmp.connect()
-        except QmpUnreachable:
-            recorded = recorded_disks(self.state)
-            if recorded is None:
-                raise
-            images, seen = recorded
-            return OfflineVm(self.state, self.registry, self.timeout, "the stopped VM of QMP socket %s (its disks "
-                             "as fleetbackup saw them running at %s)" % (self.socket_path, utc(seen)), images)
+    def connect(self):
+        self.qmp.connect()
         return self
 
-    def __exit__(self, *exc_info):
+    def close(self):
         self.qmp.close()
 
     def undo_abandoned(self):
@@ -121,60 +106,6 @@ class QmpVm(VmConnection):
             name, uuid = qmp_vm_identity(self.qmp, self.socket_path)
             remember_disks(self.state, disks, dict(qmp_socket=self.socket_path, name=name, uuid=uuid))
         return disks
-
-    def running_backup_ids(self):
-        return running_backup_ids(self.qmp)
-
-    def plan(self, backup_id, request, check_mode):
-        check_fleecing_support(self.qmp)
-        try:
-            chosen = select_disks(self.disks(), request["disks"])
-        except LookupError as err:
-            raise UserError(str(err)) from None
-        if not chosen:
-            raise UserError("%s has no writable disk with a medium to back up; name disks explicitly."
-                            % self.description)
-        nbd_socket = None
-        if request.get("nbd_tcp"):
-            if request["nbd_tcp"]["tls_dir"]:
-                read_credentials(request["nbd_tcp"]["tls_dir"], SERVER_FILES, "nbd_tcp.tls_dir")
-            check_socket_path(self.state.default_socket, given=False)  # where the stop serves the probes
-        else:
-            nbd_socket = request["nbd_socket"] or self.state.default_socket
-            check_socket_path(nbd_socket, given=bool(request["nbd_socket"]))
-        shares = scratch_shares(scratch_bytes(request["scratch_size"], sum(disk.size for disk in chosen)),
-                                [disk.size for disk in chosen])
-        scratch_dir = request["scratch_dir"] or self.state.default_scratch_dir
-        check_scratch_dir(scratch_dir, sum(shares), ours=not request["scratch_dir"])
-        plan = BackupPlan(backup_id, chosen, request, self.registry, nbd_socket)
-        plan.scratch_dir = scratch_dir
-        for disk, share in zip(plan.disks, shares):
-            disk["scratch_room"] = share
-        return plan
-
-    def is_whole(self, record):
-        return backup_is_whole(self.qmp, record)
-
-    def create_backup(self, plan, freeze):
-        return start_backup(self.qmp, self.state, plan, self.registry, freeze)
-
-    def remove_backup(self, backup_id, discard_checkpoint, check_mode):
-        teardown = Teardown(self.qmp, self.state, backup_id, discard_checkpoint)
-        try:
-            intact = teardown.intact()
-        except (UserError, QmpCommandError) as err:
-            intact = None  # unknown; the teardown must go on all the same
-            self.notes.append("Whether the point in time held could not be read (%s): the backup is removed, and its "
-                              "copies' own probe checks are what tell." % err)
-        if not check_mode:
-            teardown.run(self.registry)
-        if teardown.scratch_images and self.qmp.execute("query-status")["status"] != "running":
-            self.notes.append("The VM is not running: QEMU lets go of the backup's scratch images, and their space, "
-                              "only once it runs again.")
-        for path in teardown.foreign_sockets:
-            self.notes.append("QEMU names %s as this backup's socket, outside fleetbackup's own directory: it was "
-                              "left alone; remove it if nothing uses it." % path)
-        return teardown.removed, intact
 
     def set_bitmaps(self, name, disks, present):
         if present:
