@@ -1,8 +1,7 @@
 """How the unit tests of QMP fleecing reach the code under test: a QMP VM whose monitor is a FakeQmp, and the calls
 that qemu_backup_start and qemu_backup_stop make.
 
-The VM connection is being reshaped (a connection, and a view apart from it): the adapters at the top are the one
-place that knows how a module starts and stops a backup today.
+The adapters at the top are the one place that knows how a module reaches the VM and starts and stops a backup.
 """
 
 import os
@@ -12,10 +11,12 @@ from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
 from ansible_collections.fleetbackup.qemu.plugins.modules import qemu_backup_start
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import this_process
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views import fleecing
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views import fleecing_teardown
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import REQUEST_KEYS, check_request
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp import vm as qmp_vm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.reach import open_qmp_vm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import PAUSED, VmState, registry_dir
 
 from fake_qmp import image_file
@@ -30,34 +31,29 @@ CLIENT = "O=fleet,OU=client,CN=backup1"
 
 
 def make_vm(tmp_path, fake, monkeypatch, check_mode=False):
-    """The connection a module makes to the VM on fake's QMP socket, with its private state in tmp_path/state."""
+    """How a module reaches the VM on fake's QMP socket, with its private state in tmp_path/state: each call opens a
+    new connection, as each module run does."""
     monkeypatch.setattr(qmp_vm, "QmpClient", lambda socket_path, timeout: fake)
     # A stop reads each probe export over real NBD (view_intact), which the fake cannot serve: the fake answers instead,
     # from whether the snapshot under that probe broke (FakeQmp.read_probe).
-    monkeypatch.setattr(fleecing, "view_intact", fake.read_probe)
-    return qmp_vm.QmpVm(fake.socket_path, TIMEOUT, state_dir(tmp_path), registry(tmp_path), read_only=check_mode)
+    monkeypatch.setattr(fleecing_teardown, "view_intact", fake.read_probe)
+    return lambda ending=None: open_qmp_vm(fake.socket_path, TIMEOUT, state_dir(tmp_path), registry(tmp_path),
+                                           read_only=check_mode, ending=ending)
 
 
 def start(vm, backup_id, request, check_mode=False):
     """What qemu_backup_start returns: {changed, backup, warnings}; a failure raises as the module would fail."""
     check_request(request)
-    with vm as connection:
-        changed, backup = connection.start_backup(backup_id, request, check_mode)
-    return dict(changed=changed, backup=backup, warnings=_new_notes(connection))
+    with vm() as connection:
+        changed, backup = VmBackups(connection).start(backup_id, request, check_mode)
+    return dict(changed=changed, backup=backup, warnings=connection.notes)
 
 
 def stop(vm, backup_id, discard_checkpoint=False, check_mode=False):
     """What qemu_backup_stop returns: {changed, removed, intact, warnings}."""
-    with vm as connection:
-        changed, removed, intact = connection.stop_backup(backup_id, discard_checkpoint, check_mode)
-    return dict(changed=changed, removed=removed, intact=intact, warnings=_new_notes(connection))
-
-
-def _new_notes(connection):
-    """The warnings of this call alone: a module makes a new connection each run."""
-    notes = list(connection.notes)
-    del connection.notes[:]
-    return notes
+    with vm(ending=backup_id) as connection:
+        changed, removed, intact = VmBackups(connection).stop(backup_id, discard_checkpoint, check_mode)
+    return dict(changed=changed, removed=removed.result(), intact=intact, warnings=connection.notes)
 
 
 def state_dir(tmp_path):

@@ -157,7 +157,8 @@ def assert_start_fails_at_step_leaving_qemu_as_it_was(fake, vm, tmp_path, reques
     with pytest.raises(UserError) as failure:
         start(vm, "b1", request)
     message = str(failure.value)
-    assert message.startswith("Starting backup 'b1' failed: %s failed" % step) and "injected failure" in message
+    failed = "Starting backup 'b1' of the VM on QMP socket %s failed: %s failed" % (fake.socket_path, step)
+    assert message.startswith(failed) and "injected failure" in message
     assert message.endswith("Everything it had created was removed.")
     # Running, and no node, export, fdset, object, bitmap or descriptor more; no socket, copy or state file either.
     assert fake.state() == before
@@ -210,7 +211,8 @@ def test_a_rollback_that_fails_says_so_and_a_stop_removes_the_rest(fake, vm, tmp
     fake.fail("blockdev-del")
     with pytest.raises(UserError) as failure:
         start(vm, "b1", start_request(checkpoint="c1"))
-    assert str(failure.value).startswith("Starting backup 'b1' failed: the bitmap transaction failed: ")
+    assert str(failure.value).startswith("Starting backup 'b1' of the VM on QMP socket %s failed: the bitmap "
+                                         "transaction failed: " % fake.socket_path)
     assert "Cleaning up failed too: QMP command 'blockdev-del' failed" in str(failure.value)
     assert stop(vm, "b1")["changed"] is True
     assert fake.state() == before and state_files(tmp_path) == []
