@@ -34,7 +34,7 @@ import socket
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import nbd_url, temporary_bitmap
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import NbdTimeout
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import NbdTimeout
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import (
     SERVER_FILES,
     authz_rules,

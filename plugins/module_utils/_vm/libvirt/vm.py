@@ -41,7 +41,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze 
     FreezeUnavailable,
     thaw_abandoned_freeze,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.vm import OfflineVm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
     check_trusted_directory,

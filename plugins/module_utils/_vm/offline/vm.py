@@ -30,7 +30,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan impor
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import FreezeUnavailable
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import (
     SERVER_FILES,
     credential_copies,
