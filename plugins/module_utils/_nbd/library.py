@@ -10,7 +10,8 @@ Apart from the client and the engine, so that a module checks for libnbd without
 from __future__ import annotations
 
 try:
-    import nbd
+    # The client and the engine take nbd from here.
+    import nbd  # pylint: disable=unused-import
     HAS_LIBNBD = True
     LIBNBD_IMPORT_ERROR = None
 except ImportError as import_error:
