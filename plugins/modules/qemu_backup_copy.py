@@ -187,7 +187,7 @@ removed_partials:
   returned: when copied
   type: list
   elements: str
-  sample: [.2026-11-28.vda.qcow2.part-4711]
+  sample: [.2026-11-28.vda.qcow2.part-4711@backup1]
 connections:
   description: NBD connections used.
   returned: when copied
@@ -215,54 +215,17 @@ checksum:
   sample: sha256-blocks64k:3f2a...
 """
 
-import errno
-import json
 import os
-import re
-import socket
-import stat
-import time
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import (
-    CopyProgress,
-    copies_dir,
-    parse_bandwidth,
-    prune_records,
-)
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import (
-    HAS_LIBNBD,
-    MAX_BUFFER_BYTES,
-    MAX_REQUEST_SIZE,
-    copy_to_image,
-    dirty_context,
-    export_size_and_connections,
-)
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import (
-    CLIENT_FILES,
-    read_credentials,
-    with_certificates,
-)
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_time import (
-    SnapshotBroken,
-    broken_view_message,
-    export_name_of,
-    export_view,
-    view_intact,
-)
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
-    DEFAULT_STATE_DIR,
-    remove_file,
-    sync_directory,
-)
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import CLUSTER_SIZE, check_backing_name
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule, missing_libnbd
-
-
-# A copy writes .<dest name>.part-<its PID>@<its host> and renames it when complete.
-PARTIAL = re.compile(r"^\..+\.part-(\d+)@(.+)$")
-# Which backup an image holds: its export (backup id, start tag, disk), size and changed-block context.
-IDENTITY_XATTR = "user.fleetbackup.backup"
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import MAX_BUFFER_BYTES, MAX_REQUEST_SIZE
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.library import HAS_LIBNBD
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import parse_bandwidth, progress_recorded
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import CLUSTER_SIZE, check_backing_name
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import CLIENT_FILES, read_credentials
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import copy_or_keep
 
 
 def main():
@@ -334,151 +297,13 @@ def check_tls(params):
                         "ca-cert.pem and this host's client-cert.pem and client-key.pem." % params["src"])
 
 
-def copy_backup(module):
-    """The copy, with its progress recorded from beginning to end; check mode records nothing.
-
-    The record comes first: whoever follows the copy learns of any failure, a missing library's too.
-    """
-    directory = copies_dir(module.params["state_dir"], create=not module.check_mode)
-    if module.check_mode:
-        return copy_or_keep(module, None)
-    prune_records(directory, time.time())
-    progress = CopyProgress(directory, module.params["dest"])
-    try:
-        result = copy_or_keep(module, progress)
-    except BaseException as err:
-        progress.end(error=str(err) or type(err).__name__)
-        raise
-    progress.end(summary=result.get("msg"))
-    if progress.error:
-        module.warn("The progress of this copy could not be recorded in %s: %s" % (directory.path, progress.error))
-    return result
-
-
-def copy_or_keep(module, progress):
+@progress_recorded
+def copy_backup(module, progress):
+    """Check the parameters, then copy or keep dest; a failed check, a missing libnbd's too, is recorded."""
     if not HAS_LIBNBD:
         raise UserError(missing_libnbd())
-    params = module.params
-    bandwidth = parse_bandwidth(params["bandwidth"])
-    dest_dir = check_params(params)
-    dest = params["dest"]
-    src = with_certificates(params["src"], params["tls_certificates"]) if params["tls_certificates"] else params["src"]
-    bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
-    # Also in check mode: reading the export's size is harmless and proves src is right.
-    size, connections = export_size_and_connections(src, bitmap_context, params["connections"])
-    view = export_view(src)
-    check_view(view)
-    identity = dict(export=export_name_of(params["src"]), size=size, bitmap=bitmap_context, format=params["format"],
-                    backing=os.path.relpath(params["backing"], dest_dir) if params["backing"] else None,
-                    backing_format=params["backing_format"] if params["backing"] else None)
-    if os.path.lexists(dest) and not params["force"]:
-        held = recorded_identity(dest)
-        if held is None or {key: held.get(key) for key in identity} != identity:
-            raise UserError("dest %s already holds %s, not this export's %s: it is another backup, or one that "
-                            "cannot be identified. Choose another dest, or set force to replace it."
-                            % (dest, describe_identity(held), describe_identity(identity)))
-        changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), False)
-        return dict(changed=changed, image=dest, disk_usage=_disk_usage(dest), checksum=held.get("checksum"),
-                    msg="dest holds this very backup")
-    if module.check_mode:
-        return dict(changed=True, image=dest, size=size, connections=connections)
-    stale = remove_stale_partials(dest_dir)
-    partial = os.path.join(dest_dir, ".%s.part-%d@%s" % (os.path.basename(dest), os.getpid(), socket.gethostname()))
-    backing = os.path.relpath(params["backing"], dest_dir) if params["backing"] else None
-    started = time.monotonic()
-    try:
-        copied = copy_to_image(src, partial, params["format"], size, bitmap_context, backing,
-                               params["backing_format"], connections, params["requests"], params["request_size"],
-                               bandwidth=bandwidth, report=progress)
-    except FleetbackupError:
-        check_view(view)  # a broken view is the likelier cause, and the one to name
-        raise
-    try:
-        # A view that still holds now held during every read of the copy: a broken one never heals.
-        check_view(view)
-        if not record_identity(partial, dict(identity, checksum=copied.checksum)):
-            module.warn("The file system of %s keeps no extended attributes: a later copy cannot prove that dest "
-                        "holds this backup, and will need force." % dest_dir)
-        os.rename(partial, dest)
-    except BaseException:
-        remove_file(partial)  # ours: copy_to_image made it
-        raise
-    sync_directory(dest_dir)
-    elapsed = max(time.monotonic() - started, 1e-6)  # a tiny copy must not divide by zero
-    module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
-    return dict(changed=True, image=dest, size=size, disk_usage=_disk_usage(dest), removed_partials=stale,
-                bytes_read=copied.bytes_read, bytes_zeroed=copied.bytes_zeroed, bytes_unchanged=copied.bytes_clean,
-                connections=connections, elapsed=round(elapsed, 3), throughput=int(copied.bytes_read / elapsed),
-                checksum=copied.checksum)
-
-
-def recorded_identity(path):
-    """The identity (and checksum) a copy recorded on the image at path, or None (none, or no xattr support)."""
-    try:
-        return json.loads(os.getxattr(path, IDENTITY_XATTR, follow_symlinks=False))
-    except OSError as err:
-        if err.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
-            return None
-        raise
-    except ValueError:
-        return None
-
-
-def record_identity(path, identity):
-    """Record which backup the image holds, and its checksum; False where the file system keeps no xattrs."""
-    try:
-        os.setxattr(path, IDENTITY_XATTR, json.dumps(identity, sort_keys=True).encode(), follow_symlinks=False)
-        return True
-    except OSError as err:
-        if err.errno == errno.ENOTSUP:
-            return False
-        raise
-
-
-def describe_identity(identity):
-    if not identity:
-        return "an image with no record of its backup"
-    return "export %s (%s, %d bytes%s%s)" % (
-        identity["export"], identity.get("format"), identity["size"],
-        ", changes in %s" % identity["bitmap"] if identity["bitmap"] else "",
-        ", over %s" % identity["backing"] if identity.get("backing") else "")
-
-
-def check_view(view):
-    """Fail if the backup's point-in-time view broke; views of exports that are not ours are not checked."""
-    if view is not None and not view_intact(view["probe_url"]):
-        raise SnapshotBroken(broken_view_message(view))
-
-
-def remove_stale_partials(directory):
-    """Delete the partial images that killed copies on this host left in directory: files of ours whose copy is gone.
-
-    A name proves nothing: only a regular file that this user owns is taken for one of ours. A partial of another
-    host (a shared repository) may belong to a copy running there: it is left alone.
-    """
-    removed = []
-    for name in os.listdir(directory):
-        match = PARTIAL.match(name)
-        if match and match.group(2) == socket.gethostname() and not _running(int(match.group(1))):
-            info = os.lstat(os.path.join(directory, name))
-            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
-                os.unlink(os.path.join(directory, name))
-                removed.append(name)
-    return removed
-
-
-def _running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _disk_usage(path):
-    return os.stat(path).st_blocks * 512
+    bandwidth = parse_bandwidth(module.params["bandwidth"])
+    return copy_or_keep(module, check_params(module.params), bandwidth, progress)
 
 
 if __name__ == "__main__":

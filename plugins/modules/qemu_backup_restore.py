@@ -203,6 +203,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
     remove_file,
     write_atomic,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import partial_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
 
 
@@ -307,7 +308,7 @@ def _restore_disk(module, repository, disk):
     result["changed"] = True
     if module.check_mode:
         return result
-    partial = create_exclusive(params["dest"], ".%s.part-%d" % (os.path.basename(target), os.getpid()), os.O_RDWR)
+    partial = create_exclusive(params["dest"], partial_name(target), os.O_RDWR)
     try:
         try:
             convert_into(source, partial.fd, params["format"], result["size"])

@@ -18,11 +18,9 @@ import time
 import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import (
-    FileTarget,
-    copy_to_image,
-    export_size_and_connections,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import export_size_and_connections
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import copy_to_image
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.targets import FileTarget
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import ImageWriteError
 
 from support.flows import Backups

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd import copy as nbd_copy, progress as copy_progress
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd import engine as nbd_copy, progress as copy_progress
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import (
     KEEP_ENDED,
     CopyProgress,

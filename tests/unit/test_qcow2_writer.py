@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import FileTarget
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.targets import FileTarget
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import (
     CLUSTER_SIZE,
     MAX_BACKING_NAME,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import HAS_LIBNBD, LIBNBD_IMPORT_ERROR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.library import HAS_LIBNBD, LIBNBD_IMPORT_ERROR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
 
 

@@ -42,7 +42,12 @@ COPY = "copy"
 ZERO = "zero"
 
 
-def merge_extents(start, replies, dirty_context=None, image_alone=False):
+def dirty_context(bitmap):
+    """The meta context that exports dirty bitmap `bitmap`."""
+    return bitmap if bitmap.startswith(DIRTY_BITMAP_PREFIX) else DIRTY_BITMAP_PREFIX + bitmap
+
+
+def merge_extents(start, replies, bitmap_context=None, image_alone=False):
     """Merge block-status replies of several contexts into Extents.
 
     replies maps a context name to its list of (length, flags) pairs, all
@@ -59,20 +64,20 @@ def merge_extents(start, replies, dirty_context=None, image_alone=False):
     while not any(cursor.exhausted for cursor in cursors.values()):
         length = min(cursor.remaining for cursor in cursors.values())
         flags = {name: cursor.flags for name, cursor in cursors.items()}
-        extents.append(_extent(offset, length, flags, dirty_context, image_alone))
+        extents.append(_extent(offset, length, flags, bitmap_context, image_alone))
         offset += length
         for cursor in cursors.values():
             cursor.advance(length)
     return coalesce(extents)
 
 
-def _extent(offset, length, flags, dirty_context, image_alone):
+def _extent(offset, length, flags, bitmap_context, image_alone):
     allocation = flags.get(CONTEXT_ALLOCATION, 0)
     depth = flags.get(CONTEXT_ALLOCATION_DEPTH)
     allocated = depth is None or depth != 0
     if image_alone:
         return Extent(offset, length, allocation & ZERO_CLUSTER == ZERO_CLUSTER, allocated, allocated)
-    dirty = flags[dirty_context] & DIRTY if dirty_context else True
+    dirty = flags[bitmap_context] & DIRTY if bitmap_context else True
     return Extent(offset, length, bool(allocation & STATE_ZERO), bool(dirty), allocated)
 
 

@@ -16,6 +16,7 @@ write are not counted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -109,6 +110,32 @@ class CopyProgress:
             self.directory.write_json(self.name, self.record, durable=False)
         except (OSError, FleetbackupError) as err:
             self.error = err
+
+
+def progress_recorded(copy):
+    """Decorator: copy(module, progress) becomes copy(module), its progress recorded from beginning to end.
+
+    The record comes first: whoever follows the copy learns of any failure, a missing library's too. Check mode
+    records nothing (progress is None).
+    """
+    @functools.wraps(copy)
+    def recorded(module):
+        directory = copies_dir(module.params["state_dir"], create=not module.check_mode)
+        if module.check_mode:
+            return copy(module, None)
+        prune_records(directory, time.time())
+        progress = CopyProgress(directory, module.params["dest"])
+        try:
+            result = copy(module, progress)
+        except BaseException as err:
+            progress.end(error=str(err) or type(err).__name__)
+            raise
+        progress.end(summary=result.get("msg"))
+        if progress.error:
+            module.warn("The progress of this copy could not be recorded in %s: %s"
+                        % (directory.path, progress.error))
+        return result
+    return recorded
 
 
 def read_status(directory, dest, label=None):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import NbdTimeout
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import NbdTimeout
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import remove_credential_copies
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import nbd_url
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_time import probe_export_name, view_intact

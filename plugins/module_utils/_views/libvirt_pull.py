@@ -29,7 +29,7 @@ from xml.etree import ElementTree
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import check_trusted_directory, file_identity, read_regular_file, remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import qcow2_full_size
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import EXPORT_NAME, BackupPlan, check_socket_path, new_tag, temporary_bitmap
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.removed import Removed
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch import check_scratch_dir, create_scratch_image, existing_parent, scratch_bytes, scratch_shares

@@ -22,7 +22,7 @@ import os
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import process_alive, remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import checked_qemu_img
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import SERVER_FILES, credential_copies, credential_copies_name, listen_tcp, read_credentials
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import remove_credential_copies
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import BackupPlan, check_socket_path, nbd_url

@@ -18,7 +18,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints i
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import check_freeze_timeout
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import check_trusted_directory
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import check_tcp_request, tcp_url
 
 BACKUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")

@@ -20,7 +20,7 @@ import json
 from urllib.parse import quote, unquote
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.copy import Connection, NbdError, NbdTimeout
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import Connection, NbdError, NbdTimeout
 
 DESCRIPTION_MARK = "fleetbackup point-in-time view "
 PROBE_SUFFIX = "/intact"
@@ -97,6 +97,12 @@ def view_intact(probe_url):
     finally:
         if connection is not None:
             connection.close()
+
+
+def check_view(view):
+    """Fail if the backup's point-in-time view broke; views of exports that are not ours are not checked."""
+    if view is not None and not view_intact(view["probe_url"]):
+        raise SnapshotBroken(broken_view_message(view))
 
 
 def broken_view_message(view):

@@ -1,23 +1,21 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The NBD layer: connect to an export, map its extents, copy it fast.
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
+"""The copy engine: copy an NBD export fast into a target (targets.py), over several connections (client.py).
 
 The copy runs one thread per NBD connection; each keeps many asynchronous
 reads in flight and writes each one out as it completes, into a target that
 all threads share (a raw file, or a qcow2 image written directly). libnbd and
 pwrite release the GIL, and data stays in nbd.Buffer objects, never in Python
-bytes. Each thread also sums the block checksum (block_checksum.py) of what it
+bytes. Each thread also sums the block checksum (checksum.py) of what it
 writes, on the buffer it just wrote, so the image is never read twice; every
 operation covers whole 64 KiB blocks at block-aligned offsets.
 
 A bandwidth limit meters the reads of all threads together, and a report
 callback learns the progress about once a second from a thread of its own.
 
-No wait is unbounded. Every call that needs an answer from the server is
-asynchronous and polled: a server that sends nothing for io_timeout seconds
-(IO_TIMEOUT by default) fails the copy, and the first thread that fails stops
-all the others.
+No wait is unbounded (see client.py), and the first thread that fails stops all the others.
 """
 
 from __future__ import annotations
@@ -27,36 +25,25 @@ import threading
 import time
 from collections import deque, namedtuple
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd import qcow2_writer
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import BLOCK_SIZE, BlockSum
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import (
-    create_image_file,
-    write_all,
-    write_failure,
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import BLOCK_SIZE, BlockSum
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import (
+    IO_TIMEOUT,
+    Abort,
+    Aborted,
+    Connection,
+    export_size_and_connections,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.write_behind import WriteBehind
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import (
-    CONTEXT_ALLOCATION,
-    CONTEXT_ALLOCATION_DEPTH,
     COPY,
-    DIRTY_BITMAP_PREFIX,
     STATUS_WINDOW,
     align_extents,
-    clip,
     count_bytes,
-    merge_extents,
     plan_operations,
 )
-
-try:
-    import nbd
-    HAS_LIBNBD = True
-    LIBNBD_IMPORT_ERROR = None
-except ImportError as import_error:
-    HAS_LIBNBD = False
-    LIBNBD_IMPORT_ERROR = import_error
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.library import nbd
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import write_failure
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.targets import ChecksumOnly, FileTarget, Qcow2Target
 
 # Work is handed to the connections in batches of about this many bytes of data.
 BATCH_BYTES = 4 * 1024 ** 2
@@ -65,168 +52,8 @@ MAX_REQUEST_SIZE = 32 * 1024 ** 2
 # The read buffers of a copy, connections x requests x request_size, stay within this: 64 times the default,
 # far past the point where more stop helping, and little beside the VMs that the hypervisor's memory is for.
 MAX_BUFFER_BYTES = 1024 ** 3
-# Seconds a server may send nothing before the copy fails. A healthy one answers in milliseconds; this
-# outlasts stalls of busy storage (and a 32 MiB read at 1 MiB/s) and still fails a scheduled run in a minute.
-IO_TIMEOUT = 60
-# Waits wake this often (milliseconds) to see whether another thread has failed.
-POLL_SLICE_MS = 100
 # Seconds between two progress reports.
 REPORT_INTERVAL = 1.0
-ADVICE = ("check that the backup is started (src is the url that qemu_backup_start returned) and that the VM or "
-          "qemu-nbd serving it is alive and not stopped, then copy again")
-TLS_ADVICE = ("; over TLS, also that tls_certificates holds the fleet CA's ca-cert.pem and this host's client-cert.pem "
-              "and client-key.pem, that the start allows that certificate's name (nbd_tcp.tls_allow; QEMU logs a "
-              "refused one), and that the server's certificate names the address in src")
-
-
-class NbdError(FleetbackupError):
-    """An NBD failure, phrased for the user."""
-
-
-class NbdTimeout(NbdError):
-    """The server sent nothing for io_timeout seconds."""
-
-
-def dirty_context(bitmap):
-    """The meta context that exports dirty bitmap `bitmap`."""
-    return bitmap if bitmap.startswith(DIRTY_BITMAP_PREFIX) else DIRTY_BITMAP_PREFIX + bitmap
-
-
-class Abort:
-    """The first failure (exception) of a copy. Once it is set, every thread stops issuing work and returns."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.error = None
-        self.event = threading.Event()  # set with the failure: ends every sleep at once
-
-    def fail(self, error):
-        with self._lock:
-            self.error = self.error or error
-        self.event.set()
-
-    def take(self):
-        """Hand the failure over: kept here, its traceback's frames (which hold this) would make a cycle."""
-        error, self.error = self.error, None
-        return error
-
-
-class Aborted(Exception):
-    """The copy failed elsewhere (in another thread, or the caller was interrupted): this thread must stop."""
-
-
-class Connection:
-    """A connection to the export, asking for the contexts that the copy needs.
-
-    Every wait on it ends once the server has sent nothing for io_timeout
-    seconds, or as soon as the copy that it serves fails (abort). image_alone:
-    the export is one image opened without its backing file (see Extent).
-    """
-
-    def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None, full_info=False,
-                 image_alone=False):
-        self.url = url
-        self.bitmap_context = bitmap_context
-        self.io_timeout = io_timeout
-        self.abort = abort
-        self.image_alone = image_alone
-        self.handle = nbd.NBD()
-        self.handle.set_handle_name("fleetbackup-src")
-        self.handle.set_uri_allow_local_file(True)  # tls-certificates=DIR, which the copy adds to an nbds:// URL
-        self.handle.set_full_info(full_info)  # the export's description comes only with full info
-        self.contexts = [c for c in (CONTEXT_ALLOCATION, CONTEXT_ALLOCATION_DEPTH, bitmap_context) if c]
-        for context in self.contexts:
-            self.handle.add_meta_context(context)
-        try:
-            # Not connect_uri: it waits forever for a server that accepts and never answers.
-            self._call("connect to", self.handle.aio_connect_uri, url)
-            self.wait_until(lambda: not self.handle.aio_is_connecting(), "connect to")
-            if not self.handle.can_meta_context(CONTEXT_ALLOCATION):
-                raise NbdError("NBD export %s does not report base:allocation, so it cannot be copied sparsely: "
-                               "export it from QEMU or qemu-nbd, which do." % url)
-            if bitmap_context and not self.handle.can_meta_context(bitmap_context):
-                raise NbdError("NBD export %s does not export the dirty bitmap context %s: pass the dirty_bitmap "
-                               "that qemu_backup_start returned for this disk." % (url, bitmap_context))
-            if image_alone and not self.handle.can_meta_context(CONTEXT_ALLOCATION_DEPTH):
-                raise NbdError("NBD export %s does not report %s, so what the image itself holds is unknown: "
-                               "export it with qemu-nbd -A." % (url, CONTEXT_ALLOCATION_DEPTH))
-        except BaseException:
-            self.close()  # now: the traceback, which holds this object, would keep the socket open
-            raise
-        self.contexts = [c for c in self.contexts if self.handle.can_meta_context(c)]
-
-    def failure(self, action, reason):
-        """The error for a failed action ("connect to", "read offset 0 of"...) on the export."""
-        advice = ADVICE + (TLS_ADVICE if self.url.startswith("nbds") else "")
-        return NbdError("Cannot %s NBD export %s: %s; %s." % (action, self.url, reason, advice))
-
-    def _call(self, action, function, *args):
-        try:
-            return function(*args)
-        except nbd.Error as err:
-            raise self.failure(action, err) from None
-
-    def wait_until(self, finished, action):
-        """Poll until finished() is true: the server must show life every io_timeout seconds."""
-        idle_ms = 0
-        try:
-            while not finished():
-                if self.abort is not None and self.abort.error:
-                    raise Aborted()
-                # poll answers 0 only when its whole slice passed with nothing from the server.
-                idle_ms = 0 if self.handle.poll(POLL_SLICE_MS) else idle_ms + POLL_SLICE_MS
-                if idle_ms >= self.io_timeout * 1000:
-                    raise NbdTimeout(str(self.failure(action, "its server sent nothing for %g s. It is hung, or busy "
-                                                              "with another client (qemu-nbd without --shared serves "
-                                                              "one at a time)" % self.io_timeout)))
-        except nbd.Error as err:
-            raise self.failure(action, err) from None
-
-    def description(self):
-        """The export's description, or None when its server gave none (connect with full_info)."""
-        try:
-            return self.handle.get_export_description()
-        except nbd.Error:
-            return None
-
-    def read_now(self, length, offset):
-        """Read length bytes at offset and wait for them, within io_timeout."""
-        action = "read offset %d of" % offset
-        cookie = self._call(action, self.handle.aio_pread, nbd.Buffer(length), offset)
-        self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
-
-    def read(self, buf, offset, completion):
-        """Start reading len(buf) bytes at offset; libnbd calls completion(error) inside a later wait."""
-        self._call("read offset %d of" % offset, self.handle.aio_pread, buf, offset, completion)
-
-    def extents(self, start, length):
-        """Yield the merged Extents of [start, start+length), asked in bounded windows."""
-        end = start + length
-        offset = start
-        while offset < end:
-            replies = {context: [] for context in self.contexts}
-
-            def collect(context, _offset, entries, _error):
-                # libnbd passes a flat list: length, flags, length, flags...
-                if context in replies:
-                    replies[context].extend(zip(entries[0::2], entries[1::2]))
-                return 0
-
-            action = "get block status at offset %d of" % offset
-            cookie = self._call(action, self.handle.aio_block_status, min(STATUS_WINDOW, end - offset), offset, collect)
-            self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
-            extents = clip(merge_extents(offset, replies, self.bitmap_context, self.image_alone), end)
-            if not extents:
-                raise self.failure(action, "its server answered with no extent")
-            yield from extents
-            offset = extents[-1].start + extents[-1].length
-
-    def close(self):
-        """Say goodbye when idle, and close at once: a server that does not answer cannot hold this up."""
-        if self.handle.aio_is_ready():
-            self.handle.aio_disconnect(0)  # sent now; the server's answer is not awaited
-        # The last reference to the handle: libnbd closes the socket and drops the callbacks of unanswered reads.
-        self.handle = None
 
 
 class CopyStats:
@@ -342,104 +169,6 @@ class WorkQueue:
         self._ready.extend(operations)
 
 
-class FileTarget:
-    """A fresh raw image written with pwrite from the copying threads, which release the GIL meanwhile.
-
-    It never gets zero requests: a new sparse file already reads as zeros.
-    """
-
-    def __init__(self, path, size):
-        self.path = path
-        self.size = size
-        self.fd = create_image_file(path)
-        self._write_behind = WriteBehind(self.fd)
-
-    def planned(self, operations, mapped_through):
-        """Nothing to prepare: a raw file has no metadata."""
-
-    def write(self, buf, offset):
-        write_all(self.fd, buf.to_buffer(), offset, self.path)
-        self._write_behind.written(offset, buf.size())
-
-    def finish(self):
-        os.ftruncate(self.fd, self.size)  # the size of the disk, also where its end is a hole
-        os.fdatasync(self.fd)
-
-    def close(self):
-        os.close(self.fd)
-
-
-class Qcow2Target:
-    """A new qcow2 image, shared by all copying threads.
-
-    It tells the writer when a 512 MiB region is done (mapped past, and no
-    operation on it left), so only the tables of regions in progress stay in memory.
-    """
-
-    def __init__(self, path, size, backing, backing_format):
-        self.writer = qcow2_writer.Qcow2Writer(path, size, backing, backing_format)
-        self._lock = threading.Lock()
-        self._pending = {}
-        self._mapped = 0
-
-    def planned(self, operations, mapped_through):
-        with self._lock:
-            for _kind, offset, length in operations:
-                for region in self._regions(offset, length):
-                    self._pending[region] = self._pending.get(region, 0) + 1
-            self._mapped = mapped_through
-            self._release_done_regions()
-
-    def write(self, buf, offset):
-        self.writer.write(buf.to_buffer(), offset)
-        self._operation_done(offset, buf.size())
-
-    def zero(self, offset, length):
-        self.writer.zero(offset, length)
-        self._operation_done(offset, length)
-
-    def _operation_done(self, offset, length):
-        with self._lock:
-            for region in self._regions(offset, length):
-                self._pending[region] -= 1
-            self._release_done_regions()
-
-    @staticmethod
-    def _regions(offset, length):
-        return range(offset // qcow2_writer.REGION, (offset + length - 1) // qcow2_writer.REGION + 1)
-
-    def _release_done_regions(self):
-        for region in [r for r, count in self._pending.items() if count == 0]:
-            if (region + 1) * qcow2_writer.REGION <= self._mapped:
-                self.writer.region_done(region)
-                del self._pending[region]
-
-    def finish(self):
-        self.writer.finish()
-
-    def close(self):
-        self.writer.close()
-
-
-class ChecksumOnly:
-    """A target that keeps nothing: copying into it only sums the block checksum of the export."""
-
-    def planned(self, operations, mapped_through):
-        """Nothing to prepare."""
-
-    def write(self, buf, offset):
-        """Nothing to keep."""
-
-    def zero(self, offset, length):
-        """Nothing to keep."""
-
-    def finish(self):
-        """Nothing to make durable."""
-
-    def close(self):
-        """Nothing to close."""
-
-
 class _Worker:
     """One source connection and one target: many reads in flight, each written out as it completes."""
 
@@ -526,7 +255,7 @@ class _Worker:
 
 
 CopyResult = namedtuple("CopyResult", "bytes_read bytes_zeroed bytes_clean checksum")
-CopyResult.__doc__ = "What a copy did; checksum is the block checksum of what it wrote (block_checksum.py)."
+CopyResult.__doc__ = "What a copy did; checksum is the block checksum of what it wrote (checksum.py)."
 
 
 def _report_progress(report, stats, total, stop, abort):
@@ -622,15 +351,6 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
         if isinstance(err, OSError):
             raise write_failure(path, err.strerror or err) from None
         raise
-
-
-def export_size_and_connections(src_url, bitmap_context, wanted, io_timeout=IO_TIMEOUT):
-    """Probe the export: its size, and how many connections it allows (1 without multi-conn)."""
-    src = Connection(src_url, bitmap_context, io_timeout)
-    try:
-        return src.handle.get_size(), wanted if src.handle.can_multi_conn() else 1
-    finally:
-        src.close()
 
 
 def checksum_of_image_export(src_url, has_backing, connections=4, io_timeout=IO_TIMEOUT):

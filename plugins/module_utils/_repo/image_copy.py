@@ -1,0 +1,88 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
+"""qemu_backup_copy's work: a disk's export copied into a backup image, or an image that holds it kept.
+
+The image is written as a partial file and renamed once complete (images.py), after the point-in-time
+view proved to have held through every read; the image records which backup it holds, so that a later
+copy keeps it instead of copying again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import export_size_and_connections
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import copy_to_image
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import with_certificates
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import (
+    describe_identity,
+    disk_usage,
+    partial_name,
+    publish,
+    record_identity,
+    recorded_identity,
+    remove_stale_partials,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_time import (
+    check_view,
+    export_name_of,
+    export_view,
+)
+
+
+def copy_or_keep(module, dest_dir, bandwidth, progress):
+    """Copy src into dest, in dest_dir; or keep dest when it holds this very backup. Parameters checked already."""
+    params = module.params
+    dest = params["dest"]
+    src = with_certificates(params["src"], params["tls_certificates"]) if params["tls_certificates"] else params["src"]
+    bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
+    # Also in check mode: reading the export's size is harmless and proves src is right.
+    size, connections = export_size_and_connections(src, bitmap_context, params["connections"])
+    view = export_view(src)
+    check_view(view)
+    identity = dict(export=export_name_of(params["src"]), size=size, bitmap=bitmap_context, format=params["format"],
+                    backing=os.path.relpath(params["backing"], dest_dir) if params["backing"] else None,
+                    backing_format=params["backing_format"] if params["backing"] else None)
+    if os.path.lexists(dest) and not params["force"]:
+        held = recorded_identity(dest)
+        if held is None or {key: held.get(key) for key in identity} != identity:
+            raise UserError("dest %s already holds %s, not this export's %s: it is another backup, or one that "
+                            "cannot be identified. Choose another dest, or set force to replace it."
+                            % (dest, describe_identity(held), describe_identity(identity)))
+        changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), False)
+        return dict(changed=changed, image=dest, disk_usage=disk_usage(dest), checksum=held.get("checksum"),
+                    msg="dest holds this very backup")
+    if module.check_mode:
+        return dict(changed=True, image=dest, size=size, connections=connections)
+    stale = remove_stale_partials(dest_dir)
+    partial = os.path.join(dest_dir, partial_name(dest))
+    started = time.monotonic()
+    try:
+        copied = copy_to_image(src, partial, params["format"], size, bitmap_context, identity["backing"],
+                               params["backing_format"], connections, params["requests"], params["request_size"],
+                               bandwidth=bandwidth, report=progress)
+    except FleetbackupError:
+        check_view(view)  # a broken view is the likelier cause, and the one to name
+        raise
+    try:
+        # A view that still holds now held during every read of the copy: a broken one never heals.
+        check_view(view)
+        if not record_identity(partial, dict(identity, checksum=copied.checksum)):
+            module.warn("The file system of %s keeps no extended attributes: a later copy cannot prove that dest "
+                        "holds this backup, and will need force." % dest_dir)
+        publish(partial, dest)
+    except BaseException:
+        remove_file(partial)  # ours: copy_to_image made it
+        raise
+    elapsed = max(time.monotonic() - started, 1e-6)  # a tiny copy must not divide by zero
+    module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
+    return dict(changed=True, image=dest, size=size, disk_usage=disk_usage(dest), removed_partials=stale,
+                bytes_read=copied.bytes_read, bytes_zeroed=copied.bytes_zeroed, bytes_unchanged=copied.bytes_clean,
+                connections=connections, elapsed=round(elapsed, 3), throughput=int(copied.bytes_read / elapsed),
+                checksum=copied.checksum)
