@@ -250,19 +250,20 @@ import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import (
-    REPOSITORY_ARGUMENT_SPEC,
-    Lease,
-    Repository,
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import (
     definition_file_names,
     definition_files,
+    store_definition,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
     obsolete_checkpoints,
     parse_duration,
     plan,
     prune,
     record,
-    store_definition,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
 
 
 def main():

@@ -6,9 +6,8 @@ import os
 import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import (
-    Lease,
-    Repository,
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
     backup_id_for,
     obsolete_checkpoints,
     parse_duration,
@@ -16,6 +15,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository 
     prune,
     record,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 
 NOW = 1_800_000_000
 
@@ -172,7 +172,7 @@ def test_the_lease_is_one_run_at_a_time_until_it_expires(repository):
 
 
 def test_a_manifest_whose_parents_loop_is_refused_and_verified_without_looping():
-    from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import chain_of, images_needed
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import chain_of, images_needed
 
     disk = dict(disk="vda", file="x.qcow2", backing="x.qcow2")
     looped = dict(backups=[dict(name="a", parent="b", disks=[disk]), dict(name="b", parent="a", disks=[disk])])
