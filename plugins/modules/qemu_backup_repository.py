@@ -298,18 +298,13 @@ def main():
 
 def run_action(module):
     """The action's result, with the repository's real path (after any link the user let us follow)."""
-    result = ACTIONS[module.params["action"]](module)
-    result["directory"] = repository_of(module).path
-    return result
-
-
-def repository_of(module):
-    """The VM's repository, opened once per run of the module; lock makes its directories."""
-    if not hasattr(module, "repository"):
-        params = module.params
-        module.repository = Repository(params["repository"], params["vm"], params["follow_repository_link"],
-                                       create=params["action"] == "lock" and not module.check_mode, missing_ok=True)
-    return module.repository
+    params = module.params
+    action = params["action"]
+    if action == "lock" and params["lock_ttl"] < 60:  # before lock makes any directory
+        raise UserError("lock_ttl must be at least 60 seconds: the run renews the lease only between its steps.")
+    with Repository(params["repository"], params["vm"], params["follow_repository_link"],
+                    create=action == "lock" and not module.check_mode, missing_ok=True) as repository:
+        return dict(ACTIONS[action](module, repository), directory=repository.path)
 
 
 def held_lease(module, repository):
@@ -319,11 +314,8 @@ def held_lease(module, repository):
     return lease
 
 
-def lock_action(module):
+def lock_action(module, repository):
     params = module.params
-    if params["lock_ttl"] < 60:
-        raise UserError("lock_ttl must be at least 60 seconds: the run renews the lease only between its steps.")
-    repository = repository_of(module)
     run_id = params["run_id"] or secrets.token_hex(8)
     if module.check_mode:
         return dict(changed=False, lease=dict(run_id=run_id, holder=params["holder"]))
@@ -331,24 +323,21 @@ def lock_action(module):
     return dict(changed=True, lease=lease)
 
 
-def unlock_action(module):
-    repository = repository_of(module)
+def unlock_action(module, repository):
     if module.check_mode or not repository.exists():
         return dict(changed=False)
     return dict(changed=Lease(repository).release(module.params["run_id"]))
 
 
-def plan_action(module):
+def plan_action(module, repository):
     params = module.params
-    repository = repository_of(module)
     planned = plan(repository, repository.load(), params["level"], parse_duration(params["max_age"]),
                    params["vm_disks"], params["disks"], int(time.time()))
     return dict(changed=False, plan=planned)
 
 
-def record_action(module):
+def record_action(module, repository):
     params = module.params
-    repository = repository_of(module)
     held_lease(module, repository)
     data = repository.load()
     definition = params["definition"]
@@ -361,18 +350,15 @@ def record_action(module):
     return dict(changed=True, backup=entry)
 
 
-def newest_action(module):
-    repository = repository_of(module)
+def newest_action(module, repository):
     backups = repository.load()["backups"] if repository.exists() else []
     return dict(changed=False, backup=backups[-1] if backups else None)
 
 
-def prune_action(module):
-    params = module.params
-    repository = repository_of(module)
+def prune_action(module, repository):
     held_lease(module, repository)
     data = repository.load()
-    pruned, files = prune(data, params["keep_chains"])
+    pruned, files = prune(data, module.params["keep_chains"])
     if pruned and not module.check_mode:
         # The manifest goes first: a run killed half-way leaves unlisted files, never listed missing ones.
         repository.save(data)
@@ -381,8 +367,7 @@ def prune_action(module):
                 obsolete_checkpoints=obsolete_checkpoints(data, pruned))
 
 
-def discard_action(module):
-    repository = repository_of(module)
+def discard_action(module, repository):
     held_lease(module, repository)
     backups = repository.load()["backups"]
     listed = {disk["file"] for backup in backups for disk in backup["disks"]}
