@@ -70,6 +70,14 @@ def test_first_run_is_full_and_a_young_backup_means_nothing_is_due(repository):
     assert plan(repository, data, "auto", 3600, [vm_disk()], None, NOW)["due"] is False
 
 
+def test_the_plan_selects_disks_as_the_start_does_by_name_or_node_in_the_order_given_and_each_once(repository):
+    disks = [vm_disk(), vm_disk("vdb"), vm_disk("cdrom", read_only=True)]
+    planned = plan(repository, dict(backups=[]), "full", 0, disks, ["vdb", "vda-node", "vda"], NOW)
+    assert [d["disk"] for d in planned["disks"]] == ["vdb", "vda"]
+    with pytest.raises(UserError, match=r"disks \['vdz', 'vda'\] are not on VM vm; its disks are: vda, vdb, cdrom\."):
+        plan(repository, dict(backups=[]), "full", 0, disks, ["vdz", "vda"], NOW)
+
+
 def test_names_are_unique_within_one_second(repository):
     names = {plan(repository, dict(backups=[]), "full", 0, [vm_disk()], None, NOW)["name"] for _run in range(50)}
     assert len(names) == 50 and all(name.startswith("20270115T080000Z-") for name in names)

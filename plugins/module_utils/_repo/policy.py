@@ -19,6 +19,7 @@ import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import definition_files
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import named_disks
 
 DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -47,9 +48,9 @@ def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
     if newest and max_age and now - newest["finished"] < max_age:
         return dict(due=False, reason="the newest backup %s is %ds old, younger than max_age %ds"
                     % (newest["name"], now - newest["finished"], max_age))
-    disks = [d for d in vm_disks if not d["read_only"]] if not wanted_disks else \
-        [d for d in vm_disks if d["disk"] in wanted_disks or d["node"] in wanted_disks]
-    if wanted_disks and len(disks) != len(set(wanted_disks)):
+    disks, unknown = named_disks(vm_disks, wanted_disks, lambda disk: (disk["disk"], disk["node"]),
+                                 lambda disk: not disk["read_only"])
+    if unknown:
         known = ", ".join(d["disk"] for d in vm_disks)
         raise UserError("Some of the disks %s are not on VM %s; its disks are: %s." % (wanted_disks, vm, known))
     problem = _incremental_problem(repository, data, newest, disks)
