@@ -75,14 +75,18 @@ options:
     description: With O(action=record) or O(action=discard), the RV(plan) of this run.
     type: dict
   started_disks:
-    description: With O(action=record), RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks) of this run.
+    description:
+      - With O(action=record), RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks) of this run.
+      - Each disk is recorded at the level the plan gave it, or in full where the start backed it up in full
+        (O(fleetbackup.qemu.qemu_backup_start#module:fallback_to_full)).
     type: list
     elements: dict
   copies:
     description:
-      - With O(action=record), C({disk, bytes_read, checksum}) for every disk copied, or the results of
-        M(fleetbackup.qemu.qemu_backup_copy) (as C(async_status) returns them, too), each matched to its disk by
-        its RV(fleetbackup.qemu.qemu_backup_copy#module:image), the file the plan named.
+      - With O(action=record), the copy of each disk of O(started_disks), in the same order, as
+        C({bytes_read, checksum}) or as the result of M(fleetbackup.qemu.qemu_backup_copy) (as C(async_status)
+        returns it, too). The role's copies loop over the start's disks, so their results come in that order.
+        A copy that names its C(disk) must name that one.
       - Each disk's RV(fleetbackup.qemu.qemu_backup_copy#module:checksum) is recorded in the manifest for
         M(fleetbackup.qemu.qemu_backup_verify).
     type: list
@@ -188,7 +192,7 @@ plan:
       type: str
       sample: 20261129T020000Z-3f2a
     level:
-      description: C(full) or C(incremental).
+      description: C(full) or C(incremental), which it is when any of its disks is.
       type: str
     backup_id:
       description: The backup_id for M(fleetbackup.qemu.qemu_backup_start).
@@ -207,9 +211,9 @@ plan:
       type: str
     disks:
       description:
-        - Per disk, C(disk), C(size), image C(file), C(backing) and C(backing_format) (the parent's image, relative to
-          the VM's directory, for an incremental), C(expected_bytes), and C(reason) when a disk of an incremental is
-          backed up in full (a raw disk).
+        - Per disk, C(disk), C(size), image C(file), C(mode) (C(full) or C(incremental)), C(backing) and
+          C(backing_format) (the parent's image, relative to the VM's directory, for an incremental disk),
+          C(expected_bytes), and C(reason) when a disk of an incremental is backed up in full (a raw disk).
       type: list
       elements: dict
     expected_bytes:

@@ -142,6 +142,24 @@ def test_record_uses_what_the_start_really_did_and_prune_drops_whole_chains(repo
     assert prune(data, 0) == ([], [])
 
 
+def test_record_keeps_the_planned_levels_but_where_the_start_fell_back_and_pairs_copies_with_the_starts_disks(
+        repository):
+    data = dict(backups=[backup("b1")])
+    data["backups"][0]["disks"].append(dict(disk="vdb", file="b1.vdb.qcow2", size=1 << 30))
+    with_images(repository, data)
+    disks = [vm_disk(checkpoints=[("ckpt-b1", True)]), vm_disk("vdb", checkpoints=[("ckpt-b1", True)])]
+    planned = plan(repository, data, "auto", 0, disks, None, NOW)
+    assert [(d["disk"], d["mode"]) for d in planned["disks"]] == [("vda", "incremental"), ("vdb", "incremental")]
+    # The start lists its disks in its own order; vda's checkpoint turned out unusable (fallback_to_full).
+    started = [dict(disk="vdb", mode="incremental"), dict(disk="vda", mode="full")]
+    with pytest.raises(UserError, match="disks vdb were not copied"):
+        record(data, planned, started, [dict(disk="vda", bytes_read=2), dict(bytes_read=1)], NOW)
+    entry = record(data, planned, started, [dict(bytes_read=2), dict(bytes_read=1)], NOW)
+    assert [(d["disk"], d["mode"], d["backing"], d["bytes_read"]) for d in entry["disks"]] == [
+        ("vda", "full", None, 1), ("vdb", "incremental", "b1.vdb.qcow2", 2)]
+    assert (entry["level"], entry["parent"], entry["chain"]) == ("incremental", "b1", "b1")
+
+
 @pytest.mark.parametrize("field,value", [("file", "../../etc/passwd"), ("file", "/etc/passwd"), ("disk", "a/b")])
 def test_a_manifest_naming_a_path_outside_the_vm_directory_is_refused(repository, field, value):
     data = dict(format=1, vm="vm", backups=[backup("b1")])

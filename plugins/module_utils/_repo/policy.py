@@ -6,7 +6,8 @@
 chains of backups that a restore reads.
 
 Chains start at a full backup; incrementals are qcow2 overlays on their parent's images; a disk that cannot hold a
-checkpoint (raw) is backed up in full in every backup.
+checkpoint (raw) is backed up in full in every backup. The plan decides each disk's level once; the start can
+only fall back to full where a checkpoint turned out unusable (fallback_to_full), and the record says so.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def backup_id_for(vm, name):
                          name.replace("T", "").replace("Z", ""))
 
 
+def backup_level(disks):
+    """A backup is incremental when any of its disks continues the chain, full when none does."""
+    return "incremental" if any(disk["mode"] == "incremental" for disk in disks) else "full"
+
+
 def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
     """Decide what a run does: nothing (not due), a full backup, or an incremental on the newest backup."""
     vm = repository.vm
@@ -54,13 +60,13 @@ def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
         known = ", ".join(d["disk"] for d in vm_disks)
         raise UserError("Some of the disks %s are not on VM %s; its disks are: %s." % (wanted_disks, vm, known))
     problem = _incremental_problem(repository, data, newest, disks)
-    if level == "full" or (level == "auto" and problem):
-        chosen, parent = "full", None
-        reason = "level full was asked" if level == "full" else problem
-    elif problem:
+    if level == "incremental" and problem:
         raise UserError("Cannot take an incremental backup of %s: %s. Use level auto or full." % (vm, problem))
+    parent = newest if level != "full" and not problem else None
+    if parent:
+        reason = "the chain of %s continues" % parent["chain"]
     else:
-        chosen, parent, reason = "incremental", newest, "the chain of %s continues" % newest["chain"]
+        reason = "level full was asked" if level == "full" else problem
     name = _unique_name(backups, now)
     by_disk = {d["disk"]: d for d in parent["disks"]} if parent else {}
     planned = []
@@ -69,6 +75,7 @@ def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
         checkpoint = _checkpoint(disk, parent["checkpoint"]) if continues else None
         planned.append(dict(
             disk=disk["disk"], size=disk["size"], file="%s.%s.qcow2" % (name, UNSAFE.sub("_", disk["disk"])),
+            mode="incremental" if continues else "full",
             backing=by_disk[disk["disk"]]["file"] if continues else None,
             backing_format=by_disk[disk["disk"]].get("format", "qcow2") if continues else None,
             reason=None if continues or not parent else "a %s disk is backed up in full every time" % disk["format"],
@@ -76,7 +83,7 @@ def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
             expected_bytes=disk["size"] if checkpoint is None or checkpoint["dirty_bytes"] is None
             else checkpoint["dirty_bytes"]))
     return dict(
-        due=True, reason=reason, name=name, level=chosen, backup_id=backup_id_for(vm, name),
+        due=True, reason=reason, name=name, level=backup_level(planned), backup_id=backup_id_for(vm, name),
         checkpoint="ckpt-%s" % name, incremental=parent["checkpoint"] if parent else None,
         parent=parent["name"] if parent else None, chain=parent["chain"] if parent else name,
         disks=planned, expected_bytes=sum(d["expected_bytes"] for d in planned), started=now)
@@ -126,28 +133,30 @@ def _unique_name(backups, now):
 
 
 def record(data, planned, started_disks, copies, now, definition=None, consistency=None):
-    """Append a complete backup. Each disk's level comes from what the start really did.
+    """Append a complete backup: each planned disk at its planned level, or full where the start fell back to full
+    (its result says so), with what its copy read and summed.
 
-    consistency: {consistency, freeze} of the start, kept in the entry.
+    copies: the copy of each of started_disks, in the same order (the role copies the start's disks in turn); a
+    copy that names its disk must name that one. consistency: {consistency, freeze} of the start, kept in the entry.
     """
-    modes = {d["disk"]: d["mode"] for d in started_disks}
-    # copies are {disk, bytes_read, checksum}, or results of qemu_backup_copy, whose image is the planned file.
-    by_file = {d["file"]: d["disk"] for d in planned["disks"]}
-    copied = {c.get("disk") or by_file.get(os.path.basename(c.get("image", ""))): c for c in copies
-              if "bytes_read" in c}
+    modes = {disk["disk"]: disk["mode"] for disk in started_disks}
+    copied = {disk["disk"]: copy for disk, copy in zip(started_disks, copies)
+              if "bytes_read" in copy and copy.get("disk", disk["disk"]) == disk["disk"]}
     missing = [d["disk"] for d in planned["disks"] if d["disk"] not in copied]
     if missing:
         raise UserError("Not recording backup %s: disks %s were not copied." % (planned["name"], ", ".join(missing)))
     disks = []
     for disk in planned["disks"]:
-        full = modes[disk["disk"]] == "full"
+        mode = "full" if modes[disk["disk"]] == "full" else disk["mode"]
+        copy = copied[disk["disk"]]
         disks.append(dict(disk=disk["disk"], file=disk["file"], format="qcow2", size=disk["size"],
-                          bytes_read=copied[disk["disk"]]["bytes_read"], checksum=copied[disk["disk"]].get("checksum"),
-                          mode=modes[disk["disk"]], backing=None if full else disk["backing"]))
-    level = "full" if all(d["mode"] == "full" for d in disks) else "incremental"
-    entry = dict(name=planned["name"], level=level, parent=None if level == "full" else planned["parent"],
-                 chain=planned["name"] if level == "full" else planned["chain"],
-                 checkpoint=planned["checkpoint"], incremental=planned["incremental"] if level != "full" else None,
+                          bytes_read=copy["bytes_read"], checksum=copy.get("checksum"), mode=mode,
+                          backing=disk["backing"] if mode == "incremental" else None))
+    level = backup_level(disks)
+    continues = level == "incremental"
+    entry = dict(name=planned["name"], level=level, parent=planned["parent"] if continues else None,
+                 chain=planned["chain"] if continues else planned["name"],
+                 checkpoint=planned["checkpoint"], incremental=planned["incremental"] if continues else None,
                  started=planned["started"], finished=now, disks=disks)
     if consistency:
         entry.update(consistency)
