@@ -198,7 +198,7 @@ def test_the_lease_is_one_run_at_a_time_until_it_expires(repository):
 
 
 def test_a_manifest_whose_parents_loop_is_refused_and_verified_without_looping():
-    from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import chain_of, images_needed
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import chain_of, images_needed
 
     disk = dict(disk="vda", file="x.qcow2", backing="x.qcow2")
     looped = dict(backups=[dict(name="a", parent="b", disks=[disk]), dict(name="b", parent="a", disks=[disk])])

@@ -2,8 +2,7 @@
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
-"""A repository's run policy: whether a run is due, its level, the entry it records, what pruning drops, and the
-chains of backups that a restore reads.
+"""A repository's run policy: whether a run is due, its level, the entry it records, and what pruning drops.
 
 Chains start at a full backup; incrementals are qcow2 overlays on their parent's images; a disk that cannot hold a
 checkpoint (raw) is backed up in full in every backup. The plan decides each disk's level once; the start can
@@ -13,12 +12,12 @@ only fall back to full where a checkpoint turned out unusable (fallback_to_full)
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import missing_images
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import definition_files
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import named_disks
 
@@ -183,45 +182,3 @@ def obsolete_checkpoints(data, pruned):
     newest = data["backups"][-1]["checkpoint"] if data["backups"] else None
     names = [b["checkpoint"] for b in data["backups"] + pruned if b.get("checkpoint")]
     return sorted(set(names) - {newest})
-
-
-def images_needed(data, backup):
-    """(backup, disk entry) of every image a restore of backup reads: each disk's, then its parents' in turn."""
-    by_name = {b["name"]: b for b in data["backups"]}
-    needed = []
-    for disk in backup["disks"]:
-        member, entry = backup, disk
-        needed.append((member, entry))
-        visited = {member["name"]}
-        while entry.get("backing") and member.get("parent") in by_name:
-            if member["parent"] in visited:
-                break  # a damaged manifest whose parents loop: each image is checked once all the same
-            member = by_name[member["parent"]]
-            visited.add(member["name"])
-            entry = next((d for d in member["disks"] if d["file"] == entry["backing"]), None)
-            if entry is None:
-                break  # check_image reports the broken link on the child
-            needed.append((member, entry))
-    return needed
-
-
-def chain_of(data, backup):
-    """The backups whose images `backup` needs, itself first, back to its full backup."""
-    by_name = {b["name"]: b for b in data["backups"]}
-    chain = [backup]
-    while chain[-1].get("parent"):
-        parent = chain[-1]["parent"]
-        if parent not in by_name:
-            raise UserError("Backup %s needs backup %s, which the manifest no longer lists: take a full backup."
-                            % (chain[-1]["name"], parent))
-        if any(member["name"] == parent for member in chain):
-            raise UserError("The manifest is damaged: backup %s's parents lead back to %s, a loop." % (
-                backup["name"], parent))
-        chain.append(by_name[parent])
-    return chain
-
-
-def missing_images(repository, data, backup):
-    """The images of backup's chain that are not in the repository."""
-    return [disk["file"] for member in chain_of(data, backup) for disk in member["disks"]
-            if not os.path.isfile(repository.image(disk["file"]))]
