@@ -75,14 +75,18 @@ options:
     description: With O(action=record) or O(action=discard), the RV(plan) of this run.
     type: dict
   started_disks:
-    description: With O(action=record), RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks) of this run.
+    description:
+      - With O(action=record), RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks) of this run.
+      - Each disk is recorded at the level the plan gave it, or in full where the start backed it up in full
+        (O(fleetbackup.qemu.qemu_backup_start#module:fallback_to_full)).
     type: list
     elements: dict
   copies:
     description:
-      - With O(action=record), C({disk, bytes_read, checksum}) for every disk copied, or the results of
-        M(fleetbackup.qemu.qemu_backup_copy) (as C(async_status) returns them, too), each matched to its disk by
-        its RV(fleetbackup.qemu.qemu_backup_copy#module:image), the file the plan named.
+      - With O(action=record), the copy of each disk of O(started_disks), in the same order, as
+        C({bytes_read, checksum}) or as the result of M(fleetbackup.qemu.qemu_backup_copy) (as C(async_status)
+        returns it, too). The role's copies loop over the start's disks, so their results come in that order.
+        A copy that names its C(disk) must name that one.
       - Each disk's RV(fleetbackup.qemu.qemu_backup_copy#module:checksum) is recorded in the manifest for
         M(fleetbackup.qemu.qemu_backup_verify).
     type: list
@@ -188,7 +192,7 @@ plan:
       type: str
       sample: 20261129T020000Z-3f2a
     level:
-      description: C(full) or C(incremental).
+      description: C(full) or C(incremental), which it is when any of its disks is.
       type: str
     backup_id:
       description: The backup_id for M(fleetbackup.qemu.qemu_backup_start).
@@ -207,9 +211,9 @@ plan:
       type: str
     disks:
       description:
-        - Per disk, C(disk), C(size), image C(file), C(backing) and C(backing_format) (the parent's image, relative to
-          the VM's directory, for an incremental), C(expected_bytes), and C(reason) when a disk of an incremental is
-          backed up in full (a raw disk).
+        - Per disk, C(disk), C(size), image C(file), C(mode) (C(full) or C(incremental)), C(backing) and
+          C(backing_format) (the parent's image, relative to the VM's directory, for an incremental disk),
+          C(expected_bytes), and C(reason) when a disk of an incremental is backed up in full (a raw disk).
       type: list
       elements: dict
     expected_bytes:
@@ -250,19 +254,20 @@ import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import (
-    REPOSITORY_ARGUMENT_SPEC,
-    Lease,
-    Repository,
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import (
     definition_file_names,
     definition_files,
+    store_definition,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
     obsolete_checkpoints,
     parse_duration,
     plan,
     prune,
     record,
-    store_definition,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
 
 
 def main():
@@ -297,18 +302,13 @@ def main():
 
 def run_action(module):
     """The action's result, with the repository's real path (after any link the user let us follow)."""
-    result = ACTIONS[module.params["action"]](module)
-    result["directory"] = repository_of(module).path
-    return result
-
-
-def repository_of(module):
-    """The VM's repository, opened once per run of the module; lock makes its directories."""
-    if not hasattr(module, "repository"):
-        params = module.params
-        module.repository = Repository(params["repository"], params["vm"], params["follow_repository_link"],
-                                       create=params["action"] == "lock" and not module.check_mode, missing_ok=True)
-    return module.repository
+    params = module.params
+    action = params["action"]
+    if action == "lock" and params["lock_ttl"] < 60:  # before lock makes any directory
+        raise UserError("lock_ttl must be at least 60 seconds: the run renews the lease only between its steps.")
+    with Repository(params["repository"], params["vm"], params["follow_repository_link"],
+                    create=action == "lock" and not module.check_mode, missing_ok=True) as repository:
+        return dict(ACTIONS[action](module, repository), directory=repository.path)
 
 
 def held_lease(module, repository):
@@ -318,11 +318,8 @@ def held_lease(module, repository):
     return lease
 
 
-def lock_action(module):
+def lock_action(module, repository):
     params = module.params
-    if params["lock_ttl"] < 60:
-        raise UserError("lock_ttl must be at least 60 seconds: the run renews the lease only between its steps.")
-    repository = repository_of(module)
     run_id = params["run_id"] or secrets.token_hex(8)
     if module.check_mode:
         return dict(changed=False, lease=dict(run_id=run_id, holder=params["holder"]))
@@ -330,24 +327,21 @@ def lock_action(module):
     return dict(changed=True, lease=lease)
 
 
-def unlock_action(module):
-    repository = repository_of(module)
+def unlock_action(module, repository):
     if module.check_mode or not repository.exists():
         return dict(changed=False)
     return dict(changed=Lease(repository).release(module.params["run_id"]))
 
 
-def plan_action(module):
+def plan_action(module, repository):
     params = module.params
-    repository = repository_of(module)
     planned = plan(repository, repository.load(), params["level"], parse_duration(params["max_age"]),
                    params["vm_disks"], params["disks"], int(time.time()))
     return dict(changed=False, plan=planned)
 
 
-def record_action(module):
+def record_action(module, repository):
     params = module.params
-    repository = repository_of(module)
     held_lease(module, repository)
     data = repository.load()
     definition = params["definition"]
@@ -360,18 +354,15 @@ def record_action(module):
     return dict(changed=True, backup=entry)
 
 
-def newest_action(module):
-    repository = repository_of(module)
+def newest_action(module, repository):
     backups = repository.load()["backups"] if repository.exists() else []
     return dict(changed=False, backup=backups[-1] if backups else None)
 
 
-def prune_action(module):
-    params = module.params
-    repository = repository_of(module)
+def prune_action(module, repository):
     held_lease(module, repository)
     data = repository.load()
-    pruned, files = prune(data, params["keep_chains"])
+    pruned, files = prune(data, module.params["keep_chains"])
     if pruned and not module.check_mode:
         # The manifest goes first: a run killed half-way leaves unlisted files, never listed missing ones.
         repository.save(data)
@@ -380,8 +371,7 @@ def prune_action(module):
                 obsolete_checkpoints=obsolete_checkpoints(data, pruned))
 
 
-def discard_action(module):
-    repository = repository_of(module)
+def discard_action(module, repository):
     held_lease(module, repository)
     backups = repository.load()["backups"]
     listed = {disk["file"] for backup in backups for disk in backup["disks"]}

@@ -205,6 +205,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import partial_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import named_disks
 
 
 DOMAIN_XML_FILE = "domain.xml"
@@ -284,14 +285,11 @@ def _write_if_different(module, path, content):
 
 
 def _chosen_disks(backup, wanted):
-    if not wanted:
-        return backup["disks"]
-    known = {d["disk"]: d for d in backup["disks"]}
-    unknown = [name for name in wanted if name not in known]
+    chosen, unknown = named_disks(backup["disks"], wanted, lambda disk: (disk["disk"],), lambda disk: True)
     if unknown:
         raise UserError("Backup %s has no disk %s; it has %s."
-                        % (backup["name"], ", ".join(unknown), ", ".join(known)))
-    return [known[name] for name in wanted]
+                        % (backup["name"], ", ".join(unknown), ", ".join(d["disk"] for d in backup["disks"])))
+    return chosen
 
 
 def _restore_disk(module, repository, disk):

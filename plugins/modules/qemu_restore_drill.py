@@ -197,12 +197,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import QemuImgError, image_info
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import (
-    Drill,
-    DrillDisk,
-    DrillMachine,
-    drill_directory,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import Drill, drill_directory
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill_machine import DrillDisk, DrillMachine
 
 
 def main():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import ConsoleWatch, DrillFailed
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.console_watch import ConsoleWatch, DrillFailed
 
 
 @pytest.fixture

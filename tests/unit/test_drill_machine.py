@@ -3,9 +3,9 @@
 import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import (
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import Drill
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill_machine import (
     OVMF_CODE,
-    Drill,
     DrillDisk,
     DrillMachine,
 )
@@ -70,7 +70,7 @@ def test_the_command_line_is_isolated_and_boots_the_overlays_on_their_buses(tmp_
 
 
 def test_a_uefi_backup_without_its_variables_boots_on_a_copy_of_the_hosts_empty_store(tmp_path):
-    from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import OVMF_VARS
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill_machine import OVMF_VARS
 
     drill = Drill(str(tmp_path), [], DrillMachine(loader=OVMF_CODE, secure=True), "tcg", 256, 1)
     drill.prepare()

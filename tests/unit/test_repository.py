@@ -6,9 +6,8 @@ import os
 import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import (
-    Lease,
-    Repository,
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
     backup_id_for,
     obsolete_checkpoints,
     parse_duration,
@@ -16,6 +15,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository 
     prune,
     record,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 
 NOW = 1_800_000_000
 
@@ -68,6 +68,14 @@ def test_first_run_is_full_and_a_young_backup_means_nothing_is_due(repository):
     assert (planned["level"], planned["incremental"], [d["disk"] for d in planned["disks"]]) == ("full", None, ["vda"])
     data["backups"].append(backup("b1", finished=NOW - 60))
     assert plan(repository, data, "auto", 3600, [vm_disk()], None, NOW)["due"] is False
+
+
+def test_the_plan_selects_disks_as_the_start_does_by_name_or_node_in_the_order_given_and_each_once(repository):
+    disks = [vm_disk(), vm_disk("vdb"), vm_disk("cdrom", read_only=True)]
+    planned = plan(repository, dict(backups=[]), "full", 0, disks, ["vdb", "vda-node", "vda"], NOW)
+    assert [d["disk"] for d in planned["disks"]] == ["vdb", "vda"]
+    with pytest.raises(UserError, match=r"disks \['vdz', 'vda'\] are not on VM vm; its disks are: vda, vdb, cdrom\."):
+        plan(repository, dict(backups=[]), "full", 0, disks, ["vdz", "vda"], NOW)
 
 
 def test_names_are_unique_within_one_second(repository):
@@ -134,6 +142,24 @@ def test_record_uses_what_the_start_really_did_and_prune_drops_whole_chains(repo
     assert prune(data, 0) == ([], [])
 
 
+def test_record_keeps_the_planned_levels_but_where_the_start_fell_back_and_pairs_copies_with_the_starts_disks(
+        repository):
+    data = dict(backups=[backup("b1")])
+    data["backups"][0]["disks"].append(dict(disk="vdb", file="b1.vdb.qcow2", size=1 << 30))
+    with_images(repository, data)
+    disks = [vm_disk(checkpoints=[("ckpt-b1", True)]), vm_disk("vdb", checkpoints=[("ckpt-b1", True)])]
+    planned = plan(repository, data, "auto", 0, disks, None, NOW)
+    assert [(d["disk"], d["mode"]) for d in planned["disks"]] == [("vda", "incremental"), ("vdb", "incremental")]
+    # The start lists its disks in its own order; vda's checkpoint turned out unusable (fallback_to_full).
+    started = [dict(disk="vdb", mode="incremental"), dict(disk="vda", mode="full")]
+    with pytest.raises(UserError, match="disks vdb were not copied"):
+        record(data, planned, started, [dict(disk="vda", bytes_read=2), dict(bytes_read=1)], NOW)
+    entry = record(data, planned, started, [dict(bytes_read=2), dict(bytes_read=1)], NOW)
+    assert [(d["disk"], d["mode"], d["backing"], d["bytes_read"]) for d in entry["disks"]] == [
+        ("vda", "full", None, 1), ("vdb", "incremental", "b1.vdb.qcow2", 2)]
+    assert (entry["level"], entry["parent"], entry["chain"]) == ("incremental", "b1", "b1")
+
+
 @pytest.mark.parametrize("field,value", [("file", "../../etc/passwd"), ("file", "/etc/passwd"), ("disk", "a/b")])
 def test_a_manifest_naming_a_path_outside_the_vm_directory_is_refused(repository, field, value):
     data = dict(format=1, vm="vm", backups=[backup("b1")])
@@ -172,7 +198,7 @@ def test_the_lease_is_one_run_at_a_time_until_it_expires(repository):
 
 
 def test_a_manifest_whose_parents_loop_is_refused_and_verified_without_looping():
-    from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import chain_of, images_needed
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import chain_of, images_needed
 
     disk = dict(disk="vda", file="x.qcow2", backing="x.qcow2")
     looped = dict(backups=[dict(name="a", parent="b", disks=[disk]), dict(name="b", parent="a", disks=[disk])])

@@ -19,6 +19,8 @@ was killed leaves its directory, which the next drill removes.
 Checks: the agent answers within boot_timeout; it lists the guest's mounted file systems on disks
 (guest-get-fsinfo); the kernel log (dmesg, on Linux guests) reports no file system or disk error, such as a
 file system remounted read-only; and the user's command, run through guest-exec, exits 0.
+
+The machine it boots is drill_machine.py's; whether a booting guest is stuck, console_watch.py's.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ import signal
 import socket
 import subprocess
 import time
-from xml.etree import ElementTree
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.definition import in_firmware_directories
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.console_watch import ConsoleWatch, DrillFailed
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill_machine import OVMF_VARS
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent import (
     GuestAgent,
     GuestAgentCommandError,
@@ -51,15 +53,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import checked_qemu_img, image_info
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
-OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
-# The host's empty UEFI variable stores, for a backup that kept none.
-OVMF_VARS = {False: "/usr/share/OVMF/OVMF_VARS_4M.fd", True: "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"}
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 DEFAULT_MEMORY_MIB = 1024
 CONSOLE_LINES = 15
 OUTPUT_BYTES = 4096
-# The machine types a drill boots; the value goes into -machine, so nothing else may pass.
-MACHINE_TYPE = re.compile(r"^(pc|q35)(-[a-z0-9.]+)*$")
 SYNC_INTERVAL = 2.0  # while the guest boots, a sync is sent again this often
 QEMU_EXIT_WAIT = 5.0  # after the agent's socket closed, for QEMU to exit
 AGENT_TIMEOUT = 30.0  # for each answer of the agent once it is up
@@ -69,58 +66,6 @@ FILESYSTEM_ERRORS = re.compile(r"EXT[234]-fs error|EXT[234]-fs \(.*\): (error|wa
                                r"ting down)|BTRFS (error|critical)|I/O error|Remounting filesystem read-only|"
                                r"journal commit I/O error|FAT-fs \(.*\): error", re.IGNORECASE)
 PR_SET_PDEATHSIG = 1
-
-
-class DrillDisk:
-    """A disk as the drill boots it: its name (the backup's), the image the overlay sits on, and its bus."""
-
-    def __init__(self, name, image, bus="virtio"):
-        self.name = name
-        self.image = os.path.abspath(image)
-        self.bus = bus
-
-
-class DrillMachine:
-    """The virtual hardware: q35 with SeaBIOS and virtio disks, or what a libvirt domain's XML says."""
-
-    def __init__(self, machine="q35", loader=None, secure=False, memory_mib=None, buses=None):
-        self.machine = machine
-        self.loader = loader
-        self.secure = secure
-        self.memory_mib = memory_mib
-        self.buses = buses or {}
-
-    @classmethod
-    def from_domain_xml(cls, xml):
-        """The hardware a domain's XML describes, as far as a drill needs it."""
-        try:
-            root = ElementTree.fromstring(xml)
-        except ElementTree.ParseError as err:
-            raise UserError("The backup's domain XML cannot be read (%s)." % err) from None
-        os_type = root.find("./os/type")
-        machine = os_type.get("machine") if os_type is not None and os_type.get("machine") else "q35"
-        if not MACHINE_TYPE.match(machine):
-            raise UserError("The backup's domain XML names the machine type %r: drills boot pc and q35 machines "
-                            "only." % machine)
-        loader = root.find("./os/loader")
-        uefi = root.find("./os").get("firmware") == "efi" if root.find("./os") is not None else False
-        path = loader.text.strip() if loader is not None and loader.text else None
-        if loader is not None and loader.get("type") == "rom":
-            raise UserError("The domain boots from a firmware ROM (%s): drills boot SeaBIOS or a UEFI pflash only." % path)
-        if path and not in_firmware_directories(path):
-            # The repository may be anyone's: QEMU would read any host file it named, and the guest with it.
-            raise UserError("The backup's domain XML names the firmware %s, outside the host's firmware directories: "
-                            "a drill boots only the host's own firmware." % path)
-        if uefi and not path:
-            path = OVMF_CODE
-        memory = root.find("memory")
-        memory_mib = None
-        if memory is not None and memory.text:
-            memory_mib = int(memory.text) * {"b": 1, "bytes": 1, "KiB": 1024, "k": 1024, "MiB": 1 << 20, "M": 1 << 20,
-                                             "GiB": 1 << 30, "G": 1 << 30}.get(memory.get("unit", "KiB"), 1024) >> 20
-        buses = {disk.find("target").get("dev"): disk.find("target").get("bus", "virtio")
-                 for disk in root.findall("./devices/disk") if disk.get("device", "disk") == "disk"}
-        return cls(machine, path, loader is not None and loader.get("secure") == "yes", memory_mib, buses)
 
 
 def drill_directory(state_dir):
@@ -361,55 +306,6 @@ class Drill:
                                 % (self.process.pid, self.workdir)) from None
         if self.listener is not None:
             self.listener.close()
-
-
-class DrillFailed(Exception):
-    """The drill cannot go on: the message is its problem."""
-
-
-class ConsoleWatch:
-    """Whether a booting guest is stuck: it wrote on its serial console, then nothing for silence_timeout seconds,
-    while its vCPUs idled (QEMU used less than IDLE_SHARE of a CPU). A guest that boots on without a serial console
-    keeps its vCPUs busy; one that never writes there is not judged by it; 0 turns the watch off.
-    """
-
-    IDLE_SHARE = 0.25
-
-    def __init__(self, path, silence_timeout, pid):
-        self.path = path
-        self.silence_timeout = silence_timeout
-        self.pid = pid
-        self.size = 0
-        self.grew = time.monotonic()
-        self.cpu_at_growth = self._cpu_seconds()
-
-    def _cpu_seconds(self):
-        """The CPU time QEMU has used, in seconds (utime and stime of /proc/<pid>/stat)."""
-        try:
-            with open("/proc/%d/stat" % self.pid) as stream:
-                fields = stream.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def check(self):
-        """DrillFailed once the console has been silent, and the guest idle, for too long."""
-        if not self.silence_timeout:
-            return
-        try:
-            size = os.stat(self.path).st_size
-        except FileNotFoundError:
-            size = 0
-        now = time.monotonic()
-        silent = now - self.grew
-        if size != self.size or (silent >= self.silence_timeout and
-                                 self._cpu_seconds() - self.cpu_at_growth > self.IDLE_SHARE * silent):
-            self.size, self.grew, self.cpu_at_growth = size, now, self._cpu_seconds()  # growing, or busy: not stuck
-        elif size and silent >= self.silence_timeout:
-            raise DrillFailed("the guest wrote nothing more on its serial console for %g s, its vCPUs idle, and "
-                              "its agent did not answer: it is stuck (in its bootloader, firmware or kernel). For a "
-                              "guest that waits that long in silence, raise console_silence_timeout (0 turns this "
-                              "check off)" % self.silence_timeout)
 
 
 def _die_with_parent():

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The disks of a VM as QMP describes them, and the checkpoints on them."""
+"""The disks of a VM as QMP describes them, the checkpoints on them, and the one rule that selects disks by name."""
 
 from __future__ import annotations
 
@@ -63,20 +63,33 @@ def _named_bitmaps(node):
     return {bitmap["name"]: bitmap for bitmap in node.get("dirty-bitmaps", []) if bitmap.get("name")}
 
 
+def named_disks(disks, wanted, names_of, default):
+    """The one disk selection: the disks named in `wanted`, in its order and each once, where names_of(disk) are
+    the names a disk answers to; without `wanted`, the disks that default(disk) keeps.
+
+    Returns (the disks chosen, the names in `wanted` that no disk answers to); each caller words its own error.
+    """
+    if not wanted:
+        return [disk for disk in disks if default(disk)], []
+    chosen, unknown = [], []
+    for key in wanted:
+        found = next((disk for disk in disks if key in names_of(disk)), None)
+        if found is None:
+            unknown.append(key)
+        elif found not in chosen:
+            chosen.append(found)
+    return chosen, unknown
+
+
 def select_disks(disks, wanted):
-    """The disks named in `wanted` (qdev id, qdev path, drive id or node name), or every writable one.
+    """A VM's disks named in `wanted` (qdev id, qdev path, drive id or node name), or every writable one.
 
     Raises LookupError naming the unknown disk and the known ones.
     """
-    if not wanted:
-        return [disk for disk in disks if not disk.read_only]
-    chosen = []
-    for key in wanted:
-        found = [disk for disk in disks if key in (disk.name, disk.qdev, disk.drive, disk.node)]
-        if not found:
-            raise LookupError("Unknown disk '%s'. This VM's disks are: %s." % (key, describe(disks)))
-        if found[0] not in chosen:
-            chosen.append(found[0])
+    chosen, unknown = named_disks(disks, wanted, lambda disk: (disk.name, disk.qdev, disk.drive, disk.node),
+                                  lambda disk: not disk.read_only)
+    if unknown:
+        raise LookupError("Unknown disk '%s'. This VM's disks are: %s." % (unknown[0], describe(disks)))
     return chosen
 
 
