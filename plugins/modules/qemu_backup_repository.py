@@ -250,8 +250,8 @@ import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import REPOSITORY_ARGUMENT_SPEC
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import (
-    REPOSITORY_ARGUMENT_SPEC,
     Lease,
     Repository,
     definition_file_names,

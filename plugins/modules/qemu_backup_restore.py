@@ -185,7 +185,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.defin
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import (
-    DEFAULT_URI,
     HAS_LIBVIRT,
     LIBVIRT_IMPORT_ERROR,
     define_domain,
@@ -197,13 +196,17 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img im
     images_equal,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    REPOSITORY_ARGUMENT_SPEC,
+    VM_ARGUMENT_SPEC,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
     create_exclusive,
     read_regular_file,
     remove_file,
     write_atomic,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 
 
 DOMAIN_XML_FILE = "domain.xml"
@@ -221,7 +224,7 @@ def main():
             force=dict(type="bool", default=False),
             define_domain=dict(type="bool", default=False),
             domain=dict(type="str"),
-            libvirt_uri=dict(type="str", default=DEFAULT_URI, aliases=["uri"]),
+            libvirt_uri=VM_ARGUMENT_SPEC["libvirt_uri"],
             firmware_dirs=dict(type="list", elements="path", default=FIRMWARE_DIRECTORIES),
         ),
         supports_check_mode=True,

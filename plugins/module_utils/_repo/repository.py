@@ -63,12 +63,6 @@ def backup_id_for(vm, name):
                          name.replace("T", "").replace("Z", ""))
 
 
-# The options that name a VM's repository (doc fragments fleetbackup.qemu.repository and .link).
-LINK_ARGUMENT_SPEC = dict(follow_repository_link=dict(type="bool", default=False))
-REPOSITORY_ARGUMENT_SPEC = dict(repository=dict(type="path", required=True), vm=dict(type="str", required=True),
-                                **LINK_ARGUMENT_SPEC)
-
-
 class RepositoryRoot(OpenedDirectory):
     """The repository: a directory with one directory per VM, opened once."""
 

@@ -73,8 +73,6 @@ except ImportError as import_error:
     HAS_LIBVIRT = False
     LIBVIRT_IMPORT_ERROR = import_error
 
-DEFAULT_URI = "qemu:///system"
-DEFAULT_QEMU_DIR = "/var/lib/fleetbackup-qemu"
 # A start's own socket directory is named after its tag (8 hex digits).
 START_DIR = re.compile(r"^[0-9a-f]{8}$")
 NBD_SOCKET = "nbd.sock"
