@@ -73,4 +73,3 @@ class ErrorHandler:
             return function(*args, **kwargs)
         except cls.library_errors as err:
             raise cls.failure(action, err) from None
-
