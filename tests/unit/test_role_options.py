@@ -7,6 +7,7 @@ or else nothing (`{{ X or omit }}`, `{{ X if ... else omit }}`); `module_default
 modules passes the variable to each module of the group.
 """
 
+import functools
 import glob
 import importlib
 import os
@@ -67,7 +68,7 @@ def passed_on(role, module, args, task):
         match = PASSED_ON.match(value.strip()) if isinstance(value, str) else None
         if match and match.group("var").startswith(role + "_"):
             var = match.group("var")
-            omitted = bool(match.group("or_omit")) or var in (match.group("condition") or "")
+            omitted = bool(match.group("or_omit")) or bool(re.search(r"\b%s\b" % var, match.group("condition") or ""))
             yield Passed(role, var, module, option, omitted, task)
 
 
@@ -108,17 +109,13 @@ def capture(_module, argument_spec, **_kwargs):
     raise Captured(argument_spec)
 
 
-_SPECS = {}
-
-
+@functools.cache
 def module_spec(module):
     """The argument spec that the module hands AnsibleModule, composed as it composes it."""
-    if module not in _SPECS:
-        main = importlib.import_module(MODULES + module).main
-        with mock.patch.object(AnsibleModule, "__init__", capture), pytest.raises(Captured) as captured:
-            main()
-        _SPECS[module] = captured.value.args[0]
-    return _SPECS[module]
+    main = importlib.import_module(MODULES + module).main
+    with mock.patch.object(AnsibleModule, "__init__", capture), pytest.raises(Captured) as captured:
+        main()
+    return captured.value.args[0]
 
 
 def role_option(role, var):
