@@ -35,6 +35,7 @@ author:
 extends_documentation_fragment:
   - ansible.builtin.files
   - fleetbackup.qemu.vm.copy_progress
+  - fleetbackup.qemu.tls.client
 options:
   src:
     description:
@@ -43,18 +44,6 @@ options:
       - A server that sends nothing for 60 seconds, while connecting or during the copy, fails the copy.
     type: str
     required: true
-  tls_certificates:
-    description:
-      - For an C(nbds://) O(src), as a start with O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp) returns, the
-        directory with the fleet CA's C(ca-cert.pem) and this host's C(client-cert.pem) and C(client-key.pem), as the
-        C(fleetbackup.qemu.fleet_ca) playbook makes them on the backup host.
-      - The copy checks the server's certificate against that CA and its name against the address in O(src), and
-        presents its own certificate, whose distinguished name the start must allow
-        (O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp.tls_allow)).
-      - The directory and files must belong to root (or this user) and be writable by nobody else; the key must be
-        readable by its owner alone (0600). Links are refused.
-      - Required for an C(nbds://) O(src), unless O(src) names them itself (C(tls-certificates=DIR)).
-    type: path
   dest:
     description: Path of the backup image to write. Its directory must exist.
     type: path
@@ -219,7 +208,7 @@ import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule, missing_libnbd
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import COPY_PROGRESS_ARGUMENT_SPEC, TLS_CLIENT_ARGUMENT_SPEC
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import MAX_BUFFER_BYTES, MAX_REQUEST_SIZE
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.library import HAS_LIBNBD
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import parse_bandwidth, progress_recorded
@@ -232,7 +221,7 @@ def main():
     module = FleetbackupModule(
         argument_spec=dict(
             src=dict(type="str", required=True),
-            tls_certificates=dict(type="path"),
+            **TLS_CLIENT_ARGUMENT_SPEC,
             dest=dict(type="path", required=True),
             format=dict(type="str", choices=["qcow2", "raw"], default="qcow2"),
             force=dict(type="bool", default=False),
@@ -244,7 +233,7 @@ def main():
             request_size=dict(type="int", default=256 * 1024),
             mode=dict(type="raw", default="0600"),
             bandwidth=dict(type="raw", default=0),
-            state_dir=dict(type="path", default=DEFAULT_STATE_DIR),
+            **COPY_PROGRESS_ARGUMENT_SPEC,
         ),
         add_file_common_args=True,
         supports_check_mode=True,

@@ -153,7 +153,7 @@ import time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import copies_dir, read_status
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import COPY_PROGRESS_ARGUMENT_SPEC
 
 # Seconds between two looks at the records while waiting: they change about once a second.
 POLL = 0.2
@@ -167,7 +167,7 @@ def main():
             names=dict(type="list", elements="str"),
             wait=dict(type="float", default=0),
             wait_for=dict(type="str", choices=["progress", "end"], default="progress"),
-            state_dir=dict(type="path", default=DEFAULT_STATE_DIR),
+            **COPY_PROGRESS_ARGUMENT_SPEC,
         ),
         mutually_exclusive=[("dest", "dests")],
         required_one_of=[("dest", "dests")],

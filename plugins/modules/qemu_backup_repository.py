@@ -267,7 +267,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy impo
     prune,
     record,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import REPOSITORY_ARGUMENT_SPEC
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 
 
 def main():

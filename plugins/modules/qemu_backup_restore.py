@@ -184,11 +184,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.defin
     restored_domain_xml,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import (
-    DEFAULT_URI,
-    HAS_LIBVIRT,
-    LIBVIRT_IMPORT_ERROR,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import HAS_LIBVIRT, LIBVIRT_IMPORT_ERROR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.define import define_domain
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
     check_image,
@@ -197,6 +193,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img im
     images_equal,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    REPOSITORY_ARGUMENT_SPEC,
+    VM_ARGUMENT_SPEC,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
     create_exclusive,
     read_regular_file,
@@ -204,7 +204,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
     write_atomic,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import partial_name
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import named_disks
 
 
@@ -223,7 +223,7 @@ def main():
             force=dict(type="bool", default=False),
             define_domain=dict(type="bool", default=False),
             domain=dict(type="str"),
-            libvirt_uri=dict(type="str", default=DEFAULT_URI, aliases=["uri"]),
+            libvirt_uri=VM_ARGUMENT_SPEC["libvirt_uri"],
             firmware_dirs=dict(type="list", elements="path", default=FIRMWARE_DIRECTORIES),
         ),
         supports_check_mode=True,

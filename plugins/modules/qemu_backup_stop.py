@@ -121,7 +121,8 @@ removed:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import BACKUP_ID_ARGUMENT_SPEC, VmModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import BACKUP_ID_ARGUMENT_SPEC
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import VmModule
 
 
 def main():

@@ -141,22 +141,18 @@ msg:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import REPOSITORY_ARGUMENT_SPEC
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import (
-    LINK_ARGUMENT_SPEC,
-    Repository,
-    RepositoryRoot,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository, RepositoryRoot
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.verify import verify_vm
 
 
 def main():
     module = FleetbackupModule(
         argument_spec=dict(
-            repository=dict(type="path", required=True),
+            REPOSITORY_ARGUMENT_SPEC,
             vm=dict(type="str"),
             backups=dict(type="list", elements="str"),
-            **LINK_ARGUMENT_SPEC,
         ),
         required_by=dict(backups="vm"),
         needs_nbd=True,

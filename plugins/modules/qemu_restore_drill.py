@@ -194,9 +194,9 @@ import shutil
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import REPOSITORY_ARGUMENT_SPEC, STATE_DIR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import QemuImgError, image_info
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import REPOSITORY_ARGUMENT_SPEC, Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import Drill, drill_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill_machine import DrillDisk, DrillMachine
 
@@ -207,7 +207,7 @@ def main():
             **REPOSITORY_ARGUMENT_SPEC,
             backup=dict(type="str"),
             images=dict(type="dict"),
-            state_dir=dict(type="path", default=DEFAULT_STATE_DIR),
+            state_dir=STATE_DIR,
             accel=dict(type="str", default="kvm:tcg"),
             memory=dict(type="int"),
             cpus=dict(type="int", default=1),

@@ -134,8 +134,7 @@ missing:
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.discovery import discover
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import LINK_ARGUMENT_SPEC
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import LINK_ARGUMENT_SPEC, STATE_DIR
 
 
 def main():
@@ -143,7 +142,7 @@ def main():
         argument_spec=dict(
             qmp_sockets=dict(type="list", elements="str", default=[]),
             libvirt_uri=dict(type="str", aliases=["uri"]),
-            state_dir=dict(type="path", default=DEFAULT_STATE_DIR),
+            state_dir=STATE_DIR,
             hypervisor=dict(type="str", required=True),
             repository=dict(type="path"),
             timeout=dict(type="float", default=5),

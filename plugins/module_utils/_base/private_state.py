@@ -22,7 +22,6 @@ from contextlib import contextmanager
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 
-DEFAULT_STATE_DIR = "/var/lib/fleetbackup"
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,254}$")
 LOCK_POLL = 0.05
 

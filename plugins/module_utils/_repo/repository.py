@@ -37,12 +37,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
 
 MANIFEST = "manifest.json"
 
-# The options that name a VM's repository (doc fragments fleetbackup.qemu.repository and .link).
-LINK_ARGUMENT_SPEC = dict(follow_repository_link=dict(type="bool", default=False))
-REPOSITORY_ARGUMENT_SPEC = dict(repository=dict(type="path", required=True), vm=dict(type="str", required=True),
-                                **LINK_ARGUMENT_SPEC)
-
-
 class RepositoryRoot(OpenedDirectory):
     """The repository: a directory with one directory per VM, opened once."""
 

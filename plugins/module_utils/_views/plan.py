@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import checkpoint_problem
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import START_ARGUMENT_SPEC
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import check_freeze_timeout
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import check_trusted_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
@@ -25,12 +26,11 @@ BACKUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 EXPORT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 # <backup_id>/<start tag>/<disk>: what qemu_backup_copy records as the identity of an image.
 EXPORT_NAME = re.compile(r"^(?P<backup_id>[A-Za-z0-9_-]{1,32})/(?P<tag>[0-9a-f]{8})/(?P<disk>[A-Za-z0-9_.-]+)$")
-# The options that define a backup: a second start with the same id must ask for the same.
 MAX_CBW_TIMEOUT = 60
 # sun_path holds 108 bytes with its terminating NUL.
 MAX_SOCKET_PATH = 107
-REQUEST_KEYS = ("disks", "checkpoint", "incremental", "fallback_to_full", "scratch_dir", "scratch_size", "nbd_socket",
-                "nbd_tcp", "cbw_timeout", "libvirt_small_scratch", "freeze", "guest_agent_socket", "freeze_timeout")
+# The options that define a backup: a second start with the same id must ask for the same.
+REQUEST_KEYS = tuple(START_ARGUMENT_SPEC)
 
 
 def check_backup_id(backup_id):

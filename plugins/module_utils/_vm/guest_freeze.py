@@ -31,7 +31,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent i
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.held_signals import HeldSignals
 
-FREEZE_MODES = ("never", "always", "auto")
 MAX_FREEZE_TIMEOUT = 60
 APPLICATION = "application"
 CRASH = "crash"

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The base of the modules that talk to a VM: one argument spec (doc fragment fleetbackup.qemu.vm) and a connection.
+"""The base of the modules that talk to a VM: the VM options (doc fragment fleetbackup.qemu.vm) and a connection.
 
 A VM is reached either over a QMP socket of its own (qmp_socket) or through libvirt (domain, libvirt_uri); the
 modules get a VmConnection and never look at which.
@@ -12,34 +12,14 @@ from __future__ import annotations
 from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import (
-    DEFAULT_URI,
-    HAS_LIBVIRT,
-    LIBVIRT_IMPORT_ERROR,
-)
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.vm import DEFAULT_QEMU_DIR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import HAS_LIBVIRT, LIBVIRT_IMPORT_ERROR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import DEFAULT_STATE_DIR
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import (
-    DEFAULT_TIMEOUT,
-    HAS_QEMU_QMP,
-    QEMU_QMP_IMPORT_ERROR,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import VM_ARGUMENT_SPEC
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.reach import open_libvirt_vm, open_qmp_vm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import registry_dir
 
-VM_ARGUMENT_SPEC = dict(
-    qmp_socket=dict(type="path"),
-    domain=dict(type="str"),
-    libvirt_uri=dict(type="str", default=DEFAULT_URI, aliases=["uri"]),
-    qemu_dir=dict(type="path", default=DEFAULT_QEMU_DIR),
-    timeout=dict(type="float", default=DEFAULT_TIMEOUT, aliases=["qmp_timeout"]),
-    state_dir=dict(type="path", default=DEFAULT_STATE_DIR),
-)
 VM_CONNECTIONS = ("qmp_socket", "domain")
-
-# With doc fragment fleetbackup.qemu.vm.backup_id.
-BACKUP_ID_ARGUMENT_SPEC = dict(backup_id=dict(type="str", required=True))
 
 
 class VmModule(FleetbackupModule):

@@ -17,8 +17,6 @@ except ImportError as import_error:
     HAS_LIBVIRT = False
     LIBVIRT_IMPORT_ERROR = import_error
 
-DEFAULT_URI = "qemu:///system"
-
 
 class LibvirtFailure(TranslatedError):
     """A libvirt call failed; the message names libvirt's error and what was being done."""

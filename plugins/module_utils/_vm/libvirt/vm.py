@@ -26,9 +26,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.check
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import LibvirtFailure, call, connect, libvirt
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
-DEFAULT_QEMU_DIR = "/var/lib/fleetbackup-qemu"
-
-
 def libvirt_vm_key(uuid):
     """The private-state key of a libvirt domain: its UUID, which outlives renames and redefinitions (short: sockets
     live under it)."""
