@@ -54,7 +54,7 @@ _value:
       type: str
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.discovery import choose_fleet_vms
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.discovery import choose_fleet_vms
 
 
 class FilterModule:

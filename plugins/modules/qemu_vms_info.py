@@ -132,7 +132,7 @@ missing:
   elements: str
 """
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.discovery import discover
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.discovery import discover
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import LINK_ARGUMENT_SPEC, STATE_DIR
 

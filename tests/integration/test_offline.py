@@ -14,7 +14,7 @@ from support.qemu_vm import DiskSpec, MiB
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import listen_tcp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import end_server, serve_image
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import process_start_time
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_start_time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import image_bitmaps
 
 TWO_DISKS = [DiskSpec("vda", size=32 * MiB), DiskSpec("vdb", size=16 * MiB)]

@@ -7,7 +7,7 @@ import subprocess
 from support.modules import run_module
 from support.qemu_vm import same
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import process_alive
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive
 
 
 class Backups:

@@ -10,7 +10,7 @@ from unittest import mock
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
 from ansible_collections.fleetbackup.qemu.plugins.modules import qemu_backup_start
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import this_process
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import this_process
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views import fleecing_teardown
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import REQUEST_KEYS, check_request

@@ -1,6 +1,6 @@
 """Which hypervisor backs up a VM that more than one of them lists."""
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.discovery import choose_fleet_vms
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.discovery import choose_fleet_vms
 
 
 def hypervisor(name, *vms):

@@ -59,4 +59,5 @@ def test_only_the_modules_that_copy_carry_the_copy_engine(module):
 def test_the_module_base_checks_for_libnbd_without_the_nbd_client():
     assert payload("qemu_backup_copy_status") == {
         "module_utils/_base/errors.py", "module_utils/_base/module_base.py", "module_utils/_base/options.py",
-        "module_utils/_base/private_state.py", "module_utils/_nbd/library.py", "module_utils/_nbd/progress.py"}
+        "module_utils/_base/private_state.py", "module_utils/_base/processes.py", "module_utils/_base/libnbd.py",
+        "module_utils/_nbd/progress.py"}

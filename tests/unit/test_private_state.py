@@ -11,9 +11,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
     check_plain_name,
     check_trusted_directory,
     create_exclusive,
-    process_alive,
-    this_process,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive, this_process
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch import scratch_bytes, scratch_shares
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 

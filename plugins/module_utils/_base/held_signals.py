@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """Signals that must not end a run while it holds the guest still (vCPUs paused, file systems frozen).
 
 SIGTERM, SIGHUP and SIGINT are held from hold() to release(); release() then raises Interrupted, so that the

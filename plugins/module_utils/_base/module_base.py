@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """The base of every module: library checks and uniform errors."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.library import HAS_LIBNBD, LIBNBD_IMPORT_ERROR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import HAS_LIBNBD, LIBNBD_IMPORT_ERROR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
 
 

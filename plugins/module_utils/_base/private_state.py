@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """Our own state on a host: directories that only we can write, and files that only we create.
 
 Every directory is owned by us with mode 0700. Every file is created with O_EXCL|O_NOFOLLOW and mode 0600
@@ -278,24 +279,6 @@ def sync_directory(path):
         os.close(fd)
 
 
-def boot_id():
-    with open("/proc/sys/kernel/random/boot_id") as stream:
-        return stream.read().strip()
-
-
-def process_start_time(pid):
-    """The start time of pid in clock ticks since boot, or None when there is no such process, or only its zombie.
-
-    With the boot id it tells a process apart from a later one that got the same PID.
-    """
-    try:
-        with open("/proc/%d/stat" % pid) as stream:
-            fields = stream.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
-
-
 def file_identity(path, follow=False):
     """[device, inode] of the regular file at path (through a symlink with follow), else None."""
     try:
@@ -308,15 +291,3 @@ def file_identity(path, follow=False):
 def utc(seconds):
     """A time for messages: 2026-11-29 02:00:00 UTC."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
-
-
-def this_process():
-    """Who we are, in a form that outlives us: host, boot, PID and the PID's start time."""
-    return dict(host=socket.gethostname(), boot_id=boot_id(), pid=os.getpid(),
-                started=process_start_time(os.getpid()))
-
-
-def process_alive(owner):
-    """Whether the process that this_process() described still runs."""
-    return (owner.get("boot_id") == boot_id() and owner.get("host") == socket.gethostname()
-            and process_start_time(owner.get("pid", -1)) == owner.get("started"))

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """The checksum of a backup image: a SHA-256 digest per 64 KiB block, bound to the block's offset, summed.
 
 A copy writes its blocks in parallel and in any order, so the digests are combined by addition modulo

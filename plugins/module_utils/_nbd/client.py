@@ -22,7 +22,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents impo
     clip,
     merge_extents,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.library import HAS_LIBNBD, nbd
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import HAS_LIBNBD, nbd
 
 # Seconds a server may send nothing before the copy fails. A healthy one answers in milliseconds; this
 # outlasts stalls of busy storage (and a 32 MiB read at 1 MiB/s) and still fails a scheduled run in a minute.

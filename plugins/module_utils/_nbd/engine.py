@@ -41,7 +41,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents impo
     count_bytes,
     plan_operations,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.library import nbd
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import nbd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import write_failure
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.targets import ChecksumOnly, FileTarget, Qcow2Target
 

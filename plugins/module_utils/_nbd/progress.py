@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """The progress of copies, kept on the host that copies: a small record per copy in <state_dir>/copies/.
 
 qemu_backup_copy writes the record of its dest when it begins, about once a second while it copies, and
@@ -27,11 +28,8 @@ from collections import deque
 from ansible.module_utils.common.text.formatters import human_to_bytes
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
-    PrivateDir,
-    process_alive,
-    this_process,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import PrivateDir
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive, this_process
 
 COPIES = "copies"
 RECORD_NAME = re.compile(r"^[0-9a-f]{64}\.json$")

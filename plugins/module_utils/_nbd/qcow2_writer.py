@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """Write a new qcow2 image directly, from many threads, without a qemu-nbd hop.
 
 Going through qemu-nbd costs every byte two more trips through a socket; on a

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """NBD over TCP, with TLS: the listener's options, its URLs, and the x509 credentials of both ends.
 
 A backup's exports may be read from another host (the backup host) over TCP. Then QEMU's NBD server

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """Restore drills: a backup boots, and its guest says that its file systems are sound.
 
 The disks of a recorded backup (each the top of its chain in the repository, or an image restored from it)
@@ -44,12 +45,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent i
     GuestAgentError,
     GuestAgentTimeout,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
-    PrivateDir,
-    create_exclusive,
-    process_alive,
-    this_process,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import PrivateDir, create_exclusive
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive, this_process
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import checked_qemu_img, image_info
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"

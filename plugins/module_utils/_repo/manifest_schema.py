@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """The schema of a repository's manifest, which every reader checks before it uses one, and every writer before it
 saves one: each field, what its value must be, and whether it must be there."""
 

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """A VM's backup repository: its directory, its images and files, and the manifest of its complete backups.
 
 Only a backup whose copies all finished is ever written to the manifest, and

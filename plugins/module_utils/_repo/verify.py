@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """Verifying a repository without its VMs: each image alone, each chain's links, each recorded checksum.
 
 Every image is read alone, never through its backing file: qemu-img and qemu-nbd get it as a file

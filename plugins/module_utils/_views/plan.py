@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """What a backup start will do, whatever connection reaches the VM: disks, levels, exports and their names.
 
 Each start gets a tag of its own. Export names carry the backup id, the tag and the disk, so a copy can

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """Whether a backup's point-in-time view still holds, as its NBD exports tell a copy or a stop.
 
 Each disk of a QMP backup has two exports. The data export serves the scratch image, whose unwritten

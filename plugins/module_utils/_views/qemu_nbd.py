@@ -12,7 +12,12 @@ import subprocess
 import sys
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import process_alive, process_start_time, remove_file, this_process
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import (
+    process_alive,
+    process_start_time,
+    this_process,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import end_pidfd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import authz_rules
 

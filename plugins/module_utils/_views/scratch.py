@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """Scratch space: where QEMU keeps the old data that the guest overwrites while a backup runs.
 
 Scratch images have no name. They are made with O_TMPFILE (or named and unlinked at once where a file

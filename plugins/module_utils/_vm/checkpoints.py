@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """Checkpoints: persistent dirty bitmaps in QEMU, and what QEMU does not record about them.
 
 A bitmap does not know the disk's size when it was created, and a disk shrunk

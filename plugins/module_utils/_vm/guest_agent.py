@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """A client for the QEMU guest agent (qemu-ga), on the host's socket of its virtio-serial port.
 
 The agent speaks JSON commands and one-line JSON answers, with no greeting: qemu.qmp can't speak it.

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """Application-consistent backups: the guest agent freezes the guest's file systems around the point in time.
 
 freeze: never, always, or auto (freeze when the agent answers). The agent is asked before anything of the

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """The base of the modules that talk to a VM: the VM options (doc fragment fleetbackup.qemu.vm) and a connection.
 
 A VM is reached either over a QMP socket of its own (qmp_socket) or through libvirt (domain, libvirt_uri); the

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """What fleetbackup keeps about one VM between module runs, in <state_dir>/vms/<vm key>/.
 
 The running backup (one per VM), the records of a vCPU pause and of a guest file system freeze in progress,
@@ -14,11 +15,8 @@ import os
 import stat
 from contextlib import nullcontext
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
-    PrivateDir,
-    process_alive,
-    this_process,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import PrivateDir
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive, this_process
 
 BACKUP = "backup.json"
 PAUSED = "paused.json"

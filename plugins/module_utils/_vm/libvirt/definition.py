@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """A backed-up libvirt domain's XML, made to describe its restored copy: the restored images and UEFI variables.
 
 The XML comes from a repository, which others may be able to write, and libvirt acts on it as root. So only what a

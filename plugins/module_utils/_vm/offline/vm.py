@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """A VM that is not running, reached on its image files: the third implementation of VmConnection.
 
 The images come from fleetbackup's own state, recorded while a QMP VM ran (with the device and inode of each file,

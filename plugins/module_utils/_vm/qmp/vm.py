@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """A VM reached over a QMP socket of its own: the QMP implementation of VmConnection."""
 
 from __future__ import annotations

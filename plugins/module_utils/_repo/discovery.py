@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
 """The VMs of one hypervisor, running or stopped, each with a name for its repository directory that no other VM
 of the fleet gets: by its UUID where it has one, else by its name and its hypervisor's."""
 
