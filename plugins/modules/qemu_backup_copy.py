@@ -207,8 +207,14 @@ checksum:
 import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule, missing_libnbd
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import COPY_PROGRESS_ARGUMENT_SPEC, TLS_CLIENT_ARGUMENT_SPEC
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import (
+    FleetbackupModule,
+    missing_libnbd,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    COPY_PROGRESS_ARGUMENT_SPEC,
+    TLS_CLIENT_ARGUMENT_SPEC,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import MAX_BUFFER_BYTES, MAX_REQUEST_SIZE
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import HAS_LIBNBD
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import parse_bandwidth, progress_recorded

@@ -184,7 +184,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.defin
     restored_domain_xml,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import HAS_LIBVIRT, LIBVIRT_IMPORT_ERROR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import (
+    HAS_LIBVIRT,
+    LIBVIRT_IMPORT_ERROR,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.define import define_domain
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
     check_image,

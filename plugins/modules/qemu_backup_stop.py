@@ -92,6 +92,19 @@ removed:
       type: list
       elements: str
       sample: [fb3c1f0a2b9d4e-a0, fb3c1f0a2b9d4e-f0, fb3c1f0a2b9d4e-s0]
+    devices:
+      description: The devices of a QMP VM put back on their own nodes from the backup's filters; empty otherwise.
+      type: list
+      elements: str
+      sample: [/machine/peripheral/vda/virtio-backend]
+    bitmaps:
+      description: How many frozen copies of a checkpoint (those an incremental exported) were removed.
+      type: int
+      sample: 1
+    scratch_images:
+      description: How many of a QMP VM's scratch images QEMU let go of; with O(domain) they are in RV(removed.files).
+      type: int
+      sample: 1
     files:
       description: The NBD socket, and with O(domain) the scratch images.
       type: list

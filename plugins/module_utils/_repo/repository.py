@@ -22,7 +22,10 @@ import os
 import stat
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.manifest_schema import MANIFEST_FORMAT, check_manifest
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.manifest_schema import (
+    MANIFEST_FORMAT,
+    check_manifest,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import images_needed
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.opened_directory import OpenedDirectory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import QemuImgError, image_info
@@ -37,6 +40,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
 )
 
 MANIFEST = "manifest.json"
+
 
 class RepositoryRoot(OpenedDirectory):
     """The repository: a directory with one directory per VM, opened once."""

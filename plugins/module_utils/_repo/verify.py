@@ -20,7 +20,12 @@ import stat
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import checksum_of_image_export
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import alone, image_damage, image_info, served
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
+    alone,
+    image_damage,
+    image_info,
+    served,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import images_needed
 
 

@@ -23,12 +23,22 @@ from __future__ import annotations
 
 import os
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import ErrorHandler, FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import (
+    ErrorHandler,
+    FleetbackupError,
+    UserError,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import SERVER_FILES, read_credentials
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing_teardown import Teardown
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import BackupPlan, check_socket_path
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_time import describe_view
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qemu_nbd_server import add_tls, export_probe, listen_on_tcp, listen_on_unix, start_nbd_server
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qemu_nbd_server import (
+    add_tls,
+    export_probe,
+    listen_on_tcp,
+    listen_on_unix,
+    start_nbd_server,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qmp_objects import (
     QmpBackupNames,
     backup_is_whole,
@@ -36,7 +46,12 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qmp_object
     running_backup_ids,
     set_drive,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch import check_scratch_dir, create_scratch_image, scratch_bytes, scratch_shares
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch import (
+    check_scratch_dir,
+    create_scratch_image,
+    scratch_bytes,
+    scratch_shares,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import FLEECING, PointInTimeView
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.pause import VcpuPause
@@ -138,11 +153,11 @@ def _prepare_filters(qmp, names, plan, record):
     scratch_dir = plan.scratch_dir
     for index, disk in enumerate(plan.disks):
         fd = StartStep.call("creating the scratch image of disk %s in %s" % (disk["disk"], scratch_dir),
-                   create_scratch_image, scratch_dir, disk["size"], disk["scratch_room"])
+                            create_scratch_image, scratch_dir, disk["size"], disk["scratch_room"])
         try:
             opaque = names.fdset_opaque(index, disk, plan.nbd_socket, record["socket_identity"])
-            fdset = StartStep.call("handing the scratch image of disk %s to QEMU" % disk["disk"], qmp.execute_with_fd, fd,
-                          "add-fd", {"opaque": opaque})["fdset-id"]
+            fdset = StartStep.call("handing the scratch image of disk %s to QEMU" % disk["disk"], qmp.execute_with_fd,
+                                   fd, "add-fd", {"opaque": opaque})["fdset-id"]
         finally:
             os.close(fd)
         # The raw node caps the image at its reserved room: beyond it, writes fail and break the snapshot.

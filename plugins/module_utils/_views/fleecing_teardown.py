@@ -16,9 +16,24 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import NbdTimeout
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import remove_credential_copies
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import nbd_url
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_time import probe_export_name, view_intact
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qemu_nbd_server import export_probe, listen_on_unix, start_nbd_server, stop_nbd_server
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qmp_objects import QmpBackupNames, attached_nodes, backup_is_whole, has_bitmap, our_fdsets, set_drive
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_time import (
+    probe_export_name,
+    view_intact,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qemu_nbd_server import (
+    export_probe,
+    listen_on_unix,
+    start_nbd_server,
+    stop_nbd_server,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qmp_objects import (
+    QmpBackupNames,
+    attached_nodes,
+    backup_is_whole,
+    has_bitmap,
+    our_fdsets,
+    set_drive,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.removed import Removed
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import FLEECING, PointInTimeView
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
@@ -80,7 +95,8 @@ class Teardown:
         return Removed(exports=self.exports, nodes=self.nodes, devices=[disk["qdev"] for disk in self.devices],
                        bitmaps=len(self.bitmap_nodes), scratch_images=self.scratch_images, nbd_server=self.nbd_server,
                        objects=self.objects, files=self.sockets,
-                       checkpoint=self.checkpoint if self.checkpoint_disks else None, state_file=self.record is not None)
+                       checkpoint=self.checkpoint if self.checkpoint_disks else None,
+                       state_file=self.record is not None)
 
     def intact(self):
         """Whether the point-in-time view of a completed start still holds; None when there is none.

@@ -27,12 +27,29 @@ import time
 from xml.etree import ElementTree
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import check_trusted_directory, file_identity, read_regular_file, remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
+    check_trusted_directory,
+    file_identity,
+    read_regular_file,
+    remove_file,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import qcow2_full_size
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import EXPORT_NAME, BackupPlan, check_socket_path, new_tag, temporary_bitmap
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import (
+    EXPORT_NAME,
+    BackupPlan,
+    check_socket_path,
+    new_tag,
+    temporary_bitmap,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.removed import Removed
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch import check_scratch_dir, create_scratch_image, existing_parent, scratch_bytes, scratch_shares
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch import (
+    check_scratch_dir,
+    create_scratch_image,
+    existing_parent,
+    scratch_bytes,
+    scratch_shares,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import LIBVIRT_PULL, PointInTimeView
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import LibvirtFailure, call, libvirt
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.checkpoints import checkpoint_xml
@@ -65,8 +82,8 @@ class LibvirtPull(PointInTimeView):
         exports = self._exports()
         if exports is None:
             return set()  # it ended between the two calls
-        ids = {match.group("backup_id") for match in (EXPORT_NAME.match(export or "") for export, _bitmap in exports.values())
-               if match}
+        matches = (EXPORT_NAME.match(export or "") for export, _bitmap in exports.values())
+        ids = {match.group("backup_id") for match in matches if match}
         return ids or {FOREIGN_BACKUP}
 
     def _exports(self):
@@ -260,7 +277,8 @@ class LibvirtPull(PointInTimeView):
         # libvirt's view never breaks (the guest's writes would fail instead): it held while its job ran.
         intact = (exports is not None or bool(record.get("ending"))) if record and record["complete"] else None
         checkpoint = self._checkpoint_of(record) if discard_checkpoint else None
-        removed = Removed(job=exports is not None, exports=sorted(export for export, _bitmap in (exports or {}).values()),
+        removed = Removed(job=exports is not None,
+                          exports=sorted(export for export, _bitmap in (exports or {}).values()),
                           nbd_server=exports is not None, checkpoint=checkpoint, state_file=record is not None,
                           files=self._leftover_files(backup_id, record, exports is not None))
         self._note_paused_on_error()
@@ -335,8 +353,8 @@ class LibvirtPull(PointInTimeView):
         state, reason = call("Reading the domain's state", self.lv.domain.state)
         if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
             self.vm.notes.append("%s is paused on an I/O error (disk errors: %s). If its scratch space ran out during "
-                              "the backup (libvirt_small_scratch), resume it once the backup stopped: virsh resume."
-                              % (self.vm.description, call("Reading the disk errors", self.lv.domain.diskErrors)))
+                                 "the backup (libvirt_small_scratch), resume it once the backup stopped: virsh resume."
+                                 % (self.vm.description, call("Reading the disk errors", self.lv.domain.diskErrors)))
 
 
 def read_nvram(path):

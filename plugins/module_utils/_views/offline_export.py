@@ -24,10 +24,22 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import checked_qemu_img
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import SERVER_FILES, credential_copies, credential_copies_name, listen_tcp, read_credentials
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import (
+    SERVER_FILES,
+    credential_copies,
+    credential_copies_name,
+    listen_tcp,
+    read_credentials,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import remove_credential_copies
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import BackupPlan, check_socket_path, nbd_url
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qemu_nbd import end_server, pidfile_name, serve_image, servers_alive, unrecorded_servers
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qemu_nbd import (
+    end_server,
+    pidfile_name,
+    serve_image,
+    servers_alive,
+    unrecorded_servers,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.removed import Removed
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import OFFLINE, PointInTimeView
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.seen_disks import image_fingerprint
@@ -126,7 +138,8 @@ class OfflineExport(PointInTimeView):
         vm = self.vm
         unrecorded = unrecorded_servers(vm.state, record)
         alive = [server for server in record["servers"] + unrecorded if process_alive(server["owner"])]
-        changed = [path for path, fingerprint in record["fingerprints"].items() if image_fingerprint(path) != fingerprint]
+        changed = [path for path, fingerprint in record["fingerprints"].items()
+                   if image_fingerprint(path) != fingerprint]
         intact = (len(alive) == len(record["servers"]) and not changed) if record["complete"] else None
         checkpoint = record["checkpoint"] if discard_checkpoint and record["added"] else None
         # The VM may run now: its connection removes the bitmaps from QEMU, or from the images when it is stopped.
@@ -136,8 +149,8 @@ class OfflineExport(PointInTimeView):
                           files=[path for path in sockets if os.path.lexists(path)])
         if changed:
             vm.notes.append("The images %s changed during the backup (the VM was started, or something else "
-                                    "wrote them): the VM won, and this backup holds no single point in time."
-                                    % ", ".join(sorted(changed)))
+                            "wrote them): the VM won, and this backup holds no single point in time."
+                            % ", ".join(sorted(changed)))
         if check_mode:
             return removed, intact
         for server in alive:

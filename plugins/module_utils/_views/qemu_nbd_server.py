@@ -15,7 +15,13 @@ import os
 import socket
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import SERVER_FILES, authz_rules, credential_copies, listen_tcp, read_credentials
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import (
+    SERVER_FILES,
+    authz_rules,
+    credential_copies,
+    listen_tcp,
+    read_credentials,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_time import probe_export_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError
 

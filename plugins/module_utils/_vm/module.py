@@ -13,7 +13,10 @@ from __future__ import annotations
 from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import CheckpointRegistry
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import HAS_LIBVIRT, LIBVIRT_IMPORT_ERROR
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import (
+    HAS_LIBVIRT,
+    LIBVIRT_IMPORT_ERROR,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import VM_ARGUMENT_SPEC
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR

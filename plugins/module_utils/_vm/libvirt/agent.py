@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent import GuestAgentError, GuestAgentUnreachable
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent import (
+    GuestAgentError,
+    GuestAgentUnreachable,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import FreezeUnavailable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import LibvirtErrors, LibvirtFailure
 

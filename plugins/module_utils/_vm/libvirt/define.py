@@ -9,8 +9,16 @@ from __future__ import annotations
 from xml.etree import ElementTree
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import LibvirtFailure, call, connect, libvirt
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.definition import domain_name, restore_identity
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import (
+    LibvirtFailure,
+    call,
+    connect,
+    libvirt,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.definition import (
+    domain_name,
+    restore_identity,
+)
 
 
 def define_domain(uri, xml, force, check_mode):

@@ -23,8 +23,14 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import thaw_abandoned_freeze
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.agent import LibvirtGuestAgent
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.checkpoints import checkpoint_xml
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import LibvirtFailure, call, connect, libvirt
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import (
+    LibvirtFailure,
+    call,
+    connect,
+    libvirt,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
+
 
 def libvirt_vm_key(uuid):
     """The private-state key of a libvirt domain: its UUID, which outlives renames and redefinitions (short: sockets
@@ -226,7 +232,8 @@ class LibvirtVm(VmConnection):
                 if any(size is not None for size in self._checkpoint_sizes().get(name, {}).values()):
                     raise
             # Its bitmap is gone (a kill -9 of QEMU, or another tool): only the metadata is left to delete.
-            call("Forgetting checkpoint %s" % name, checkpoint.delete, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            call("Forgetting checkpoint %s" % name, checkpoint.delete,
+                 libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
             return
         for image in images:
             if name in image_bitmaps(image):

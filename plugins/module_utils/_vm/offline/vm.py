@@ -14,9 +14,16 @@ from __future__ import annotations
 import json
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import checked_qemu_img, image_bitmaps, run_qemu_img
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
+    checked_qemu_img,
+    image_bitmaps,
+    run_qemu_img,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing_teardown import EndedFleecing
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import BITMAP_GRANULARITY, OfflineExport
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import (
+    BITMAP_GRANULARITY,
+    OfflineExport,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import FLEECING, OFFLINE
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import VmConnection
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import Disk
