@@ -204,23 +204,12 @@ checksum:
   sample: sha256-blocks64k:3f2a...
 """
 
-import os
-
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import (
-    FleetbackupModule,
-    missing_libnbd,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
     COPY_PROGRESS_ARGUMENT_SPEC,
     TLS_CLIENT_ARGUMENT_SPEC,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import MAX_BUFFER_BYTES, MAX_REQUEST_SIZE
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import HAS_LIBNBD
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import parse_bandwidth, progress_recorded
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import CLUSTER_SIZE, check_backing_name
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.tls import CLIENT_FILES, read_credentials
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import copy_or_keep
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import copy_backup
 
 
 def main():
@@ -245,60 +234,6 @@ def main():
         supports_check_mode=True,
     )
     module.run(copy_backup)
-
-
-def check_params(params):
-    dest_dir = os.path.dirname(params["dest"]) or "."
-    if not os.path.isdir(dest_dir):
-        raise UserError("The directory of dest %s does not exist: create it first." % params["dest"])
-    if not os.access(dest_dir, os.W_OK | os.X_OK):
-        raise UserError("The directory of dest %s is not writable by this user." % params["dest"])
-    if not params["src"].startswith("nbd"):
-        raise UserError("src '%s' is not an NBD URL: pass the url from qemu_backup_start, like "
-                        "nbd+unix:///vda?socket=/var/tmp/ID.nbd." % params["src"])
-    check_tls(params)
-    if not 1 <= params["connections"] <= 16 or not 1 <= params["requests"] <= 1024:
-        raise UserError("connections must be 1 to 16 and requests 1 to 1024.")
-    if not CLUSTER_SIZE <= params["request_size"] <= MAX_REQUEST_SIZE or params["request_size"] % CLUSTER_SIZE:
-        raise UserError("request_size must be a multiple of %d from %d to %d (QEMU's limit)."
-                        % (CLUSTER_SIZE, CLUSTER_SIZE, MAX_REQUEST_SIZE))
-    buffers = params["connections"] * params["requests"] * params["request_size"]
-    if buffers > MAX_BUFFER_BYTES:
-        raise UserError("connections x requests x request_size = %d x %d x %d = %d bytes of read buffers, more than "
-                        "the %d (1 GiB) a copy may take: lower one of them."
-                        % (params["connections"], params["requests"], params["request_size"], buffers,
-                           MAX_BUFFER_BYTES))
-    if params["dirty_bitmap"] and not params["backing"]:
-        raise UserError("An incremental copy (dirty_bitmap) needs backing: the previous backup of this disk.")
-    if params["backing"]:
-        if params["format"] != "qcow2":
-            raise UserError("An overlay on backing needs format qcow2.")
-        if not os.path.isfile(params["backing"]):
-            raise UserError("backing %s does not exist: it must be the previous backup of this disk."
-                            % params["backing"])
-        check_backing_name(os.path.relpath(params["backing"], dest_dir))
-    return dest_dir
-
-
-def check_tls(params):
-    """An nbds:// src gets its client certificates; certificates go only with an nbds:// src."""
-    tls = params["src"].startswith("nbds")
-    if params["tls_certificates"]:
-        if not tls:
-            raise UserError("tls_certificates is for an nbds:// src (a start with nbd_tcp), not for %s." % params["src"])
-        read_credentials(params["tls_certificates"], CLIENT_FILES, "tls_certificates")
-    elif tls and "tls-certificates=" not in params["src"]:
-        raise UserError("src %s is served over TLS: give tls_certificates, the directory with the fleet CA's "
-                        "ca-cert.pem and this host's client-cert.pem and client-key.pem." % params["src"])
-
-
-@progress_recorded
-def copy_backup(module, progress):
-    """Check the parameters, then copy or keep dest; a failed check, a missing libnbd's too, is recorded."""
-    if not HAS_LIBNBD:
-        raise UserError(missing_libnbd())
-    bandwidth = parse_bandwidth(module.params["bandwidth"])
-    return copy_or_keep(module, check_params(module.params), bandwidth, progress)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,10 @@ options:
     description:
       - With O(action=record), the copy of each disk of O(started_disks), in the same order, as
         C({bytes_read, checksum}) or as the result of M(fleetbackup.qemu.qemu_backup_copy) (as C(async_status)
-        returns it, too). The role's copies loop over the start's disks, so their results come in that order.
-        A copy that names its C(disk) must name that one.
+        returns it, too). A copy is of the disk it names (its C(disk), or its
+        RV(fleetbackup.qemu.qemu_backup_copy#module:image), the planned file in the repository), else of the started
+        disk at its place in the list (the role's copies loop over the start's disks, so their results come in that
+        order).
       - Each disk's RV(fleetbackup.qemu.qemu_backup_copy#module:checksum) is recorded in the manifest for
         M(fleetbackup.qemu.qemu_backup_verify).
     type: list
@@ -349,7 +351,7 @@ def record_action(module, repository):
     if definition and not module.check_mode:
         definition = store_definition(repository, params["planned"]["name"], definition)
     entry = record(data, params["planned"], params["started_disks"], params["copies"], int(time.time()), definition,
-                   dict(consistency=params["consistency"], freeze=params["freeze"]))
+                   dict(consistency=params["consistency"], freeze=params["freeze"]), repository.path)
     if not module.check_mode:
         repository.save(data)
     return dict(changed=True, backup=entry)

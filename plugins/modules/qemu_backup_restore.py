@@ -206,7 +206,11 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
     remove_file,
     write_atomic,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import partial_name
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import (
+    partial_name,
+    publish,
+    remove_stale_partials,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import named_disks
 
@@ -309,6 +313,7 @@ def _restore_disk(module, repository, disk):
     result["changed"] = True
     if module.check_mode:
         return result
+    remove_stale_partials(params["dest"])  # a restore killed here before left its partial
     partial = create_exclusive(params["dest"], partial_name(target), os.O_RDWR)
     try:
         try:
@@ -319,7 +324,7 @@ def _restore_disk(module, repository, disk):
             check_image(partial.path)
         if not images_equal(source, partial.path):
             raise UserError("The restored image of disk %s differs from its backup %s." % (disk["disk"], source))
-        os.rename(partial.path, target)
+        publish(partial.path, target)
     except BaseException:
         remove_file(partial.path)  # ours: made above, and not yet renamed
         raise

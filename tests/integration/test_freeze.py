@@ -21,7 +21,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors impo
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import GuestFreeze, SocketAgent
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.identity import qmp_vm_key
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.reach import open_qmp_vm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 

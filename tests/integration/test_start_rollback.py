@@ -12,7 +12,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints i
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import GuestFreeze
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError, QmpError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.identity import qmp_vm_key
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.reach import open_qmp_vm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 

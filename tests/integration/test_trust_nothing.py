@@ -9,7 +9,7 @@ from support.flows import Backups
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, MiB, same
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import qmp_vm_key
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.identity import qmp_vm_key
 
 
 def vm_dir(flow):

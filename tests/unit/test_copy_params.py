@@ -3,7 +3,7 @@
 import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.modules.qemu_backup_copy import check_params
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import check_params
 
 MiB = 1024 ** 2
 

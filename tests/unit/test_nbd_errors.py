@@ -51,3 +51,20 @@ def test_a_missing_socket_fails_the_connect_naming_it(tmp_path):
         Connection(url)
     assert str(raised.value).startswith("Cannot connect to NBD export %s: " % url)
     assert "No such file or directory" in str(raised.value)
+
+
+def test_a_handled_function_names_the_action_with_its_arguments_defaults_included():
+    from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import ErrorHandler, TranslatedError
+
+    class ValueErrors(ErrorHandler):
+        library_errors = (ValueError,)
+
+    @ValueErrors.handles("Reading disk {disk} at {offset}")
+    def read(disk, offset=0):
+        raise ValueError("no such block")
+
+    with pytest.raises(TranslatedError, match=r"^Reading disk vda at 0 failed: no such block$") as failure:
+        read("vda")
+    assert isinstance(failure.value.cause, ValueError)
+    with pytest.raises(KeyError):
+        ValueErrors.handles("{disk}")(lambda disk: {}[disk])("vda")  # not the library's: untouched

@@ -79,7 +79,11 @@ def test_the_plan_selects_disks_as_the_start_does_by_name_or_node_in_the_order_g
 
 
 def test_names_are_unique_within_one_second(repository):
-    names = {plan(repository, dict(backups=[]), "full", 0, [vm_disk()], None, NOW)["name"] for _run in range(50)}
+    # Each run in the same second sees the backups before it in the manifest, as runs under the lease do.
+    data = dict(backups=[])
+    for _run in range(50):
+        data["backups"].append(backup(plan(repository, data, "full", 0, [vm_disk()], None, NOW)["name"]))
+    names = {entry["name"] for entry in data["backups"]}
     assert len(names) == 50 and all(name.startswith("20270115T080000Z-") for name in names)
 
 
@@ -205,3 +209,25 @@ def test_a_manifest_whose_parents_loop_is_refused_and_verified_without_looping()
     with pytest.raises(UserError, match="parents lead back to a, a loop"):
         chain_of(looped, looped["backups"][0])
     assert [member["name"] for member, _disk in images_needed(looped, looped["backups"][0])] == ["a", "b"]
+
+
+def test_record_pairs_each_copy_with_the_disk_whose_image_it_wrote_whatever_their_order(repository):
+    data = dict(backups=[backup("b1")])
+    data["backups"][0]["disks"].append(dict(disk="vdb", file="b1.vdb.qcow2", size=1 << 30))
+    with_images(repository, data)
+    disks = [vm_disk(checkpoints=[("ckpt-b1", True)]), vm_disk("vdb", checkpoints=[("ckpt-b1", True)])]
+    planned = plan(repository, data, "auto", 0, disks, None, NOW)
+    started = [dict(disk="vda", mode="incremental"), dict(disk="vdb", mode="incremental")]
+    image = {d["disk"]: os.path.join(repository.path, d["file"]) for d in planned["disks"]}
+    # The copies came back in the other order: each is of the disk whose image it wrote, not of its place.
+    copies = [dict(image=image["vdb"], bytes_read=2, checksum="vdb's"), dict(image=image["vda"], bytes_read=1,
+                                                                           checksum="vda's")]
+    entry = record(data, planned, started, copies, NOW, directory=repository.path)
+    assert [(d["disk"], d["checksum"]) for d in entry["disks"]] == [("vda", "vda's"), ("vdb", "vdb's")]
+    with pytest.raises(UserError, match="a copy wrote /elsewhere/b.qcow2, which is no image of it"):
+        record(data, planned, started, [dict(image="/elsewhere/b.qcow2", bytes_read=1)] + copies[1:], NOW,
+               directory=repository.path)
+    # The plan backs up a disk in full only where no incremental can be: a start that did one is not recorded.
+    planned["disks"][1]["mode"] = "full"
+    with pytest.raises(UserError, match="the plan backs up disks vdb in full, and the start did not"):
+        record(data, planned, started, copies, NOW, directory=repository.path)

@@ -68,8 +68,9 @@ class ErrorHandler:
                 try:
                     return function(*args, **kwargs)
                 except cls.library_errors as err:
-                    arguments = signature.bind(*args, **kwargs).arguments
-                    raise cls.failure(action.format(**arguments), err) from None
+                    bound = signature.bind(*args, **kwargs)
+                    bound.apply_defaults()
+                    raise cls.failure(action.format(**bound.arguments), err) from None
             return handled
         return decorate
 

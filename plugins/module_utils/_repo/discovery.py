@@ -15,7 +15,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors impo
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.seen_disks import DISKS
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import PrivateDir, is_plain_name
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpClient, QmpError, QmpUnreachable
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import qmp_vm_identity
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.identity import qmp_vm_identity
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import RepositoryRoot
 
 UNSAFE = re.compile(r"[^A-Za-z0-9_.:+-]")

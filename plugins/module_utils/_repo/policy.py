@@ -12,6 +12,7 @@ only fall back to full where a checkpoint turned out unusable (fallback_to_full)
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import time
@@ -131,22 +132,37 @@ def _unique_name(backups, now):
             return name
 
 
-def record(data, planned, started_disks, copies, now, definition=None, consistency=None):
+def record(data, planned, started_disks, copies, now, definition=None, consistency=None, directory=None):
     """Append a complete backup: each planned disk at its planned level, or full where the start fell back to full
     (its result says so), with what its copy read and summed.
 
-    copies: the copy of each of started_disks, in the same order (the role copies the start's disks in turn); a
-    copy that names its disk must name that one. consistency: {consistency, freeze} of the start, kept in the entry.
+    copies: the copy of each of started_disks. A copy is of the disk it names (its disk, or its image: the planned
+    file in directory, the repository's real path), else of the started disk at its place in the list.
+    consistency: {consistency, freeze} of the start, kept in the entry.
     """
     modes = {disk["disk"]: disk["mode"] for disk in started_disks}
-    copied = {disk["disk"]: copy for disk, copy in zip(started_disks, copies)
-              if "bytes_read" in copy and copy.get("disk", disk["disk"]) == disk["disk"]}
+    images = {os.path.join(directory, disk["file"]): disk["disk"] for disk in planned["disks"]} if directory else {}
+    copied = {}
+    for index, copy in enumerate(copies):
+        if "bytes_read" not in copy:
+            continue
+        image = os.path.realpath(copy["image"]) if copy.get("image") and images else None
+        if image and image not in images:
+            raise UserError("Not recording backup %s: a copy wrote %s, which is no image of it (%s)."
+                            % (planned["name"], copy["image"], ", ".join(sorted(images))))
+        disk = copy.get("disk") or images.get(image) or (
+            started_disks[index]["disk"] if index < len(started_disks) else None)
+        copied[disk] = copy
     missing = [d["disk"] for d in planned["disks"] if d["disk"] not in copied]
     if missing:
         raise UserError("Not recording backup %s: disks %s were not copied." % (planned["name"], ", ".join(missing)))
+    surprises = [d["disk"] for d in planned["disks"] if d["mode"] == "full" and modes[d["disk"]] != "full"]
+    if surprises:
+        raise UserError("Not recording backup %s: the plan backs up disks %s in full, and the start did not: start "
+                        "with the plan's incremental (none) for them." % (planned["name"], ", ".join(surprises)))
     disks = []
     for disk in planned["disks"]:
-        mode = "full" if modes[disk["disk"]] == "full" else disk["mode"]
+        mode = modes[disk["disk"]]  # the planned level, or full where the start fell back
         copy = copied[disk["disk"]]
         disks.append(dict(disk=disk["disk"], file=disk["file"], format="qcow2", size=disk["size"],
                           bytes_read=copy["bytes_read"], checksum=copy.get("checksum"), mode=mode,

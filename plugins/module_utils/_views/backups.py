@@ -12,7 +12,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan impor
     check_backup_id,
     request_differences,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import new_view, view_of
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.catalog import new_view, view_of
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import GuestFreeze
 
 
@@ -57,8 +57,7 @@ class VmBackups:
                 freeze.close()
 
     def _same_backup(self, record, backup_id, request):
-        if record is None or record["backup_id"] != backup_id or not record["complete"] or \
-                not view_of(self.vm, record).is_whole(record):
+        if record is None or record["backup_id"] != backup_id or not record["complete"] or not self._whole(record):
             raise UserError("Backup '%s' of %s is only partly there (a start was interrupted, or its state is "
                             "gone): run fleetbackup.qemu.qemu_backup_stop with backup_id %s, then start again."
                             % (backup_id, self.vm.description, backup_id))
@@ -68,6 +67,12 @@ class VmBackups:
                             "to get its result, or stop it and start again."
                             % (backup_id, self.vm.description, ", ".join(differences)))
         return record["result"]
+
+    def _whole(self, record):
+        """Whether a backup is all there, and of the view a start makes now: an offline backup of a VM that has
+        started since is not the same backup any more (the VM writes what its exports serve)."""
+        view = view_of(self.vm, record)
+        return view.kind == self.vm.new_view and view.is_whole(record)
 
     def stop(self, backup_id, discard_checkpoint, check_mode):
         """(changed, Removed, whether the view held)."""

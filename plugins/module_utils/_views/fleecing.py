@@ -52,7 +52,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch im
     scratch_bytes,
     scratch_shares,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import FLEECING, PointInTimeView
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import PointInTimeView
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import FLEECING
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpCommandError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.pause import VcpuPause
 

@@ -35,7 +35,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qmp_object
     set_drive,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.removed import Removed
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import FLEECING, PointInTimeView
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import PointInTimeView
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import FLEECING
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
 
 
@@ -193,8 +194,8 @@ class EndedFleecing(PointInTimeView):
         checkpoint = record["checkpoint"] if discard_checkpoint else None
         ours = record["socket_identity"] and vm.state.holds_socket(record["nbd_socket"], record["socket_identity"])
         removed = Removed(checkpoint=checkpoint, state_file=True, files=[record["nbd_socket"]] if ours else [])
-        vm.notes.append("%s is not running: the backup's QEMU objects and scratch images went with it; its socket and "
-                        "state were removed." % vm.description)
+        vm.notes.append("QEMU no longer runs %s: the backup's objects and scratch images went with it; its socket "
+                        "and state were removed." % vm.description)
         if check_mode:
             return removed, None
         if checkpoint:

@@ -50,7 +50,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.scratch im
     scratch_bytes,
     scratch_shares,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import LIBVIRT_PULL, PointInTimeView
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import PointInTimeView
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import LIBVIRT_PULL
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import LibvirtFailure, call, libvirt
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.checkpoints import checkpoint_xml
 

@@ -41,10 +41,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.qemu_nbd i
     unrecorded_servers,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.removed import Removed
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import OFFLINE, PointInTimeView
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import PointInTimeView
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import OFFLINE
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.vm import BITMAP_GRANULARITY
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.seen_disks import image_fingerprint
-
-BITMAP_GRANULARITY = 64 * 1024
 
 
 class OfflineExport(PointInTimeView):

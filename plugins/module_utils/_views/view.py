@@ -7,7 +7,7 @@
 A view is planned, made, probed and torn down; the connection only says what the VM has (disks, checkpoints, an
 agent, a pause). Three views exist: QEMU's fleecing (qmp), libvirt's pull backup, and qemu-nbd over a stopped VM's
 images. A start records its view's kind; whatever connection reaches the VM later ends the backup through that
-kind (view_of), so a VM that started or stopped since still gets the right teardown.
+kind (catalog.view_of), so a VM that started or stopped since still gets the right teardown.
 """
 
 from __future__ import annotations
@@ -16,23 +16,6 @@ import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, LeftHeld, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import select_disks
-
-FLEECING = "fleecing"
-LIBVIRT_PULL = "libvirt-pull"
-OFFLINE = "offline"
-
-
-def view_of(vm, record):
-    """The view that ends a backup: the kind its start recorded, else the VM manager's own (first of vm.views),
-    which finds a backup by its id alone. Records made before views had kinds are the manager's too."""
-    kind = (record or {}).get("kind") or next(iter(vm.views))
-    return vm.views[kind](vm)
-
-
-def new_view(vm):
-    """The view a start makes now on this connection."""
-    return vm.views[vm.new_view](vm)
-
 
 class PointInTimeView:
     """One kind of view. Subclasses implement the methods that raise NotImplementedError."""

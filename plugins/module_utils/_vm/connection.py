@@ -15,13 +15,23 @@ from __future__ import annotations
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 
+# The kinds of point-in-time view a start records, and so the kind whose teardown its stop needs.
+FLEECING = "fleecing"
+LIBVIRT_PULL = "libvirt-pull"
+OFFLINE = "offline"
+# The views (_views.catalog) that can end a backup of a kind, by who reaches the VM now.
+FLEECING_VIEW = "fleecing"
+ENDED_FLEECING_VIEW = "ended fleecing"
+LIBVIRT_PULL_VIEW = "libvirt pull"
+OFFLINE_EXPORT_VIEW = "offline export"
+
 
 class VmConnection:
     """A reached VM. Subclasses implement the methods that raise NotImplementedError, and list their views."""
 
     # Used in messages: how a user names this VM in a module's options.
     description = None
-    # {kind: view class} of the views a backup of this VM can have, its manager's own first (_views.view.view_of).
+    # {recorded kind: the view that ends it through this connection}, its manager's own first (_views.catalog).
     views = {}
     # The kind of view a start makes now.
     new_view = None

@@ -18,8 +18,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.vm import
 class UnseenQmpVm(OfflineVm):
     """A QMP VM that nothing serves, whose disks fleetbackup never saw: only a backup of it can still be ended."""
 
-    def __init__(self, vm):
+    def __init__(self, vm, unreachable):
         super().__init__(vm.state, vm.registry, vm.timeout, vm.description, images=[])
+        self.notes.append(str(unreachable))
 
     def remove_checkpoint(self, name, filenames):
         """Its images were never seen, so none is touched: the checkpoint stays in them."""
@@ -31,7 +32,8 @@ def open_qmp_vm(qmp_socket, timeout, state_dir, registry, read_only=False, endin
     vm = QmpVm(qmp_socket, timeout, state_dir, registry, read_only)
     try:
         return vm.connect()
-    except QmpUnreachable:
+    except QmpUnreachable as unreachable:
+        vm.close()
         recorded = recorded_disks(vm.state)
         if recorded is not None:
             images, seen = recorded
@@ -40,7 +42,7 @@ def open_qmp_vm(qmp_socket, timeout, state_dir, registry, read_only=False, endin
         record = vm.state.backup()
         if ending is None or record is None or record["backup_id"] != ending:
             raise
-        return UnseenQmpVm(vm)
+        return UnseenQmpVm(vm, unreachable)
 
 
 def open_libvirt_vm(uri, domain, timeout, state_dir, qemu_dir, registry, read_only=False):

@@ -8,9 +8,7 @@ metadata kept in step."""
 from __future__ import annotations
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.libvirt_pull import LibvirtPull
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import OfflineExport
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import LIBVIRT_PULL, OFFLINE
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import LIBVIRT_PULL, LIBVIRT_PULL_VIEW, OFFLINE, OFFLINE_EXPORT_VIEW
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.checkpoints import LibvirtCheckpoints
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.vm import OfflineVm
 
@@ -20,7 +18,7 @@ class ShutOffDomain(OfflineVm):
     what a backup of it while it ran left behind, the libvirt way."""
 
     # A pull backup of it while it ran is libvirt's, which still finds what the job left.
-    views = {LIBVIRT_PULL: LibvirtPull, OFFLINE: OfflineExport}
+    views = {LIBVIRT_PULL: LIBVIRT_PULL_VIEW, OFFLINE: OFFLINE_EXPORT_VIEW}
 
     def __init__(self, vm):
         super().__init__(vm.state, vm.registry, vm.timeout, vm.description + ", shut off",

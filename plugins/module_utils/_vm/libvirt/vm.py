@@ -15,15 +15,19 @@ from xml.etree import ElementTree
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import checked_qemu_img, image_bitmaps
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.libvirt_pull import LibvirtPull
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import OfflineExport
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import LIBVIRT_PULL, OFFLINE
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import VmConnection
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import (
+    LIBVIRT_PULL,
+    LIBVIRT_PULL_VIEW,
+    OFFLINE,
+    OFFLINE_EXPORT_VIEW,
+    VmConnection,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import Disk
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import thaw_abandoned_freeze
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.agent import LibvirtGuestAgent
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.checkpoints import checkpoint_xml
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import (
+    LibvirtErrors,
     LibvirtFailure,
     call,
     connect,
@@ -42,7 +46,7 @@ class LibvirtVm(VmConnection):
     """A running domain; connect() before use (open_libvirt_vm does, and hands a shut-off one to ShutOffDomain)."""
 
     # An offline backup of its images may still run when the domain started during it.
-    views = {LIBVIRT_PULL: LibvirtPull, OFFLINE: OfflineExport}
+    views = {LIBVIRT_PULL: LIBVIRT_PULL_VIEW, OFFLINE: OFFLINE_EXPORT_VIEW}
     new_view = LIBVIRT_PULL
 
     def __init__(self, uri, domain, timeout, state_dir, qemu_dir, registry, read_only=False):
@@ -84,14 +88,19 @@ class LibvirtVm(VmConnection):
         raise UserError("libvirt at %s has no domain %s (by name or UUID): check domain and libvirt_uri."
                         % (self.uri, self.domain_name))
 
+    @LibvirtErrors.handles("Asking whether the domain runs")
     def active(self):
-        return bool(call("Asking whether the domain runs", self.domain.isActive))
+        return bool(self.domain.isActive())
 
     def job_operation(self):
         """The operation of the domain's current job (VIR_DOMAIN_JOB_OPERATION_*), 0 without one."""
         if not self.active():
             return 0
-        return call("Reading the domain's job", self.domain.jobStats).get("operation", 0)
+        return self._job_stats().get("operation", 0)
+
+    @LibvirtErrors.handles("Reading the domain's job")
+    def _job_stats(self):
+        return self.domain.jobStats()
 
     def check_running(self):
         if not self.active():
@@ -103,7 +112,11 @@ class LibvirtVm(VmConnection):
         return self.xml(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
     def xml(self, flags=0):
-        return ElementTree.fromstring(call("Reading the domain's XML", self.domain.XMLDesc, flags))
+        return ElementTree.fromstring(self._xml_text(flags))
+
+    @LibvirtErrors.handles("Reading the domain's XML")
+    def _xml_text(self, flags):
+        return self.domain.XMLDesc(flags)
 
     def undo_abandoned(self):
         # libvirt pauses no vCPU for us, and what a dead backup leaves, stop removes: only a freeze is undone here.
@@ -151,8 +164,9 @@ class LibvirtVm(VmConnection):
                 for disk in root.findall("./disks/disk") if disk.get("checkpoint") == "bitmap"}
         return sizes
 
+    @LibvirtErrors.handles("Listing checkpoints")
     def listed_checkpoints(self):
-        return call("Listing checkpoints", self.domain.listAllCheckpoints, 0)
+        return self.domain.listAllCheckpoints(0)
 
     def _redefine(self, xml, name):
         """Hand libvirt a checkpoint's XML again, checked against the bitmaps in the images.

@@ -19,17 +19,18 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img im
     image_bitmaps,
     run_qemu_img,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing_teardown import EndedFleecing
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import (
-    BITMAP_GRANULARITY,
-    OfflineExport,
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import (
+    ENDED_FLEECING_VIEW,
+    FLEECING,
+    OFFLINE,
+    OFFLINE_EXPORT_VIEW,
+    VmConnection,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import FLEECING, OFFLINE
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import VmConnection
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import Disk
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import FreezeUnavailable
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.seen_disks import image_identity
 
+BITMAP_GRANULARITY = 64 * 1024
 # qemu-img's words when another process holds an image's write lock.
 LOCKED = "Failed to get"
 
@@ -41,7 +42,7 @@ class OfflineVm(VmConnection):
     """
 
     # A backup of the VM while it ran over QMP, which stopped since, is its manager's: QEMU took its view along.
-    views = {FLEECING: EndedFleecing, OFFLINE: OfflineExport}
+    views = {FLEECING: ENDED_FLEECING_VIEW, OFFLINE: OFFLINE_EXPORT_VIEW}
     new_view = OFFLINE
 
     def __init__(self, state, registry, timeout, description, images, metadata=None):

@@ -6,15 +6,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import check_trusted_directory
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.fleecing import FleecingView
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.offline_export import OfflineExport
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.view import FLEECING, OFFLINE
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import VmConnection
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import FLEECING, FLEECING_VIEW, OFFLINE, OFFLINE_EXPORT_VIEW, VmConnection
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import list_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.offline.seen_disks import remember_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import (
@@ -23,31 +19,16 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze 
     thaw_abandoned_freeze,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.client import QmpClient
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.identity import qmp_vm_identity, qmp_vm_key
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.qmp.pause import resume_abandoned_pause
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.state import VmState
-
-
-NO_UUID = "00000000-0000-0000-0000-000000000000"
-
-
-def qmp_vm_identity(client, socket_path):
-    """(name, uuid) a running QEMU reports: its -name, else its socket's directory; its -uuid, else None."""
-    name = client.execute("query-name").get("name")
-    uuid = client.execute("query-uuid")["UUID"]
-    return name or os.path.basename(os.path.dirname(os.path.abspath(socket_path))), (
-        None if uuid == NO_UUID else uuid)
-
-
-def qmp_vm_key(qmp_socket):
-    """The private-state key of the VM behind a QMP socket."""
-    return "qmp-" + hashlib.sha256(os.path.realpath(qmp_socket).encode()).hexdigest()[:12]
 
 
 class QmpVm(VmConnection):
     """A running QEMU on its QMP socket; connect() before use (open_qmp_vm does)."""
 
     # An offline backup of its images may still run when the VM started during it.
-    views = {FLEECING: FleecingView, OFFLINE: OfflineExport}
+    views = {FLEECING: FLEECING_VIEW, OFFLINE: OFFLINE_EXPORT_VIEW}
     new_view = FLEECING
 
     def __init__(self, qmp_socket, timeout, state_dir, registry, read_only=False):
