@@ -220,8 +220,8 @@ def test_record_pairs_each_copy_with_the_disk_whose_image_it_wrote_whatever_thei
     started = [dict(disk="vda", mode="incremental"), dict(disk="vdb", mode="incremental")]
     image = {d["disk"]: os.path.join(repository.path, d["file"]) for d in planned["disks"]}
     # The copies came back in the other order: each is of the disk whose image it wrote, not of its place.
-    copies = [dict(image=image["vdb"], bytes_read=2, checksum="vdb's"), dict(image=image["vda"], bytes_read=1,
-                                                                           checksum="vda's")]
+    copies = [dict(image=image["vdb"], bytes_read=2, checksum="vdb's"),
+              dict(image=image["vda"], bytes_read=1, checksum="vda's")]
     entry = record(data, planned, started, copies, NOW, directory=repository.path)
     assert [(d["disk"], d["checksum"]) for d in entry["disks"]] == [("vda", "vda's"), ("vdb", "vdb's")]
     with pytest.raises(UserError, match="a copy wrote /elsewhere/b.qcow2, which is no image of it"):

@@ -17,6 +17,7 @@ import time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, LeftHeld, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import select_disks
 
+
 class PointInTimeView:
     """One kind of view. Subclasses implement the methods that raise NotImplementedError."""
 
