@@ -61,6 +61,12 @@ def image_bitmaps(path):
     return [bitmap["name"] for bitmap in specific.get("data", {}).get("bitmaps", [])]
 
 
+def remove_bitmap(path, name):
+    """Remove bitmap name from the image at path, where it still is."""
+    if name in image_bitmaps(path):
+        checked_qemu_img("bitmap", "--remove", path, name)
+
+
 def images_equal(first, second):
     """True when both images have one virtual size and read the same bytes."""
     if image_info(first)["virtual-size"] != image_info(second)["virtual-size"]:

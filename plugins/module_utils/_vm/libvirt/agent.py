@@ -11,7 +11,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent i
     GuestAgentUnreachable,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_freeze import FreezeUnavailable
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import LibvirtErrors, LibvirtFailure
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls import LibvirtFailure, call
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
@@ -56,7 +56,7 @@ class LibvirtGuestAgent:
 
     def _agent_call(self, what, function):
         try:
-            return LibvirtErrors.call("%s of %s" % (what, self.vm.description), function)
+            return call("%s of %s" % (what, self.vm.description), function)
         except LibvirtFailure as failure:
             message = str(failure)
             if failure.code == "VIR_ERR_ARGUMENT_UNSUPPORTED" or not self.vm.domain.isActive():

@@ -14,7 +14,7 @@ import os
 from xml.etree import ElementTree
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import checked_qemu_img, image_bitmaps
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import remove_bitmap
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import (
     LIBVIRT_PULL,
     LIBVIRT_PULL_VIEW,
@@ -250,7 +250,6 @@ class LibvirtVm(VmConnection):
                  libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
             return
         for image in images:
-            if name in image_bitmaps(image):
-                checked_qemu_img("bitmap", "--remove", image, name)
+            remove_bitmap(image, name)
         call("Deleting checkpoint %s" % name, checkpoint.delete,
              libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)

@@ -16,7 +16,7 @@ import json
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
     checked_qemu_img,
-    image_bitmaps,
+    remove_bitmap,
     run_qemu_img,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import (
@@ -108,7 +108,6 @@ class OfflineVm(VmConnection):
     def remove_checkpoint(self, name, filenames):
         """Remove the bitmaps of checkpoint `name` from these images (where still there), and libvirt's metadata."""
         for filename in filenames:
-            if name in image_bitmaps(filename):
-                checked_qemu_img("bitmap", "--remove", filename, name)
+            remove_bitmap(filename, name)
         if self.metadata and name in self.metadata.names():
             self.metadata.forget(name)
