@@ -113,7 +113,7 @@ backups:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import describe_checkpoints
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import describe_disks
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.module import VmModule
 
 
@@ -125,9 +125,7 @@ def main():
 def describe(module):
     with module.vm() as vm:
         resumed = vm.recover_now()
-        disks = [dict(disk=disk.name, node=disk.node, file=disk.filename, format=disk.format, size=disk.size,
-                      read_only=disk.read_only, checkpoints=describe_checkpoints(disk, module.checkpoints))
-                 for disk in vm.disks()]
+        disks = describe_disks(vm.disks(), module.checkpoints)
         backups = VmBackups(vm).describe()
     module.warn_all(vm.notes)
     return dict(changed=resumed, disks=disks, backups=backups)

@@ -250,25 +250,13 @@ obsolete_checkpoints:
   elements: str
 """
 
-import os
 import secrets
 import time
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import (
-    definition_file_names,
-    definition_files,
-    store_definition,
-)
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
-    obsolete_checkpoints,
-    parse_duration,
-    plan,
-    prune,
-    record,
-)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.recording import prune_backups, record_backup
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease, check_ttl
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import parse_duration, plan
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import REPOSITORY_ARGUMENT_SPEC
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 
@@ -307,8 +295,8 @@ def run_action(module):
     """The action's result, with the repository's real path (after any link the user let us follow)."""
     params = module.params
     action = params["action"]
-    if action == "lock" and params["lock_ttl"] < 60:  # before lock makes any directory
-        raise UserError("lock_ttl must be at least 60 seconds: the run renews the lease only between its steps.")
+    if action == "lock":
+        check_ttl(params["lock_ttl"])
     with Repository(params["repository"], params["vm"], params["follow_repository_link"],
                     create=action == "lock" and not module.check_mode, missing_ok=True) as repository:
         return dict(ACTIONS[action](module, repository), directory=repository.path)
@@ -346,14 +334,9 @@ def plan_action(module, repository):
 def record_action(module, repository):
     params = module.params
     held_lease(module, repository)
-    data = repository.load()
-    definition = params["definition"]
-    if definition and not module.check_mode:
-        definition = store_definition(repository, params["planned"]["name"], definition)
-    entry = record(data, params["planned"], params["started_disks"], params["copies"], int(time.time()), definition,
-                   dict(consistency=params["consistency"], freeze=params["freeze"]), repository.path)
-    if not module.check_mode:
-        repository.save(data)
+    entry = record_backup(repository, params["planned"], params["started_disks"], params["copies"],
+                          params["definition"], dict(consistency=params["consistency"], freeze=params["freeze"]),
+                          module.check_mode)
     return dict(changed=True, backup=entry)
 
 
@@ -364,28 +347,16 @@ def newest_action(module, repository):
 
 def prune_action(module, repository):
     held_lease(module, repository)
-    data = repository.load()
-    pruned, files = prune(data, module.params["keep_chains"])
-    if pruned and not module.check_mode:
-        # The manifest goes first: a run killed half-way leaves unlisted files, never listed missing ones.
-        repository.save(data)
-        repository.remove_images(files)
-    return dict(changed=bool(pruned), pruned=[b["name"] for b in pruned],
-                obsolete_checkpoints=obsolete_checkpoints(data, pruned))
+    pruned, obsolete = prune_backups(repository, module.params["keep_chains"], module.check_mode)
+    return dict(changed=bool(pruned), pruned=[b["name"] for b in pruned], obsolete_checkpoints=obsolete)
 
 
 def discard_action(module, repository):
     held_lease(module, repository)
-    backups = repository.load()["backups"]
-    listed = {disk["file"] for backup in backups for disk in backup["disks"]}
-    listed.update(name for backup in backups for name in definition_files(backup))
-    written = [disk["file"] for disk in module.params["planned"]["disks"]] + list(
-        definition_file_names(module.params["planned"]["name"]))
-    written = [name for name in written if name not in listed]
-    present = [name for name in written if os.path.lexists(repository.image(name))]
-    if module.check_mode:
-        return dict(changed=bool(present), discarded=present)
-    return dict(changed=bool(present), discarded=repository.remove_images(present))
+    planned = module.params["planned"]
+    discarded = repository.discard_unlisted(planned["name"], [disk["file"] for disk in planned["disks"]],
+                                            module.check_mode)
+    return dict(changed=bool(discarded), discarded=discarded)
 
 
 ACTIONS = dict(lock=lock_action, unlock=unlock_action, plan=plan_action, record=record_action, prune=prune_action,

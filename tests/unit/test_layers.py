@@ -11,7 +11,7 @@ from support.paths import COLLECTIONS
 PACKAGE = "ansible_collections.fleetbackup.qemu.plugins.module_utils"
 ROOT = os.path.join(COLLECTIONS, *PACKAGE.split("."))
 # Bottom to top.
-LAYERS = ("_base", "_nbd", "_vm", "_views", "_repo")
+LAYERS = ("_base", "_nbd", "_vm", "_views", "_repo", "_run")
 PRIVATE = "# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release."
 MOST_LINES = 400
 

@@ -24,6 +24,7 @@ import os
 import re
 import time
 from collections import deque
+from contextlib import contextmanager
 
 from ansible.module_utils.common.text.formatters import human_to_bytes
 
@@ -110,28 +111,38 @@ class CopyProgress:
             self.error = err
 
 
+@contextmanager
+def recorded_progress(state_dir, dest, check_mode, warn):
+    """The progress (a CopyProgress, or None in check mode, which records nothing) of a copy into dest, recorded
+    from beginning to end: whoever follows the copy learns of any failure; warn(message) says when it could not be
+    recorded."""
+    directory = copies_dir(state_dir, create=not check_mode)
+    if check_mode:
+        yield None
+        return
+    prune_records(directory, time.time())
+    progress = CopyProgress(directory, dest)
+    try:
+        yield progress
+    except BaseException as err:
+        progress.end(error=str(err) or type(err).__name__)
+        raise
+    if progress.error:
+        warn("The progress of this copy could not be recorded in %s: %s" % (directory.path, progress.error))
+
+
 def progress_recorded(copy):
     """Decorator: copy(module, progress) becomes copy(module), its progress recorded from beginning to end.
 
-    The record comes first: whoever follows the copy learns of any failure, a missing library's too. Check mode
-    records nothing (progress is None).
+    The record comes first: whoever follows the copy learns of any failure, a missing library's too.
     """
     @functools.wraps(copy)
     def recorded(module):
-        directory = copies_dir(module.params["state_dir"], create=not module.check_mode)
-        if module.check_mode:
-            return copy(module, None)
-        prune_records(directory, time.time())
-        progress = CopyProgress(directory, module.params["dest"])
-        try:
+        with recorded_progress(module.params["state_dir"], module.params["dest"], module.check_mode,
+                               module.warn) as progress:
             result = copy(module, progress)
-        except BaseException as err:
-            progress.end(error=str(err) or type(err).__name__)
-            raise
-        progress.end(summary=result.get("msg"))
-        if progress.error:
-            module.warn("The progress of this copy could not be recorded in %s: %s"
-                        % (directory.path, progress.error))
+            if progress:
+                progress.end(summary=result.get("msg"))
         return result
     return recorded
 

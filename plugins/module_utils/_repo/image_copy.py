@@ -41,9 +41,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_t
 )
 
 
-def copy_or_keep(module, dest_dir, bandwidth, progress):
-    """Copy src into dest, in dest_dir; or keep dest when it holds this very backup. Parameters checked already."""
-    params = module.params
+def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn):
+    """Copy src into dest, in dest_dir; or keep dest when it holds this very backup. Parameters checked already;
+    warn(message) tells the user what they should know. The result's kept says which it did."""
     dest = params["dest"]
     src = with_certificates(params["src"], params["tls_certificates"]) if params["tls_certificates"] else params["src"]
     bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
@@ -60,11 +60,10 @@ def copy_or_keep(module, dest_dir, bandwidth, progress):
             raise UserError("dest %s already holds %s, not this export's %s: it is another backup, or one that "
                             "cannot be identified. Choose another dest, or set force to replace it."
                             % (dest, describe_identity(held), describe_identity(identity)))
-        changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), False)
-        return dict(changed=changed, image=dest, disk_usage=disk_usage(dest), checksum=held.get("checksum"),
+        return dict(kept=True, image=dest, disk_usage=disk_usage(dest), checksum=held.get("checksum"),
                     msg="dest holds this very backup")
-    if module.check_mode:
-        return dict(changed=True, image=dest, size=size, connections=connections)
+    if check_mode:
+        return dict(kept=False, image=dest, size=size, connections=connections)
     stale = remove_stale_partials(dest_dir)
     partial = os.path.join(dest_dir, partial_name(dest))
     started = time.monotonic()
@@ -79,15 +78,14 @@ def copy_or_keep(module, dest_dir, bandwidth, progress):
         # A view that still holds now held during every read of the copy: a broken one never heals.
         check_view(view)
         if not record_identity(partial, dict(identity, checksum=copied.checksum)):
-            module.warn("The file system of %s keeps no extended attributes: a later copy cannot prove that dest "
+            warn("The file system of %s keeps no extended attributes: a later copy cannot prove that dest "
                         "holds this backup, and will need force." % dest_dir)
         publish(partial, dest)
     except BaseException:
         remove_file(partial)  # ours: copy_to_image made it
         raise
     elapsed = max(time.monotonic() - started, 1e-6)  # a tiny copy must not divide by zero
-    module.set_fs_attributes_if_different(module.load_file_common_arguments(params), True)
-    return dict(changed=True, image=dest, size=size, disk_usage=disk_usage(dest), removed_partials=stale,
+    return dict(kept=False, image=dest, size=size, disk_usage=disk_usage(dest), removed_partials=stale,
                 bytes_read=copied.bytes_read, bytes_zeroed=copied.bytes_zeroed, bytes_unchanged=copied.bytes_clean,
                 connections=connections, elapsed=round(elapsed, 3), throughput=int(copied.bytes_read / elapsed),
                 checksum=copied.checksum)
@@ -143,5 +141,11 @@ def copy_backup(module, progress):
     """Check the parameters, then copy or keep dest; a failed check, a missing libnbd's too, is recorded."""
     if not HAS_LIBNBD:
         raise UserError(missing_libnbd())
-    bandwidth = parse_bandwidth(module.params["bandwidth"])
-    return copy_or_keep(module, check_params(module.params), bandwidth, progress)
+    params = module.params
+    bandwidth = parse_bandwidth(params["bandwidth"])
+    result = copy_or_keep(params, check_params(params), bandwidth, progress, module.check_mode, module.warn)
+    kept = result.pop("kept")
+    if module.check_mode and not kept:
+        return dict(result, changed=True)
+    changed = module.set_fs_attributes_if_different(module.load_file_common_arguments(params), not kept)
+    return dict(result, changed=changed or not kept)

@@ -14,9 +14,19 @@ from contextlib import contextmanager
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import flock_within, utc
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive
 
 LEASE = "lock"
 LEASE_LOCK_WAIT = 30
+# The shortest lease: a run renews it only between its steps.
+MIN_TTL = 60
+
+
+def check_ttl(ttl):
+    """Before anything is created: a lease too short to last from one step to the next is refused."""
+    if ttl < MIN_TTL:
+        raise UserError("lock_ttl must be at least %d seconds: the run renews the lease only between its steps."
+                        % MIN_TTL)
 
 
 class Lease:
@@ -32,17 +42,22 @@ class Lease:
         self.path = os.path.join(repository.path, LEASE)
         self.working = os.path.join(repository.working, LEASE)
 
-    def take(self, run_id, holder, ttl, now):
-        """Take the lease for run_id, or renew it; UserError naming the holder when another live run has it."""
+    def take(self, run_id, holder, ttl, now, owner=None, work=None):
+        """Take the lease for run_id, or renew it; UserError naming the holder when another live run has it.
+
+        owner: the process that is the whole run (this_process()), when one is: once it is gone, its lease is free
+        at once. work: what the run writes ({backup_id, name}), so that a run taking over cleans up after it.
+        """
         with self._locked() as (fd, current):
-            if current and current["run_id"] != run_id and current["expires"] > now:
+            if current and current["run_id"] != run_id and current["expires"] > now and not _owner_gone(current):
                 raise UserError(
                     "The repository of %s (%s) is locked by another run: %s, run %s, since %s, until %s unless it "
                     "renews. One run per VM works on a repository at a time; wait for it. A run that died frees the "
                     "lock when it expires." % (self.repository.vm, self.repository.path, current["holder"],
                                                current["run_id"], utc(current["taken"]), utc(current["expires"])))
             taken = current["taken"] if current and current["run_id"] == run_id else now
-            lease = dict(run_id=run_id, holder=holder, host=socket.gethostname(), taken=taken, expires=now + ttl)
+            lease = dict(run_id=run_id, holder=holder, host=socket.gethostname(), taken=taken, expires=now + ttl,
+                         owner=owner, work=work)
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(lease, sort_keys=True).encode(), 0)
             os.fsync(fd)
@@ -64,6 +79,11 @@ class Lease:
             os.ftruncate(fd, 0)
             os.fsync(fd)
             return True
+
+    def work(self, run_id):
+        """The work that run_id, which must hold the lease, said it does."""
+        with self._locked() as (_fd, current):
+            return current.get("work") if current and current["run_id"] == run_id else None
 
     @contextmanager
     def _locked(self):
@@ -90,3 +110,9 @@ class Lease:
             yield fd, current
         finally:
             os.close(fd)
+
+
+def _owner_gone(lease):
+    """Whether the lease names its run's process, on this host, and that process has ended."""
+    owner = lease.get("owner")
+    return bool(owner) and owner.get("host") == socket.gethostname() and not process_alive(owner)

@@ -100,7 +100,8 @@ BACKUP_SCHEMA = Record(dict(
     name=_name(required=True), level=_one_of("full", "incremental", required=True), parent=_name(null=True),
     chain=_name(required=True), checkpoint=_text(null=True), incremental=_text(null=True), started=_seconds(),
     finished=_seconds(required=True), disks=ListOf(DISK_SCHEMA, "disks", required=True, at_least=1),
-    consistency=_text(null=True), freeze=Record({}, null=True), definition=DEFINITION_SCHEMA))
+    consistency=_text(null=True), freeze=Record({}, null=True), definition=DEFINITION_SCHEMA,
+    dirty_bytes=_whole(), disk_bytes=_whole()))
 MANIFEST_SCHEMA = Record(dict(format=_whole(required=True), vm=_text(),
                               backups=ListOf(BACKUP_SCHEMA, "backups", required=True)))
 

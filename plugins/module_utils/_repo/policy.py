@@ -46,20 +46,50 @@ def backup_level(disks):
     return "incremental" if any(disk["mode"] == "incremental" for disk in disks) else "full"
 
 
-def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
-    """Decide what a run does: nothing (not due), a full backup, or an incremental on the newest backup."""
-    vm = repository.vm
+# How many of the newest incrementals the change-rate signal compares a new one with.
+CHANGE_HISTORY = 10
+
+
+def chain_facts(repository, data, now):
+    """What a plan needs to know of the repository, as plain data that may travel to the VM's host: the newest
+    backup, the name of a new one, the first image the newest's chain lacks, the checkpoints the manifest names,
+    and the change-rate history."""
     backups = data["backups"]
     newest = backups[-1] if backups else None
+    missing = missing_images(repository, data, newest) if newest else []
+    return dict(vm=repository.vm, newest=newest, name=_unique_name([b["name"] for b in backups], now),
+                missing=missing[0] if missing else None,
+                checkpoints=sorted({b["checkpoint"] for b in backups if b.get("checkpoint")}),
+                history=[{key: b[key] for key in ("name", "level", "dirty_bytes", "disk_bytes")}
+                         for b in backups[-CHANGE_HISTORY:] if "dirty_bytes" in b])
+
+
+def not_due(facts, max_age, now):
+    """Why no backup is due now (the newest is younger than max_age), or None."""
+    newest = facts["newest"]
     if newest and max_age and now - newest["finished"] < max_age:
-        return dict(due=False, reason="the newest backup %s is %ds old, younger than max_age %ds"
-                    % (newest["name"], now - newest["finished"], max_age))
+        return "the newest backup %s is %ds old, younger than max_age %ds" % (
+            newest["name"], now - newest["finished"], max_age)
+    return None
+
+
+def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
+    """plan_from() the repository's chain_facts()."""
+    return plan_from(chain_facts(repository, data, now), level, max_age, vm_disks, wanted_disks, now)
+
+
+def plan_from(facts, level, max_age, vm_disks, wanted_disks, now):
+    """Decide what a run does: nothing (not due), a full backup, or an incremental on the newest backup."""
+    vm, newest = facts["vm"], facts["newest"]
+    reason = not_due(facts, max_age, now)
+    if reason:
+        return dict(due=False, reason=reason)
     disks, unknown = named_disks(vm_disks, wanted_disks, lambda disk: (disk["disk"], disk["node"]),
                                  lambda disk: not disk["read_only"])
     if unknown:
         known = ", ".join(d["disk"] for d in vm_disks)
         raise UserError("Some of the disks %s are not on VM %s; its disks are: %s." % (wanted_disks, vm, known))
-    problem = _incremental_problem(repository, data, newest, disks)
+    problem = _incremental_problem(facts, disks)
     if level == "incremental" and problem:
         raise UserError("Cannot take an incremental backup of %s: %s. Use level auto or full." % (vm, problem))
     parent = newest if level != "full" and not problem else None
@@ -67,7 +97,7 @@ def plan(repository, data, level, max_age, vm_disks, wanted_disks, now):
         reason = "the chain of %s continues" % parent["chain"]
     else:
         reason = "level full was asked" if level == "full" else problem
-    name = _unique_name(backups, now)
+    name = facts["name"]
     by_disk = {d["disk"]: d for d in parent["disks"]} if parent else {}
     planned = []
     for disk in disks:
@@ -93,8 +123,9 @@ def _holds_checkpoints(disk):
     return disk.get("format", "qcow2") == "qcow2"
 
 
-def _incremental_problem(repository, data, newest, disks):
+def _incremental_problem(facts, disks):
     """Why the newest backup cannot be the parent of an incremental now, or None."""
+    newest = facts["newest"]
     if newest is None:
         return "the repository has no complete backup yet"
     previous = {d["disk"]: d for d in newest["disks"]}
@@ -103,9 +134,9 @@ def _incremental_problem(repository, data, newest, disks):
             newest["name"], ", ".join(sorted(previous)), ", ".join(sorted(d["disk"] for d in disks)))
     if not any(_holds_checkpoints(disk) for disk in disks):
         return "no disk of the VM can hold a checkpoint (none is qcow2)"
-    missing = missing_images(repository, data, newest)
-    if missing:
-        return "image %s, which the chain of %s needs, is missing from the repository" % (missing[0], newest["name"])
+    if facts["missing"]:
+        return "image %s, which the chain of %s needs, is missing from the repository" % (
+            facts["missing"], newest["name"])
     for disk in (d for d in disks if _holds_checkpoints(d)):
         checkpoint = _checkpoint(disk, newest["checkpoint"])
         if checkpoint is None:
@@ -123,9 +154,9 @@ def _checkpoint(disk, name):
     return next((c for c in disk["checkpoints"] if c["name"] == name), None)
 
 
-def _unique_name(backups, now):
+def _unique_name(names, now):
     """The time, and a random part: two runs in the same second never share a name."""
-    taken = {b["name"] for b in backups}
+    taken = set(names)
     while True:
         name = "%s-%s" % (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)), secrets.token_hex(2))
         if name not in taken:
@@ -173,6 +204,11 @@ def record(data, planned, started_disks, copies, now, definition=None, consisten
                  chain=planned["chain"] if continues else planned["name"],
                  checkpoint=planned["checkpoint"], incremental=planned["incremental"] if continues else None,
                  started=planned["started"], finished=now, disks=disks)
+    if continues:  # the change-rate history: what the incremental disks' checkpoints counted, of their size
+        incremental = [planned_disk for planned_disk, disk in zip(planned["disks"], disks)
+                       if disk["mode"] == "incremental"]
+        entry.update(dirty_bytes=sum(d["expected_bytes"] for d in incremental),
+                     disk_bytes=sum(d["size"] for d in incremental))
     if consistency:
         entry.update(consistency)
     if definition:

@@ -27,6 +27,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.manifest_sc
     check_manifest,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import images_needed
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import (
+    definition_file_names,
+    definition_files,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.opened_directory import OpenedDirectory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import QemuImgError, image_info
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
@@ -138,6 +142,16 @@ class Repository:
         if removed:
             sync_directory(self.working)
         return removed
+
+    def discard_unlisted(self, name, files, check_mode=False):
+        """The files of backup `name` (these, and its definition files) that are there and no backup of the manifest
+        lists, removed (in check mode, only listed): what a run that failed or died wrote."""
+        backups = self.load()["backups"]
+        listed = {disk["file"] for backup in backups for disk in backup["disks"]}
+        listed.update(f for backup in backups for f in definition_files(backup))
+        written = [f for f in list(files) + list(definition_file_names(name)) if f not in listed]
+        present = [f for f in written if os.path.lexists(self.image(f))]
+        return present if check_mode else self.remove_images(present)
 
     def recorded(self, name=None):
         """The named backup, or the newest, from the manifest; UserError when there is none."""

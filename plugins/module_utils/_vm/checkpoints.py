@@ -96,3 +96,9 @@ def describe_checkpoints(disk, registry):
             created=recorded.get("created"),
             usable=checkpoint_problem(disk, name, registry) is None))
     return described
+
+
+def describe_disks(disks, registry):
+    """The disks as qemu_backup_info lists them, and as a run's plan reads them."""
+    return [dict(disk=disk.name, node=disk.node, file=disk.filename, format=disk.format, size=disk.size,
+                 read_only=disk.read_only, checkpoints=describe_checkpoints(disk, registry)) for disk in disks]

@@ -26,6 +26,10 @@ LIBVIRT_PULL_VIEW = "libvirt pull"
 OFFLINE_EXPORT_VIEW = "offline export"
 
 
+class CheckpointGone(UserError):
+    """A checkpoint cannot be given back to the VM's manager: its bitmaps are gone, so the next backup is full."""
+
+
 class VmConnection:
     """A reached VM. Subclasses implement the methods that raise NotImplementedError, and list their views."""
 
@@ -35,6 +39,8 @@ class VmConnection:
     views = {}
     # The kind of view a start makes now.
     new_view = None
+    # Whether the VM's manager keeps checkpoint definitions apart from the bitmaps, which it can lose (libvirt).
+    keeps_checkpoint_definitions = False
 
     def __init__(self, state, registry, timeout):
         self.state = state

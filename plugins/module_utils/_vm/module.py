@@ -29,10 +29,10 @@ VM_CONNECTIONS = ("qmp_socket", "domain")
 class VmModule(FleetbackupModule):
     """A module with the shared VM options, a connection to the VM and the checkpoint registry."""
 
-    def __init__(self, argument_spec, mutually_exclusive=(), **kwargs):
+    def __init__(self, argument_spec, mutually_exclusive=(), vm_required=True, **kwargs):
         super().__init__(argument_spec=dict(VM_ARGUMENT_SPEC, **argument_spec),
                          mutually_exclusive=[VM_CONNECTIONS] + list(mutually_exclusive),
-                         required_one_of=[VM_CONNECTIONS], **kwargs)
+                         required_one_of=[VM_CONNECTIONS] if vm_required else [], **kwargs)
         if self.params["domain"] is not None and not HAS_LIBVIRT:
             self.fail_json(msg=missing_required_lib(
                 "libvirt's Python bindings (Debian: apt install python3-libvirt; the interpreter must see Debian's "
@@ -45,6 +45,10 @@ class VmModule(FleetbackupModule):
     def checkpoints(self):
         """The registry of what QEMU does not record about checkpoints."""
         return CheckpointRegistry(registry_dir(self.params["state_dir"]))
+
+    @property
+    def names_vm(self):
+        return any(self.params[option] is not None for option in VM_CONNECTIONS)
 
     @property
     def uses_libvirt(self):

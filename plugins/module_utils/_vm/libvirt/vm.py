@@ -16,6 +16,7 @@ from xml.etree import ElementTree
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import remove_bitmap
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.connection import (
+    CheckpointGone,
     LIBVIRT_PULL,
     LIBVIRT_PULL_VIEW,
     OFFLINE,
@@ -44,6 +45,8 @@ def libvirt_vm_key(uuid):
 
 class LibvirtVm(VmConnection):
     """A running domain; connect() before use (open_libvirt_vm does, and hands a shut-off one to ShutOffDomain)."""
+
+    keeps_checkpoint_definitions = True
 
     # An offline backup of its images may still run when the domain started during it.
     views = {LIBVIRT_PULL: LIBVIRT_PULL_VIEW, OFFLINE: OFFLINE_EXPORT_VIEW}
@@ -213,7 +216,7 @@ class LibvirtVm(VmConnection):
             if parent is not None and parent.findtext("name") not in known:
                 root.remove(parent)
             if not self._redefine(ElementTree.tostring(root, encoding="unicode"), name):
-                raise UserError("Checkpoint %s cannot be given back to libvirt: a bitmap of it is missing or "
+                raise CheckpointGone("Checkpoint %s cannot be given back to libvirt: a bitmap of it is missing or "
                                 "inconsistent in the images of %s (libvirt: VIR_ERR_CHECKPOINT_INCONSISTENT). The "
                                 "next backup must be full." % (name, self.description))
         return True, disks

@@ -1,0 +1,150 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetbackup.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
+"""qemu_backup's work: its options as a run's settings, and each step it can run, on the host it belongs to."""
+
+from __future__ import annotations
+
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import parse_bandwidth
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import check_ttl
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import parse_duration
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._run import steps
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._run.background import follow, run_in_background
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._run.one_shot import (
+    RunFailed,
+    back_up,
+    describe_plan,
+    result,
+    summarize,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import REQUEST_KEYS
+
+# What each step needs: the VM, the repository, a run from an earlier step.
+NEEDS = dict(all=("vm", "repository"), begin=("repository",), start=("vm", "run"), copy=("repository", "run"),
+             stop=("vm", "run"), commit=("repository", "run"), abort=("run",), follow=("job",))
+
+
+def settings(params):
+    """The run's settings from the module's options, checked before anything is created."""
+    check_ttl(params["lock_ttl"])
+    if params["connections"] is not None and not 1 <= params["connections"] <= 16:
+        raise UserError("connections must be 1 to 16.")
+    options = {key: params.get(key) for key in REQUEST_KEYS}
+    options.update(
+        level=params["level"], max_age=parse_duration(params["max_age"]), disks=params["disks"],
+        keep_chains=params["keep_chains"], holder=params["holder"], lock_ttl=params["lock_ttl"],
+        copy_timeout=params["copy_timeout"], connections=params["connections"],
+        bandwidth=parse_bandwidth(params["bandwidth"]), tls_certificates=params["tls_certificates"],
+        state_dir=params["state_dir"], rpo=parse_duration(params["rpo"]) if params["rpo"] else None)
+    return options
+
+
+def run_step(module):
+    params = module.params
+    step = params["step"]
+    for need in NEEDS[step]:
+        missing = dict(vm=not module.names_vm, repository=not params["repository"] or not params["vm"],
+                       run=not params["run"], job=not params["job"])[need]
+        if missing:
+            raise UserError("step %s needs %s." % (step, dict(
+                vm="the VM: qmp_socket or domain", repository="repository and vm", run="run, as the step before "
+                "returned it", job="job, as qemu_backup returned it")[need]))
+    if step == "follow":
+        return _followed(follow(params["state_dir"], params["job"], params["wait"]))
+    options = settings(params)
+    if step == "all":
+        return _all(module, options)
+    return STEPS[step](module, options, params["run"])
+
+
+def _repository(module, create):
+    params = module.params
+    return Repository(params["repository"], params["vm"], params["follow_repository_link"], create=create,
+                      missing_ok=True)
+
+
+def _all(module, options):
+    params = module.params
+    warnings = []
+
+    def work(planned=None):
+        try:
+            outcome = back_up(options, lambda create: _repository(module, create), module.vm, module.check_mode,
+                              warnings.append, planned)
+        except RunFailed as err:
+            return dict(failed=True, msg=str(err), summary=err.summary, warnings=warnings)
+        return dict(outcome, warnings=warnings + outcome["notes"])
+
+    if params["background_after"] and not module.check_mode:
+        return _followed(run_in_background(lambda job_record: work(lambda run: job_record(_dests(run))),
+                                           params["background_after"], params["state_dir"]))
+    return _followed(dict(work(), finished=True))
+
+
+def _dests(run):
+    """(image, disk) of each copy, where its progress is recorded."""
+    return [[run["repository"] + "/" + disk["file"], disk["disk"]] for disk in run["plan"]["disks"]]
+
+
+def _followed(outcome):
+    """A run's result, its warnings shown as the module's own."""
+    warnings = outcome.pop("warnings", [])
+    return dict(outcome, warnings=warnings) if warnings else outcome
+
+
+def _begin(module, options, _run):
+    with _repository(module, not module.check_mode) as repository:
+        run = steps.begin(repository, options, module.check_mode)
+    return _step_result(run, options, module.check_mode, changed=False)
+
+
+def _start(module, options, run):
+    with module.vm() as vm:
+        steps.start(vm, run, options, module.check_mode)
+    return _step_result(run, options, module.check_mode, changed=True)
+
+
+def _copy(module, options, run):
+    with _repository(module, False) as repository:
+        steps.copy(repository, run, options, module.check_mode, module.warn)
+    return _step_result(run, options, module.check_mode, changed=True)
+
+
+def _stop(module, options, run):
+    """The stop; and once the view proved to have held, the checkpoints that the new backup supersedes go."""
+    with module.vm(ending=run["plan"]["backup_id"]) as vm:
+        steps.stop(vm, run, module.check_mode)
+        if run["intact"] is not False:
+            run["removed_checkpoints"] = steps.forget_checkpoints(vm, run["facts"]["checkpoints"],
+                                                                  module.check_mode)
+    return _step_result(run, options, module.check_mode, changed=True)
+
+
+def _commit(module, options, run):
+    with _repository(module, False) as repository:
+        steps.commit(repository, run, options, module.check_mode)
+    return dict(result(run, options, module.check_mode), run=run)
+
+
+def _abort(module, options, run):
+    """What this host can undo of a failed run: the VM's backup and checkpoint, the repository's files and lease."""
+    removed = []
+    if module.names_vm and run.get("plan"):
+        with module.vm(ending=run["plan"]["backup_id"]) as vm:
+            steps.abort_vm(vm, run)
+    if module.params["repository"] and not module.check_mode:
+        with _repository(module, False) as repository:
+            removed = steps.abort_repository(repository, run)
+    reason = module.params["reason"] or "the run was aborted"
+    return dict(changed=True, discarded=removed, summary=summarize(run, options, "failed", reason), run=run)
+
+
+def _step_result(run, options, check_mode, changed):
+    return dict(changed=changed and not check_mode, run=run, msg=describe_plan(run),
+                summary=result(run, options, check_mode)["summary"], notes=run["notes"])
+
+
+STEPS = dict(begin=_begin, start=_start, copy=_copy, stop=_stop, commit=_commit, abort=_abort)
