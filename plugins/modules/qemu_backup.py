@@ -25,8 +25,8 @@ description:
   - With O(background_after), a run still at work after that many seconds goes on in a process of its own, and the
     module returns its RV(job); O(step=follow) then reports the copies' progress and, once the run ended, its result.
     The C(fleetbackup.qemu.qemu_backup) role shows progress lines so, only for runs that last that long.
-  - With the repository on another host (a backup host that pulls the disks over NBD with TLS), the run is split into
-    steps, each run where it belongs and handed the RV(run) the step before returned. On the repository's host
+  - With the repository on another host (a backup host that pulls the disks over NBD with TLS, O(nbd_tcp)), the run
+    is split into steps, each run where it belongs and handed the RV(run) the step before returned. On the repository's host
     O(step=begin) (the lease, whether a backup is due, the new backup's name), O(step=copy) (every disk, in one
     process) and O(step=commit) (record, prune, give the lease up); on the hypervisor O(step=start) (the plan from
     one listing of the disks, and the start) and O(step=stop) (the stop; once it proved that the view held, the
@@ -75,6 +75,14 @@ options:
   reason:
     description: With O(step=abort), why the run failed, for RV(summary).
     type: str
+  undo:
+    description:
+      - With O(step=abort), what to undo on this host, V(vm) (the VM's backup and the checkpoint it opened) and
+        V(repository) (the run's files, and its lease).
+    type: list
+    elements: str
+    choices: [vm, repository]
+    default: [vm, repository]
   level:
     description:
       - V(auto) continues the newest backup's chain with an incremental when it can, and says why when it cannot.
@@ -321,6 +329,7 @@ def main():
             wait=dict(type="float", default=10),
             background_after=dict(type="float", default=0),
             reason=dict(type="str"),
+            undo=dict(type="list", elements="str", choices=["vm", "repository"], default=["vm", "repository"]),
             level=dict(type="str", choices=["auto", "full", "incremental"], default="auto"),
             max_age=dict(type="str", default="0"),
             keep_chains=dict(type="int", default=0),

@@ -52,27 +52,28 @@ def test_chain_restores_each_point_and_reruns_change_nothing(vms, tmp_path):
     assert same(str(raw / "vda.raw"), str(tmp_path / "restore-2" / "vda.qcow2"))
 
 
-def test_max_age_and_check_mode_change_nothing(vms, tmp_path):
+def test_max_age_and_check_mode_write_nothing(vms, tmp_path):
     vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, MiB, 0x42))
     fleet = Fleet(tmp_path, {"vm1": vm})
     rc, results, output = fleet.backup(qemu_backup_repository_host="localhost")  # copies there, exports here
     (refused,) = results["failures"]["vm1"]
-    assert rc != 0 and refused.startswith("fleetbackup.qemu.qemu_backup : Check that copies on another host can "
-                                          "reach the exports: vm1: a "
+    assert rc != 0 and refused.startswith("fleetbackup.qemu.qemu_backup : Check that the VM is named once, and that "
+                                          "copies on another host can reach the exports: vm1: a "
                                           "repository on localhost, another host than vm1, needs qemu_backup_nbd_tcp")
-    planned = assert_ok(fleet.backup(check=True, qemu_backup_max_age="1h"), changed={"vm1": 0})
-    assert "full backup" in planned["tasks"]["vm1"]["Report the plan"]["msg"]
+    # Check mode says what a run would change: a backup.
+    planned = assert_ok(fleet.backup(check=True, qemu_backup_max_age="1h"), changed={"vm1": 1})
+    assert "full backup" in planned["tasks"]["vm1"]["Report the run"]["msg"]
     assert not (fleet.repository / "vm1" / "manifest.json").exists() and vm.named_bitmaps("vda") == {}
 
     assert_ok(fleet.backup(qemu_backup_max_age="1h"))
     vm.write("vda", 4 * MiB, 2 * MiB, 0x43)
     again = assert_ok(fleet.backup(qemu_backup_max_age="1h"), changed={"vm1": 0})
-    assert "younger than max_age" in again["tasks"]["vm1"]["Report the plan"]["msg"]
+    assert "younger than max_age" in again["tasks"]["vm1"]["Report the run"]["msg"]
     assert len(fleet.manifest("vm1")["backups"]) == 1
 
-    planned = assert_ok(fleet.backup(check=True), changed={"vm1": 0})
-    message = planned["tasks"]["vm1"]["Report the plan"]["msg"]
-    assert "incremental backup" in message and "vda" in message and "2.00 MB" in message
+    planned = assert_ok(fleet.backup(check=True), changed={"vm1": 1})
+    message = planned["tasks"]["vm1"]["Report the run"]["msg"]
+    assert "incremental backup" in message and "vda" in message and "2.0 MiB" in message
     assert len(fleet.manifest("vm1")["backups"]) == 1
     assert len(vm.named_bitmaps("vda")) == 1
     assert_clean(vm)
@@ -130,8 +131,10 @@ def test_qemu_killed_during_the_copy_leaves_the_repository_and_the_next_run_is_f
     vm.write("vda", 8 * MiB, MiB, 0x92)
     vm.flushed_image("vda")
 
-    rc, results, output = fleet.backup(at_task=("Copy each disk", support_command(
-        "from support.processes import end_process; end_process(%d)" % vm.pid)))
+    # Slow copies, followed after a second: QEMU dies while the run copies in the background.
+    rc, results, output = fleet.backup(qemu_backup_bandwidth="256K", qemu_backup_progress_interval="1",
+                                       at_task=("Show the progress of the copies", support_command(
+                                           "from support.processes import end_process; end_process(%d)" % vm.pid)))
     assert rc != 0 and "was not recorded" in " ".join(results["failures"]["vm1"]), output[-3000:]
     assert (fleet.repository / "vm1" / "manifest.json").read_bytes() == manifest
     assert fleet.images("vm1") == images
@@ -142,7 +145,7 @@ def test_qemu_killed_during_the_copy_leaves_the_repository_and_the_next_run_is_f
     mark = vm.mark("vda")
     # The checkpoint of the first backup lived only in the killed QEMU: auto takes a full backup.
     rerun = assert_ok(fleet.backup())
-    assert "full backup" in rerun["tasks"]["vm1"]["Report the plan"]["msg"]
+    assert "full backup" in rerun["tasks"]["vm1"]["Report the run"]["msg"]
     assert [b["level"] for b in fleet.manifest("vm1")["backups"]] == ["full", "full"]
     dest = tmp_path / "restored"
     assert_ok(fleet.restore("vm1", dest))
@@ -193,7 +196,8 @@ def test_a_second_run_for_the_same_vm_fails_fast_while_the_first_holds_the_repos
     # While the first run copies, a second one (say, the nightly next to the hourly) runs from start to end.
     second = tmp_path / "second"
     nightly = fleet.command("fleet_backup.yml", second, qemu_backup_level="full")
-    rc, results, output = fleet.backup(at_task=("Copy each disk", nightly))
+    rc, results, output = fleet.backup(qemu_backup_bandwidth="256K", qemu_backup_progress_interval="1",
+                                       at_task=("Show the progress of the copies", nightly))
     assert_ok((rc, results, output))
     second_rc, second_results = fleet.outcome(second)
     failure = " ".join(second_results["failures"]["vm1"])
@@ -222,7 +226,7 @@ def test_a_vm_with_a_qcow2_and_a_raw_disk_keeps_an_incremental_chain(vms, tmp_pa
         results = assert_ok(fleet.backup())
         vm.write("vda", (step + 4) * MiB, MiB, 0x90 + step)
         vm.write("sdb", step * MiB, 4096, 0xA0 + step)
-    report = results["tasks"]["vm1"]["Report the plan"]["msg"]
+    report = results["tasks"]["vm1"]["Report the run"]["msg"]
     assert "incremental backup" in report and "a raw disk is backed up in full every time" in report
     backups = fleet.manifest("vm1")["backups"]
     assert [b["level"] for b in backups] == ["full", "incremental", "incremental"]
@@ -244,9 +248,10 @@ def test_a_slow_copy_shows_progress_lines_and_the_manifest_records_checksums_tha
     # 16 MiB at 4 MiB/s: about 4 s of copying, a progress line each second (given as -e gives it: a string).
     rc, results, output = fleet.backup(qemu_backup_bandwidth="4M", qemu_backup_progress_interval="1")
     assert_ok((rc, results, output))
-    lines = [round_["msg"] for round_ in results["tasks"]["vm1"]["Show the progress of the copies"]["results"]]
+    lines = [round_["progress"] for round_ in results["tasks"]["vm1"]["Show the progress of the copies"]["results"]]
     assert any(re.match(r"^vda: \d+% \([\d.]+ MiB of 16\.0 MiB\) at [\d.]+ MiB/s", line) for line in lines), lines
     assert re.match(r"^vda: done, 16\.0 MiB in \d+ s$", lines[-1]), lines
+    assert len(lines) >= 3  # the run went on in the background, followed round by round
     assert "ok: [vm1] => (item=vda: " in output  # the default callback shows each line as its round ends
     [disk] = fleet.manifest("vm1")["backups"][0]["disks"]
     assert disk["checksum"].startswith("sha256-blocks64k:") and disk["bytes_read"] == 16 * MiB

@@ -49,9 +49,9 @@ def run_in_background(work, wait, state_dir):
     finally:
         os.close(ended_reader)
     if finished:
-        return _ended(directory, job)
-    return dict(finished=False, job=job, changed=True, msg=progress_line(directory.read_json(job + ".json"),
-                                                                             state_dir))
+        return _ended(directory, job, state_dir)
+    line = progress_line(directory.read_json(job + ".json"), state_dir)
+    return dict(finished=False, job=job, changed=True, msg=line, progress=line)
 
 
 def _detach_and_run(work, directory, job):
@@ -72,6 +72,8 @@ def _detach_and_run(work, directory, job):
         job_record([])
         try:
             result = work(job_record)
+        except FleetbackupError as err:
+            result = dict(failed=True, msg=str(err))
         except BaseException as err:  # a result, whatever happened: follow() must learn that the run ended
             result = dict(failed=True, msg="The backup run failed unexpectedly: %s: %s" % (type(err).__name__, err))
         directory.write_json(job + ".json", dict(record, state="ended", result=shown_paths(result)))
@@ -97,10 +99,11 @@ def follow(state_dir, job, wait):
                             "next run cleans up after it." % (job, owner["pid"]))
         left = deadline - time.monotonic()
         if left <= 0:
-            return dict(finished=False, job=job, changed=False, msg=progress_line(record, state_dir))
+            line = progress_line(record, state_dir)
+            return dict(finished=False, job=job, changed=False, msg=line, progress=line)
         _wait_for_exit(owner, min(left, 1.0))
         record = directory.read_json(job + ".json")
-    return _ended(directory, job)
+    return _ended(directory, job, state_dir)
 
 
 def _wait_for_exit(owner, seconds):
@@ -118,12 +121,13 @@ def _wait_for_exit(owner, seconds):
         os.close(pidfd)
 
 
-def _ended(directory, job):
+def _ended(directory, job, state_dir):
+    """The job's result, and its copies' last progress line; the job's record is gone then."""
     record = directory.read_json(job + ".json")
     directory.remove(job + ".json")
     if record is None or record["state"] != "ended":
         raise FleetbackupError("The backup run job %s ended without a result." % job)
-    return dict(record["result"], finished=True, job=job)
+    return dict(record["result"], finished=True, job=job, progress=progress_line(record, state_dir))
 
 
 def progress_line(record, state_dir):

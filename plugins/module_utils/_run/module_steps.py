@@ -22,6 +22,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._run.one_shot imp
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import REQUEST_KEYS
 
+# The steps that may go on in the background, after background_after seconds.
+BACKGROUND_STEPS = ("all", "copy")
 # What each step needs: the VM, the repository, a run from an earlier step.
 NEEDS = dict(all=("vm", "repository"), begin=("repository",), start=("vm", "run"), copy=("repository", "run"),
              stop=("vm", "run"), commit=("repository", "run"), abort=("run",), follow=("job",))
@@ -55,9 +57,11 @@ def run_step(module):
     if step == "follow":
         return _followed(follow(params["state_dir"], params["job"], params["wait"]))
     options = settings(params)
-    if step == "all":
-        return _all(module, options)
-    return STEPS[step](module, options, params["run"])
+    work = _all if step == "all" else STEPS[step]
+    if step in BACKGROUND_STEPS and params["background_after"] and not module.check_mode:
+        return _followed(run_in_background(lambda job_record: work(module, options, params["run"], job_record),
+                                           params["background_after"], params["state_dir"]))
+    return _followed(dict(work(module, options, params["run"]), finished=True))
 
 
 def _repository(module, create):
@@ -66,22 +70,14 @@ def _repository(module, create):
                       missing_ok=True)
 
 
-def _all(module, options):
-    params = module.params
+def _all(module, options, _run, job_record=None):
     warnings = []
-
-    def work(planned=None):
-        try:
-            outcome = back_up(options, lambda create: _repository(module, create), module.vm, module.check_mode,
-                              warnings.append, planned)
-        except RunFailed as err:
-            return dict(failed=True, msg=str(err), summary=err.summary, warnings=warnings)
-        return dict(outcome, warnings=warnings + outcome["notes"])
-
-    if params["background_after"] and not module.check_mode:
-        return _followed(run_in_background(lambda job_record: work(lambda run: job_record(_dests(run))),
-                                           params["background_after"], params["state_dir"]))
-    return _followed(dict(work(), finished=True))
+    try:
+        outcome = back_up(options, lambda create: _repository(module, create), module.vm, module.check_mode,
+                          warnings.append, job_record and (lambda run: job_record(_dests(run))))
+    except RunFailed as err:
+        return dict(failed=True, msg=str(err), summary=err.summary, warnings=warnings)
+    return dict(outcome, warnings=warnings + outcome["notes"])
 
 
 def _dests(run):
@@ -107,7 +103,9 @@ def _start(module, options, run):
     return _step_result(run, options, module.check_mode, changed=True)
 
 
-def _copy(module, options, run):
+def _copy(module, options, run, job_record=None):
+    if job_record:
+        job_record(_dests(run))
     with _repository(module, False) as repository:
         steps.copy(repository, run, options, module.check_mode, module.warn)
     return _step_result(run, options, module.check_mode, changed=True)
@@ -131,11 +129,11 @@ def _commit(module, options, run):
 
 def _abort(module, options, run):
     """What this host can undo of a failed run: the VM's backup and checkpoint, the repository's files and lease."""
-    removed = []
-    if module.names_vm and run.get("plan"):
+    removed, undo = [], module.params["undo"]
+    if "vm" in undo and module.names_vm and run.get("plan") and not module.check_mode:
         with module.vm(ending=run["plan"]["backup_id"]) as vm:
             steps.abort_vm(vm, run)
-    if module.params["repository"] and not module.check_mode:
+    if "repository" in undo and module.params["repository"] and not module.check_mode:
         with _repository(module, False) as repository:
             removed = steps.abort_repository(repository, run)
     reason = module.params["reason"] or "the run was aborted"

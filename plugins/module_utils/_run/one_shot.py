@@ -90,8 +90,9 @@ def result(run, options, check_mode):
     """The module's result of a run that did not fail."""
     recorded = run.get("recorded")
     changed = bool(recorded) or (check_mode and run["due"])
+    planned = run.get("plan") or {}
     summary = summarize(run, options, "ok" if recorded else ("would back up" if run["due"] else "nothing due"),
-                        None if run["due"] else run["reason"])
+                        planned.get("reason") if run["due"] else run["reason"])
     return dict(changed=changed, summary=summary, msg=describe_plan(run), plan=run.get("plan"), backup=recorded,
                 copies=[{key: c.get(key) for key in COPY_KEYS} for c in run.get("copies", ())],
                 intact=run.get("intact"), pruned=run.get("pruned", []),
@@ -115,7 +116,7 @@ def summarize(run, options, outcome, reason):
         if outcome == "would back up" else 0,
         seconds=round(time.time() - run["began"], 3), reason=reason, finished=int(time.time()),
         newest=dict(name=newest["name"], finished=newest["finished"]) if newest else None,
-        rpo=options.get("rpo"), change=run.get("change"))
+        rpo=options.get("rpo"), change=run.get("change"), offline=(run.get("started") or {}).get("offline", False))
 
 
 def describe_plan(run):

@@ -208,6 +208,8 @@ def abort_repository(repository, run):
     except UserError:
         return []  # another run holds the repository now: nothing here is ours to remove
     planned = run.get("plan") or {}
-    removed = repository.discard_unlisted(run["facts"]["name"], [disk["file"] for disk in planned.get("disks", ())])
+    files = {disk["file"] for disk in planned.get("disks", ())}
+    files.update((lease.work(run["run_id"]) or {}).get("files", ()))  # what the copy step said it writes
+    removed = repository.discard_unlisted(run["facts"]["name"], sorted(files))
     lease.release(run["run_id"])
     return removed
