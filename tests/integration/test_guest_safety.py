@@ -295,7 +295,11 @@ def test_the_role_with_too_little_scratch_fails_that_vm_alone_and_recovers(vms, 
 
     vm1 = machines["vm1"]
     overwrite = vm1.writes_by_hook("vda", 0, 64 * MiB, 0x62)
-    rc, results, output = fleet.backup(at_task=("Copy each disk", overwrite))
+    # 4 MiB to copy at 1 MiB/s, followed after a second: the guest overwrites the disk while the copy runs.
+    vm1.write("vda", 0, 4 * MiB, 0x61)
+    inventory["vms"]["hosts"]["vm1"].update(qemu_backup_bandwidth="1M", qemu_backup_progress_interval=1)
+    fleet.inventory.write_text(json.dumps(inventory))
+    rc, results, output = fleet.backup(at_task=("Show the progress of the copies", overwrite))
     assert rc != 0 and list(results["failures"]) == ["vm1"], output[-3000:]
     assert "broke while it was copied" in " ".join(results["failures"]["vm1"])
     assert (fleet.repository / "vm1" / "manifest.json").read_bytes() == manifest and fleet.images("vm1") == images

@@ -16,7 +16,7 @@ MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(
 
 
 def test_all_modules_are_there():
-    assert MODULES == ["qemu_backup_copy", "qemu_backup_copy_status", "qemu_backup_info", "qemu_backup_repository",
+    assert MODULES == ["qemu_backup", "qemu_backup_copy", "qemu_backup_copy_status", "qemu_backup_info", "qemu_backup_repository",
                        "qemu_backup_restore", "qemu_backup_start", "qemu_backup_stop", "qemu_backup_verify",
                        "qemu_checkpoint", "qemu_restore_drill", "qemu_vms_info"]
 

@@ -53,7 +53,7 @@ def payload(module):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_only_the_modules_that_copy_carry_the_copy_engine(module):
-    assert (ENGINE in payload(module)) == (module in ("qemu_backup_copy", "qemu_backup_verify"))
+    assert (ENGINE in payload(module)) == (module in ("qemu_backup", "qemu_backup_copy", "qemu_backup_verify"))
 
 
 VIEWS = "module_utils/_views/catalog.py"
@@ -61,7 +61,8 @@ VIEWS = "module_utils/_views/catalog.py"
 
 @pytest.mark.parametrize("module", MODULES)
 def test_only_the_modules_that_start_stop_or_describe_backups_carry_the_views(module):
-    assert (VIEWS in payload(module)) == (module in ("qemu_backup_start", "qemu_backup_stop", "qemu_backup_info"))
+    assert (VIEWS in payload(module)) == (module in ("qemu_backup", "qemu_backup_start", "qemu_backup_stop",
+                                                          "qemu_backup_info"))
 
 
 def test_the_module_base_checks_for_libnbd_without_the_nbd_client():

@@ -30,11 +30,8 @@ PASSED_ON = re.compile(r"^\{\{\s*(?P<var>[a-z][a-z0-9_]*)\s*(?:(?P<or_omit>or om
                        r"\s*\}\}$")
 # Where a role chooses another default than the module's, on purpose, and why.
 ROLE_OWN_DEFAULTS = {
-    "qemu_backup_fallback_to_full": "a scheduled run backs up in full a disk whose checkpoint broke, instead of "
-                                    "failing the VM's backup",
-    "qemu_backup_lock_ttl": "the role renews its lease between steps, so a killed run holds the repository for ten "
-                            "minutes, not an hour",
-    "qemu_backup_progress_interval": "the role shows a line of progress per interval; the module answers at once",
+    "qemu_backup_progress_interval": "the role shows a line of progress per interval of a long run; the module "
+                                     "alone never goes on in the background",
 }
 # A role's type that is narrower than the module's: every value it takes, the module takes as it is.
 NARROWER_TYPES = {("int", "float")}
@@ -152,9 +149,9 @@ def as_module_takes(value, option):
 
 def test_the_pass_ons_are_read_from_every_role_that_calls_a_module():
     found = {(passed.var, passed.module, passed.option) for passed in PASSES}
-    assert {("qemu_backup_cbw_timeout", "qemu_backup_start", "cbw_timeout"),
-            ("qemu_backup_state_dir", "qemu_backup_info", "state_dir"),
-            ("qemu_backup_tls_certificates", "qemu_backup_copy", "tls_certificates"),
+    assert {("qemu_backup_cbw_timeout", "qemu_backup", "cbw_timeout"),
+            ("qemu_backup_state_dir", "qemu_backup", "state_dir"),
+            ("qemu_backup_tls_certificates", "qemu_backup", "tls_certificates"),
             ("qemu_restore_format", "qemu_backup_restore", "format"),
             ("qemu_verify_backups", "qemu_backup_verify", "backups"),
             ("qemu_drill_accel", "qemu_restore_drill", "accel")} <= found

@@ -107,7 +107,10 @@ def _give_back_checkpoint(vm, run, check_mode):
     if not xml or not vm.keeps_checkpoint_definitions:
         return
     try:
-        vm.restore_checkpoint(newest["checkpoint"], xml, check_mode)
+        given_back, _disks = vm.restore_checkpoint(newest["checkpoint"], xml, check_mode)
+        if given_back:
+            run["notes"].append("Gave libvirt back checkpoint %s from the repository (the domain was defined again "
+                                "without it); its chain goes on." % newest["checkpoint"])
     except CheckpointGone as err:
         run["notes"].append(str(err))  # the plan then takes a full backup, and says why
 
