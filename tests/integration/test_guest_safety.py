@@ -294,9 +294,9 @@ def test_the_role_with_too_little_scratch_fails_that_vm_alone_and_recovers(vms, 
     images = fleet.images("vm1")
 
     vm1 = machines["vm1"]
-    overwrite = vm1.writes_by_hook("vda", 0, 64 * MiB, 0x62)
     # 4 MiB to copy at 1 MiB/s, followed after a second: the guest overwrites the disk while the copy runs.
     vm1.write("vda", 0, 4 * MiB, 0x61)
+    overwrite = vm1.writes_by_hook("vda", 0, 64 * MiB, 0x62)  # logged now, as the hook will write
     inventory["vms"]["hosts"]["vm1"].update(qemu_backup_bandwidth="1M", qemu_backup_progress_interval=1)
     fleet.inventory.write_text(json.dumps(inventory))
     rc, results, output = fleet.backup(at_task=("Show the progress of the copies", overwrite))

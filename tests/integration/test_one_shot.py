@@ -2,10 +2,12 @@
 
 import json
 import os
+import signal
 
 from support.fleet import assert_clean
 from support.flows import vm_state_files
 from support.modules import run_module
+from support.processes import end_process
 from support.qemu_vm import DiskSpec, MiB, same
 
 
@@ -49,3 +51,58 @@ def test_one_task_takes_a_chain_that_restores_exactly(vms, tmp_path):
     again = backup(vm, tmp_path, max_age="1h")
     assert not again["changed"] and again["summary"]["result"] == "nothing due", again
     assert len(manifest(tmp_path)["backups"]) == 3
+
+
+def test_a_killed_run_is_taken_over_at_once_and_cleaned_up_by_the_next(vms, tmp_path):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 8 * MiB, 0x21))
+    (tmp_path / "repository").mkdir()
+    (tmp_path / "scratch").mkdir()
+    # 8 MiB at 1 MiB/s: the run goes on in the background after half a second.
+    started = backup(vm, tmp_path, bandwidth="1M", background_after=0.5)
+    assert started["finished"] is False, started
+    followed = started
+    for _round in range(20):  # until the run has started its backup and copies: its progress names the disk
+        if followed["msg"].startswith("vda: "):
+            break
+        followed = run_module("qemu_backup", step="follow", job=started["job"], state_dir=str(tmp_path / "state"),
+                              wait=0.5)
+    assert followed["finished"] is False and followed["msg"].startswith("vda: "), followed
+    job_file = tmp_path / "state" / "runs" / ("%s.json" % started["job"])
+    record = json.loads(job_file.read_text())
+    assert record["state"] == "running" and record["dests"][0][1] == "vda"
+    assert vm.leftovers()["exports"], "the run to kill must have its backup running on the VM"
+    end_process(record["owner"]["pid"], signal.SIGKILL)  # this test's own run, by its PID
+
+    mark = vm.mark("vda")
+    rerun = backup(vm, tmp_path)
+    assert rerun["summary"]["result"] == "ok", rerun
+    assert any("which a run that died left running" in note for note in rerun["notes"]), rerun["notes"]
+    backups = manifest(tmp_path)["backups"]
+    assert len(backups) == 1 and backups[0]["level"] == "full"
+    files = sorted(os.listdir(tmp_path / "repository" / "vm1"))
+    assert files == sorted(["lock", "manifest.json", backups[0]["disks"][0]["file"]]), files
+    assert same(str(tmp_path / "repository" / "vm1" / backups[0]["disks"][0]["file"]),
+                vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
+    assert list(vm.named_bitmaps("vda")) == [backups[0]["checkpoint"]]
+    assert_clean(vm)
+    # The dead run's job says what happened to it.
+    gone = run_module("qemu_backup", step="follow", job=started["job"], state_dir=str(tmp_path / "state"), wait=0)
+    assert gone.failed and "its process %d is gone" % record["owner"]["pid"] in gone["msg"], gone
+    assert not job_file.exists()
+
+
+def test_check_mode_predicts_the_level_and_the_bytes_and_writes_nothing(vms, tmp_path):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 2 * MiB, 0x31))
+    (tmp_path / "repository").mkdir()
+    (tmp_path / "scratch").mkdir()
+    assert backup(vm, tmp_path)["summary"]["result"] == "ok"
+    vm.write("vda", 16 * MiB, 3 * MiB, 0x32)
+    before = {name: (tmp_path / "repository" / "vm1" / name).read_bytes()
+              for name in os.listdir(tmp_path / "repository" / "vm1")}
+    predicted = backup(vm, tmp_path, check_mode=True)
+    assert predicted["changed"] and predicted["summary"]["level"] == "incremental", predicted
+    assert predicted["summary"]["bytes"] == 3 * MiB and "3.0 MiB" in predicted["msg"]
+    after = {name: (tmp_path / "repository" / "vm1" / name).read_bytes()
+             for name in os.listdir(tmp_path / "repository" / "vm1")}
+    assert after == before
+    assert_clean(vm)

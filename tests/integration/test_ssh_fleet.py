@@ -109,7 +109,7 @@ def test_the_hypervisor_role_prepares_each_host_and_hands_its_python_to_the_back
     for name, vm in machines.items():
         host, server, vm_name = tmp_path / name, ssh_fleet.servers[name], ssh_fleet.hostvars[name]["qemu_backup_vm"]
         # The backup role's modules ran through SSH to this host, with the python the hypervisor role made.
-        assert ran_over_ssh(output, server, "qemu_backup_info", str(host / "venv" / "bin" / "python")), output[-3000:]
+        assert ran_over_ssh(output, server, "qemu_backup", str(host / "venv" / "bin" / "python")), output[-3000:]
         with open(host / "repository" / vm_name / "manifest.json") as stream:
             assert [b["level"] for b in json.load(stream)["backups"]] == ["full"]
         assert os.listdir(host / "state" / "vms")  # the modules used the state_dir the hypervisor role made

@@ -19,6 +19,7 @@ import re
 import socket
 import stat
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_start_time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import sync_directory
 
 PARTIAL = re.compile(r"^\..+\.part-(\d+)@(.+)$")
@@ -46,22 +47,12 @@ def remove_stale_partials(directory):
     removed = []
     for name in os.listdir(directory):
         match = PARTIAL.match(name)
-        if match and match.group(2) == socket.gethostname() and not _running(int(match.group(1))):
+        if match and match.group(2) == socket.gethostname() and process_start_time(int(match.group(1))) is None:
             info = os.lstat(os.path.join(directory, name))
             if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
                 os.unlink(os.path.join(directory, name))
                 removed.append(name)
     return removed
-
-
-def _running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def recorded_identity(path):

@@ -21,7 +21,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.change_rate
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.recording import prune_backups, record_backup
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import check_params, copy_or_keep
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import chain_facts, not_due, plan_from
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import backup_id_for, chain_facts, not_due, plan_from
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import REQUEST_KEYS, check_request
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import describe_disks
@@ -45,8 +45,10 @@ def begin(repository, options, check_mode, owner=None):
     data = repository.load()
     facts = chain_facts(repository, data, now)
     if not check_mode:
+        # The backup's id follows from its name: a run that takes over can end the backup on the VM.
         taken = Lease(repository).take(run_id, options["holder"], options["lock_ttl"], now, owner=owner,
-                                       work=dict(name=facts["name"]))
+                                       work=dict(name=facts["name"], backup_id=backup_id_for(repository.vm,
+                                                                                             facts["name"])))
         abandoned = (taken["taken_over"] or {}).get("work")
     reason = not_due(facts, options["max_age"], now)
     run = dict(run_id=run_id, vm=repository.vm, repository=repository.path, began=now, facts=facts,
