@@ -7,11 +7,15 @@ import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import this_process
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
     backup_id_for,
+    chain_facts,
+    not_due,
     obsolete_checkpoints,
     parse_duration,
     plan,
+    plan_from,
     prune,
     record,
 )
@@ -231,3 +235,40 @@ def test_record_pairs_each_copy_with_the_disk_whose_image_it_wrote_whatever_thei
     planned["disks"][1]["mode"] = "full"
     with pytest.raises(UserError, match="the plan backs up disks vdb in full, and the start did not"):
         record(data, planned, started, copies, NOW, directory=repository.path)
+
+
+def test_a_lease_whose_process_is_gone_from_this_host_is_free_at_once_and_names_its_work(repository):
+    lease = Lease(repository)
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    gone = dict(this_process(), pid=child, started=-1)  # a process of this host that no longer runs
+    lease.take("dead", "hourly play", 600, NOW, owner=gone, work=dict(name="b1", backup_id="vm-1", files=["f"]))
+    taken = lease.take("next", "hourly play", 600, NOW + 1)
+    assert taken["taken_over"]["run_id"] == "dead" and taken["taken_over"]["work"]["files"] == ["f"]
+    # Another host's process is never judged from here: its lease holds until it expires.
+    assert lease.release("next")
+    lease.take("remote", "x", 600, NOW + 2, owner=dict(gone, host="elsewhere"))
+    with pytest.raises(UserError, match="locked by another run"):
+        lease.take("third", "x", 600, NOW + 3)
+    # A live owner holds it too.
+    assert lease.release("remote")
+    lease.take("alive", "x", 600, NOW + 5, owner=this_process())
+    with pytest.raises(UserError, match="locked by another run: x"):
+        lease.take("fourth", "x", 600, NOW + 6)
+
+
+def test_the_facts_a_plan_needs_travel_as_plain_data_and_plan_alike(repository):
+    data = with_images(repository, dict(backups=[backup("b1")]))
+    facts = chain_facts(repository, data, NOW)
+    travelled = json.loads(json.dumps(facts))
+    disks = [vm_disk(checkpoints=[("ckpt-b1", True)])]
+    planned = plan_from(travelled, "auto", 0, disks, None, NOW)
+    assert planned["level"] == "incremental" and planned["name"] == facts["name"]
+    assert planned["backup_id"] == backup_id_for("vm", facts["name"])
+    assert facts["checkpoints"] == ["ckpt-b1"] and facts["missing"] is None
+    os.unlink(repository.image("b1.vda.qcow2"))
+    assert "is missing from the repository" in plan_from(chain_facts(repository, data, NOW), "auto", 0, disks, None,
+                                                         NOW)["reason"]
+    assert "younger than max_age" in not_due(facts, 3 * 3600, NOW) and not_due(facts, 3 * 3600, NOW + 3600) is None
