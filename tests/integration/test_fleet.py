@@ -107,7 +107,7 @@ def test_a_fleet_of_hypervisors_backs_up_every_vm_it_finds(ssh_fleet, vms, libvi
     # each VM began before the other's backup stopped.
     assert "web@hv1" in results["stats"] and "web@hv2" in results["stats"]
     for one, other in (("web@hv1", "web@hv2"), ("web@hv2", "web@hv1")):
-        assert began(results, one, "Back up the VM") < ended(results, other, "Back up the VM")
+        assert began(results, one, "Run the whole backup") < ended(results, other, "Run the whole backup")
 
     for name, vm in machines.items():
         if name != "old@hv1" and vm.pid is not None:

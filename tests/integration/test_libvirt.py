@@ -324,7 +324,7 @@ def test_roles_back_up_libvirt_and_qmp_vms_together_and_restore_defines_the_doma
     for step in range(2):
         points.append(marks(written))
         results = assert_ok(fleet.backup())
-        assert not [note for note in results["tasks"]["qmp"]["Back up the VM"]["notes"] if "libvirt" in note]
+        assert not [note for note in results["tasks"]["qmp"]["Run the whole backup"]["notes"] if "libvirt" in note]
         written.write("vda", (step + 2) * 8 * MiB, MiB, 0x30 + step)
         written.write("vdb", step * MiB, MiB, 0x40 + step)
         qmp_vm.write("vda", (step + 1) * MiB, MiB, 0x50 + step)
@@ -340,7 +340,7 @@ def test_roles_back_up_libvirt_and_qmp_vms_together_and_restore_defines_the_doma
     points.append(marks(written))
     results = assert_ok(fleet.backup())
     assert "Gave libvirt back checkpoint %s" % newest["checkpoint"] in " ".join(
-        results["tasks"]["written"]["Back up the VM"]["notes"])
+        results["tasks"]["written"]["Run the whole backup"]["notes"])
     assert [b["level"] for b in fleet.manifest("written")["backups"]] == ["full", "incremental", "incremental"]
 
     for point, backup in zip(points, fleet.manifest("written")["backups"]):
