@@ -573,3 +573,6 @@ def test_the_fleet_playbook_keeps_every_repository_on_the_backup_host_pulled_ove
             assert restores(vm, str(repository), name, backup, point[name], tmp_path), (name, backup)
         Backups(vm, str(tmp_path / name.split("@")[1])).assert_nothing_left()
     assert not os.path.exists(os.path.join(repository, "broken@hv2", "manifest.json"))
+    # Its failed runs gave their lease up on the backup host, and left no file there.
+    assert os.listdir(os.path.join(repository, "broken@hv2")) == ["lock"]
+    assert (repository / "broken@hv2" / "lock").read_text() == ""

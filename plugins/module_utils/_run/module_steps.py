@@ -54,6 +54,8 @@ def run_step(module):
             raise UserError("step %s needs %s." % (step, dict(
                 vm="the VM: qmp_socket or domain", repository="repository and vm", run="run, as the step before "
                 "returned it", job="job, as qemu_backup returned it")[need]))
+    if "vm" in NEEDS[step]:
+        module.check_vm_libraries()  # before the lease: a run that cannot reach its VM takes nothing
     if step == "follow":
         return _followed(follow(params["state_dir"], params["job"], params["wait"]))
     options = settings(params)

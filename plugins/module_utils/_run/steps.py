@@ -150,7 +150,7 @@ def copy(repository, run, options, check_mode, warn):
             copied = copy_or_keep(params, dest_dir, options["bandwidth"], progress, check_mode, warn)
             if progress:
                 progress.end(summary=copied.get("msg"))
-        copies.append(dict(copied, disk=started["disk"]))
+        copies.append(dict(shown_paths(copied), disk=started["disk"]))  # paths that mean the same in any process
     run["copies"] = copies
     if not check_mode:
         renew(repository, run, options, work=work)

@@ -33,6 +33,11 @@ class VmModule(FleetbackupModule):
         super().__init__(argument_spec=dict(VM_ARGUMENT_SPEC, **argument_spec),
                          mutually_exclusive=[VM_CONNECTIONS] + list(mutually_exclusive),
                          required_one_of=[VM_CONNECTIONS] if vm_required else [], **kwargs)
+        if vm_required:  # else checked when the VM is reached: the steps on a repository's host never reach it
+            self.check_vm_libraries()
+
+    def check_vm_libraries(self):
+        """fail_json when the Python lacks the library that reaches this VM."""
         if self.params["domain"] is not None and not HAS_LIBVIRT:
             self.fail_json(msg=missing_required_lib(
                 "libvirt's Python bindings (Debian: apt install python3-libvirt; the interpreter must see Debian's "
@@ -58,6 +63,7 @@ class VmModule(FleetbackupModule):
         """The VM's connection, to use in a with block; ending: the id of a backup to end even on a QMP VM that is
         gone and was never seen."""
         params = self.params
+        self.check_vm_libraries()
         if self.uses_libvirt:
             return open_libvirt_vm(params["libvirt_uri"], params["domain"], params["timeout"], params["state_dir"],
                                    params["qemu_dir"], self.checkpoints, read_only=self.check_mode)
