@@ -102,8 +102,8 @@ def test_two_fleet_runs_write_reports_metrics_and_carry_a_vm_not_found_over(tmp_
     assert lines["db1"] == "db1: failed: the disk is full"  # the line knows only the VM's own RPO, it has none
     assert lines["mail"] == "mail: unreached: no result: its hypervisor was unreachable, or the run stopped before it"
     report = first["report"]
-    assert {entry["vm"]: entry["hypervisor"] for entry in report["vms"]} == dict(web1="hv1", web2="hv1", db1="hv1",
-                                                                              mail=None)
+    hypervisors = {entry["vm"]: entry["hypervisor"] for entry in report["vms"]}
+    assert hypervisors == dict(web1="hv1", web2="hv1", db1="hv1", mail=None)
     assert [item["vm"] for item in report["attention"]] == ["db1", "mail", "web2"]
     assert report["totals"]["vms"] == 4 and report["totals"]["unreached"] == 1
 

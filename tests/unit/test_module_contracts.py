@@ -24,7 +24,8 @@ def test_all_modules_are_there():
 ROLES = ["qemu_backup", "qemu_hypervisor", "qemu_restore", "qemu_verify", "qemu_drill"]
 
 
-@pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("filter", ["run_summary", "summary_line"]), ("role", ROLES)])
+@pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("filter", ["run_summary", "summary_line"]),
+                                               ("role", ROLES)])
 def test_ansible_doc_renders_every_plugin(plugin_type, names):
     process = subprocess.run([ansible_bin("ansible-doc"), "-t", plugin_type, "--json"]
                              + ["fleetbackup.qemu." + name for name in names],

@@ -15,6 +15,8 @@ from support.prometheus import parse_prometheus
 
 NOW = 1796660000
 NOBODY = 65534
+
+
 def summaries():
     return [
         dict(vm="web1", result="ok", level="incremental", backup="b1", bytes=2048, seconds=1.5, finished=NOW,

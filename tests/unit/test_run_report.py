@@ -143,8 +143,8 @@ def test_run_summary_adds_the_hypervisor_and_makes_an_unreached_summary_of_a_hos
 
 def test_summary_line_says_an_rpo_breach_and_a_flagged_change():
     assert summary_line(ok("web1", age=0)) == "web1: incremental 2.00 KB in 1.5 s"
-    assert summary_line(ok("web1", change=FLAGGED)) == ("web1: incremental 2.00 KB in 1.5 s; vda: 42% of the disk "
-                                                         "changed since the last backup")
+    assert summary_line(ok("web1", change=FLAGGED)) == (
+        "web1: incremental 2.00 KB in 1.5 s; vda: 42% of the disk changed since the last backup")
     old = dict(vm="db1", result="failed", reason="the disk is full", rpo=3600,
                newest=dict(name="b0", finished=NOW - 10 * 86400))
     assert summary_line(old).startswith("db1: failed: the disk is full; RPO 1h breached: the newest backup, b0, is ")

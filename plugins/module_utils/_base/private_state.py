@@ -119,12 +119,12 @@ class PrivateDir:
                             "directory of its own. Remove it, or choose another %s." % (self.path, self.option))
         if info.st_uid != os.geteuid():
             raise UserError("%s belongs to uid %d, not to this user (uid %d): fleetbackup keeps its state only in "
-                            "a directory of its own. Choose another %s." % (self.path, info.st_uid, os.geteuid(),
-                                                                          self.option))
+                            "a directory of its own. Choose another %s."
+                            % (self.path, info.st_uid, os.geteuid(), self.option))
         if stat.S_IMODE(info.st_mode) & 0o077:
             raise UserError("%s has mode %o: others could have put files there. Check what it holds, then "
-                            "chmod 0700 it, or choose another %s." % (self.path, stat.S_IMODE(info.st_mode),
-                                                                     self.option))
+                            "chmod 0700 it, or choose another %s."
+                            % (self.path, stat.S_IMODE(info.st_mode), self.option))
         return self
 
     def prepare(self, create=True):

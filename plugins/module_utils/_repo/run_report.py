@@ -174,8 +174,8 @@ def summary_message(report):
         ("ok", OK), ("nothing_due", NOTHING_DUE), ("failed", FAILED), ("unreached", UNREACHED)) if totals[key])
     line = "%d VMs%s" % (totals["vms"], ": " + counts if counts else "")
     if report["attention"]:
-        line += "; attention: " + ", ".join("%s (%s)" % (item["vm"], "; ".join(item["problems"]))
-                                           for item in report["attention"])
+        line += "; attention: " + ", ".join(
+            "%s (%s)" % (item["vm"], "; ".join(item["problems"])) for item in report["attention"])
     return line
 
 
