@@ -12,8 +12,11 @@ description:
   - Formats the C(qemu_backup_summary) fact that the C(fleetbackup.qemu.qemu_backup) role sets for a VM as one line
     for a fleet's summary, such as "web1.6c0bd1a2 - incremental 1.0 MiB in 3 s", or "db1@hv2 - failed" and the
     reason.
-  - Given a host's variables (C(hostvars[host])), it reads their C(qemu_backup_summary); a host without one (its
-    hypervisor was unreachable) gets a line saying so.
+  - The line goes on to say when the VM breached its recovery-point objective (C(rpo) of the summary), and when its
+    change rate was flagged (C(change)), as M(fleetbackup.qemu.qemu_backup_report) reports them.
+  - Given a host's variables (C(hostvars[host])), it reads their C(qemu_backup_summary) as
+    P(fleetbackup.qemu.run_summary#filter) does; a host without one (its hypervisor was unreachable) gets a line
+    saying so.
 author:
   - fleetbackup.qemu developers (@fleetbackup)
 options:
@@ -35,19 +38,29 @@ _value:
   type: str
 """
 
+import time
+
+from ansible.errors import AnsibleFilterError
 from ansible.module_utils.common.text.formatters import bytes_to_human
+
+from ansible_collections.fleetbackup.qemu.plugins.filter.run_summary import run_summary
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.run_report import vm_entry, warnings
 
 
 def summary_line(summary):
-    if "result" not in summary:  # a host's variables
-        summary = summary.get("qemu_backup_summary") or dict(
-            vm=summary.get("inventory_hostname", "?"), result="failed",
-            reason="no result: its hypervisor was unreachable, or the run stopped before it")
+    summary = run_summary(summary)
     vm = summary.get("vm", "?")
     if summary.get("result") == "ok":
-        return "%s: %s%s %s in %s s" % (vm, summary["level"], " (offline)" if summary.get("offline") else "",
+        line = "%s: %s%s %s in %s s" % (vm, summary["level"], " (offline)" if summary.get("offline") else "",
                                         bytes_to_human(int(summary["bytes"])), summary["seconds"])
-    return "%s: %s: %s" % (vm, summary.get("result", "failed"), summary.get("reason", "no reason given"))
+    else:
+        line = "%s: %s: %s" % (vm, summary.get("result", "failed"), summary.get("reason", "no reason given"))
+    try:
+        found = warnings(vm_entry(summary, {}, int(time.time()), None))
+    except UserError as err:
+        raise AnsibleFilterError(str(err)) from None
+    return "; ".join([line] + found)
 
 
 class FilterModule:

@@ -90,9 +90,11 @@ def test_the_fleet_restore_and_verify_examples_run_as_written(vms, tmp_path):
     fleet_block, fleet_command = readme_blocks("### A fleet")
     fleet = yaml.safe_load(substituted(fleet_block, [("/backup", str(repository))] + [
         ("/run/vms/%s/qmp.sock" % name, vm.qmp_socket) for name, vm in machines.items()]))
-    # The defaults' private directories, in the test's own: the only variables the test adds to the example.
+    # The defaults' private directories and the run report's, in the test's own: the only variables the test adds
+    # to the example.
     fleet["vms"]["vars"].update(qemu_backup_state_dir=str(tmp_path / "state"),
                                 qemu_backup_scratch_dir=str(tmp_path / "scratch"))
+    fleet["all"] = {"vars": {"fleetbackup_report_dir": str(tmp_path / "reports")}}
     os.mkdir(tmp_path / "scratch", 0o700)
     write_yaml(tmp_path / "fleet.yml", fleet)
     (command,) = commands(fleet_command)

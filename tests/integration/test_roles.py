@@ -60,18 +60,19 @@ def test_max_age_and_check_mode_write_nothing(vms, tmp_path):
     assert rc != 0 and refused.startswith("fleetbackup.qemu.qemu_backup : Check that the VM is named once, and that "
                                           "copies on another host can reach the exports: vm1: a "
                                           "repository on localhost, another host than vm1, needs qemu_backup_nbd_tcp")
-    # Check mode says what a run would change: a backup.
-    planned = assert_ok(fleet.backup(check=True, qemu_backup_max_age="1h"), changed={"vm1": 1})
+    # Check mode says what a run would change: a backup; the run report is not written.
+    planned = assert_ok(fleet.backup(check=True, qemu_backup_max_age="1h"), changed={"vm1": 1, "localhost": 0})
     assert "full backup" in planned["tasks"]["vm1"]["Report the run"]["msg"]
     assert not (fleet.repository / "vm1" / "manifest.json").exists() and vm.named_bitmaps("vda") == {}
 
     assert_ok(fleet.backup(qemu_backup_max_age="1h"))
     vm.write("vda", 4 * MiB, 2 * MiB, 0x43)
-    again = assert_ok(fleet.backup(qemu_backup_max_age="1h"), changed={"vm1": 0})
+    # localhost: the run report, written.
+    again = assert_ok(fleet.backup(qemu_backup_max_age="1h"), changed={"vm1": 0, "localhost": 1})
     assert "younger than max_age" in again["tasks"]["vm1"]["Report the run"]["msg"]
     assert len(fleet.manifest("vm1")["backups"]) == 1
 
-    planned = assert_ok(fleet.backup(check=True), changed={"vm1": 1})
+    planned = assert_ok(fleet.backup(check=True), changed={"vm1": 1, "localhost": 0})
     message = planned["tasks"]["vm1"]["Report the run"]["msg"]
     assert "incremental backup" in message and "vda" in message and "2.0 MiB" in message
     assert len(fleet.manifest("vm1")["backups"]) == 1

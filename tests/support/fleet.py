@@ -23,7 +23,8 @@ class Fleet:
         self.inventory = tmp_path / "inventory.json"
         self.runs = 0
         hosts = {name: host_vars(vm) for name, vm in vms.items()}
-        self.inventory.write_text(json.dumps({"vms": {"hosts": hosts, "vars": {
+        controller = {"fleetbackup_report_dir": str(tmp_path / "reports")}  # the run report, in the test's directory
+        self.inventory.write_text(json.dumps({"all": {"vars": controller}, "vms": {"hosts": hosts, "vars": {
             "ansible_connection": "local",
             "ansible_python_interpreter": "{{ ansible_playbook_python }}",
             "qemu_backup_repository": str(self.repository),

@@ -210,6 +210,7 @@ class SshFleet:
                                            "-o IdentitiesOnly=yes" % self.known_hosts,
                 "ansible_control_path_dir": str(self.control_path_dir),
                 "ansible_python_interpreter": BOOTSTRAP_PYTHON,
+                "fleetbackup_report_dir": str(self.directory / "reports"),  # the run report's, on the controller
             })},
             "hypervisors": {"hosts": {name: host(name) for name in self.hypervisors}},
             "backup_hosts": {"hosts": {"backup": host("backup")}},

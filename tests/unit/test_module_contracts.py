@@ -16,15 +16,16 @@ MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(
 
 
 def test_all_modules_are_there():
-    assert MODULES == ["qemu_backup", "qemu_backup_copy", "qemu_backup_copy_status", "qemu_backup_info", "qemu_backup_repository",
-                       "qemu_backup_restore", "qemu_backup_start", "qemu_backup_stop", "qemu_backup_verify",
-                       "qemu_checkpoint", "qemu_restore_drill", "qemu_vms_info"]
+    assert MODULES == ["qemu_backup", "qemu_backup_copy", "qemu_backup_copy_status", "qemu_backup_info", "qemu_backup_report",
+                       "qemu_backup_repository", "qemu_backup_restore", "qemu_backup_start", "qemu_backup_stop",
+                       "qemu_backup_verify", "qemu_checkpoint", "qemu_restore_drill", "qemu_vms_info"]
 
 
 ROLES = ["qemu_backup", "qemu_hypervisor", "qemu_restore", "qemu_verify", "qemu_drill"]
 
 
-@pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("filter", ["summary_line"]), ("role", ROLES)])
+@pytest.mark.parametrize("plugin_type,names", [("module", MODULES), ("filter", ["run_summary", "summary_line"]),
+                                               ("role", ROLES)])
 def test_ansible_doc_renders_every_plugin(plugin_type, names):
     process = subprocess.run([ansible_bin("ansible-doc"), "-t", plugin_type, "--json"]
                              + ["fleetbackup.qemu." + name for name in names],

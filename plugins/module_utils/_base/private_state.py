@@ -44,8 +44,8 @@ def shown_paths(value):
     """value (a string, or lists and dicts of them) with every aliased path as the user knows it."""
     if isinstance(value, str):
         for working, shown in sorted(_PATH_ALIASES.items(), key=lambda item: -len(item[0])):
-            value = value.replace(working + "/", shown + "/")
-            value = shown if value == working else value
+            # Wherever it stands, not only before a "/": not followed by a digit, which would be another descriptor.
+            value = re.sub(re.escape(working) + r"(?!\d)", lambda _match, shown=shown: shown, value)
         return value
     if isinstance(value, dict):
         return {key: shown_paths(item) for key, item in value.items()}
@@ -90,10 +90,11 @@ def check_trusted_directory(path, option, purpose):
 
 
 class PrivateDir:
-    """A directory that only this user can enter or change."""
+    """A directory that only this user can enter or change; option: what the user set to name it, for messages."""
 
-    def __init__(self, path):
+    def __init__(self, path, option="state_dir"):
         self.path = os.path.abspath(path)
+        self.option = option
 
     def __repr__(self):
         return "PrivateDir(%r)" % self.path
@@ -104,7 +105,7 @@ class PrivateDir:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
         except OSError as err:
             raise UserError("Cannot create the private directory %s (%s): run as root, or choose another "
-                            "state_dir." % (self.path, err.strerror)) from None
+                            "%s." % (self.path, err.strerror, self.option)) from None
         return self.check()
 
     def check(self):
@@ -115,14 +116,15 @@ class PrivateDir:
             return self
         if not stat.S_ISDIR(info.st_mode):
             raise UserError("%s is not a directory (a symlink?): fleetbackup keeps its state only in a real "
-                            "directory of its own. Remove it, or choose another state_dir." % self.path)
+                            "directory of its own. Remove it, or choose another %s." % (self.path, self.option))
         if info.st_uid != os.geteuid():
             raise UserError("%s belongs to uid %d, not to this user (uid %d): fleetbackup keeps its state only in "
-                            "a directory of its own. Choose another state_dir." % (self.path, info.st_uid,
-                                                                                   os.geteuid()))
+                            "a directory of its own. Choose another %s."
+                            % (self.path, info.st_uid, os.geteuid(), self.option))
         if stat.S_IMODE(info.st_mode) & 0o077:
             raise UserError("%s has mode %o: others could have put files there. Check what it holds, then "
-                            "chmod 0700 it, or choose another state_dir." % (self.path, stat.S_IMODE(info.st_mode)))
+                            "chmod 0700 it, or choose another %s."
+                            % (self.path, stat.S_IMODE(info.st_mode), self.option))
         return self
 
     def prepare(self, create=True):
@@ -130,7 +132,8 @@ class PrivateDir:
         return self.ensure() if create else self.check()
 
     def child(self, name, create=True):
-        return PrivateDir(os.path.join(self.path, check_plain_name(name, "Directory name"))).prepare(create)
+        path = os.path.join(self.path, check_plain_name(name, "Directory name"))
+        return PrivateDir(path, self.option).prepare(create)
 
     def path_of(self, name):
         return os.path.join(self.path, check_plain_name(name, "File name"))
@@ -203,14 +206,14 @@ class CreatedFile:
         self.fd = fd
 
 
-def create_exclusive(directory, name, flags=os.O_WRONLY):
-    """Create a new file `name` in directory, mode 0600 whatever the umask, never through a symlink."""
+def create_exclusive(directory, name, flags=os.O_WRONLY, mode=0o600):
+    """Create a new file `name` in directory, with mode (0600) whatever the umask, never through a symlink."""
     path = os.path.join(directory, name)
     try:
         fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise UserError("%s already exists: remove it after checking that nothing uses it." % path) from None
-    os.fchmod(fd, 0o600)
+    os.fchmod(fd, mode)
     return CreatedFile(path, fd)
 
 
@@ -222,9 +225,9 @@ def write_json_atomic(directory, name, data, durable=True):
     write_atomic(directory, name, json.dumps(data, indent=1, sort_keys=True).encode(), durable)
 
 
-def write_atomic(directory, name, content, durable=True):
-    """Replace file `name` in directory atomically with the bytes content, through a fresh 0600 file."""
-    temporary = create_exclusive(directory, ".%s.%s" % (name, secrets.token_hex(4)))
+def write_atomic(directory, name, content, durable=True, mode=0o600):
+    """Replace file `name` in directory atomically with the bytes content, through a fresh file of that mode."""
+    temporary = create_exclusive(directory, ".%s.%s" % (name, secrets.token_hex(4)), mode=mode)
     try:
         with os.fdopen(temporary.fd, "wb") as stream:
             stream.write(content)

@@ -122,7 +122,7 @@ def _change(facts, planned):
     if not incremental:
         return None
     return change_signal(facts["history"], sum(d["expected_bytes"] for d in incremental),
-                         sum(d["size"] for d in incremental))
+                         sum(d["size"] for d in incremental), [d["disk"] for d in incremental])
 
 
 def copy(repository, run, options, check_mode, warn):
