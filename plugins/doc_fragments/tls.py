@@ -24,11 +24,11 @@ options:
       - QEMU reads the credentials as the user it runs as (C(-runas)). The module copies them, as it checked them,
         into its private state directory for QEMU's user alone and hands QEMU a descriptor of that directory; the
         copies are removed as soon as QEMU has loaded them.
-      - The URLs in RV(backup.disks[].url) are C(nbds://HOST:PORT/EXPORT); the copy adds its client certificates
-        with O(fleetbackup.qemu.qemu_backup_copy#module:tls_certificates).
+      - The URLs in RV(fleetbackup.qemu.qemu_backup_start#module:backup.disks[].url) are C(nbds://HOST:PORT/EXPORT);
+        the copy adds its client certificates with O(fleetbackup.qemu.qemu_backup_copy#module:tls_certificates).
       - A stopped VM's disks are each served by a qemu-nbd of their own, with the same TLS checks. The module hands
         each a listener of its own (socket activation), so with several disks O(nbd_tcp.port) must be C(0), each
-        disk's port is in its URL, and RV(backup.nbd_tcp.port) is null.
+        disk's port is in its URL, and RV(fleetbackup.qemu.qemu_backup_start#module:backup.nbd_tcp.port) is null.
       - Not for running libvirt domains (O(domain)), since libvirt's backup server would admit every certificate of
         the CA and takes its certificates from C(qemu.conf) for the whole host. Such a start fails. A shut-off domain
         is served by qemu-nbd like any stopped VM, and may use it.
@@ -46,7 +46,8 @@ options:
         required: true
       port:
         description:
-          - TCP port to listen on; C(0) takes a free port, returned in RV(backup.nbd_tcp.port) and the URLs.
+          - TCP port to listen on; C(0) takes a free port, returned in the URLs and in
+            RV(fleetbackup.qemu.qemu_backup_start#module:backup.nbd_tcp.port).
           - Each running backup needs a port of its own.
         type: int
         default: 0
@@ -81,14 +82,15 @@ options:
 options:
   tls_certificates:
     description:
-      - For an C(nbds://) O(src), as a start with O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp) returns, the
+      - For an C(nbds://) source (O(fleetbackup.qemu.qemu_backup_copy#module:src)), as a start with
+        O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp) returns, the
         directory with the fleet CA's C(ca-cert.pem) and this host's C(client-cert.pem) and C(client-key.pem), as the
         C(fleetbackup.qemu.fleet_ca) playbook makes them on the backup host.
-      - The copy checks the server's certificate against that CA and its name against the address in O(src), and
+      - The copy checks the server's certificate against that CA and its name against the address in the source, and
         presents its own certificate, whose distinguished name the start must allow
         (O(fleetbackup.qemu.qemu_backup_start#module:nbd_tcp.tls_allow)).
       - The directory and files must belong to root (or this user) and be writable by nobody else; the key must be
         readable by its owner alone (0600). Links are refused.
-      - Required for an C(nbds://) O(src), unless O(src) names them itself (C(tls-certificates=DIR)).
+      - Required for an C(nbds://) source, unless the source names them itself (C(tls-certificates=DIR)).
     type: path
 """

@@ -80,7 +80,7 @@ def test_a_killed_run_is_taken_over_at_once_and_cleaned_up_by_the_next(vms, tmp_
     backups = manifest(tmp_path)["backups"]
     assert len(backups) == 1 and backups[0]["level"] == "full"
     files = sorted(os.listdir(tmp_path / "repository" / "vm1"))
-    assert files == sorted(["lock", "manifest.json", backups[0]["disks"][0]["file"]]), files
+    assert files == sorted(("lock", "manifest.json", backups[0]["disks"][0]["file"])), files
     assert same(str(tmp_path / "repository" / "vm1" / backups[0]["disks"][0]["file"]),
                 vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
     assert list(vm.named_bitmaps("vda")) == [backups[0]["checkpoint"]]

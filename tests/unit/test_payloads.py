@@ -61,8 +61,8 @@ VIEWS = "module_utils/_views/catalog.py"
 
 @pytest.mark.parametrize("module", MODULES)
 def test_only_the_modules_that_start_stop_or_describe_backups_carry_the_views(module):
-    assert (VIEWS in payload(module)) == (module in ("qemu_backup", "qemu_backup_start", "qemu_backup_stop",
-                                                          "qemu_backup_info"))
+    carriers = ("qemu_backup", "qemu_backup_start", "qemu_backup_stop", "qemu_backup_info")
+    assert (VIEWS in payload(module)) == (module in carriers)
 
 
 def test_the_module_base_checks_for_libnbd_without_the_nbd_client():

@@ -79,7 +79,7 @@ def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn):
         check_view(view)
         if not record_identity(partial, dict(identity, checksum=copied.checksum)):
             warn("The file system of %s keeps no extended attributes: a later copy cannot prove that dest "
-                        "holds this backup, and will need force." % dest_dir)
+                 "holds this backup, and will need force." % dest_dir)
         publish(partial, dest)
     except BaseException:
         remove_file(partial)  # ours: copy_to_image made it

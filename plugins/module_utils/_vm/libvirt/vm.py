@@ -217,8 +217,8 @@ class LibvirtVm(VmConnection):
                 root.remove(parent)
             if not self._redefine(ElementTree.tostring(root, encoding="unicode"), name):
                 raise CheckpointGone("Checkpoint %s cannot be given back to libvirt: a bitmap of it is missing or "
-                                "inconsistent in the images of %s (libvirt: VIR_ERR_CHECKPOINT_INCONSISTENT). The "
-                                "next backup must be full." % (name, self.description))
+                                     "inconsistent in the images of %s (libvirt: VIR_ERR_CHECKPOINT_INCONSISTENT). "
+                                     "The next backup must be full." % (name, self.description))
         return True, disks
 
     def set_bitmaps(self, name, disks, present):
