@@ -57,6 +57,9 @@ def test_a_killed_run_is_taken_over_at_once_and_cleaned_up_by_the_next(vms, tmp_
     vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 8 * MiB, 0x21))
     (tmp_path / "repository").mkdir()
     (tmp_path / "scratch").mkdir()
+    assert backup(vm, tmp_path)["summary"]["result"] == "ok"
+    [first] = manifest(tmp_path)["backups"]
+    vm.write("vda", 16 * MiB, 8 * MiB, 0x22)
     # 8 MiB at 1 MiB/s: the run goes on in the background after half a second.
     started = backup(vm, tmp_path, bandwidth="1M", background_after=0.5)
     assert started["finished"] is False, started
@@ -71,19 +74,27 @@ def test_a_killed_run_is_taken_over_at_once_and_cleaned_up_by_the_next(vms, tmp_
     record = json.loads(job_file.read_text())
     assert record["state"] == "running" and record["dests"][0][1] == "vda"
     assert vm.leftovers()["exports"], "the run to kill must have its backup running on the VM"
+    opened = [name for name in vm.named_bitmaps("vda") if name.startswith("ckpt-") and name != first["checkpoint"]]
+    assert first["checkpoint"] in vm.named_bitmaps("vda") and opened  # the chain's checkpoint, and the run's own
     end_process(record["owner"]["pid"], signal.SIGKILL)  # this test's own run, by its PID
+
+    # Nothing is due, yet the dead run's backup and checkpoint go, and the chain's checkpoint stays.
+    quiet = backup(vm, tmp_path, max_age="1h")
+    assert quiet["changed"] and quiet["summary"]["result"] == "nothing due", quiet
+    assert any("which a run that died left running" in note for note in quiet["notes"]), quiet["notes"]
+    assert list(vm.named_bitmaps("vda")) == [first["checkpoint"]]
+    assert_clean(vm)
+    files = sorted(os.listdir(tmp_path / "repository" / "vm1"))
+    assert files == sorted(("lock", "manifest.json", first["disks"][0]["file"])), files
+    assert (tmp_path / "repository" / "vm1" / "lock").read_text() == ""  # given up
 
     mark = vm.mark("vda")
     rerun = backup(vm, tmp_path)
-    assert rerun["summary"]["result"] == "ok", rerun
-    assert any("which a run that died left running" in note for note in rerun["notes"]), rerun["notes"]
+    assert rerun["summary"]["result"] == "ok" and rerun["summary"]["level"] == "incremental", rerun
     backups = manifest(tmp_path)["backups"]
-    assert len(backups) == 1 and backups[0]["level"] == "full"
-    files = sorted(os.listdir(tmp_path / "repository" / "vm1"))
-    assert files == sorted(("lock", "manifest.json", backups[0]["disks"][0]["file"])), files
-    assert same(str(tmp_path / "repository" / "vm1" / backups[0]["disks"][0]["file"]),
-                vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
-    assert list(vm.named_bitmaps("vda")) == [backups[0]["checkpoint"]]
+    assert [b["level"] for b in backups] == ["full", "incremental"]
+    image = tmp_path / "repository" / "vm1" / backups[1]["disks"][0]["file"]
+    assert same(str(image), vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
     assert_clean(vm)
     # The dead run's job says what happened to it.
     gone = run_module("qemu_backup", step="follow", job=started["job"], state_dir=str(tmp_path / "state"), wait=0)

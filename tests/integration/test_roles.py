@@ -252,7 +252,7 @@ def test_a_slow_copy_shows_progress_lines_and_the_manifest_records_checksums_tha
     lines = [round_["progress"] for round_ in results["tasks"]["vm1"]["Show the progress of the copies"]["results"]]
     assert any(re.match(r"^vda: \d+% \([\d.]+ MiB of 16\.0 MiB\) at [\d.]+ MiB/s", line) for line in lines), lines
     assert re.match(r"^vda: done, 16\.0 MiB in \d+ s$", lines[-1]), lines
-    assert len(lines) >= 3  # the run went on in the background, followed round by round
+    assert len(lines) >= 2  # the run went on in the background, followed round by round
     assert "ok: [vm1] => (item=vda: " in output  # the default callback shows each line as its round ends
     [disk] = fleet.manifest("vm1")["backups"][0]["disks"]
     assert disk["checksum"].startswith("sha256-blocks64k:") and disk["bytes_read"] == 16 * MiB

@@ -272,3 +272,15 @@ def test_the_facts_a_plan_needs_travel_as_plain_data_and_plan_alike(repository):
     assert "is missing from the repository" in plan_from(chain_facts(repository, data, NOW), "auto", 0, disks, None,
                                                          NOW)["reason"]
     assert "younger than max_age" in not_due(facts, 3 * 3600, NOW) and not_due(facts, 3 * 3600, NOW + 3600) is None
+
+
+def test_a_failed_runs_discard_removes_only_that_backups_own_unlisted_files(repository):
+    data = with_images(repository, dict(format=1, vm="vm", backups=[backup("b1")]))
+    repository.save(data)
+    for name in ("b2.vda.qcow2", "b2.domain.xml", "lock", "b3.vda.qcow2"):
+        open(repository.image(name), "w").close()
+    # Whatever names it is handed (a forged plan's), only b2's files go: never the manifest, the lease, b1 or b3.
+    removed = repository.discard_unlisted("b2", ["manifest.json", "lock", "b1.vda.qcow2", "b3.vda.qcow2",
+                                                 "b2.vda.qcow2"])
+    assert sorted(removed) == ["b2.domain.xml", "b2.vda.qcow2"]
+    assert sorted(os.listdir(repository.path)) == ["b1.vda.qcow2", "b3.vda.qcow2", "lock", "manifest.json"]

@@ -49,7 +49,8 @@ class Lease:
         at once. work: what the run writes ({backup_id, name}), so that a run taking over cleans up after it.
         """
         with self._locked() as (fd, current):
-            if current and current["run_id"] != run_id and current["expires"] > now and not _owner_gone(current):
+            if current and current["run_id"] != run_id and (
+                    _owner_alive_here(current) or (current["expires"] > now and not _owner_gone(current))):
                 raise UserError(
                     "The repository of %s (%s) is locked by another run: %s, run %s, since %s, until %s unless it "
                     "renews. One run per VM works on a repository at a time; wait for it. A run that died frees the "
@@ -82,8 +83,15 @@ class Lease:
 
     def work(self, run_id):
         """The work that run_id, which must hold the lease, said it does."""
+        return self._held_by(run_id).get("work")
+
+    def owner(self, run_id):
+        """The process that holds run_id's lease, if one does."""
+        return self._held_by(run_id).get("owner")
+
+    def _held_by(self, run_id):
         with self._locked() as (_fd, current):
-            return current.get("work") if current and current["run_id"] == run_id else None
+            return current if current and current["run_id"] == run_id else {}
 
     @contextmanager
     def _locked(self):
@@ -116,3 +124,9 @@ def _owner_gone(lease):
     """Whether the lease names its run's process, on this host, and that process has ended."""
     owner = lease.get("owner")
     return bool(owner) and owner.get("host") == socket.gethostname() and not process_alive(owner)
+
+
+def _owner_alive_here(lease):
+    """Whether the lease names its run's process, on this host, and that process runs: its lease is never lost."""
+    owner = lease.get("owner")
+    return bool(owner) and owner.get("host") == socket.gethostname() and process_alive(owner)

@@ -18,6 +18,7 @@ import secrets
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.change_rate import HISTORY as CHANGE_HISTORY
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import missing_images
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import definition_files
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import named_disks
@@ -41,13 +42,14 @@ def backup_id_for(vm, name):
                          name.replace("T", "").replace("Z", ""))
 
 
+def image_file(name, disk):
+    """The image of a disk in backup `name`."""
+    return "%s.%s.qcow2" % (name, UNSAFE.sub("_", disk))
+
+
 def backup_level(disks):
     """A backup is incremental when any of its disks continues the chain, full when none does."""
     return "incremental" if any(disk["mode"] == "incremental" for disk in disks) else "full"
-
-
-# How many of the newest incrementals the change-rate signal compares a new one with.
-CHANGE_HISTORY = 10
 
 
 def chain_facts(repository, data, now):
@@ -61,7 +63,7 @@ def chain_facts(repository, data, now):
                 missing=missing[0] if missing else None,
                 checkpoints=sorted({b["checkpoint"] for b in backups if b.get("checkpoint")}),
                 history=[{key: b[key] for key in ("name", "level", "dirty_bytes", "disk_bytes")}
-                         for b in backups[-CHANGE_HISTORY:] if "dirty_bytes" in b])
+                         for b in backups if "dirty_bytes" in b][-CHANGE_HISTORY:])
 
 
 def not_due(facts, max_age, now):
@@ -104,7 +106,7 @@ def plan_from(facts, level, max_age, vm_disks, wanted_disks, now):
         continues = parent is not None and _holds_checkpoints(disk)
         checkpoint = _checkpoint(disk, parent["checkpoint"]) if continues else None
         planned.append(dict(
-            disk=disk["disk"], size=disk["size"], file="%s.%s.qcow2" % (name, UNSAFE.sub("_", disk["disk"])),
+            disk=disk["disk"], size=disk["size"], file=image_file(name, disk["disk"]),
             mode="incremental" if continues else "full",
             backing=by_disk[disk["disk"]]["file"] if continues else None,
             backing_format=by_disk[disk["disk"]].get("format", "qcow2") if continues else None,

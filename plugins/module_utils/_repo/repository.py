@@ -149,7 +149,9 @@ class Repository:
         backups = self.load()["backups"]
         listed = {disk["file"] for backup in backups for disk in backup["disks"]}
         listed.update(f for backup in backups for f in definition_files(backup))
-        written = [f for f in list(files) + list(definition_file_names(name)) if f not in listed]
+        # Only names of the backup's own making: never the manifest, the lease or another backup's file.
+        written = [f for f in list(files) + list(definition_file_names(name))
+                   if f not in listed and f.startswith(name + ".")]
         present = [f for f in written if os.path.lexists(self.image(f))]
         return present if check_mode else self.remove_images(present)
 

@@ -21,7 +21,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy impo
 # The report's layout; a previous report of another is not built upon.
 FORMAT = 1
 OK, NOTHING_DUE, FAILED, UNREACHED = "ok", "nothing due", "failed", "unreached"
-RESULTS = (OK, NOTHING_DUE, FAILED, UNREACHED)
+# A check-mode run's prediction: it would take a backup.
+WOULD_BACK_UP = "would back up"
+RESULTS = (OK, NOTHING_DUE, WOULD_BACK_UP, FAILED, UNREACHED)
 # Results that count as a failure of the VM's run (fleetbackup_failures_total).
 FAILURES = (FAILED, UNREACHED)
 NOT_MENTIONED = ("not in this run: its hypervisor was not reached, so the VM was not found (carried over from "

@@ -94,6 +94,9 @@ def follow(state_dir, job, wait):
     while record["state"] != "ended":
         owner = record.get("owner")
         if owner and not process_alive(owner):
+            record = directory.read_json(job + ".json")  # it may have ended, and written so, since the read above
+            if record and record["state"] == "ended":
+                break
             directory.remove(job + ".json")
             raise UserError("The backup run job %s ended without a result: its process %d is gone (killed?). The "
                             "next run cleans up after it." % (job, owner["pid"]))

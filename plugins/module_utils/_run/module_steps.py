@@ -57,13 +57,14 @@ def run_step(module):
     if "vm" in NEEDS[step]:
         module.check_vm_libraries()  # before the lease: a run that cannot reach its VM takes nothing
     if step == "follow":
-        return _followed(follow(params["state_dir"], params["job"], params["wait"]))
+        return _followed(module, follow(params["state_dir"], params["job"], params["wait"]))
     options = settings(params)
     work = _all if step == "all" else STEPS[step]
     if step in BACKGROUND_STEPS and params["background_after"] and not module.check_mode:
-        return _followed(run_in_background(lambda job_record: work(module, options, params["run"], job_record),
-                                           params["background_after"], params["state_dir"]))
-    return _followed(dict(work(module, options, params["run"]), finished=True))
+        return _followed(module, run_in_background(lambda job_record: work(module, options, params["run"],
+                                                                            job_record),
+                                                   params["background_after"], params["state_dir"]))
+    return _followed(module, dict(work(module, options, params["run"]), finished=True))
 
 
 def _repository(module, create):
@@ -87,30 +88,31 @@ def _dests(run):
     return [[run["repository"] + "/" + disk["file"], disk["disk"]] for disk in run["plan"]["disks"]]
 
 
-def _followed(outcome):
-    """A run's result, its warnings shown as the module's own."""
-    warnings = outcome.pop("warnings", [])
-    return dict(outcome, warnings=warnings) if warnings else outcome
+def _followed(module, outcome):
+    """A run's result, its warnings (of whichever process ran it) shown as the module's own."""
+    module.warn_all(outcome.pop("warnings", []))
+    return outcome
 
 
 def _begin(module, options, _run):
     with _repository(module, not module.check_mode) as repository:
         run = steps.begin(repository, options, module.check_mode)
-    return _step_result(run, options, module.check_mode, changed=False)
+    return _step_result(run, options, module.check_mode, changed=run.get("cleaned_up", False))
 
 
 def _start(module, options, run):
     with module.vm() as vm:
         steps.start(vm, run, options, module.check_mode)
-    return _step_result(run, options, module.check_mode, changed=True)
+    return _step_result(run, options, module.check_mode, changed=run["due"] or run.get("cleaned_up", False))
 
 
 def _copy(module, options, run, job_record=None):
+    warnings = []
     if job_record:
         job_record(_dests(run))
     with _repository(module, False) as repository:
-        steps.copy(repository, run, options, module.check_mode, module.warn)
-    return _step_result(run, options, module.check_mode, changed=True)
+        steps.copy(repository, run, options, module.check_mode, warnings.append)
+    return dict(_step_result(run, options, module.check_mode, changed=True), warnings=warnings)
 
 
 def _stop(module, options, run):
@@ -139,11 +141,12 @@ def _abort(module, options, run):
         with _repository(module, False) as repository:
             removed = steps.abort_repository(repository, run)
     reason = module.params["reason"] or "the run was aborted"
-    return dict(changed=True, discarded=removed, summary=summarize(run, options, "failed", reason), run=run)
+    return dict(changed=not module.check_mode, discarded=removed, summary=summarize(run, options, "failed", reason),
+                run=run)
 
 
 def _step_result(run, options, check_mode, changed):
-    return dict(changed=changed and not check_mode, run=run, msg=describe_plan(run),
+    return dict(changed=changed, run=run, msg=describe_plan(run),
                 summary=result(run, options, check_mode)["summary"], notes=run["notes"])
 
 

@@ -12,12 +12,15 @@ import time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import this_process
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import size
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._run.steps import (
+    abandoned_backup,
     abort_repository,
     abort_vm,
     begin,
     commit,
     copy,
+    end_abandoned,
     forget_checkpoints,
     start,
     stop,
@@ -42,10 +45,13 @@ def back_up(options, open_repository, open_vm, check_mode, warn, planned=None):
     with open_repository(not check_mode) as repository:
         options = dict(options, owner=this_process())  # the whole run: once it is gone, its lease is free
         run = begin(repository, options, check_mode, owner=options["owner"])
-        if not run["due"]:
-            return result(run, options, check_mode)
         try:
-            _back_up_vm(repository, run, options, open_vm, check_mode, warn, planned)
+            if run["due"]:
+                _back_up_vm(repository, run, options, open_vm, check_mode, warn, planned)
+            elif abandoned_backup(run):  # nothing due, but a dead run's backup still holds the VM
+                with open_vm(abandoned_backup(run)) as vm:
+                    end_abandoned(vm, run, check_mode)
+                Lease(repository).release(run["run_id"])
         except BaseException as err:
             failure = str(err) or type(err).__name__
             if run.get("abort_failure"):
@@ -74,7 +80,11 @@ def _back_up_vm(repository, run, options, open_vm, check_mode, warn, planned):
             copy(repository, run, options, check_mode, warn)
             stop(vm, run, check_mode)
             commit(repository, run, options, check_mode)
-            run["removed_checkpoints"] = forget_checkpoints(vm, run["obsolete_checkpoints"], check_mode)
+            try:
+                run["removed_checkpoints"] = forget_checkpoints(vm, run["obsolete_checkpoints"], check_mode)
+            except FleetbackupError as err:  # recorded: a checkpoint left costs dirty tracking, nothing else
+                run["notes"].append("Removing the checkpoints no backup needs (%s) failed: %s"
+                                    % (", ".join(run["obsolete_checkpoints"]), err))
     except BaseException:
         if run.get("plan") and not check_mode and "recorded" not in run:
             # A fresh connection: the one that failed may be to a QEMU that died.
@@ -89,7 +99,7 @@ def _back_up_vm(repository, run, options, open_vm, check_mode, warn, planned):
 def result(run, options, check_mode):
     """The module's result of a run that did not fail."""
     recorded = run.get("recorded")
-    changed = bool(recorded) or (check_mode and run["due"])
+    changed = bool(recorded) or (check_mode and run["due"]) or run.get("cleaned_up", False)
     planned = run.get("plan") or {}
     summary = summarize(run, options, "ok" if recorded else ("would back up" if run["due"] else "nothing due"),
                         planned.get("reason") if run["due"] else run["reason"])
@@ -110,7 +120,7 @@ def summarize(run, options, outcome, reason):
     newest = recorded or run["facts"]["newest"]
     copies = run.get("copies", ())
     return dict(
-        vm=run["vm"], result=outcome, backup=planned.get("name"),
+        vm=run["vm"], result=outcome, backup=planned.get("name") or (run["facts"]["name"] if run["due"] else None),
         level=recorded["level"] if recorded else planned.get("level"),
         bytes=sum(c.get("bytes_read", 0) for c in copies) if copies else planned.get("expected_bytes", 0)
         if outcome == "would back up" else 0,

@@ -14,14 +14,22 @@ from __future__ import annotations
 import secrets
 import time
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive, this_process
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import recorded_progress
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.change_rate import change_signal
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.recording import prune_backups, record_backup
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import check_params, copy_or_keep
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import remove_stale_partials
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import backup_id_for, chain_facts, not_due, plan_from
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
+    backup_id_for,
+    chain_facts,
+    image_file,
+    not_due,
+    plan_from,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.backups import VmBackups
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.plan import REQUEST_KEYS, check_request
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.checkpoints import describe_disks
@@ -54,10 +62,21 @@ def begin(repository, options, check_mode, owner=None):
     run = dict(run_id=run_id, vm=repository.vm, repository=repository.path, began=now, facts=facts,
                due=reason is None, reason=reason, abandoned=abandoned, notes=[])
     if not check_mode:
-        _discard_abandoned(repository, run)
-        if not run["due"]:
+        try:
+            _discard_abandoned(repository, run)
+        except BaseException:
+            Lease(repository).release(run_id)
+            raise
+        # A run of one process keeps it until it ended the dead run's backup on the VM; steps pass that on to
+        # the start, which needs no lease.
+        if not run["due"] and not (owner and abandoned_backup(run)):
             Lease(repository).release(run_id)
     return run
+
+
+def abandoned_backup(run):
+    """The backup id of the dead run this run took over, which must still be ended on the VM; or None."""
+    return (run.get("abandoned") or {}).get("backup_id")
 
 
 def renew(repository, run, options, ttl=None, work=None):
@@ -73,8 +92,11 @@ def _discard_abandoned(repository, run):
     abandoned = run.get("abandoned")
     if not abandoned or not abandoned.get("name"):
         return []
-    removed = repository.discard_unlisted(abandoned["name"], abandoned.get("files", ()))
+    removed = repository.discard_unlisted(abandoned["name"], planned_files(abandoned["name"],
+                                                                           abandoned.get("disks", ())))
+    removed += remove_stale_partials(repository.working)  # its copies' partial images, whose writer is gone
     if removed:
+        run.update(cleaned_up=True)
         run["notes"].append("A run that died left files of backup %s, now removed: %s"
                             % (abandoned["name"], ", ".join(removed)))
     return removed
@@ -83,11 +105,9 @@ def _discard_abandoned(repository, run):
 def start(vm, run, options, check_mode):
     """Plan from one listing of the VM's disks, and start the backup. A dead run's backup is ended first."""
     backups = VmBackups(vm)
-    abandoned = run.get("abandoned") or {}
-    if abandoned.get("backup_id") and not check_mode:
-        _changed, removed, _intact = backups.stop(abandoned["backup_id"], True, check_mode)
-        if removed:
-            run["notes"].append("Ended backup %s, which a run that died left running." % abandoned["backup_id"])
+    end_abandoned(vm, run, check_mode)
+    if not run["due"]:
+        return run
     _give_back_checkpoint(vm, run, check_mode)
     facts = run["facts"]
     planned = plan_from(facts, options["level"], 0, describe_disks(vm.disks(), vm.registry), options["disks"],
@@ -98,8 +118,28 @@ def start(vm, run, options, check_mode):
     check_request(request)
     run.update(plan=planned, change=_change(facts, planned))
     _changed, run["started"] = backups.start(planned["backup_id"], request, check_mode)
-    run["notes"].extend(vm.notes)
+    _add_notes(run, vm)
     return run
+
+
+def end_abandoned(vm, run, check_mode):
+    """End on the VM the backup of the dead run this run took over, and remove the checkpoint it opened, which no
+    backup lists; undo a pause or freeze it left (the stop recovers the VM)."""
+    backup_id = abandoned_backup(run)
+    if not backup_id or check_mode:
+        return
+    _changed, removed, _intact = VmBackups(vm).stop(backup_id, True, check_mode)
+    checkpoint = "ckpt-%s" % run["abandoned"]["name"]
+    forgotten = [] if checkpoint in run["facts"]["checkpoints"] else forget_checkpoints(vm, [checkpoint], check_mode)
+    if removed or forgotten:
+        run.update(cleaned_up=True)
+        run["notes"].append("Ended backup %s, which a run that died left running." % backup_id)
+    _add_notes(run, vm)
+
+
+def _add_notes(run, vm):
+    """The connection's notes, each once: one connection serves several steps."""
+    run["notes"].extend(note for note in vm.notes if note not in run["notes"])
 
 
 def _give_back_checkpoint(vm, run, check_mode):
@@ -127,14 +167,13 @@ def _change(facts, planned):
 
 def copy(repository, run, options, check_mode, warn):
     """Copy every started disk into the repository, under the lease held for as long as the copies may take."""
+    name = checked_plan(repository, run, check_mode)
     planned = {disk["disk"]: disk for disk in run["plan"]["disks"]}
-    files = [disk["file"] for disk in run["plan"]["disks"]]
-    if run["plan"]["name"] != run["facts"]["name"]:
-        raise UserError("The run's plan names backup %s, not %s, which its begin chose: pass the run as the steps "
-                        "returned it." % (run["plan"]["name"], run["facts"]["name"]))
-    work = dict(name=run["plan"]["name"], backup_id=run["plan"]["backup_id"], files=files)
+    work = dict(name=name, backup_id=backup_id_for(repository.vm, name), disks=sorted(planned))
     if not check_mode:
-        renew(repository, run, options, options["copy_timeout"] + options["lock_ttl"], work)
+        # The copying process owns the lease while it copies: an abort elsewhere must not discard under it.
+        renew(repository, run, dict(options, owner=this_process()), options["copy_timeout"] + options["lock_ttl"],
+              work)
     copies = []
     for started in run["started"]["disks"]:
         disk = planned[started["disk"]]
@@ -152,15 +191,37 @@ def copy(repository, run, options, check_mode, warn):
                 progress.end(summary=copied.get("msg"))
         copies.append(dict(shown_paths(copied), disk=started["disk"]))  # paths that mean the same in any process
     run["copies"] = copies
-    if not check_mode:
-        renew(repository, run, options, work=work)
+    if not check_mode:  # the copies' results stay here too: the commit records these, not what travelled
+        renew(repository, run, options, work=dict(work, copies=copies))
     return run
+
+
+def planned_files(name, disks):
+    """The images a backup named `name` writes of these disks: the one scheme, which the plan follows."""
+    return [image_file(name, disk) for disk in disks]
+
+
+def checked_plan(repository, run, check_mode):
+    """The name of the backup, as this run's begin chose it on this host; UserError unless the run's plan writes
+    exactly its images and builds on the newest recorded backup's, whatever the run passed through."""
+    work = {} if check_mode else (Lease(repository).work(run["run_id"]) or {})
+    name = work.get("name") or run["facts"]["name"]
+    planned = run["plan"]
+    newest = repository.load()["backups"]
+    parent_files = {disk["file"] for disk in newest[-1]["disks"]} if newest else set()
+    for disk in planned["disks"]:
+        if planned["name"] != name or disk["file"] != image_file(name, disk["disk"]) or (
+                disk["mode"] == "incremental" and disk["backing"] not in parent_files):
+            raise UserError("The run's plan is not the one its begin made for backup %s (it names %s, writes %s on "
+                            "%s): pass the run as the steps returned it." % (name, planned["name"], disk["file"],
+                                                                             disk["backing"]))
+    return name
 
 
 def stop(vm, run, check_mode):
     """End the backup; run["intact"]: whether its point-in-time view held until now."""
     _changed, _removed, run["intact"] = VmBackups(vm).stop(run["plan"]["backup_id"], False, check_mode)
-    run["notes"].extend(vm.notes)
+    _add_notes(run, vm)
     return run
 
 
@@ -172,13 +233,21 @@ def commit(repository, run, options, check_mode):
         raise UserError("The point-in-time view of backup %s broke before the stop: the guest overwrote data that "
                         "the scratch space could not keep (too little room, or cbw_timeout). The guest's writes "
                         "landed; this backup is not kept." % planned["name"])
+    copies = run["copies"]
     if not check_mode:
-        Lease(repository).check(run["run_id"], time.time())
+        renew(repository, run, options)  # a lease about to expire must not pass the check and lapse mid-write
+        checked_plan(repository, run, check_mode)
+        copies = (Lease(repository).work(run["run_id"]) or {}).get("copies") or []
     started = run["started"]
-    entry = record_backup(repository, planned, started["disks"], run["copies"], started.get("libvirt"),
-                          dict(consistency=started["consistency"], freeze=started["freeze"]), check_mode)
-    pruned, obsolete = prune_backups(repository, options["keep_chains"], check_mode)
-    run.update(recorded=entry, pruned=[b["name"] for b in pruned], obsolete_checkpoints=obsolete)
+    run["recorded"] = record_backup(repository, planned, started["disks"], copies, started.get("libvirt"),
+                                    dict(consistency=started["consistency"], freeze=started["freeze"]), check_mode)
+    # Recorded: what follows may fail, and is then only noted, never undone.
+    run.update(pruned=[], obsolete_checkpoints=[])
+    try:
+        pruned, run["obsolete_checkpoints"] = prune_backups(repository, options["keep_chains"], check_mode)
+        run["pruned"] = [b["name"] for b in pruned]
+    except (FleetbackupError, OSError) as err:
+        run["notes"].append("Backup %s is recorded, but pruning failed: %s" % (planned["name"], err))
     if not check_mode:
         Lease(repository).release(run["run_id"])
     return run
@@ -199,7 +268,7 @@ def forget_checkpoints(vm, names, check_mode):
 def abort_vm(vm, run):
     """End the failed run's backup and remove the checkpoint it opened, even when it was stopped already."""
     planned = run.get("plan")
-    if not planned:
+    if not planned or run.get("recorded"):
         return
     VmBackups(vm).stop(planned["backup_id"], True, False)
     forget_checkpoints(vm, [planned["checkpoint"]], False)
@@ -212,9 +281,14 @@ def abort_repository(repository, run):
         lease.check(run["run_id"], time.time())
     except UserError:
         return []  # another run holds the repository now: nothing here is ours to remove
-    planned = run.get("plan") or {}
-    files = {disk["file"] for disk in planned.get("disks", ())}
-    files.update((lease.work(run["run_id"]) or {}).get("files", ()))  # what the copy step said it writes
-    removed = repository.discard_unlisted(run["facts"]["name"], sorted(files))
-    lease.release(run["run_id"])
-    return removed
+    work = lease.work(run["run_id"]) or {}
+    copier = lease.owner(run["run_id"])
+    if copier and copier != this_process() and process_alive(copier):
+        raise UserError("A copy of this run still runs (process %d on %s) and holds the lease; it ends by itself "
+                        "(it fails once the backup is stopped), and the next run cleans up after it."
+                        % (copier["pid"], copier["host"]))
+    try:
+        disks = work.get("disks") or [disk["disk"] for disk in (run.get("plan") or {}).get("disks", ())]
+        return repository.discard_unlisted(work["name"], planned_files(work["name"], disks))
+    finally:
+        lease.release(run["run_id"])
