@@ -17,7 +17,8 @@ description:
     the repository; one listing of the disks, and the plan: full, or incremental on the newest backup; the start of
     a point-in-time view (break-snapshot fleecing, or libvirt''s pull backup), with the guest frozen when asked;
     the copy of every disk, summing checksums; the stop, which proves that the view held; the record in the
-    manifest; pruning beyond O(keep_chains); the removal of the checkpoints no backup needs; the lease given up.'
+    manifest; pruning beyond O(keep_chains); the lease given up; the removal of the checkpoints no backup needs.
+    Once the backup is recorded it stays: a failure of pruning or of the checkpoints'' removal is a warning.'
   - A run that fails records nothing and removes everything it made, on the VM and in the repository, and the next
     run goes on from the last recorded backup. A run killed on the way (SIGKILL, a reboot) leaves its lease, which
     frees at once when its process is gone from this host (otherwise when it expires); the next run then ends the
@@ -69,7 +70,8 @@ options:
     default: 10
   background_after:
     description:
-      - With O(step=all), go on in the background after this many seconds, returning RV(job). V(0) never does.
+      - With O(step=all) or O(step=copy), go on in the background after this many seconds, returning RV(job).
+        V(0) never does. Not in check mode.
     type: float
     default: 0
   reason:
@@ -174,7 +176,9 @@ seealso:
 attributes:
   check_mode:
     support: full
-    description: Takes no lease and changes nothing; plans the run and reports the level and bytes it would read.
+    description:
+      - Takes no lease and changes nothing; plans the run and reports the level and bytes it would read.
+      - O(step=follow) collects a job that ended (its record is removed) in check mode too.
 """
 
 EXAMPLES = r"""
@@ -209,15 +213,20 @@ EXAMPLES = r"""
 
 RETURN = r"""
 finished:
-  description: With O(step=all) or O(step=follow), whether the run ended (else RV(job) goes on in the background).
-  returned: with step all or follow
+  description: Whether the run (or the step) ended; else RV(job) goes on in the background.
+  returned: always
   type: bool
   sample: true
 job:
   description: The background run to follow with O(step=follow).
-  returned: with step all or follow
+  returned: with step all, copy or follow, when it went on in the background or was followed
   type: str
   sample: 5f3a9c01d2e4b6a8
+progress:
+  description: The copies' progress in one line, as each round of O(step=follow) shows it (the last, when they ended).
+  returned: when the run went on in the background
+  type: str
+  sample: "vda: done, 16.0 MiB in 4 s"
 msg:
   description: What the run does, or why nothing is due; while a run goes on, its copies' progress.
   returned: always
@@ -258,6 +267,9 @@ summary:
     rpo:
       description: O(rpo) in seconds, or null.
       type: int
+    offline:
+      description: Whether the VM was stopped, and its images were backed up.
+      type: bool
     change:
       description:
         - For an incremental, its dirty share against the VM's own history, known before the copy. C(flagged)
