@@ -61,9 +61,10 @@ def run_step(module):
     options = settings(params)
     work = _all if step == "all" else STEPS[step]
     if step in BACKGROUND_STEPS and params["background_after"] and not module.check_mode:
-        return _followed(module, run_in_background(lambda job_record: work(module, options, params["run"],
-                                                                            job_record),
-                                                   params["background_after"], params["state_dir"]))
+        def in_background(job_record):
+            return work(module, options, params["run"], job_record)
+
+        return _followed(module, run_in_background(in_background, params["background_after"], params["state_dir"]))
     return _followed(module, dict(work(module, options, params["run"]), finished=True))
 
 
