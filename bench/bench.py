@@ -74,18 +74,49 @@ def peak_rss_mib(argv, stdin=None, env=None):
     return usage.ru_maxrss / 1024
 
 
+def wait_for_quiet(below, poll=20, limit=900):
+    """Wait until the 1-minute load average is below `below` (0: no wait), at most limit seconds; say how it went."""
+    began = time.monotonic()
+    while below and os.getloadavg()[0] >= below and time.monotonic() - began < limit:
+        time.sleep(poll)
+    waited = time.monotonic() - began
+    print("load average %.2f after %.0f s of waiting for < %.1f" % (os.getloadavg()[0], waited, below), flush=True)
+
+
 def timed_with_rss(argv, env=None):
-    """(seconds, peak RSS in MiB of the command or the largest process it waited for) of a run that must succeed."""
-    with tempfile.TemporaryFile() as output:
+    """(seconds, peak RSS in MiB of the command or the largest process it waited for, its stdout) of a run that
+    must succeed."""
+    with tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as errors:
         os.sync()
         started = time.monotonic()
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=errors, env=env)
         _pid, status, usage = os.wait4(process.pid, 0)
         elapsed = time.monotonic() - started
+        output.seek(0)
+        stdout = output.read()
         if os.waitstatus_to_exitcode(status) != 0:
-            output.seek(0)
-            raise SystemExit("%s failed: %s" % (" ".join(argv[:2]), output.read()[-3000:].decode(errors="replace")))
-    return elapsed, usage.ru_maxrss / 1024
+            errors.seek(0)
+            raise SystemExit("%s failed: %s %s" % (" ".join(argv[:2]), stdout[-3000:].decode(errors="replace"),
+                                                   errors.read()[-2000:].decode(errors="replace")))
+    return elapsed, usage.ru_maxrss / 1024, stdout
+
+
+def role_summary(tasks):
+    """The role's qemu_backup_summary fact, from the results callback's {task name: result} of one VM; None when the
+    role set none."""
+    return next((result["ansible_facts"]["qemu_backup_summary"] for result in tasks.values()
+                 if "qemu_backup_summary" in result.get("ansible_facts", {})), None)
+
+
+def module_runs(result):
+    """How many module processes a task's result (as the results callback keeps it) stands for, one per loop item:
+    set_fact, debug, assert and the like run on the controller and return no invocation."""
+    return sum("invocation" in item for item in result.get("results", [result]))
+
+
+def role_copies(tasks):
+    """The copies of the role's module run that returned them (the whole run, or the commit step)."""
+    return next((result["copies"] for result in tasks.values() if result.get("copies")), [])
 
 
 class Copiers:
@@ -230,7 +261,8 @@ def bench_start_stop(workdir, scratch, rounds):
             starts, stops, pauses = [], [], []
             for index in range(rounds):
                 began = time.monotonic()
-                pauses.append(start_module(vm, scratch, "bench-%d" % index, checkpoint="c%d" % index)["backup"]["pause"])
+                started = start_module(vm, scratch, "bench-%d" % index, checkpoint="c%d" % index)
+                pauses.append(started["backup"]["pause"])
                 starts.append(time.monotonic() - began)
                 began = time.monotonic()
                 stop_backup(vm, scratch, "bench-%d" % index)
@@ -261,10 +293,19 @@ def main():
     parser.add_argument("--only-transports", action="store_true",
                         help="only the copy over the unix socket, plain TCP and TLS")
     parser.add_argument("--only-libvirt", action="store_true", help="only the libvirt roles beside virtnbdbackup")
-    parser.add_argument("--libvirt-rounds", type=int, default=2)
+    parser.add_argument("--libvirt-rounds", type=int, default=3)
+    parser.add_argument("--libvirt-disk-mib", type=int, default=4096, help="the libvirt domain's disk")
+    parser.add_argument("--libvirt-data-mib", type=int, default=1024, help="the data on the libvirt domain's disk")
     parser.add_argument("--only-fleet", action="store_true",
                         help="only the fleet playbook over SSH, repositories on the hypervisors and over TLS")
     parser.add_argument("--fleet-rounds", type=int, default=2)
+    parser.add_argument("--fleet-settings-rounds", type=int, default=2,
+                        help="rounds of the fleet's incremental under each of the Ansible settings compared (0: none)")
+    parser.add_argument("--fleet-disk-mib", type=int, default=2048, help="each fleet VM's disk")
+    parser.add_argument("--fleet-data-mib", type=int, default=512, help="the data on each fleet VM's disk")
+    parser.add_argument("--quiet-load", type=float, default=1.0,
+                        help="before each round of the libvirt and fleet parts, wait (up to 15 minutes) until the"
+                             " 1-minute load average is below this; 0: do not wait")
     args = parser.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-", dir=os.path.join(ROOT, "build"))
@@ -275,10 +316,10 @@ def main():
     vms = []
     try:
         if args.only_libvirt:
-            bench_and_report_libvirt(workdir, size, data, args.libvirt_rounds)
+            bench_and_report_libvirt(workdir, args)
             return
         if args.only_fleet:
-            bench_and_report_fleet(workdir, args.fleet_rounds)
+            bench_and_report_fleet(workdir, args)
             return
         if args.only_transports:
             vm = make_vm(workdir, "vm", size)
@@ -346,8 +387,8 @@ def main():
             machine.kill()
         report(times, memory, inc_times, inc_result, full_engine, results_big, data, size)
         report_transports(*transports)
-        bench_and_report_libvirt(workdir, size, data, args.libvirt_rounds)
-        bench_and_report_fleet(workdir, args.fleet_rounds)
+        bench_and_report_libvirt(workdir, args)
+        bench_and_report_fleet(workdir, args)
     finally:
         for machine in vms:
             machine.kill()
@@ -355,22 +396,25 @@ def main():
             shutil.rmtree(workdir)  # gigabytes of images; a --workdir given is the caller's to keep
 
 
-def bench_and_report_libvirt(workdir, size, data, rounds):
+def bench_and_report_libvirt(workdir, args):
     from libvirt_bench import bench_libvirt, report_libvirt  # needs python3-libvirt, which the QMP part does not
 
-    print("Backing up a libvirt domain with the roles and with virtnbdbackup, %d rounds..." % rounds, flush=True)
-    libvirt_dir = tempfile.mkdtemp(prefix="libvirt-", dir=workdir)
-    report_libvirt(bench_libvirt(libvirt_dir, size, data, rounds), size, data, rounds)
+    size, data, rounds = args.libvirt_disk_mib * MiB, args.libvirt_data_mib * MiB, args.libvirt_rounds
+    print("Backing up a libvirt domain with the role, the module alone and virtnbdbackup, %d rounds..." % rounds,
+          flush=True)
+    libvirt_dir = tempfile.mkdtemp(prefix="lv-", dir=workdir)  # short: QEMU's sockets are under it
+    report_libvirt(bench_libvirt(libvirt_dir, size, data, rounds, args.quiet_load), size, data, rounds)
 
 
-def bench_and_report_fleet(workdir, rounds):
+def bench_and_report_fleet(workdir, args):
     from fleet_bench import bench_fleet, report_fleet  # needs root: sshds of its own, as the SSH fleet tests
 
-    size, data = 2 * GiB, 512 * MiB
-    print("Backing up a fleet (2 hypervisors x 2 VMs over SSH), repositories local and over TLS, %d rounds..."
-          % rounds, flush=True)
+    size, data, rounds = args.fleet_disk_mib * MiB, args.fleet_data_mib * MiB, args.fleet_rounds
+    print("Backing up a fleet (2 hypervisors x 4 VMs over SSH), repositories local and over TLS, %d rounds, then"
+          " %d rounds of each Ansible setting..." % (rounds, args.fleet_settings_rounds), flush=True)
     fleet_dir = tempfile.mkdtemp(prefix="fleet-", dir=workdir)
-    report_fleet(bench_fleet(fleet_dir, size, data, rounds), size, data, rounds)
+    results = bench_fleet(fleet_dir, size, data, rounds, args.fleet_settings_rounds, args.quiet_load)
+    report_fleet(results, size, data, rounds, args.fleet_settings_rounds)
 
 
 def report(times, memory, inc_times, inc_result, full_engine, results_big, data, size):

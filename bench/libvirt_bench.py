@@ -1,10 +1,13 @@
-"""make bench, libvirt part: the backup and restore roles on a libvirt domain, beside virtnbdbackup.
+"""make bench, libvirt part: the backup role, the qemu_backup module alone and virtnbdbackup on one libvirt domain.
 
 One domain of a private libvirtd (as the tests start it), one disk with data in many extents. In each round each
-tool in turn, in alternating order, takes a full backup (the role through ansible-playbook, as users run it),
-1% of the disk is dirtied, it takes an incremental, and its chain is restored and compared with the disk. Wall time
-and peak RSS (the largest process of the run) of every step. The modules alone (start, copy, stop, as a script
-would run them) show what the roles' Ansible tasks add.
+tool in turn, in alternating order, takes a full backup, 1% of the disk is dirtied, it takes an incremental, and its
+chain is restored and compared with the disk (a restore that differs ends the bench). The role runs through
+ansible-playbook, as users run it; the module alone is qemu_backup's own process, started directly with its
+arguments in a file, as a script would run it (Ansible on the host runs the same process, packed); virtnbdbackup is
+Debian's. Wall time and peak RSS (the largest process of the run) of every step. After the rounds, in turns: the
+role and the module when no backup is due, and what bounds the role's time: ansible-playbook with one module task,
+Python's start and the module's imports.
 """
 
 import json
@@ -15,87 +18,125 @@ import sys
 import time
 
 from support.libvirt_daemon import LibvirtDaemon, LibvirtDomain
-from support.flows import Backups
-from support.modules import ansible_bin, ansible_env
+from support.modules import ansible_bin, results_env
+from support.paths import COLLECTIONS
 from support.qemu_vm import DiskSpec, MiB, same
 
-from bench import build_disk, timed_with_rss  # noqa: E402  (bench.py put the paths in place)
+from bench import (  # noqa: E402  (bench.py put the paths in place)
+    build_disk, module_runs, role_copies, role_summary, timed_with_rss, wait_for_quiet)
 
-PLAYBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "collections",
-                         "ansible_collections", "fleetbackup", "qemu", "playbooks")
+PLAYBOOKS = os.path.join(COLLECTIONS, "ansible_collections", "fleetbackup", "qemu", "playbooks")
+MODULES = "ansible_collections.fleetbackup.qemu.plugins.modules."
+VM = "bench"
+ONE_MODULE_TASK = """- name: One module task, the floor of any playbook run
+  hosts: vms
+  gather_facts: false
+  tasks:
+    - name: Ping
+      ansible.builtin.ping:
+"""
+LEVELS = ("full", "incremental")
 
 
-class Fleetbackup:
-    """The roles, through ansible-playbook, on one libvirt domain."""
+def step(seconds, rss, inner=None, copy=None, **playbook):
+    """One timed run: wall seconds, peak RSS MiB; for ours the module's own run (its summary's seconds) and the
+    copy's; for a playbook its parts (Role.play)."""
+    return dict(seconds=seconds, rss=rss, inner=inner, copy=copy, **playbook)
 
-    label = "fleetbackup.qemu (roles)"
+
+def slowest_copy(copies):
+    return max((copy["elapsed"] for copy in copies), default=0.0)
+
+
+class Role:
+    """The backup role through ansible-playbook, timed task by task with the tests' results callback."""
+
+    label = "the qemu_backup role (ansible-playbook)"
+
+    def __init__(self, workdir, domain):
+        self.workdir = workdir
+        self.runs = 0
+        self.inventory = os.path.join(workdir, "inventory.json")
+        with open(self.inventory, "w") as stream:
+            json.dump({"vms": {"hosts": {VM: {
+                "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                "qemu_backup_domain": domain.name, "qemu_backup_libvirt_uri": domain.daemon.uri,
+                "qemu_backup_qemu_dir": domain.qemu_dir, "qemu_backup_repository": os.path.join(workdir, "repository"),
+                "qemu_backup_state_dir": os.path.join(workdir, "state")}}},
+                       "all": {"vars": {"fleetbackup_report_dir": os.path.join(workdir, "reports")}}}, stream)
+        os.makedirs(os.path.join(workdir, "repository"))
+
+    def play(self, playbook, **extra_vars):
+        """step() of one ansible-playbook run, with the role's summary and copies when it backed up."""
+        self.runs += 1
+        results_file = os.path.join(self.workdir, "results-%d.json" % self.runs)
+        seconds, rss, _output = timed_with_rss([ansible_bin("ansible-playbook"), playbook, "-i", self.inventory,
+                                                "-e", json.dumps(extra_vars)], env=results_env(results_file))
+        with open(results_file) as stream:
+            results = json.load(stream)
+        tasks, span = results["tasks"][VM], results["spans"][VM]
+        summary = role_summary(tasks) or {}
+        modules = {name for name, result in tasks.items() if module_runs(result)}
+        ran = [name for name, _seconds, skipped, _began in span["tasks"] if not skipped]
+        sum_up = results["spans"].get("localhost")
+        return step(seconds, rss, summary.get("seconds"), slowest_copy(role_copies(tasks)), tasks=ran,
+                    vm_play=span["last"] - span["first"], sum_up=sum_up and sum_up["last"] - sum_up["first"],
+                    module_tasks=sum(seconds for name, seconds, skipped, _began in span["tasks"]
+                                     if not skipped and name.split(" : ")[-1] in modules))
+
+    def backup(self, level):
+        return self.play(os.path.join(PLAYBOOKS, "fleet_backup.yml"), qemu_backup_level=level)
+
+    def nothing_due(self):
+        return self.play(os.path.join(PLAYBOOKS, "fleet_backup.yml"), qemu_backup_max_age="1d")
+
+    def one_module_task(self):
+        playbook = os.path.join(self.workdir, "ping.yml")
+        with open(playbook, "w") as stream:
+            stream.write(ONE_MODULE_TASK)
+        return self.play(playbook)
+
+    def restore(self, dest):
+        seconds, rss, _output = timed_with_rss([ansible_bin("ansible-playbook"), os.path.join(PLAYBOOKS, "restore.yml"),
+                                                "-i", self.inventory, "-e", json.dumps({"qemu_restore_dest": dest})],
+                                               env=results_env(os.path.join(self.workdir, "restore.json")))
+        return step(seconds, rss), os.path.join(dest, "vda.qcow2")
+
+
+class Module:
+    """qemu_backup's process, started directly with its arguments in a file: the role's one module run, alone."""
+
+    label = "the qemu_backup module alone (its process, run directly)"
 
     def __init__(self, workdir, domain):
         self.workdir = workdir
         self.repository = os.path.join(workdir, "repository")
         os.makedirs(self.repository)
-        self.inventory = os.path.join(workdir, "inventory.json")
-        with open(self.inventory, "w") as stream:
-            json.dump({"vms": {"hosts": {"bench": {
-                "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-                "qemu_backup_domain": domain.name, "qemu_backup_libvirt_uri": domain.daemon.uri,
-                "qemu_backup_qemu_dir": domain.qemu_dir, "qemu_backup_repository": self.repository,
-                "qemu_backup_state_dir": os.path.join(workdir, "state")}}}}, stream)
+        self.vm_args = dict(domain=domain.name, libvirt_uri=domain.daemon.uri, qemu_dir=domain.qemu_dir,
+                            state_dir=os.path.join(workdir, "state"))
 
-    def _play(self, playbook, **extra_vars):
-        return timed_with_rss([ansible_bin("ansible-playbook"), os.path.join(PLAYBOOKS, playbook), "-i",
-                               self.inventory, "-e", json.dumps(extra_vars)], env=ansible_env())
+    def run(self, module, **args):
+        """(seconds, peak RSS MiB, result) of one module process."""
+        args_file = os.path.join(self.workdir, "args.json")
+        with open(args_file, "w") as stream:
+            json.dump({"ANSIBLE_MODULE_ARGS": args}, stream)
+        seconds, rss, output = timed_with_rss([sys.executable, "-m", MODULES + module, args_file],
+                                              env=dict(os.environ, PYTHONPATH=COLLECTIONS))
+        return seconds, rss, json.loads(output)
 
-    def full(self, round_index):
-        return self._play("fleet_backup.yml", qemu_backup_level="full")
+    def _backup(self, **args):
+        seconds, rss, result = self.run("qemu_backup", repository=self.repository, vm=VM, **self.vm_args, **args)
+        return step(seconds, rss, result["summary"]["seconds"], slowest_copy(result.get("copies") or []))
 
-    def incremental(self, round_index):
-        return self._play("fleet_backup.yml", qemu_backup_level="incremental")
+    def backup(self, level):
+        return self._backup(level=level)
 
     def nothing_due(self):
-        """The role's fixed cost: ansible-playbook, the lease, info and plan, with no backup due."""
-        return self._play("fleet_backup.yml", qemu_backup_max_age="1d")
+        return self._backup(max_age="1d")
 
-    def restore(self, round_index, dest):
-        elapsed, rss = self._play("restore.yml", qemu_restore_dest=dest)
-        return elapsed, rss, os.path.join(dest, "vda.qcow2")
-
-
-class FleetbackupModules:
-    """The start, copy and stop modules, one process each, without Ansible: the engine under the roles."""
-
-    label = "fleetbackup.qemu (modules alone)"
-
-    def __init__(self, workdir, domain):
-        self.workdir = workdir
-        self.backups = Backups(domain, workdir)
-        self.chain = None  # (image prefix, checkpoint) of the newest backup
-
-    def _backup(self, name, previous=None):
-        os.sync()
-        started = time.monotonic()
-        backup_id = "%s-%d" % (name, time.monotonic_ns())
-        result = self.backups.start(backup_id, checkpoint=backup_id, incremental=previous and previous[1])
-        assert not result.failed, result
-        self.backups.copy_all(result["backup"], self.workdir, backup_id, previous and previous[0])
-        stopped = self.backups.stop(backup_id)
-        assert not stopped.failed and stopped["intact"], stopped
-        elapsed = time.monotonic() - started
-        self.chain = (backup_id, backup_id)
-        return elapsed, None
-
-    def full(self, round_index):
-        return self._backup("full")
-
-    def incremental(self, round_index):
-        return self._backup("inc", self.chain)
-
-    def restore(self, round_index, dest):
-        image = os.path.join(dest, "vda.qcow2")
-        started = time.monotonic()
-        top = os.path.join(self.workdir, "%s.vda.qcow2" % self.chain[0])
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", top, image], check=True)
-        return time.monotonic() - started, None, image
+    def restore(self, dest):
+        seconds, rss, _result = self.run("qemu_backup_restore", repository=self.repository, vm=VM, dest=dest)
+        return step(seconds, rss), os.path.join(dest, "vda.qcow2")
 
 
 class Virtnbdbackup:
@@ -103,31 +144,50 @@ class Virtnbdbackup:
 
     label = "virtnbdbackup %s" % subprocess.run(["dpkg-query", "-W", "-f=${Version}", "virtnbdbackup"],
                                                 stdout=subprocess.PIPE, text=True, check=False).stdout
+    LEVELS = {"full": "full", "incremental": "inc"}
 
     def __init__(self, workdir, domain):
         self.workdir = workdir
         self.domain = domain
+        self.chains = 0
         self.scratch = os.path.join(workdir, "scratch")
         os.makedirs(self.scratch)
 
-    def _output(self, round_index):
-        return os.path.join(self.workdir, "chain-%d" % round_index)
+    def _output(self):
+        return os.path.join(self.workdir, "chain-%d" % self.chains)
 
-    def _backup(self, round_index, level):
-        return timed_with_rss(["virtnbdbackup", "-U", self.domain.daemon.uri, "-d", self.domain.name, "-l", level,
-                               "-o", self._output(round_index), "-S", self.scratch, "-n"])
+    def backup(self, level):
+        self.chains += level == "full"
+        seconds, rss, _output = timed_with_rss(["virtnbdbackup", "-U", self.domain.daemon.uri, "-d", self.domain.name,
+                                                "-l", self.LEVELS[level], "-o", self._output(), "-S", self.scratch,
+                                                "-n"])
+        return step(seconds, rss)
 
-    def full(self, round_index):
-        return self._backup(round_index, "full")
+    def restore(self, dest):
+        """virtnbdrestore writes through a qemu-nbd of its own that closes the image after virtnbdrestore ended: the
+        restore is done once that qemu-nbd is gone."""
+        socket = os.path.join(self.workdir, "restore.sock")
+        began = time.monotonic()
+        _seconds, rss, _output = timed_with_rss([
+            "virtnbdrestore", "-U", self.domain.daemon.uri, "-i", self._output(), "-o", dest, "-n", "-f", socket,
+            "-L", os.path.join(self.workdir, "restore-%d.log" % self.chains)])
+        while serving(socket):
+            if time.monotonic() - began > 300:
+                raise SystemExit("virtnbdrestore's qemu-nbd on %s did not end" % socket)
+            time.sleep(0.01)
+        return step(time.monotonic() - began, rss), os.path.join(dest, os.path.basename(self.domain.image("vda")))
 
-    def incremental(self, round_index):
-        return self._backup(round_index, "inc")
 
-    def restore(self, round_index, dest):
-        elapsed, rss = timed_with_rss(["virtnbdrestore", "-U", self.domain.daemon.uri, "-i",
-                                       self._output(round_index), "-o", dest, "-n",
-                                       "-L", os.path.join(self.workdir, "restore-%d.log" % round_index)])
-        return elapsed, rss, os.path.join(dest, os.path.basename(self.domain.image("vda")))  # the source's name
+def serving(socket):
+    """Whether a process named socket on its command line (virtnbdrestore's qemu-nbd) still runs."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as stream:
+                if socket.encode() in stream.read().split(b"\0"):
+                    return True
+        except OSError:
+            continue  # ended meanwhile
+    return False
 
 
 def dirty_one_percent(domain, size, pattern):
@@ -136,10 +196,24 @@ def dirty_one_percent(domain, size, pattern):
         domain.write("vda", (index * (size // writes)) // MiB * MiB, MiB, pattern)
 
 
-def bench_libvirt(workdir, size, data, rounds):
-    """{tool: {step: [(seconds, peak RSS MiB)]}} for rounds of full, 1% incremental and restore."""
+def python_start(workdir, rounds):
+    """Median seconds of a bare Python, of one that imports the qemu_backup module (and what it imports) from their
+    bytecode, and of one that compiles them first, as it does under Ansible (AnsiballZ ships sources in a zip)."""
+    env = dict(os.environ, PYTHONPATH=COLLECTIONS)
+    imports = [sys.executable, "-c", "import " + MODULES + "qemu_backup"]
+    bare, cached, compiled = [], [], []
+    for round_index in range(rounds):
+        bare.append(timed_with_rss([sys.executable, "-c", "pass"], env=env)[0])
+        cached.append(timed_with_rss(imports, env=env)[0])
+        empty = os.path.join(workdir, "no-bytecode-%d" % round_index)  # a bytecode cache with nothing in it yet
+        compiled.append(timed_with_rss(imports, env=dict(env, PYTHONPYCACHEPREFIX=empty))[0])
+    return statistics.median(bare), statistics.median(cached), statistics.median(compiled)
+
+
+def bench_libvirt(workdir, size, data, rounds, quiet_load):
+    """{"steps": {tool: {step: [step()]}}, "python": (bare, with the module's imports)} of the rounds."""
     daemon = LibvirtDaemon(os.path.join(workdir, "libvirt"), os.path.join(workdir, "libvirt-cache")).start()
-    results = {}
+    steps = {}
     try:
         path = os.path.join(workdir, "domain")
         os.makedirs(path)
@@ -147,47 +221,103 @@ def bench_libvirt(workdir, size, data, rounds):
         build_disk(domain, "vda", size, data)  # offline, before the start: no monitor needed
         domain.start()
         tools = []
-        for tool_class in (Fleetbackup, FleetbackupModules, Virtnbdbackup):
+        for tool_class in (Role, Module, Virtnbdbackup):
             tool_dir = os.path.join(workdir, tool_class.__name__.lower())
             os.makedirs(tool_dir)
             tools.append(tool_class(tool_dir, domain))
-            results[tool_class.label] = {"full": [], "incremental, 1% dirty": [], "restore": []}
+            steps[tool_class.label] = {"full": [], "incremental": [], "nothing due": [], "restore": []}
         for round_index in range(rounds):
+            wait_for_quiet(quiet_load)
             for turn, tool in enumerate(tools if round_index % 2 == 0 else tools[::-1]):
                 # virtnbdbackup refuses to run beside checkpoints it did not create: each tool gets the domain alone.
                 for checkpoint in domain.domain.listAllCheckpoints(0):
                     checkpoint.delete(0)
-                steps = results[tool.label]
-                steps["full"].append(tool.full(round_index))
+                runs = steps[tool.label]
+                runs["full"].append(tool.backup("full"))
                 dirty_one_percent(domain, size, 0xA0 + 2 * round_index + turn)
-                steps["incremental, 1% dirty"].append(tool.incremental(round_index))
+                runs["incremental"].append(tool.backup("incremental"))
                 expected = domain.expected_image("vda", domain.mark("vda"), os.path.join(workdir, "expected.raw"))
                 dest = os.path.join(tool.workdir, "restored-%d" % round_index)
                 os.makedirs(dest)
-                elapsed, rss, image = tool.restore(round_index, dest)
+                restored, image = tool.restore(dest)
                 if not same(image, expected):
                     raise SystemExit("%s's restore of round %d differs from the disk" % (tool.label, round_index))
-                steps["restore"].append((elapsed, rss))
+                runs["restore"].append(restored)
                 os.unlink(image)
                 os.unlink(expected)
-        results["fixed cost"] = [tools[0].nothing_due() for _round in range(rounds)]
+        role = tools[0]
+        floor = []
+        for round_index in range(rounds):
+            wait_for_quiet(quiet_load)
+            for tool in tools[:2] if round_index % 2 == 0 else tools[1::-1]:
+                steps[tool.label]["nothing due"].append(tool.nothing_due())
+            floor.append(role.one_module_task())
+        steps["ansible-playbook, one module task (ping)"] = {"nothing due": floor}
     finally:
         daemon.stop()
-    return results
+    return dict(steps=steps, python=python_start(workdir, max(rounds, 5)))
+
+
+def median(runs, key="seconds"):
+    values = [run[key] for run in runs if run[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def shown(value, form="%.2f"):
+    return "" if value is None else form % value
 
 
 def report_libvirt(results, size, data, rounds):
+    steps = results["steps"]
     print()
-    print("libvirt domain, %d GiB disk with %d GiB of data; %d rounds, median (max peak RSS):"
-          % (size // 1024 // MiB, data // 1024 // MiB, rounds))
-    print("| tool | full backup s | incremental 1% s | restore of the chain s | peak RSS MiB (full / inc / restore) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    fixed = results.pop("fixed cost")
-    for tool, steps in results.items():
-        times = [statistics.median(seconds for seconds, _rss in runs) for runs in steps.values()]
-        peaks = [max((rss for _seconds, rss in runs if rss), default=None) for runs in steps.values()]
-        shown = " / ".join("%.0f" % peak if peak else "-" for peak in peaks)
-        print("| %s | %.2f | %.2f | %.2f | %s |" % (tool, *times, shown))
-    print("The modules alone restore with qemu-img convert of the chain's top (the restore module reads a repository).")
-    print("The role's fixed cost (ansible-playbook, lease, info and plan; no backup due): %.2f s, in every run above."
-          % statistics.median(seconds for seconds, _rss in fixed))
+    print("libvirt domain, %d MiB disk with %d MiB of data; %d rounds, medians (max peak RSS); load average %.2f:"
+          % (size // MiB, data // MiB, rounds, os.getloadavg()[0]))
+    print("| tool | full backup s | incremental 1% s | nothing due s | restore of the chain s "
+          "| peak RSS MiB (full / inc / restore) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    columns = ("full", "incremental", "nothing due", "restore")
+    for tool, runs in steps.items():
+        peaks = [max((run["rss"] for run in runs[name] if run["rss"]), default=None)
+                 for name in ("full", "incremental", "restore") if name in runs]
+        times = " | ".join(shown(median(runs[name])) if name in runs else "" for name in columns)
+        print("| %s | %s | %s |" % (tool, times, " / ".join("%.0f" % peak for peak in peaks if peak)))
+    role, module, virtnbd = (steps[label] for label in (Role.label, Module.label, Virtnbdbackup.label))
+    print()
+    print("| target | measured | target | |")
+    print("| --- | ---: | ---: | --- |")
+    for label, measured, target in (
+            ("role incremental / virtnbdbackup's", median(role["incremental"]) / median(virtnbd["incremental"]), 1.0),
+            ("role full / virtnbdbackup's", median(role["full"]) / median(virtnbd["full"]), 0.8),
+            ("role, nothing due, s", median(role["nothing due"]), 1.5)):
+        print("| %s | %.2f | <= %.1f | %s |" % (label, measured, target, "met" if measured <= target else "missed"))
+    bare, imports, compiled = results["python"]
+    ping = steps["ansible-playbook, one module task (ping)"]["nothing due"]
+    print()
+    print("What the role's runs are made of (medians, s):")
+    print("| part | full | incremental 1% | nothing due |")
+    print("| --- | ---: | ---: | ---: |")
+    kinds = ("full", "incremental", "nothing due")
+    for label, values in (
+            ("the role through ansible-playbook", [median(role[kind]) for kind in kinds]),
+            ("- the VM's play: its tasks, first start to last end", [median(role[kind], "vm_play") for kind in kinds]),
+            ("  - of which the module task", [median(role[kind], "module_tasks") for kind in kinds]),
+            ("    - of which the module's run (its summary's seconds)",
+             [median(role[kind], "inner") for kind in kinds]),
+            ("- the last play: a line per VM, and the run's report", [median(role[kind], "sum_up") for kind in kinds]),
+            ("- ansible-playbook's own start and end (the rest)",
+             [median([dict(seconds=run["seconds"] - run["vm_play"] - (run["sum_up"] or 0)) for run in role[kind]])
+              for kind in kinds]),
+            ("ansible-playbook with one module task (ping)", [median(ping)] * 3),
+            ("- of which the task", [median(ping, "module_tasks")] * 3),
+            ("the module alone, its whole process", [median(module[kind]) for kind in kinds]),
+            ("- of which its run (its summary's seconds)", [median(module[kind], "inner") for kind in kinds]),
+            ("  - of which the copy (the engine's elapsed)",
+             [median(module[kind], "copy") for kind in LEVELS] + [None]),
+            ("- Python's start with the module's imports", [imports] * 3),
+            ("  - of which a bare Python's start", [bare] * 3),
+            ("Python's start with the module's imports, compiling them (as under Ansible)", [compiled] * 3)):
+        print("| %s | %s |" % (label, " | ".join(shown(value) for value in values)))
+    tasks = role["incremental"][-1]["tasks"]
+    print("The role's incremental ran %d tasks for the VM: %s." % (len(tasks), "; ".join(
+        name.split(" : ")[-1] for name in tasks)))
+    print("The module alone restores with the qemu_backup_restore module's process; the role with restore.yml.")

@@ -37,6 +37,12 @@ def ansible_env():
                 ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
 
 
+def results_env(results_file):
+    """ansible_env() with our results callback writing to results_file."""
+    return dict(ansible_env(), RESULTS_FILE=results_file, ANSIBLE_CALLBACKS_ENABLED="results_file",
+                ANSIBLE_CALLBACK_PLUGINS=os.path.join(os.path.dirname(os.path.abspath(__file__)), "callback_plugins"))
+
+
 def ansible_bin(tool):
     return os.path.join(os.path.dirname(sys.executable), tool)
 
@@ -51,9 +57,7 @@ def run_playbook(playbook, inventory, results_file, extra_vars=None, check=False
         command += ["-e", json.dumps(extra_vars)]
     if check:
         command.append("--check")
-    env = ansible_env()
-    env.update(RESULTS_FILE=results_file, ANSIBLE_CALLBACKS_ENABLED="results_file",
-               ANSIBLE_CALLBACK_PLUGINS=os.path.join(os.path.dirname(os.path.abspath(__file__)), "callback_plugins"))
+    env = results_env(results_file)
     if at_task:
         env.update(AT_TASK=at_task[0], AT_TASK_COMMAND=json.dumps(at_task[1]))
     process = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900, check=False)

@@ -47,7 +47,8 @@ def begin(repository, options, check_mode, owner=None):
     A run that held the lease and died without giving it up left work behind: run["abandoned"] names it; its files
     are removed here, and its backup on the VM by the start. In check mode no lease is taken.
     """
-    now = int(time.time())
+    began = time.time()  # the summary's seconds; the repository's times are whole seconds
+    now = int(began)
     run_id = secrets.token_hex(8)
     abandoned = None
     data = repository.load()
@@ -59,7 +60,7 @@ def begin(repository, options, check_mode, owner=None):
                                                                                              facts["name"])))
         abandoned = (taken["taken_over"] or {}).get("work")
     reason = not_due(facts, options["max_age"], now)
-    run = dict(run_id=run_id, vm=repository.vm, repository=repository.path, began=now, facts=facts,
+    run = dict(run_id=run_id, vm=repository.vm, repository=repository.path, began=began, facts=facts,
                due=reason is None, reason=reason, abandoned=abandoned, notes=[])
     if not check_mode:
         try:
@@ -111,7 +112,7 @@ def start(vm, run, options, check_mode):
     _give_back_checkpoint(vm, run, check_mode)
     facts = run["facts"]
     planned = plan_from(facts, options["level"], 0, describe_disks(vm.disks(), vm.registry), options["disks"],
-                        run["began"])
+                        int(run["began"]))
     request = {key: options.get(key) for key in REQUEST_KEYS}
     request.update(disks=[disk["disk"] for disk in planned["disks"]], checkpoint=planned["checkpoint"],
                    incremental=planned["incremental"])
