@@ -68,6 +68,12 @@ options:
     description: With O(step=follow), how many seconds to wait for the run to end before reporting its progress.
     type: float
     default: 10
+  fail_if_running:
+    description:
+      - With O(step=follow), fail, naming the job, when the run is still at work after O(wait); the run goes on, and
+        holds the lease until it ends. The role sets it for its last round of progress.
+    type: bool
+    default: false
   background_after:
     description:
       - With O(step=all) or O(step=copy), go on in the background after this many seconds, returning RV(job).
@@ -120,7 +126,9 @@ options:
     type: int
     default: 600
   copy_timeout:
-    description: Seconds the copies may take; the lease is held that long beyond O(lock_ttl) while they run.
+    description:
+      - Seconds the copies of all the VM's disks may take together; the lease is held that long beyond O(lock_ttl)
+        while they run. Copies still at work then are stopped, and the run fails, recording nothing.
     type: int
     default: 86400
   connections:
@@ -339,6 +347,7 @@ def main():
             run=dict(type="dict"),
             job=dict(type="str"),
             wait=dict(type="float", default=10),
+            fail_if_running=dict(type="bool", default=False),
             background_after=dict(type="float", default=0),
             reason=dict(type="str"),
             undo=dict(type="list", elements="str", choices=["vm", "repository"], default=["vm", "repository"]),

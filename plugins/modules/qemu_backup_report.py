@@ -11,7 +11,8 @@ short_description: Write a fleet run's report, and its Prometheus metrics
 version_added: 0.1.0
 description:
   - 'Runs on the controller at the end of a fleet run (C(hosts: localhost)), given every VM''s run summary (the
-    C(qemu_backup_summary) fact that the backup role sets). It writes the run''s report as JSON into O(report_dir),
+    C(qemu_backup_summary) fact that the backup role sets). It is an action: the controller''s own process does the
+    work, whatever host the task names, with no module process to start. It writes the run''s report as JSON into O(report_dir),
     as C(<UTC time>.json) and as C(latest.json), and optionally metrics for node_exporter''s textfile collector into
     O(metrics_dir).'
   - Per VM, the report has the run's result, level, bytes, seconds and the reason of a failure; the VM's newest good
@@ -70,6 +71,9 @@ options:
     elements: str
     default: []
 attributes:
+  action:
+    support: full
+    description: An action plugin does the work, in the controller's process.
   check_mode:
     support: full
     description: In check mode it builds the report on the previous one and returns it, writing nothing.
@@ -223,29 +227,3 @@ msg:
   returned: always
   type: str
 """
-
-import time
-
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.report_store import KEEP_REPORTS, report_run
-
-
-def main():
-    module = FleetbackupModule(
-        argument_spec=dict(
-            summaries=dict(type="list", elements="dict", required=True),
-            report_dir=dict(type="path", default="~/.local/state/fleetbackup/reports"),
-            metrics_dir=dict(type="path"),
-            rpo=dict(type="str"),
-            keep_reports=dict(type="int", default=KEEP_REPORTS),
-            forget=dict(type="list", elements="str", default=[]),
-        ),
-        supports_check_mode=True,
-    )
-    module.run(lambda module: report_run(
-        module.params["summaries"], module.params["report_dir"], int(time.time()), module.params["metrics_dir"],
-        module.params["rpo"], module.params["keep_reports"], module.params["forget"], module.check_mode))
-
-
-if __name__ == "__main__":
-    main()

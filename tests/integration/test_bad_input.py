@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from support.modules import COLLECTIONS, run_module
+from support.modules import COLLECTIONS, has_action, run_action, run_module
 from support.qemu_vm import DiskSpec, MiB
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
@@ -33,8 +33,10 @@ def watched_state():
     return state
 
 
-def run_raw(module, args):
-    """(result, stdout and stderr) of a module run as Ansible runs it."""
+def run_raw(module, args, tmpdir):
+    """(result, stdout and stderr) of a module run as Ansible runs it; an action's temporary files go in tmpdir."""
+    if has_action(module):
+        return run_action(module, env=dict(TMPDIR=tmpdir), **args)
     process = subprocess.run(
         [sys.executable, "-m", "ansible_collections.fleetbackup.qemu.plugins.modules." + module],
         input=json.dumps({"ANSIBLE_MODULE_ARGS": args}).encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -176,7 +178,7 @@ def test_bad_input_to_every_module_fails_clearly_and_changes_nothing(vms, tmp_pa
                                                       "plugins", "modules")) if name.endswith(".py")}
     before = watched_state()
     for module, args, named, bad_path in table:
-        result, output = run_raw(module, args)
+        result, output = run_raw(module, args, str(tmp_path))
         assert result.get("failed"), (module, args, result)
         assert named in result["msg"], (module, args, result["msg"])
         assert "Traceback" not in output and "codec" not in result["msg"], (module, args, output)

@@ -73,6 +73,9 @@ def test_a_killed_run_is_taken_over_at_once_and_cleaned_up_by_the_next(vms, tmp_
     job_file = tmp_path / "state" / "runs" / ("%s.json" % started["job"])
     record = json.loads(job_file.read_text())
     assert record["state"] == "running" and record["dests"][0][1] == "vda"
+    given_up = run_module("qemu_backup", step="follow", job=started["job"], state_dir=str(tmp_path / "state"), wait=0,
+                          fail_if_running=True)
+    assert given_up.failed and "job %s is still at work (vda: " % started["job"] in given_up["msg"], given_up
     assert vm.leftovers()["exports"], "the run to kill must have its backup running on the VM"
     opened = [name for name in vm.named_bitmaps("vda") if name.startswith("ckpt-") and name != first["checkpoint"]]
     assert first["checkpoint"] in vm.named_bitmaps("vda") and opened  # the chain's checkpoint, and the run's own
@@ -117,3 +120,23 @@ def test_check_mode_predicts_the_level_and_the_bytes_and_writes_nothing(vms, tmp
              for name in os.listdir(tmp_path / "repository" / "vm1")}
     assert after == before
     assert_clean(vm)
+
+
+def test_copies_past_copy_timeout_are_stopped_and_the_run_leaves_nothing(vms, tmp_path):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 8 * MiB, 0x41))
+    (tmp_path / "repository").mkdir()
+    (tmp_path / "scratch").mkdir()
+    # 8 MiB at 1 MiB/s outlasts the copy's one second: only the deadline ends it.
+    failed = backup(vm, tmp_path, bandwidth="1M", copy_timeout=1)
+    assert failed.failed and "did not end in the time it was given (copy_timeout)" in failed["msg"], failed
+    assert failed["summary"]["result"] == "failed"
+    assert_clean(vm)
+    assert list(vm.named_bitmaps("vda")) == []
+    files = sorted(os.listdir(tmp_path / "repository" / "vm1"))
+    assert files == ["lock"] and (tmp_path / "repository" / "vm1" / "lock").read_text() == "", files
+    mark = vm.mark("vda")
+    done = backup(vm, tmp_path)
+    assert done["summary"]["result"] == "ok" and done["summary"]["level"] == "full", done
+    [entry] = manifest(tmp_path)["backups"]
+    image = tmp_path / "repository" / "vm1" / entry["disks"][0]["file"]
+    assert same(str(image), vm.expected_image("vda", mark, str(tmp_path / "e.raw")))

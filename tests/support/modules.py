@@ -31,6 +31,27 @@ def run_module(module_name, check_mode=False, **args):
     return result
 
 
+def has_action(module_name):
+    """Whether the module is an action, which runs in the controller's process (plugins/action)."""
+    return os.path.exists(os.path.join(COLLECTIONS, "ansible_collections", "fleetbackup", "qemu", "plugins", "action",
+                                       module_name + ".py"))
+
+
+def run_action(module_name, check_mode=False, env=None, **args):
+    """(result, stdout and stderr) of an action, run as an ad hoc `ansible localhost -m` runs it; env: more of it."""
+    command = [ansible_bin("ansible"), "localhost", "-m", "fleetbackup.qemu." + module_name, "-a", json.dumps(args)]
+    if check_mode:
+        command.append("--check")
+    process = subprocess.run(command, env=dict(ansible_env(), ANSIBLE_LOAD_CALLBACK_PLUGINS="true",
+                                               ANSIBLE_STDOUT_CALLBACK="json", **(env or {})),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300, check=False)
+    try:
+        [task] = json.loads(process.stdout)["plays"][0]["tasks"]
+    except ValueError:
+        raise AssertionError("ansible printed no JSON (rc %d): %s" % (process.returncode, process.stderr[-2000:]))
+    return ModuleResult(task["hosts"]["localhost"]), process.stdout + process.stderr
+
+
 def ansible_env():
     return dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_COLLECTIONS_PATH=COLLECTIONS,
                 ANSIBLE_PYTHON_INTERPRETER=sys.executable, ANSIBLE_LOCALHOST_WARNING="false",

@@ -1,12 +1,14 @@
 """Every module documents itself, and fails clearly without its libraries."""
 
 import glob
+import importlib
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from support.modules import ansible_bin, ansible_env
 from support.paths import COLLECTIONS
@@ -19,6 +21,25 @@ def test_all_modules_are_there():
     assert MODULES == ["qemu_backup", "qemu_backup_copy", "qemu_backup_copy_status", "qemu_backup_info", "qemu_backup_report",
                        "qemu_backup_repository", "qemu_backup_restore", "qemu_backup_start", "qemu_backup_stop",
                        "qemu_backup_verify", "qemu_checkpoint", "qemu_restore_drill", "qemu_vms_info"]
+
+
+ACTIONS = sorted(os.path.basename(path)[:-3] for path in glob.glob(
+    os.path.join(COLLECTIONS, "ansible_collections", "fleetbackup", "qemu", "plugins", "action", "*.py")))
+
+
+def test_the_actions_are_modules():
+    assert ACTIONS == ["qemu_backup_report"] and set(ACTIONS) <= set(MODULES)
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_an_action_takes_the_options_its_module_documents(action):
+    plugins = "ansible_collections.fleetbackup.qemu.plugins."
+    documented = yaml.safe_load(importlib.import_module(plugins + "modules." + action).DOCUMENTATION)["options"]
+    declared = importlib.import_module(plugins + "action." + action).ARGUMENT_SPEC
+    keys = ("type", "elements", "required", "default")
+    assert {name: {key: option[key] for key in keys if option.get(key) not in (None, False)}
+            for name, option in documented.items()} == {
+        name: {key: spec[key] for key in keys if spec.get(key) not in (None, False)} for name, spec in declared.items()}
 
 
 ROLES = ["qemu_backup", "qemu_hypervisor", "qemu_restore", "qemu_verify", "qemu_drill"]

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque, namedtuple
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import BLOCK_SIZE, BlockSum
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import (
@@ -267,14 +268,26 @@ def _report_progress(report, stats, total, stop, abort):
         abort.fail(err)
 
 
+def _join_by(threads, deadline, abort):
+    """Wait for the threads; past deadline (monotonic, or None), fail the copy, which stops them."""
+    for thread in threads:
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            abort.fail(FleetbackupError("The copy did not end in the time it was given (copy_timeout): it was "
+                                        "stopped. Give it more time, or a higher bandwidth."))
+            return
+
+
 def copy(src_url, target, size, connections, bitmap_context=None, zero_target=True, requests=16,
-         request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0, report=None, image_alone=False):
+         request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0, report=None, image_alone=False,
+         deadline=None):
     """Copy the export at src_url into target over `connections` connections, one thread each.
 
     bandwidth: bytes per second that the reads of all connections together may take; 0 for no limit.
     report: called as report(done, total) with the bytes processed (read, or written as zeros) and the bytes
     the copy will process, once the disk is mapped, then about once a second, and at the end of a copy that
     succeeded. image_alone: the export is one image without its backing file (see Extent), as when checking it.
+    deadline: the time.monotonic() by which the copy must end, else it fails; None for no limit.
 
     Every thread has ended when this returns or raises. Returns a CopyResult.
     """
@@ -300,8 +313,7 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
             workers.append(_Worker(source, target, queue, stats, requests, request_size, throttle))
             threads.append(threading.Thread(target=workers[-1].run, name="copy-%d" % index))
             threads[-1].start()
-        for thread in threads:
-            thread.join()
+        _join_by(threads, deadline, abort)
     except BaseException:
         abort.fail(Aborted())  # stops the threads; the exception itself goes on up
         raise
@@ -323,10 +335,10 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
 
 def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format="qcow2",
                   connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0,
-                  report=None):
+                  report=None, deadline=None):
     """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
 
-    backing is stored as given: keep it relative to the image's directory. bandwidth and report: see copy().
+    backing is stored as given: keep it relative to the image's directory. bandwidth, report and deadline: see copy().
 
     The image is complete and durable when this returns. When it fails, the image it created is gone, and
     nothing that was at path before is ever touched. Returns a CopyResult.
@@ -341,7 +353,7 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
     try:
         try:
             result = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
-                          request_size, io_timeout, bandwidth, report)
+                          request_size, io_timeout, bandwidth, report, deadline=deadline)
             target.finish()
             return result
         finally:

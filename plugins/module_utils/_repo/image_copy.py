@@ -41,9 +41,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_t
 )
 
 
-def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn):
+def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn, deadline=None):
     """Copy src into dest, in dest_dir; or keep dest when it holds this very backup. Parameters checked already;
-    warn(message) tells the user what they should know. The result's kept says which it did."""
+    warn(message) tells the user what they should know; deadline: as the engine's copy(). The result's kept says
+    which it did."""
     dest = params["dest"]
     src = with_certificates(params["src"], params["tls_certificates"]) if params["tls_certificates"] else params["src"]
     bitmap_context = dirty_context(params["dirty_bitmap"]) if params["dirty_bitmap"] else None
@@ -70,7 +71,7 @@ def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn):
     try:
         copied = copy_to_image(src, partial, params["format"], size, bitmap_context, identity["backing"],
                                params["backing_format"], connections, params["requests"], params["request_size"],
-                               bandwidth=bandwidth, report=progress)
+                               bandwidth=bandwidth, report=progress, deadline=deadline)
     except FleetbackupError:
         check_view(view)  # a broken view is the likelier cause, and the one to name
         raise

@@ -57,7 +57,12 @@ def run_step(module):
     if "vm" in NEEDS[step]:
         module.check_vm_libraries()  # before the lease: a run that cannot reach its VM takes nothing
     if step == "follow":
-        return _followed(module, follow(params["state_dir"], params["job"], params["wait"]))
+        outcome = follow(params["state_dir"], params["job"], params["wait"])
+        if params["fail_if_running"] and not outcome["finished"]:
+            raise UserError("The backup run job %s is still at work (%s), and holds the repository's lease until it "
+                            "ends; follow it with fleetbackup.qemu.qemu_backup, step follow, job %s."
+                            % (params["job"], outcome["progress"], params["job"]))
+        return _followed(module, outcome)
     options = settings(params)
     work = _all if step == "all" else STEPS[step]
     if step in BACKGROUND_STEPS and params["background_after"] and not module.check_mode:

@@ -176,6 +176,7 @@ def copy(repository, run, options, check_mode, warn):
         renew(repository, run, dict(options, owner=this_process()), options["copy_timeout"] + options["lock_ttl"],
               work)
     copies = []
+    deadline = time.monotonic() + options["copy_timeout"]  # for the copies of every disk together
     for started in run["started"]["disks"]:
         disk = planned[started["disk"]]
         incremental = started["mode"] == "incremental"
@@ -187,7 +188,7 @@ def copy(repository, run, options, check_mode, warn):
                       connections=options["connections"], requests=COPY_REQUESTS, request_size=COPY_REQUEST_SIZE)
         dest_dir = check_params(params)
         with recorded_progress(options["state_dir"], shown_paths(params["dest"]), check_mode, warn) as progress:
-            copied = copy_or_keep(params, dest_dir, options["bandwidth"], progress, check_mode, warn)
+            copied = copy_or_keep(params, dest_dir, options["bandwidth"], progress, check_mode, warn, deadline)
             if progress:
                 progress.end(summary=copied.get("msg"))
         copies.append(dict(shown_paths(copied), disk=started["disk"]))  # paths that mean the same in any process
