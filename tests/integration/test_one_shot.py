@@ -140,3 +140,21 @@ def test_copies_past_copy_timeout_are_stopped_and_the_run_leaves_nothing(vms, tm
     [entry] = manifest(tmp_path)["backups"]
     image = tmp_path / "repository" / "vm1" / entry["disks"][0]["file"]
     assert same(str(image), vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
+
+
+def test_abort_undoes_a_started_run_and_says_changed_only_when_it_did(vms, tmp_path):
+    vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, 2 * MiB, 0x51))
+    (tmp_path / "repository").mkdir()
+    (tmp_path / "scratch").mkdir()
+    begun = backup(vm, tmp_path, step="begin")
+    started = backup(vm, tmp_path, step="start", run=begun["run"])
+    assert started["changed"] and vm.leftovers()["exports"], started
+    aborted = backup(vm, tmp_path, step="abort", run=started["run"], reason="the test aborts it")
+    assert aborted["changed"] and aborted["summary"]["result"] == "failed", aborted
+    assert aborted["summary"]["reason"] == "the test aborts it"
+    assert_clean(vm)
+    assert list(vm.named_bitmaps("vda")) == []
+    assert os.listdir(tmp_path / "repository" / "vm1") == ["lock"]
+    assert (tmp_path / "repository" / "vm1" / "lock").read_text() == ""
+    again = backup(vm, tmp_path, step="abort", run=started["run"])
+    assert not again["changed"] and again["discarded"] == [], again

@@ -58,3 +58,23 @@ def test_a_killed_run_is_reported_gone(tmp_path):
 def test_a_job_that_is_no_job_of_ours_is_refused(tmp_path, job):
     with pytest.raises(UserError, match="is not a job of qemu_backup"):
         follow(str(tmp_path), job, 0)
+
+
+def test_records_nobody_collected_go_after_a_week_unless_their_run_still_runs(tmp_path):
+    gate, opener = os.pipe()
+    running = run_in_background(blocked_work(gate), 0.1, str(tmp_path))
+    runs = tmp_path / "runs"
+    record = runs / (running["job"] + ".json")
+    while json.loads(record.read_text())["state"] != "running":  # its process has written who it is
+        follow(str(tmp_path), running["job"], 0.1)
+    ended = runs / "0123456789abcdef.json"
+    ended.write_text(json.dumps(dict(state="ended", owner=None, dests=[], result=dict(msg="old"))))
+    recent = runs / "fedcba9876543210.json"
+    recent.write_text(json.dumps(dict(state="ended", owner=None, dests=[], result=dict(msg="recent"))))
+    week_ago = os.stat(ended).st_mtime - 7 * 86400 - 60
+    for old in (ended, record):
+        os.utime(old, (week_ago, week_ago))
+    assert run_in_background(lambda job_record: dict(changed=True, msg="quick"), 30, str(tmp_path))["msg"] == "quick"
+    assert sorted(os.listdir(runs)) == sorted((recent.name, running["job"] + ".json"))
+    os.write(opener, b"x")
+    assert follow(str(tmp_path), running["job"], 30)["msg"] == "ran"

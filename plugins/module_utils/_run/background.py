@@ -25,6 +25,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress imp
 
 RUNS = "runs"
 JOB = re.compile(r"^[0-9a-f]{16}$")
+# A job that nobody followed to its end (the playbook was interrupted) keeps its record this long, to be looked at.
+UNCOLLECTED_KEPT = 7 * 86400
 
 
 def jobs_dir(state_dir):
@@ -35,6 +37,7 @@ def run_in_background(work, wait, state_dir):
     """work(job_record), which returns a module result, in a process of its own: its result when it ends within
     wait seconds, else dict(finished=False, job=...). job_record(dests) records the images it copies into."""
     directory = jobs_dir(state_dir)
+    _forget_uncollected(directory, time.time() - UNCOLLECTED_KEPT)
     job = secrets.token_hex(8)
     directory.write_json(job + ".json", dict(state="starting", owner=None, dests=[]), durable=False)
     ended_reader, ended_writer = os.pipe()  # end of file once the run's process ended
@@ -52,6 +55,18 @@ def run_in_background(work, wait, state_dir):
         return _ended(directory, job, state_dir)
     line = progress_line(directory.read_json(job + ".json"), state_dir)
     return dict(finished=False, job=job, changed=True, msg=line, progress=line)
+
+
+def _forget_uncollected(directory, before):
+    """Remove the records, last written before then, of jobs that ended or whose process is gone."""
+    for name in os.listdir(directory.path):
+        job = name[:-len(".json")]
+        if not (JOB.match(job) and name.endswith(".json")) or os.lstat(directory.path_of(name)).st_mtime >= before:
+            continue
+        record = directory.read_json(name) or {}
+        owner = record.get("owner")
+        if record.get("state") == "ended" or not (owner and process_alive(owner)):
+            directory.remove(name)
 
 
 def _detach_and_run(work, directory, job):

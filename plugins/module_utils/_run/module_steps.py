@@ -139,16 +139,16 @@ def _commit(module, options, run):
 
 def _abort(module, options, run):
     """What this host can undo of a failed run: the VM's backup and checkpoint, the repository's files and lease."""
-    removed, undo = [], module.params["undo"]
+    removed, ended, released, undo = [], False, False, module.params["undo"]
     if "vm" in undo and module.names_vm and run.get("plan") and not module.check_mode:
         with module.vm(ending=run["plan"]["backup_id"]) as vm:
-            steps.abort_vm(vm, run)
+            ended = steps.abort_vm(vm, run)
     if "repository" in undo and module.params["repository"] and not module.check_mode:
         with _repository(module, False) as repository:
-            removed = steps.abort_repository(repository, run)
+            removed, released = steps.abort_repository(repository, run)
     reason = module.params["reason"] or "the run was aborted"
-    return dict(changed=not module.check_mode, discarded=removed, summary=summarize(run, options, "failed", reason),
-                run=run)
+    return dict(changed=ended or released or bool(removed), discarded=removed,
+                summary=summarize(run, options, "failed", reason), run=run)
 
 
 def _step_result(run, options, check_mode, changed):

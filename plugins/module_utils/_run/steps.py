@@ -268,21 +268,23 @@ def forget_checkpoints(vm, names, check_mode):
 
 
 def abort_vm(vm, run):
-    """End the failed run's backup and remove the checkpoint it opened, even when it was stopped already."""
+    """End the failed run's backup and remove the checkpoint it opened, even when it was stopped already; whether
+    there was any of it to end."""
     planned = run.get("plan")
     if not planned or run.get("recorded"):
-        return
-    VmBackups(vm).stop(planned["backup_id"], True, False)
-    forget_checkpoints(vm, [planned["checkpoint"]], False)
+        return False
+    stopped, _removed, _intact = VmBackups(vm).stop(planned["backup_id"], True, False)
+    return bool(forget_checkpoints(vm, [planned["checkpoint"]], False)) or stopped
 
 
 def abort_repository(repository, run):
-    """Remove what the failed run wrote, if it still holds the lease, and give the lease up; the files removed."""
+    """Remove what the failed run wrote, if it still holds the lease, and give the lease up; (the files removed,
+    whether the lease was given up)."""
     lease = Lease(repository)
     try:
         lease.check(run["run_id"], time.time())
     except UserError:
-        return []  # another run holds the repository now: nothing here is ours to remove
+        return [], False  # another run holds the repository now: nothing here is ours to remove
     work = lease.work(run["run_id"]) or {}
     copier = lease.owner(run["run_id"])
     if copier and copier != this_process() and process_alive(copier):
@@ -291,6 +293,7 @@ def abort_repository(repository, run):
                         % (copier["pid"], copier["host"]))
     try:
         disks = work.get("disks") or [disk["disk"] for disk in (run.get("plan") or {}).get("disks", ())]
-        return repository.discard_unlisted(work["name"], planned_files(work["name"], disks))
+        removed = repository.discard_unlisted(work["name"], planned_files(work["name"], disks))
     finally:
-        lease.release(run["run_id"])
+        released = lease.release(run["run_id"])
+    return removed, released
