@@ -1,6 +1,6 @@
-"""The run report as a fleet makes it: the last play of each fleet playbook, as shipped, puts every VM host's
-summary (or none) into qemu_backup_report on the controller, run after run; a VM that a later run does not mention
-is carried over as unreached, and its failures count on.
+"""The run report as a fleet makes it: the last plays of each fleet playbook, as shipped, put every VM host's
+summary (or none) into qemu_backup_report on the controller, run after run, and then fail the VMs that failed; a VM
+that a later run does not mention is carried over as unreached, and its failures count on.
 
 No backup runs here: a play before it sets each VM's qemu_backup_summary as the backup role would.
 """
@@ -33,13 +33,19 @@ SUMMARIES_PLAY = """
 
 
 def fleet_playbook(tmp_path, playbook, vm_group):
-    """The summaries' play, then the last play of a fleet playbook (its Sum up) as the collection ships it."""
+    """The summaries' play, then the plays of a fleet playbook from its Sum up on, as the collection ships them."""
     with open(os.path.join(PLAYBOOKS, playbook)) as stream:
-        last = yaml.safe_load(stream)[-1]
-    assert last["name"] == "Sum up the fleet" and last["hosts"] == "localhost"
+        plays = yaml.safe_load(stream)
+    names = [play["name"] for play in plays]
+    sum_up, fail = plays[names.index("Sum up the fleet"):]
+    assert sum_up["hosts"] == "localhost" and fail["name"].startswith("Fail the ")
     path = tmp_path / ("last-of-" + playbook)
-    path.write_text(SUMMARIES_PLAY % vm_group + yaml.safe_dump([last], sort_keys=False))
-    return path, last["tasks"][0]["name"]
+    path.write_text(SUMMARIES_PLAY % vm_group + yaml.safe_dump([sum_up, fail], sort_keys=False))
+    return path, sum_up["tasks"][0]["name"]
+
+
+def failed_in(hosts):
+    return sorted(name for name, (summary, _age) in hosts.items() if summary and summary["result"] == "failed")
 
 
 FLAGGED = dict(dirty_bytes=45, disk_bytes=100, share=0.45, median_share=0.01, samples=4, flagged=True,
@@ -76,7 +82,9 @@ class ReportFleet:
                                           if summary else {} for name, (summary, age) in hosts.items()}}}))
         rc, results, output = run_playbook(str(self.playbook), str(inventory),
                                            str(self.tmp_path / ("results-%d.json" % self.runs)), check=check)
-        assert rc == 0, output[-3000:]
+        assert (rc == 0) == (not failed_in(hosts)) and sorted(results["failures"]) == failed_in(hosts), output[-3000:]
+        for name in failed_in(hosts):  # each failed with its own run's reason, after the report
+            assert results["failures"][name] == ["Fail the host with its error: " + hosts[name][0]["reason"]]
         tasks = results["tasks"]["localhost"]
         return tasks[REPORT_TASK], tasks[self.lines_task]["msg"]
 
@@ -161,3 +169,21 @@ def test_fleet_backup_sums_up_a_vm_without_a_summary_as_unreached(tmp_path):
         "web1: incremental 1.00 MB in 0.8 s",
         "far: unreached: no result: its hypervisor was unreachable, or the run stopped before it"]
     assert sorted(os.listdir(reports)) == sorted([report["name"] + ".json", "latest.json", "lock"])
+
+
+def test_a_run_in_which_every_vm_failed_still_reports_and_then_fails_them(tmp_path):
+    playbook, _lines_task = fleet_playbook(tmp_path, "fleet_backup.yml", "vms")
+    reports = tmp_path / "reports"
+    inventory = tmp_path / "inventory.json"
+    failed = {name: dict(vm=name, result="failed", reason="%s: the disk is full" % name) for name in ("web1", "db1")}
+    inventory.write_text(json.dumps({
+        "all": {"vars": {"ansible_connection": "local", "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+                         "fleetbackup_report_dir": str(reports), "now": int(time.time())}},
+        "vms": {"hosts": {name: {"summary": summary, "age": 0} for name, summary in failed.items()}}}))
+    rc, results, output = run_playbook(str(playbook), str(inventory), str(tmp_path / "results.json"))
+    assert rc != 0 and results["failures"] == {
+        name: ["Fail the VM with its run's error: " + summary["reason"]] for name, summary in failed.items()}, output
+    report = results["tasks"]["localhost"][REPORT_TASK]["report"]
+    assert sorted((entry["vm"], entry["result"]) for entry in report["vms"]) == [("db1", "failed"), ("web1", "failed")]
+    with open(reports / "latest.json") as stream:
+        assert json.load(stream) == report
