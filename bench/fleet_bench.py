@@ -127,8 +127,10 @@ class FleetBench:
             subprocess.run(["ssh", "-o", "ControlPath=%s" % (self.fleet.control_path_dir / socket), "-O", "exit",
                             "fleet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
-    def run(self, mode, level, settings=RECOMMENDED):
-        """One timed run of the fleet playbook, checked: {wall, play, hypervisors, vms: {name: {...}}, load}."""
+    def run(self, mode, level, settings=None):
+        """One timed run of the fleet playbook, checked: {wall, play, hypervisors, vms: {name: {...}}, load};
+        settings: one of SETTINGS, default the recommended."""
+        settings = settings or RECOMMENDED
         self.use(mode, settings)
         self.close_masters()
         os.sync()

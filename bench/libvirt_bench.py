@@ -59,11 +59,11 @@ class Role:
         self.runs = 0
         self.inventory = os.path.join(workdir, "inventory.json")
         with open(self.inventory, "w") as stream:
-            json.dump({"vms": {"hosts": {VM: {
-                "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-                "qemu_backup_domain": domain.name, "qemu_backup_libvirt_uri": domain.daemon.uri,
-                "qemu_backup_qemu_dir": domain.qemu_dir, "qemu_backup_repository": os.path.join(workdir, "repository"),
-                "qemu_backup_state_dir": os.path.join(workdir, "state")}}},
+            vm = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                  "qemu_backup_domain": domain.name, "qemu_backup_libvirt_uri": domain.daemon.uri,
+                  "qemu_backup_qemu_dir": domain.qemu_dir, "qemu_backup_repository": os.path.join(workdir, "repository"),
+                  "qemu_backup_state_dir": os.path.join(workdir, "state")}
+            json.dump({"vms": {"hosts": {VM: vm}},
                        "all": {"vars": {"fleetbackup_report_dir": os.path.join(workdir, "reports")}}}, stream)
         os.makedirs(os.path.join(workdir, "repository"))
 
