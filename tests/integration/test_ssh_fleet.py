@@ -101,7 +101,18 @@ def test_the_hypervisor_role_prepares_each_host_and_hands_its_python_to_the_back
         state = os.stat(host / "state")
         assert (state.st_uid, state.st_mode & 0o7777) == (0, 0o700)
         subprocess.run([str(host / "venv" / "bin" / "python"), "-c", "import nbd, qemu.qmp"], check=True)
-    assert_ok(ssh_fleet.play(PREPARE_PLAY), changed={"hv1": 0, "hv2": 0})
+    # Prepared: one check, and the interpreter handed over; apt and pip are not run.
+    again = assert_ok(ssh_fleet.play(PREPARE_PLAY), changed={"hv1": 0, "hv2": 0})
+    for name in machines:
+        assert [task for task, _seconds, skipped, _began in again["spans"][name]["tasks"] if not skipped] == [
+            "Check whether this host is prepared already",
+            "Run the collection's modules on this host with the environment's python from now on"]
+    # A doubt, here a private directory that others may enter, and it is all done again, and repaired.
+    os.chmod(tmp_path / "hv1" / "state", 0o755)
+    repaired = assert_ok(ssh_fleet.play(PREPARE_PLAY), changed={"hv1": 1, "hv2": 0})
+    assert repaired["tasks"]["hv1"]["Create fleetbackup's private directory"]["changed"]
+    assert "Install the Debian packages the modules need" in repaired["tasks"]["hv1"]
+    assert os.stat(tmp_path / "hv1" / "state").st_mode & 0o7777 == 0o700
 
     marks = {name: vm.mark("vda") for name, vm in machines.items()}
     rc, results, output = ssh_fleet.play(BACKUP_PLAY, "-vvv")
