@@ -104,7 +104,9 @@ def test_the_hypervisor_role_prepares_each_host_and_hands_its_python_to_the_back
     # Prepared: one check, and the interpreter handed over; apt and pip are not run.
     again = assert_ok(ssh_fleet.play(PREPARE_PLAY), changed={"hv1": 0, "hv2": 0})
     for name in machines:
-        assert [task for task, _seconds, skipped, _began in again["spans"][name]["tasks"] if not skipped] == [
+        assert [task.split(" : ", 1)[-1] for task, _seconds, skipped, _began in again["spans"][name]["tasks"]
+                if not skipped] == [
+            "Validating arguments against arg spec 'main' - Prepare a Debian hypervisor for fleetbackup's modules",
             "Check whether this host is prepared already",
             "Run the collection's modules on this host with the environment's python from now on"]
     # A doubt, here a private directory that others may enter, and it is all done again, and repaired.
