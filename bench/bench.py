@@ -115,8 +115,10 @@ def module_runs(result):
 
 
 def role_copies(tasks):
-    """The copies of the role's module run that returned them (the whole run, or the commit step)."""
-    return next((result["copies"] for result in tasks.values() if result.get("copies")), [])
+    """The copies of the role's module run that returned them (the whole run, the commit step, or the last round of
+    progress of a run that went on in the background)."""
+    return next((item["copies"] for result in tasks.values() for item in [result] + result.get("results", [])
+                 if isinstance(item, dict) and item.get("copies")), [])
 
 
 class Copiers:
