@@ -6,7 +6,6 @@ Every pair runs alternately, several rounds; the copy's output is checked with q
 its nbdcopy read the image once with its pages dropped from the page cache (from disk) and once cached.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from bench import GiB, MiB, ROOT, Copiers, build_disk, copiers_env, make_vm, start_backup, stop_backup, timed
+from bench import GiB, MiB, ROOT, Copiers, build_disk, copiers_env, disk_arguments, make_vm, start_backup, stop_backup, timed
 from support.qemu_vm import same
 
 VERIFY_MODULE = "ansible_collections.fleetbackup.qemu.plugins.modules.qemu_backup_verify"
@@ -180,12 +179,7 @@ def report(copy_times, verify_times, verify_result, cpu, data, loads):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gib", type=int, default=8)
-    parser.add_argument("--data-gib", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=4)
-    args = parser.parse_args()
+    args = disk_arguments(__doc__.splitlines()[0]).parse_args()
     workdir = tempfile.mkdtemp(prefix="bench-checksum-", dir=os.path.join(ROOT, "build"))
     size, data = args.size_gib * GiB, args.data_gib * GiB
     scratch = os.path.join(workdir, "scratch")
