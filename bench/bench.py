@@ -284,12 +284,18 @@ def report_start_stop(results, rounds):
     print("(%d rounds each; every start opens a checkpoint, so its bitmap transaction is inside the pause)" % rounds)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def disk_arguments(description):
+    """The parser of the options every bench of the 8 GiB disk takes: its size, its data, rounds, connections."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size-gib", type=int, default=8)
     parser.add_argument("--data-gib", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=4)
+    return parser
+
+
+def main():
+    parser = disk_arguments(__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=None, help="default: a new directory under build/")
     parser.add_argument("--only-start-stop", action="store_true", help="only time the start and stop modules")
     parser.add_argument("--only-transports", action="store_true",

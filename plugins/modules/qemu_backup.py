@@ -176,6 +176,7 @@ options:
     default: false
 requirements:
   - libnbd's Python bindings (Debian package python3-libnbd)
+  - the xxhash bindings, for the block checksum (Debian package python3-xxhash)
 seealso:
   - module: fleetbackup.qemu.qemu_backup_start
   - module: fleetbackup.qemu.qemu_backup_copy
@@ -376,6 +377,7 @@ def main():
         required_together=[("repository", "vm")],
         vm_required=False,
         needs_nbd=True,
+        needs_checksums=True,
         supports_check_mode=True,
     )
     module.run(run_step)

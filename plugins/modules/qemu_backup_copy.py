@@ -107,6 +107,7 @@ options:
     default: '0600'
 requirements:
   - libnbd's Python bindings (Debian package python3-libnbd)
+  - the xxhash bindings, for the block checksum (Debian package python3-xxhash)
 seealso:
   - module: fleetbackup.qemu.qemu_backup_start
 attributes:
@@ -194,14 +195,15 @@ throughput:
   sample: 671088640
 checksum:
   description:
-    - The checksum of the image, C(sha256-blocks64k:) and 64 hex digits, summed as it was written. Each 64 KiB block
-      of data at offset N that is not all zeros adds SHA-256(N as 8 little-endian bytes, then the block's bytes);
-      each 64 KiB block an overlay writes as zeros adds SHA-256(N, then C(zero)); the sum is modulo 2**256.
+    - The checksum of the image, C(xxh3-128-blocks64k:) and 64 hex digits, summed as it was written. Each 64 KiB
+      block of data at offset N adds XXH3-128(N as 8 little-endian bytes, then the block's bytes), except, in a full
+      image, a block of zeros, which adds nothing; each 64 KiB block an overlay writes as zeros adds XXH3-128(N, then
+      C(zero)); the sum is modulo 2**256.
     - For an O(dest) that already holds this backup, the checksum recorded with it; null if it was copied by an
       older version, which recorded none.
   returned: when copied, or when O(dest) already holds this backup
   type: str
-  sample: sha256-blocks64k:3f2a...
+  sample: xxh3-128-blocks64k:3f2a...
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule

@@ -18,7 +18,11 @@ description:
     M(fleetbackup.qemu.qemu_backup_copy) recorded as it wrote the image."
   - The checksum is recomputed from the image alone, without its backing file, by a C(qemu-nbd) that the module
     starts on a socket in a private temporary directory and ends by its PID. No path that an image names is ever
-    opened.
+    opened. The copy engine reads it, as fast as a copy (several connections, many reads in flight); the result
+    gives the rate.
+  - Each checksum is recomputed with the algorithm it names (C(xxh3-128-blocks64k) for new copies,
+    C(sha256-blocks64k) for older ones). An image whose checksum names an algorithm that this version does not know
+    is bad, not passed.
   - An image with no recorded checksum (written before checksums were recorded) is reported as unverified; the
     other checks still run.
   - It fails when an image is bad, naming each bad image and every backup that needs it (its own backup and each
@@ -43,6 +47,7 @@ options:
 requirements:
   - qemu-img and qemu-nbd (Debian package qemu-utils)
   - libnbd's Python bindings (Debian package python3-libnbd)
+  - the xxhash bindings (Debian package python3-xxhash)
 seealso:
   - module: fleetbackup.qemu.qemu_backup_copy
   - module: fleetbackup.qemu.qemu_backup_repository
@@ -101,6 +106,30 @@ vms:
     images_checked:
       description: How many images were checked.
       type: int
+    bytes_read:
+      description: The bytes of data read from this VM's images to recompute their checksums.
+      type: int
+    read_seconds:
+      description: The seconds those reads took.
+      type: float
+    read_rate:
+      description: RV(vms[].bytes_read) per second.
+      type: int
+bytes_read:
+  description: The bytes of data read from all images checked to recompute their checksums (holes are not read).
+  returned: always
+  type: int
+  sample: 2147483648
+read_seconds:
+  description: The seconds those reads took, the images read one after another.
+  returned: always
+  type: float
+  sample: 1.52
+read_rate:
+  description: The rate of those reads, RV(bytes_read) per second; 0 when nothing was read.
+  returned: always
+  type: int
+  sample: 1412818083
 bad_images:
   description: Every bad image.
   returned: always
@@ -132,7 +161,7 @@ bad_images:
       image: 20261130T020001Z-3f2a.vda.qcow2
       backup: 20261130T020001Z-3f2a
       disk: vda
-      problems: ["its data has checksum sha256-blocks64k:9c1e..., not sha256-blocks64k:3f2a... as recorded ..."]
+      problems: ["its data has checksum xxh3-128-blocks64k:9c1e..., not xxh3-128-blocks64k:3f2a... as recorded ..."]
       dependents: [20261130T020001Z-3f2a, 20261130T030001Z-77c0]
 msg:
   description: What was found, in one line.
@@ -144,7 +173,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import REPOSITORY_ARGUMENT_SPEC
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository, RepositoryRoot
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.verify import verify_vm
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.verify import read_totals, verify_vm
 
 
 def main():
@@ -156,6 +185,7 @@ def main():
         ),
         required_by=dict(backups="vm"),
         needs_nbd=True,
+        needs_checksums=True,
         supports_check_mode=True,
     )
     module.run(verify)
@@ -173,16 +203,18 @@ def verify(module):
     bad = [dict(image, vm=report["vm"]) for report in reports for image in report["bad_images"]]
     unverified = sum(len(report["unverified_images"]) for report in reports)
     checked = sum(report["images_checked"] for report in reports)
-    result = dict(changed=False, repository=root.path, vms=reports, bad_images=bad)
+    totals = read_totals([(report["bytes_read"], report["read_seconds"]) for report in reports])
+    result = dict(changed=False, repository=root.path, vms=reports, bad_images=bad, **totals)
     if bad:
         result.update(failed=True, msg="%d of the %d images checked are bad: %s." % (len(bad), checked, "; ".join(
             "%s/%s (%s), needed by %s" % (image["vm"], image["image"], "; ".join(image["problems"]),
                                           ", ".join(image["dependents"])) for image in bad)))
     else:
         vms = "1 VM" if len(reports) == 1 else "%d VMs" % len(reports)
-        result["msg"] = "%d images of %s checked: all good%s." % (checked, vms, (
+        result["msg"] = "%d images of %s checked: all good%s%s." % (checked, vms, (
             "; %d have no recorded checksum (written by an older copy), so their content could not be verified"
-            % unverified) if unverified else "")
+            % unverified) if unverified else "", "; %.1f MiB of data read at %.0f MiB/s" % (
+            totals["bytes_read"] / 1024 ** 2, totals["read_rate"] / 1024 ** 2) if totals["bytes_read"] else "")
     if unverified:
         module.warn("%d images have no recorded checksum: their content could not be verified (they were written "
                     "before checksums were recorded)." % unverified)

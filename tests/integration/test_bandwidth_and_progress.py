@@ -92,7 +92,7 @@ def test_a_copy_held_to_its_bandwidth_shows_its_progress_mid_way_and_ends_exactl
     # 64 MiB at 8 MiB/s: 8 s, less the first read of each of the 4 connections.
     assert elapsed > (DATA - 4 * 256 * 1024) / LIMIT
     assert result["bytes_read"] == DATA and same(dest, image)
-    assert result["checksum"].startswith("sha256-blocks64k:")
+    assert result["checksum"].startswith("xxh3-128-blocks64k:")
 
 
 def test_a_copy_that_is_killed_shows_gone_and_one_that_fails_says_why(tmp_path, server):

@@ -255,7 +255,7 @@ def test_a_slow_copy_shows_progress_lines_and_the_manifest_records_checksums_tha
     assert len(lines) >= 2  # the run went on in the background, followed round by round
     assert "ok: [vm1] => (item=vda: " in output  # the default callback shows each line as its round ends
     [disk] = fleet.manifest("vm1")["backups"][0]["disks"]
-    assert disk["checksum"].startswith("sha256-blocks64k:") and disk["bytes_read"] == 16 * MiB
+    assert disk["checksum"].startswith("xxh3-128-blocks64k:") and disk["bytes_read"] == 16 * MiB
     restored = tmp_path / "restored"
     assert_ok(fleet.restore("vm1", restored))
     assert same(str(restored / "vda.qcow2"), vm.expected_image("vda", mark, str(tmp_path / "e.raw")))

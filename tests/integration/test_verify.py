@@ -3,11 +3,16 @@ with every backup that needs the damaged image."""
 
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 
 import pytest
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import alone, served
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import SHA256
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import checksum_of_image_export
 from support.fleet import Fleet, assert_ok
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, MiB, Vm
@@ -31,6 +36,8 @@ def built_chain(tmp_path_factory):
             assert_ok(fleet.backup())
             vm.write("vda", (step + 4) * MiB, MiB, 0x40 + step)
             vm.zero("vdb", 2 * MiB + step * MiB, CLUSTER)  # an overlay hides these with zero clusters
+            if step == 0:
+                vm.write("vda", 0, CLUSTER, 0x00)  # and this, the full's 0x11, with a data cluster of zeros
     finally:
         vm.kill()  # verify needs no VM
     return vm, fleet.repository
@@ -67,6 +74,49 @@ def qemu_img_check_passes(path):
     return subprocess.run(["qemu-img", "check", "json:" + spec], stdout=subprocess.PIPE, check=False).returncode == 0
 
 
+def old_checksum(path):
+    """The image's checksum by the algorithm of backups made before xxh3-128, summed by the engine as verify sums it."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        with served(alone(fd, "qcow2"), pass_fds=(fd,)) as url:
+            info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], check=True,
+                                             stdout=subprocess.PIPE).stdout)
+            return checksum_of_image_export(url, "backing-filename" in info, SHA256).checksum
+    finally:
+        os.close(fd)
+
+
+def drop_cluster(path, guest_offset):
+    """Edit a qcow2 image so that it no longer holds the cluster at guest_offset: its L2 entry and its refcount go."""
+    with open(path, "r+b") as stream:
+        header = stream.read(104)
+        cluster_bits, = struct.unpack(">I", header[20:24])
+        l1_offset, refcount_table_offset = struct.unpack(">QQ", header[40:56])
+        refcount_bits = 1 << struct.unpack(">I", header[96:100])[0]
+        cluster = 1 << cluster_bits
+        l2_entries = cluster // 8
+        index = guest_offset // cluster
+        stream.seek(l1_offset + 8 * (index // l2_entries))
+        l2_offset = struct.unpack(">Q", stream.read(8))[0] & 0x00FFFFFFFFFFFE00
+        stream.seek(l2_offset + 8 * (index % l2_entries))
+        host = struct.unpack(">Q", stream.read(8))[0] & 0x00FFFFFFFFFFFE00
+        assert host, "the image holds no data cluster at %d" % guest_offset
+        stream.seek(l2_offset + 8 * (index % l2_entries))
+        stream.write(bytes(8))
+        assert refcount_bits == 16  # the copy's writer's
+        per_block = cluster * 8 // refcount_bits
+        stream.seek(refcount_table_offset + 8 * (host // cluster // per_block))
+        block = struct.unpack(">Q", stream.read(8))[0]
+        stream.seek(block + 2 * (host // cluster % per_block))
+        stream.write(bytes(2))
+
+
+def reads(path, offset, length, pattern):
+    """Whether the image, read through its backing chain as a restore reads it, holds pattern there."""
+    return subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x%02x %d %d" % (pattern, offset, length),
+                           str(path)], stdout=subprocess.PIPE, check=True).stdout.find(b"Pattern verification failed") < 0
+
+
 def states(result):
     return {b["name"]: b["state"] for vm in result["vms"] for b in vm["backups"]}
 
@@ -74,17 +124,22 @@ def states(result):
 def test_a_clean_repository_passes_and_changes_nothing(chain):
     fleet, names = chain
     manifest = fleet.manifest("vm1")
-    assert all(d["checksum"].startswith("sha256-blocks64k:") for b in manifest["backups"] for d in b["disks"])
+    assert all(d["checksum"].startswith("xxh3-128-blocks64k:") for b in manifest["backups"] for d in b["disks"])
+    good = re.compile(r"^6 images of 1 VM checked: all good; [0-9.]+ MiB of data read at [0-9]+ MiB/s\.$")
+    # What the images hold as data, each read once: the full's vda and vdb, then each incremental's vda.
+    data = (2 * CLUSTER + 3 * MiB) + (MiB + CLUSTER) + MiB
     for check_mode in (False, True):
         result = verify(fleet, check_mode=check_mode)
         assert not result.failed and result["changed"] is False, result
         assert states(result) == dict.fromkeys(names, "ok") and result["bad_images"] == []
-        assert result["vms"][0]["images_checked"] == 6 and result["msg"] == "6 images of 1 VM checked: all good."
+        assert result["vms"][0]["images_checked"] == 6 and good.match(result["msg"]), result["msg"]
+        assert result["bytes_read"] == result["vms"][0]["bytes_read"] == data
+        assert result["read_seconds"] > 0 and result["read_rate"] == int(data / result["read_seconds"])
     newest = verify(fleet, vm="vm1", backups=[names[2]])
     assert states(newest) == {names[2]: "ok"} and newest["vms"][0]["images_checked"] == 6
     # The role over the inventory changes nothing and says so.
     results = assert_ok(fleet.run("verify.yml"), changed={"vm1": 0})
-    assert results["tasks"]["vm1"]["Report the verification"]["msg"] == "6 images of 1 VM checked: all good."
+    assert good.match(results["tasks"]["vm1"]["Report the verification"]["msg"])
     # An image recorded without a checksum (by an older version) is unverified, not passed.
     del manifest["backups"][1]["disks"][0]["checksum"]
     (fleet.repository / "vm1" / "manifest.json").write_text(json.dumps(manifest))
@@ -108,13 +163,61 @@ def test_a_flipped_byte_names_its_image_and_every_later_point_of_its_chain(chain
     assert result.failed and result["changed"] is False
     [bad] = result["bad_images"]
     assert (bad["image"], bad["backup"], bad["disk"], bad["dependents"]) == (path.name, names[1], "vda", names[1:])
-    assert bad["problems"][0].startswith("its data has checksum sha256-blocks64k:")
+    assert bad["problems"][0].startswith("its data has checksum xxh3-128-blocks64k:")
     assert states(result) == {names[0]: "ok", names[1]: "bad", names[2]: "bad"}
     assert "1 of the 6 images checked are bad: vm1/%s (its data has checksum" % path.name in result["msg"]
     assert "needed by %s, %s" % (names[1], names[2]) in result["msg"]
     # The role fails for that VM, with the same message.
     rc, results, _output = fleet.run("verify.yml")
     assert rc != 0 and "needed by %s, %s" % (names[1], names[2]) in results["failures"]["vm1"][0]
+
+
+def test_a_lost_data_cluster_of_zeros_that_hid_the_parents_data_is_found(chain):
+    fleet, names = chain
+    path = image(fleet, names[1], "vda")
+    assert 0 in data_clusters(path) and reads(path, 0, CLUSTER, 0x00)  # zeros as data, over the full's 0x11
+    before = old_checksum(path)
+    drop_cluster(path, 0)
+    # The image is sound, and a restore now reads the full's data there.
+    assert qemu_img_check_passes(path) and 0 not in data_clusters(path) and reads(path, 0, CLUSTER, 0x11)
+    assert old_checksum(path) == before  # sha256-blocks64k, which counted zeros of data for nothing, would pass it
+    result = verify(fleet, vm="vm1")
+    assert result.failed
+    [bad] = result["bad_images"]
+    assert (bad["image"], bad["backup"], bad["dependents"]) == (path.name, names[1], names[1:])
+    assert bad["problems"][0].startswith("its data has checksum xxh3-128-blocks64k:")
+    assert states(result) == {names[0]: "ok", names[1]: "bad", names[2]: "bad"}
+
+
+def test_old_backups_verify_with_their_own_algorithm_and_an_unknown_one_is_never_a_pass(chain):
+    fleet, names = chain
+    manifest = fleet.manifest("vm1")
+    for backup in manifest["backups"]:
+        for disk in backup["disks"]:
+            disk["checksum"] = old_checksum(fleet.repository / "vm1" / disk["file"])
+    (fleet.repository / "vm1" / "manifest.json").write_text(json.dumps(manifest))
+    result = verify(fleet, vm="vm1")
+    assert not result.failed and states(result) == dict.fromkeys(names, "ok"), result
+    # Damage is found with the old algorithm too, and named by it.
+    path = image(fleet, names[2], "vda")
+    host = data_clusters(path)[5 * MiB]
+    with open(path, "r+b") as stream:
+        stream.seek(host)
+        stream.write(b"\x99")
+    result = verify(fleet, vm="vm1")
+    [bad] = result["bad_images"]
+    assert result.failed and bad["image"] == path.name and bad["dependents"] == [names[2]]
+    assert bad["problems"][0].startswith("its data has checksum sha256-blocks64k:")
+    # A checksum of an algorithm this version does not know fails its image, saying so.
+    manifest["backups"][0]["disks"][1]["checksum"] = "blake3-blocks64k:" + "0" * 64
+    (fleet.repository / "vm1" / "manifest.json").write_text(json.dumps(manifest))
+    result = verify(fleet, vm="vm1")
+    assert result.failed and states(result) == dict.fromkeys(names, "bad")
+    unknown = next(b for b in result["bad_images"] if b["image"] == manifest["backups"][0]["disks"][1]["file"])
+    assert unknown["problems"] == ["its recorded checksum uses the algorithm blake3-blocks64k, which this version of "
+                                   "the collection does not know (it knows sha256-blocks64k, xxh3-128-blocks64k): "
+                                   "verify it with the version that wrote it"]
+    assert unknown["dependents"] == names
 
 
 def test_two_swapped_data_regions_of_an_image_are_found(chain):

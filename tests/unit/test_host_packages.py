@@ -33,6 +33,7 @@ NEEDS = {
     "nbdcopy": ("libnbd-bin", TESTS),
     "nbdinfo": ("libnbd-bin", TESTS),
     "/usr/lib/python3/dist-packages/nbd.py": ("python3-libnbd", TESTS),
+    "/usr/lib/python3/dist-packages/xxhash/__init__.py": ("python3-xxhash", TESTS),  # the block checksum
     "libvirtd": ("libvirt-daemon", TESTS),
     "virtlogd": ("libvirt-daemon", TESTS),
     "virsh": ("libvirt-clients", TESTS),

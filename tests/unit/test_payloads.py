@@ -65,8 +65,8 @@ def test_only_the_modules_that_start_stop_or_describe_backups_carry_the_views(mo
     assert (VIEWS in payload(module)) == (module in carriers)
 
 
-def test_the_module_base_checks_for_libnbd_without_the_nbd_client():
+def test_the_module_base_checks_for_libnbd_and_xxhash_without_the_nbd_client():
     assert payload("qemu_backup_copy_status") == {
         "module_utils/_base/errors.py", "module_utils/_base/module_base.py", "module_utils/_base/options.py",
         "module_utils/_base/private_state.py", "module_utils/_base/processes.py", "module_utils/_base/libnbd.py",
-        "module_utils/_nbd/progress.py"}
+        "module_utils/_base/fast_hash.py", "module_utils/_nbd/progress.py"}

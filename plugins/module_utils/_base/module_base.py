@@ -9,6 +9,7 @@ from __future__ import annotations
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.fast_hash import HAS_XXHASH, XXHASH_IMPORT_ERROR, missing_xxhash
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import HAS_LIBNBD, LIBNBD_IMPORT_ERROR
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
 
@@ -22,10 +23,12 @@ def missing_libnbd():
 class FleetbackupModule(AnsibleModule):
     """An AnsibleModule that checks its libraries and turns our errors into fail_json."""
 
-    def __init__(self, argument_spec, needs_nbd=False, **kwargs):
+    def __init__(self, argument_spec, needs_nbd=False, needs_checksums=False, **kwargs):
         super().__init__(argument_spec=argument_spec, **kwargs)
         if needs_nbd and not HAS_LIBNBD:
             self.fail_json(msg=missing_libnbd(), exception=str(LIBNBD_IMPORT_ERROR))
+        if needs_checksums and not HAS_XXHASH:
+            self.fail_json(msg=missing_xxhash(), exception=str(XXHASH_IMPORT_ERROR))
 
     def exit_json(self, **kwargs):
         super().exit_json(**shown_paths(kwargs))

@@ -27,7 +27,7 @@ from collections import deque, namedtuple
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import BLOCK_SIZE, BlockSum
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import BLOCK_SIZE, CURRENT, BlockSum
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import (
     IO_TIMEOUT,
     Abort,
@@ -173,13 +173,13 @@ class WorkQueue:
 class _Worker:
     """One source connection and one target: many reads in flight, each written out as it completes."""
 
-    def __init__(self, src, target, queue, stats, requests, request_size, throttle):
+    def __init__(self, src, target, queue, stats, requests, request_size, throttle, checksum):
         self.src = src
         self.target = target
         self.queue = queue
         self.stats = stats
         self.throttle = throttle
-        self.checksum = BlockSum()  # this thread's share; the copy adds them up
+        self.checksum = checksum  # this thread's share; the copy adds them up
         self.free = [nbd.Buffer(request_size) for _request in range(requests)]
         self.reading = 0  # reads on the wire
         self.read_done = []  # reads completed and not yet written
@@ -280,17 +280,20 @@ def _join_by(threads, deadline, abort):
 
 def copy(src_url, target, size, connections, bitmap_context=None, zero_target=True, requests=16,
          request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0, report=None, image_alone=False,
-         deadline=None):
+         checksum_algorithm=CURRENT, deadline=None):
     """Copy the export at src_url into target over `connections` connections, one thread each.
 
     bandwidth: bytes per second that the reads of all connections together may take; 0 for no limit.
     report: called as report(done, total) with the bytes processed (read, or written as zeros) and the bytes
     the copy will process, once the disk is mapped, then about once a second, and at the end of a copy that
     succeeded. image_alone: the export is one image without its backing file (see Extent), as when checking it.
-    deadline: the time.monotonic() by which the copy must end, else it fails; None for no limit.
+    checksum_algorithm: the Algorithm of the block checksum (checksum.py); a target that does not read as zeros
+    (zero_target false) is an overlay. deadline: the time.monotonic() by which the copy must end, else it fails;
+    None for no limit.
 
     Every thread has ended when this returns or raises. Returns a CopyResult.
     """
+    checksum = BlockSum(checksum_algorithm, overlay=not zero_target)  # fails before any work without its library
     abort = Abort()
     stats = CopyStats()
     queue = WorkQueue(size, request_size, zero_target, stats, target, abort)
@@ -310,7 +313,8 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
                                         name="copy-progress")
             reporter.start()
         for index, source in enumerate(sources):
-            workers.append(_Worker(source, target, queue, stats, requests, request_size, throttle))
+            workers.append(_Worker(source, target, queue, stats, requests, request_size, throttle,
+                                   checksum.new_share()))
             threads.append(threading.Thread(target=workers[-1].run, name="copy-%d" % index))
             threads[-1].start()
         _join_by(threads, deadline, abort)
@@ -325,7 +329,6 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
             source.close()
     if abort.error:
         raise abort.take()
-    checksum = BlockSum()
     for worker in workers:
         checksum.add(worker.checksum)
     if report:
@@ -365,13 +368,13 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
         raise
 
 
-def checksum_of_image_export(src_url, has_backing, connections=4, io_timeout=IO_TIMEOUT):
-    """The block checksum of an image exported alone (without its backing file, with qemu:allocation-depth).
+def checksum_of_image_export(src_url, has_backing, algorithm, connections=4, io_timeout=IO_TIMEOUT):
+    """Read an image exported alone (without its backing file, with qemu:allocation-depth) to sum its checksum.
 
-    It is summed as the copy that wrote the image summed it: what the image holds as data is read, its zero
-    clusters count as blocks written as zeros when it is an overlay (has_backing), and what it does not hold
-    counts for nothing.
+    It is summed with algorithm as the copy that wrote the image summed it: what the image holds as data is
+    read, its zero clusters count as blocks written as zeros when it is an overlay (has_backing), and what it
+    does not hold counts for nothing. Returns the CopyResult: its checksum, and the bytes read.
     """
     size, connections = export_size_and_connections(src_url, None, connections, io_timeout)
     return copy(src_url, ChecksumOnly(), size, connections, zero_target=not has_backing, io_timeout=io_timeout,
-                image_alone=True).checksum
+                image_alone=True, checksum_algorithm=algorithm)

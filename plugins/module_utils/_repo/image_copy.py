@@ -16,6 +16,7 @@ import os
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.fast_hash import HAS_XXHASH, missing_xxhash
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import HAS_LIBNBD
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import missing_libnbd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
@@ -139,9 +140,11 @@ def check_tls(params):
 
 @progress_recorded
 def copy_backup(module, progress):
-    """Check the parameters, then copy or keep dest; a failed check, a missing libnbd's too, is recorded."""
+    """Check the parameters, then copy or keep dest; a failed check, a missing library's too, is recorded."""
     if not HAS_LIBNBD:
         raise UserError(missing_libnbd())
+    if not HAS_XXHASH:
+        raise UserError(missing_xxhash())
     params = module.params
     bandwidth = parse_bandwidth(params["bandwidth"])
     result = copy_or_keep(params, check_params(params), bandwidth, progress, module.check_mode, module.warn)

@@ -9,6 +9,10 @@ descriptor (opened without following a symbolic link) in an image spec whose bac
 that an image names is ever opened. The links of a chain are checked against the manifest instead: an
 incremental image must name its parent's image, and the parent's format.
 
+Each image's checksum is summed with the algorithm its record names (checksum.py), by the copy engine: parallel
+reads over several connections, block status, the GIL let go. A checksum of an algorithm this collection does not
+know makes the image bad, never passed.
+
 An image is bad when anything is wrong with it. Every backup that needs a bad image (the image's own
 backup, and each later backup whose chain runs through it) cannot be restored, and is named with it.
 """
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import UnknownChecksum, recorded_algorithm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import checksum_of_image_export
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
     alone,
@@ -43,9 +49,19 @@ def verify_vm(repository, wanted=None):
     for report in bad:
         report["dependents"] = [b["name"] for b in data["backups"]
                                 if report["image"] in {d["file"] for _member, d in needs[b["name"]]}]
+    reads = [report.pop("read") for report in images.values() if "read" in report]
     return dict(vm=repository.vm, backups=[_backup_report(backup, needs[backup["name"]], images) for backup in backups],
                 bad_images=bad, unverified_images=[r["image"] for r in images.values() if not r["verified"]
-                                                   and not r["problems"]], images_checked=len(images))
+                                                   and not r["problems"]], images_checked=len(images),
+                **read_totals(reads))
+
+
+def read_totals(reads):
+    """bytes_read, read_seconds and read_rate (bytes per second) of (bytes, seconds) reads, taken one after another."""
+    total_bytes = sum(length for length, _seconds in reads)
+    seconds = sum(seconds for _length, seconds in reads)
+    return dict(bytes_read=total_bytes, read_seconds=round(seconds, 3),
+                read_rate=int(total_bytes / seconds) if seconds else 0)
 
 
 def _chosen(repository, data, wanted):
@@ -93,8 +109,17 @@ def check_image(repository, data, backup, disk):
         if not disk.get("checksum"):
             return report
         try:
+            algorithm = recorded_algorithm(disk["checksum"])
+        except UnknownChecksum as problem:
+            report["problems"].append(str(problem))
+            return report
+        algorithm.check_available()  # a host without the library fails the module, the image is not to blame
+        try:
             with served(image, pass_fds=(fd,)) as url:
-                checksum = checksum_of_image_export(url, has_backing=bool(info.get("backing-filename")))
+                started = time.monotonic()
+                copied = checksum_of_image_export(url, bool(info.get("backing-filename")), algorithm)
+                report["read"] = (copied.bytes_read, time.monotonic() - started)
+                checksum = copied.checksum
         except FleetbackupError as err:
             report["problems"].append("its data cannot be read: %s" % err)
             return report
