@@ -58,7 +58,7 @@ LAST_PLAY_TASK = "Fail the host with its error"
 
 def before_last_play(span):
     """The span of a host's tasks without the last play's."""
-    tasks = [task for task in span["tasks"] if task[0] != LAST_PLAY_TASK]
+    tasks = [task for task in span["tasks"] if task[0].split(" : ")[-1] != LAST_PLAY_TASK]
     return dict(span, tasks=tasks, last=max(began + seconds for _name, seconds, _skipped, began in tasks),
                 ran=sum(1 for task in tasks if not task[2]), skipped=sum(1 for task in tasks if task[2]))
 
