@@ -187,3 +187,22 @@ def test_a_run_in_which_every_vm_failed_still_reports_and_then_fails_them(tmp_pa
     assert sorted((entry["vm"], entry["result"]) for entry in report["vms"]) == [("db1", "failed"), ("web1", "failed")]
     with open(reports / "latest.json") as stream:
         assert json.load(stream) == report
+
+
+def test_a_fleet_wide_mistake_that_fails_every_vm_in_the_roles_checks_still_reports_them_as_failed(tmp_path):
+    # No qemu_backup_repository anywhere: the role's check of its variables fails every VM before its first task.
+    reports = tmp_path / "reports"
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({
+        "all": {"vars": {"ansible_connection": "local", "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+                         "fleetbackup_report_dir": str(reports)}},
+        "vms": {"hosts": {name: {"qemu_backup_qmp_socket": str(tmp_path / name / "qmp.sock")}
+                          for name in ("web1", "db1")}}}))
+    rc, results, output = run_playbook(os.path.join(PLAYBOOKS, "fleet_backup.yml"), str(inventory),
+                                       str(tmp_path / "results.json"))
+    assert rc != 0 and sorted(results["failures"]) == ["db1", "web1"], output[-3000:]
+    for failures in results["failures"].values():  # the check's failure, rescued, then the last play's
+        assert failures[-1].startswith("Fail the VM with its run's error: ") and "qemu_backup_repository" in failures[-1]
+    report = results["tasks"]["localhost"][REPORT_TASK]["report"]
+    assert sorted((entry["vm"], entry["result"]) for entry in report["vms"]) == [("db1", "failed"), ("web1", "failed")]
+    assert all("qemu_backup_repository" in entry["reason"] for entry in report["vms"]), report

@@ -197,8 +197,10 @@ def test_a_second_run_for_the_same_vm_fails_fast_while_the_first_holds_the_repos
     # While the first run copies, a second one (say, the nightly next to the hourly) runs from start to end.
     second = tmp_path / "second"
     nightly = fleet.command("fleet_backup.yml", second, qemu_backup_level="full")
+    # The VM's QEMU is stopped meanwhile, so the first run's copy cannot end (and give up the lease) on a slow machine.
+    held_copy = ["sh", "-c", 'kill -STOP "$0"; "$@"; ended=$?; kill -CONT "$0"; exit $ended', str(vm.pid)] + nightly
     rc, results, output = fleet.backup(qemu_backup_bandwidth="256K", qemu_backup_progress_interval="1",
-                                       at_task=("Show the progress of the copies", nightly))
+                                       at_task=("Show the progress of the copies", held_copy))
     assert_ok((rc, results, output))
     second_rc, second_results = fleet.outcome(second)
     failure = " ".join(second_results["failures"]["vm1"])

@@ -71,10 +71,26 @@ def test_records_nobody_collected_go_after_a_week_unless_their_run_still_runs(tm
     ended.write_text(json.dumps(dict(state="ended", owner=None, dests=[], result=dict(msg="old"))))
     recent = runs / "fedcba9876543210.json"
     recent.write_text(json.dumps(dict(state="ended", owner=None, dests=[], result=dict(msg="recent"))))
+    damaged = runs / "00000000000000aa.json"  # a crash cut it short: passed over, never the cause of a failed run
+    damaged.write_text("")
     week_ago = os.stat(ended).st_mtime - 7 * 86400 - 60
-    for old in (ended, record):
+    for old in (ended, record, damaged):
         os.utime(old, (week_ago, week_ago))
     assert run_in_background(lambda job_record: dict(changed=True, msg="quick"), 30, str(tmp_path))["msg"] == "quick"
-    assert sorted(os.listdir(runs)) == sorted((recent.name, running["job"] + ".json"))
+    assert sorted(os.listdir(runs)) == sorted((recent.name, damaged.name, running["job"] + ".json"))
     os.write(opener, b"x")
     assert follow(str(tmp_path), running["job"], 30)["msg"] == "ran"
+
+
+def test_a_record_removed_while_the_old_ones_are_looked_at_is_passed_over(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    assert run_in_background(lambda job_record: dict(changed=True, msg="first"), 30, str(tmp_path))["msg"] == "first"
+    (runs / "0123456789abcdef.json").write_text("{}")
+    real_lstat = os.lstat
+
+    def collected_meanwhile(path, *args, **kwargs):
+        if path.endswith("0123456789abcdef.json"):
+            os.unlink(path)  # another VM's module collects its own record between the listing and the lstat
+        return real_lstat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "lstat", collected_meanwhile)
+    assert run_in_background(lambda job_record: dict(changed=True, msg="next"), 30, str(tmp_path))["msg"] == "next"

@@ -49,6 +49,7 @@ NEEDS = {
     "e2fsck": ("e2fsprogs", TESTS),
     "debugfs": ("e2fsprogs", TESTS),
     "dumpe2fs": ("e2fsprogs", TESTS),
+    "mke2fs": ("e2fsprogs", TESTS),  # bench/usr_disk.py: the storage benches' ext4 copy of /usr
     "shellcheck": ("shellcheck", TESTS),  # ansible-test sanity's shellcheck test, which without it only warns
     "git": ("git", TESTS),  # tests/sanity/run.sh snapshots the tree with it
     "mawk": ("mawk", TESTS),  # guest/build-disk.sh's awk

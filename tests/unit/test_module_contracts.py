@@ -67,7 +67,6 @@ def test_ansible_doc_renders_every_plugin(plugin_type, names):
     ("qemu_backup_verify", {"repository": "/x"}, ["nbd"], "python3-libnbd"),
     ("qemu_backup_copy", {"src": "nbd+unix:///x?socket=/x", "dest": "TMP/x", "state_dir": "TMP/state"}, ["xxhash"],
      "apt install python3-xxhash"),
-    ("qemu_backup_verify", {"repository": "/x"}, ["xxhash"], "apt install python3-xxhash"),
     ("qemu_backup", {"qmp_socket": "/x", "repository": "/x", "vm": "x"}, ["xxhash"], "apt install python3-xxhash"),
     ("qemu_backup_start", {"qmp_socket": "/x", "backup_id": "x"}, ["qemu", "qemu.qmp"], "pip install qemu.qmp"),
     ("qemu_backup_start", {"domain": "web1", "backup_id": "x"}, ["libvirt"], "apt install python3-libvirt"),

@@ -60,7 +60,8 @@ def read_totals(reads):
     """bytes_read, read_seconds and read_rate (bytes per second) of (bytes, seconds) reads, taken one after another."""
     total_bytes = sum(length for length, _seconds in reads)
     seconds = sum(seconds for _length, seconds in reads)
-    return dict(bytes_read=total_bytes, read_seconds=round(seconds, 3),
+    # To the microsecond: the fleet's totals add these up again, and a fast read must not become 0 s.
+    return dict(bytes_read=total_bytes, read_seconds=round(seconds, 6),
                 read_rate=int(total_bytes / seconds) if seconds else 0)
 
 

@@ -58,12 +58,21 @@ def run_in_background(work, wait, state_dir):
 
 
 def _forget_uncollected(directory, before):
-    """Remove the records, last written before then, of jobs that ended or whose process is gone."""
+    """Remove the records, last written before then, of jobs that ended or whose process is gone.
+
+    Housekeeping never fails a run: a record another module removes meanwhile, or one that a crash left
+    damaged, is passed over.
+    """
     for name in os.listdir(directory.path):
         job = name[:-len(".json")]
-        if not (JOB.match(job) and name.endswith(".json")) or os.lstat(directory.path_of(name)).st_mtime >= before:
+        if not (JOB.match(job) and name.endswith(".json")):
             continue
-        record = directory.read_json(name) or {}
+        try:
+            if os.lstat(directory.path_of(name)).st_mtime >= before:
+                continue
+            record = directory.read_json(name) or {}
+        except (FileNotFoundError, UserError):
+            continue
         owner = record.get("owner")
         if record.get("state") == "ended" or not (owner and process_alive(owner)):
             directory.remove(name)
