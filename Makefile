@@ -6,7 +6,7 @@ COLLECTIONS := $(CURDIR)/build/collections
 INSTALLED := $(COLLECTIONS)/ansible_collections/fleetbackup/qemu/MANIFEST.json
 # Every program and file the tests, the demo and the modules use comes from these: tests/unit/test_host_packages.py
 # checks it, naming a package that is missing.
-APT_PACKAGES := qemu-system-x86 qemu-utils seabios ovmf python3-libnbd python3-xxhash libnbd-bin python3-venv \
+APT_PACKAGES := qemu-system-x86 qemu-utils seabios ovmf python3-libnbd python3-xxhash python3-zstandard libnbd-bin python3-venv \
 	openssh-server openssh-client openssl mount e2fsprogs mawk git shellcheck \
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 # Only for make bench: the tool it is compared with.
