@@ -123,7 +123,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--levels", default="3,1", help="zstd levels to time beside the uncompressed copy")
+    parser.add_argument("--levels", default="1,3", help="zstd levels to time beside the uncompressed copy")
     parser.add_argument("--disk", help="a raw disk to copy instead of usr_disk()'s")
     parser.add_argument("--json", help="where to write the results as JSON, besides stdout")
     args = parser.parse_args()

@@ -35,7 +35,7 @@ COPY_PROGRESS_ARGUMENT_SPEC = dict(state_dir=STATE_DIR)
 
 # fleetbackup.qemu.repository.compress: how a copy stores its images.
 COMPRESS_ARGUMENT_SPEC = dict(compress=dict(type="str", choices=["none", "zstd"], default="none"),
-                              compress_level=dict(type="int", default=3))
+                              compress_level=dict(type="int", default=1))
 
 # fleetbackup.qemu.repository.link
 LINK_ARGUMENT_SPEC = dict(follow_repository_link=dict(type="bool", default=False))
