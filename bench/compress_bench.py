@@ -33,6 +33,8 @@ usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps(dict(seconds=time.monotonic() - started, cpu=usage.ru_utime + usage.ru_stime,
                       bytes_read=result.bytes_read)))
 """
+# The variant that stores clusters as they are, as compress: none.
+UNCOMPRESSED = "none"
 # The targets of issue 20: compressed size and time against the uncompressed full's.
 SIZE_TARGET = 0.6
 TIME_TARGET = 1.3
@@ -77,7 +79,7 @@ def bench(url, disk, workdir, variants, connections, rounds):
                                       variant], env=env)
             result = dict(json.loads(output), allocated=allocated(dest))
             if not runs[variant]:
-                result["compressed_clusters"] = checked_compressed(dest, variant != "none")
+                result["compressed_clusters"] = checked_compressed(dest, variant != UNCOMPRESSED)
                 if not same(dest, disk):
                     raise SystemExit("the %s copy differs from the disk" % variant)
             os.unlink(dest)
@@ -93,7 +95,7 @@ def summary(runs):
     """Medians of each variant, and its ratios to the uncompressed copy."""
     medians = {variant: {key: statistics.median(run[key] for run in values) for key in ("seconds", "cpu", "allocated")}
                for variant, values in runs.items()}
-    plain = medians["none"]
+    plain = medians[UNCOMPRESSED]
     for values in medians.values():
         values.update(size_ratio=values["allocated"] / plain["allocated"], time_ratio=values["seconds"] / plain["seconds"])
     return medians
@@ -105,12 +107,12 @@ def report(medians, data, loads):
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant, values in medians.items():
         print("| %s | %.2f | %.0f | %.2f | %.0f | %.3f | %.3f |" % (
-            "uncompressed" if variant == "none" else "zstd level %s" % variant, values["seconds"],
+            "uncompressed" if variant == UNCOMPRESSED else "zstd level %s" % variant, values["seconds"],
             data / MiB / values["seconds"], values["cpu"], values["allocated"] / MiB, values["size_ratio"],
             values["time_ratio"]))
     print()
     for variant, values in medians.items():
-        if variant == "none":
+        if variant == UNCOMPRESSED:
             continue
         for label, ratio, target in (("size", values["size_ratio"], SIZE_TARGET),
                                      ("time", values["time_ratio"], TIME_TARGET)):
@@ -133,7 +135,7 @@ def main():
     pid = None
     try:
         url, pid = serve(disk, workdir, args.connections)
-        variants = ["none"] + args.levels.split(",")
+        variants = [UNCOMPRESSED] + args.levels.split(",")
         print("Timing full copies of %s (%.1f GiB of data), %s, %d rounds..."
               % (disk, allocated(disk) / GiB, " and ".join(variants), args.rounds), flush=True)
         runs = bench(url, disk, workdir, variants, args.connections, args.rounds)
@@ -143,7 +145,7 @@ def main():
         shutil.rmtree(workdir)
     loads.append(os.getloadavg())
     medians = summary(runs)
-    data = runs["none"][0]["bytes_read"]
+    data = runs[UNCOMPRESSED][0]["bytes_read"]
     results = dict(disk=disk, data_bytes=data, rounds=args.rounds, connections=args.connections, runs=runs,
                    medians=medians, load_before=loads[0], load_after=loads[1])
     print(json.dumps(results, indent=1))
