@@ -132,15 +132,15 @@ def check_params(params):
     return dest_dir
 
 
-def check_compression(compress, level, image_format="qcow2"):
-    """compress and compress_level make sense, and this host has the library that compress needs."""
+def check_compression(compress, level, image_format="qcow2", copies_here=True):
+    """compress and compress_level make sense, and this host has the library that compress needs if it copies."""
     if compress == "none":
         return
     if image_format != "qcow2":
         raise UserError("compress=%s needs format qcow2: a %s image stores no compressed data." % (compress, image_format))
     if not 1 <= level <= MAX_COMPRESSION_LEVEL:
         raise UserError("compress_level must be 1 to %d, not %d." % (MAX_COMPRESSION_LEVEL, level))
-    if not HAS_ZSTANDARD:
+    if copies_here and not HAS_ZSTANDARD:
         raise UserError(missing_zstandard())
 
 

@@ -35,7 +35,8 @@ def settings(params):
     check_ttl(params["lock_ttl"])
     if params["connections"] is not None and not 1 <= params["connections"] <= 16:
         raise UserError("connections must be 1 to 16.")
-    check_compression(params["compress"], params["compress_level"])
+    # The steps on the VM's host of a run whose repository is elsewhere copy nothing: they need no zstandard.
+    check_compression(params["compress"], params["compress_level"], copies_here="repository" in NEEDS[params["step"]])
     options = {key: params.get(key) for key in REQUEST_KEYS}
     options.update(
         level=params["level"], max_age=parse_duration(params["max_age"]), disks=params["disks"],
