@@ -6,7 +6,7 @@ COLLECTIONS := $(CURDIR)/build/collections
 INSTALLED := $(COLLECTIONS)/ansible_collections/fleetbackup/qemu/MANIFEST.json
 # Every program and file the tests, the demo and the modules use comes from these: tests/unit/test_host_packages.py
 # checks it, naming a package that is missing.
-APT_PACKAGES := qemu-system-x86 qemu-utils seabios ovmf python3-libnbd python3-xxhash libnbd-bin python3-venv \
+APT_PACKAGES := qemu-system-x86 qemu-utils seabios ovmf python3-libnbd python3-xxhash python3-zstandard libnbd-bin python3-venv \
 	openssh-server openssh-client openssl mount e2fsprogs mawk git shellcheck \
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 # Only for make bench: the tool it is compared with.
@@ -19,7 +19,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_PYTHON_INTERPRETER := $(PY)
 
-.PHONY: all demo test sanity unit integration bench bench-checksum deps install guest-kit clean apt-lists
+.PHONY: all demo test sanity unit integration bench bench-checksum bench-storage deps install guest-kit clean apt-lists
 
 all: test
 
@@ -85,10 +85,15 @@ integration: install guest-kit
 bench: install $(APT_BENCH_STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/checksum_bench.py $(CHECKSUM_BENCH_ARGS)
+	$(PY) bench/compress_bench.py $(STORAGE_BENCH_ARGS)
 
 # Only the checksum's part of make bench: the copy and the verify against nbdcopy, and the checksum's CPU share.
 bench-checksum: install $(APT_BENCH_STAMP)
 	$(PY) bench/checksum_bench.py $(CHECKSUM_BENCH_ARGS)
+
+# The storage benches, on realistic data (bench/usr_disk.py): compression's size and time.
+bench-storage: install $(APT_BENCH_STAMP)
+	$(PY) bench/compress_bench.py $(STORAGE_BENCH_ARGS)
 
 # The package lists, for the test that checks them.
 apt-lists:

@@ -20,6 +20,30 @@ options:
     required: true
 """
 
+    # How a copy stores the images it writes.
+    COMPRESS = r"""
+options:
+  compress:
+    description:
+      - V(zstd) writes qcow2 images whose clusters are compressed with zstd, as C(qemu-img convert -c -o
+        compression_type=zstd) would; QEMU 5.1 and later and C(qemu-img) read them directly, as every restore, verify
+        and drill here does. A cluster that does not shrink is stored as it is.
+      - It takes CPU time on the host that copies, spread over the copy's connections; the checksum is of the disk's
+        data, whatever the compression.
+      - Needs the zstandard bindings (Debian package C(python3-zstandard)) on that host; the image's format must be
+        qcow2, which it always is in a repository.
+      - V(none) stores every cluster as it is.
+    type: str
+    choices: [none, zstd]
+    default: none
+  compress_level:
+    description:
+      - The zstd level of O(compress=zstd), 1 (fastest) to 19 (smallest).
+      - On a disk of programs and their files, level 1 kept 38% of the bytes and level 3 37%, for a third more CPU.
+    type: int
+    default: 1
+"""
+
     # The repository's root as every module that reads or writes a repository opens it; with DOCUMENTATION, or alone.
     LINK = r"""
 options:

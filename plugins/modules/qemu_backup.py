@@ -42,6 +42,7 @@ extends_documentation_fragment:
   - fleetbackup.qemu.repository.link
   - fleetbackup.qemu.tls
   - fleetbackup.qemu.tls.client
+  - fleetbackup.qemu.repository.compress
 options:
   repository:
     description:
@@ -177,6 +178,7 @@ options:
 requirements:
   - libnbd's Python bindings (Debian package python3-libnbd)
   - the xxhash bindings, for the block checksum (Debian package python3-xxhash)
+  - for O(compress=zstd), the zstandard bindings (Debian package python3-zstandard)
 seealso:
   - module: fleetbackup.qemu.qemu_backup_start
   - module: fleetbackup.qemu.qemu_backup_copy
@@ -329,6 +331,7 @@ notes:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    COMPRESS_ARGUMENT_SPEC,
     LINK_ARGUMENT_SPEC,
     NBD_TCP_ARGUMENT_SPEC,
     TLS_CLIENT_ARGUMENT_SPEC,
@@ -362,6 +365,7 @@ def main():
             copy_timeout=dict(type="int", default=86400),
             connections=dict(type="int", default=4),
             bandwidth=dict(type="raw", default=0),
+            **COMPRESS_ARGUMENT_SPEC,
             scratch_dir=dict(type="path"),
             scratch_size=dict(type="str", default="10%"),
             cbw_timeout=dict(type="int", default=10),

@@ -36,6 +36,7 @@ extends_documentation_fragment:
   - ansible.builtin.files
   - fleetbackup.qemu.vm.copy_progress
   - fleetbackup.qemu.tls.client
+  - fleetbackup.qemu.repository.compress
 options:
   src:
     description:
@@ -108,6 +109,7 @@ options:
 requirements:
   - libnbd's Python bindings (Debian package python3-libnbd)
   - the xxhash bindings, for the block checksum (Debian package python3-xxhash)
+  - for O(compress=zstd), the zstandard bindings (Debian package python3-zstandard)
 seealso:
   - module: fleetbackup.qemu.qemu_backup_start
 attributes:
@@ -208,6 +210,7 @@ checksum:
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    COMPRESS_ARGUMENT_SPEC,
     COPY_PROGRESS_ARGUMENT_SPEC,
     TLS_CLIENT_ARGUMENT_SPEC,
 )
@@ -230,6 +233,7 @@ def main():
             request_size=dict(type="int", default=256 * 1024),
             mode=dict(type="raw", default="0600"),
             bandwidth=dict(type="raw", default=0),
+            **COMPRESS_ARGUMENT_SPEC,
             **COPY_PROGRESS_ARGUMENT_SPEC,
         ),
         add_file_common_args=True,

@@ -84,10 +84,12 @@ def test_the_drill_passes_on_a_good_backup_and_fails_saying_why_on_a_damaged_sup
 
 def test_the_drill_role_over_a_fleet_runs_with_forks_and_ends_with_a_summary(vms, tmp_path):
     _machines, fleet = guest_fleet(vms, tmp_path, ["good", "bad"])
-    assert_ok(fleet.backup())
+    assert_ok(fleet.backup(qemu_backup_compress="zstd"))  # compressed images boot as any other
     assert [fleet.manifest(vm)["backups"][-1]["consistency"] for vm in ("good", "bad")] == ["application"] * 2
     newest = fleet.manifest("bad")["backups"][-1]
     image = fleet.repository / "bad" / newest["disks"][0]["file"]
+    checked = subprocess.run(["qemu-img", "check", "--output=json", str(image)], stdout=subprocess.PIPE, check=True)
+    assert json.loads(checked.stdout)["compressed-clusters"] > 0
     sound = image.read_bytes()
     damage_superblock(str(image))
 

@@ -33,7 +33,7 @@ echo "== antsibull-changelog lint"
 echo "== ansible-builder introspect --sanitize (the installed collection)"
 introspected=$("$venv/bin/ansible-builder" introspect --sanitize "$root/build/collections")
 echo "$introspected"
-for needed in qemu.qmp python3-libnbd python3-xxhash qemu-utils; do
+for needed in qemu.qmp python3-libnbd python3-xxhash python3-zstandard qemu-utils; do
     grep -q "$needed" <<<"$introspected" || { echo "the execution environment would lack $needed" >&2; exit 1; }
 done
 if grep -qiE 'pytest|ansible-lint|antsibull' <<<"$introspected"; then

@@ -153,6 +153,10 @@ class Vm:
         """Write as the guest would, through the device."""
         self._apply(disk_id, "write -P 0x%02x %d %d" % (pattern, offset, length))
 
+    def write_file(self, disk_id, offset, length, source):
+        """Write the bytes of file source (repeated, if shorter), as the guest would: data of our choosing."""
+        self._apply(disk_id, "write -s %s %d %d" % (source, offset, length))
+
     def zero(self, disk_id, offset, length, unmap=False):
         self._apply(disk_id, "write -z %s%d %d" % ("-u " if unmap else "", offset, length))
 

@@ -11,7 +11,7 @@ MiB = 1024 ** 2
 def params(tmp_path, **changes):
     values = dict(src="nbd+unix:///vda?socket=/x.nbd", dest=str(tmp_path / "b2.vda.qcow2"), format="qcow2",
                   dirty_bitmap=None, backing=None, backing_format="qcow2", connections=4, requests=16,
-                  request_size=256 * 1024, tls_certificates=None)
+                  request_size=256 * 1024, tls_certificates=None, compress="none", compress_level=3)
     values.update(changes)
     return values
 
@@ -42,3 +42,13 @@ def test_a_backing_file_whose_relative_name_qcow2_cannot_store_is_refused(tmp_pa
     assert check_params(params(tmp_path, backing=str(tmp_path / "near.qcow2"))) == str(tmp_path)
     with pytest.raises(UserError, match="The backing file name d{60}... is 1267 bytes long, more than the 1023"):
         check_params(params(tmp_path, backing=str(deep / "b1.vda.qcow2")))
+
+
+@pytest.mark.parametrize("changes,refusal", [
+    (dict(format="raw"), "compress=zstd needs format qcow2"),
+    (dict(compress_level=0), "compress_level must be 1 to 19, not 0"),
+    (dict(compress_level=20), "compress_level must be 1 to 19, not 20"),
+])
+def test_a_compression_the_image_cannot_have_is_refused(tmp_path, changes, refusal):
+    with pytest.raises(UserError, match=refusal):
+        check_params(params(tmp_path, compress="zstd", **changes))

@@ -34,6 +34,7 @@ NEEDS = {
     "nbdinfo": ("libnbd-bin", TESTS),
     "/usr/lib/python3/dist-packages/nbd.py": ("python3-libnbd", TESTS),
     "/usr/lib/python3/dist-packages/xxhash/__init__.py": ("python3-xxhash", TESTS),  # the block checksum
+    "/usr/lib/python3/dist-packages/zstandard/__init__.py": ("python3-zstandard", TESTS),  # compress=zstd
     "libvirtd": ("libvirt-daemon", TESTS),
     "virtlogd": ("libvirt-daemon", TESTS),
     "virsh": ("libvirt-clients", TESTS),
@@ -46,6 +47,7 @@ NEEDS = {
     "mount": ("mount", TESTS),
     "umount": ("mount", TESTS),
     "mkfs.ext4": ("e2fsprogs", TESTS),  # guest/build-disk.sh
+    "mke2fs": ("e2fsprogs", TESTS),  # bench/usr_disk.py
     "e2fsck": ("e2fsprogs", TESTS),
     "debugfs": ("e2fsprogs", TESTS),
     "dumpe2fs": ("e2fsprogs", TESTS),

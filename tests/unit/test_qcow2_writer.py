@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 
@@ -16,7 +17,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer
     REGION,
     ImageWriteError,
     Qcow2Writer,
+    compressed_entry,
     create_image_file,
+    host_clusters_of,
 )
 
 MiB = 1024 ** 2
@@ -159,3 +162,59 @@ def test_a_failed_metadata_write_names_the_file(tmp_path, monkeypatch, failure):
     with pytest.raises(ImageWriteError, match="Writing .*out.qcow2 at byte [0-9]+ failed: %s" % reason):
         writer.finish()
     writer.close()
+
+
+def test_compressed_entries_count_the_sectors_beyond_the_first_and_the_host_clusters_they_touch():
+    entry = compressed_entry(3 * CLUSTER_SIZE - 100, 613)  # 100 bytes in one sector, 512 in the next, 1 in another
+    assert entry >> 62 == 1 and entry & ((1 << 54) - 1) == 3 * CLUSTER_SIZE - 100
+    assert (entry >> 54) & 0xff == 2
+    assert list(host_clusters_of(3 * CLUSTER_SIZE - 100, 613)) == [2, 3]
+    assert list(host_clusters_of(3 * CLUSTER_SIZE - 100, 100)) == [2]
+
+
+def test_compressed_image_packs_clusters_that_shrink_and_stores_the_others_plain(tmp_path):
+    size = 8 * MiB + 512
+    path = str(tmp_path / "out.qcow2")
+    writer = Qcow2Writer(path, size, compression_level=3)
+    incompressible = os.urandom(3 * CLUSTER_SIZE)
+    # Clusters of one byte each compress to a few bytes: many share a host cluster, and runs go on into the next.
+    writes = [(0, b"".join(bytes([n]) * CLUSTER_SIZE for n in range(1, 17))),
+              (2 * MiB, incompressible),
+              (3 * MiB, (b"text" * CLUSTER_SIZE)[:CLUSTER_SIZE] + incompressible[:CLUSTER_SIZE]),
+              (8 * MiB, b"\x77" * 512)]  # the short last cluster
+    threads = [threading.Thread(target=writer.write, args=(data, offset)) for offset, data in writes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.zero(4 * MiB, MiB)
+    writer.finish()
+    writer.close()
+    report = check(path)
+    info = json.loads(qemu_img("info", "--output=json", path).stdout)
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    expected = str(tmp_path / "ref.raw")
+    reference(expected, size, [])
+    with open(expected, "r+b") as raw:
+        for offset, data in writes:
+            raw.seek(offset)
+            raw.write(data)
+    assert qemu_img("compare", path, expected).returncode == 0
+    assert report["compressed-clusters"] == 18  # the 16 of one byte, the text and the short last one
+    assert report["allocated-clusters"] == 18 + 4
+    # Plain: the 4 incompressible clusters; packed: 18 frames, a few bytes each, in one or two host clusters.
+    assert os.path.getsize(path) < (1 + 1 + 1 + 4 + 2 + 2) * CLUSTER_SIZE + 1024
+
+
+def test_a_compressed_overlay_reads_through_to_its_backing_file(tmp_path):
+    reference(str(tmp_path / "base.qcow2"), 4 * MiB, ["write -P 0xaa 0 4M"], image_format="qcow2")
+    path = str(tmp_path / "top.qcow2")
+    writer = Qcow2Writer(path, 4 * MiB, backing="base.qcow2", backing_format="qcow2", compression_level=1)
+    writer.write(b"\x55" * 2 * CLUSTER_SIZE, MiB)
+    writer.zero(2 * MiB, MiB)
+    writer.finish()
+    writer.close()
+    check(path)
+    expected = reference(str(tmp_path / "expected.raw"), 4 * MiB,
+                         ["write -P 0xaa 0 4M", "write -P 0x55 1M 128k", "write -z 2M 1M"])
+    assert qemu_img("compare", path, expected).returncode == 0

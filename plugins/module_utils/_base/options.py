@@ -33,6 +33,10 @@ BACKUP_ID_ARGUMENT_SPEC = dict(backup_id=dict(type="str", required=True))
 # fleetbackup.qemu.vm.copy_progress: where a copy keeps its progress.
 COPY_PROGRESS_ARGUMENT_SPEC = dict(state_dir=STATE_DIR)
 
+# fleetbackup.qemu.repository.compress: how a copy stores its images.
+COMPRESS_ARGUMENT_SPEC = dict(compress=dict(type="str", choices=["none", "zstd"], default="none"),
+                              compress_level=dict(type="int", default=1))
+
 # fleetbackup.qemu.repository.link
 LINK_ARGUMENT_SPEC = dict(follow_repository_link=dict(type="bool", default=False))
 

@@ -51,10 +51,11 @@ class Qcow2Target:
 
     It tells the writer when a 512 MiB region is done (mapped past, and no
     operation on it left), so only the tables of regions in progress stay in memory.
+    compression_level: see Qcow2Writer; the writer compresses on the copying thread that writes.
     """
 
-    def __init__(self, path, size, backing, backing_format):
-        self.writer = qcow2_writer.Qcow2Writer(path, size, backing, backing_format)
+    def __init__(self, path, size, backing, backing_format, compression_level=None):
+        self.writer = qcow2_writer.Qcow2Writer(path, size, backing, backing_format, compression_level)
         self._lock = threading.Lock()
         self._pending = {}
         self._mapped = 0

@@ -20,6 +20,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.fast_hash i
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import HAS_LIBNBD
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import missing_libnbd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.zstd import HAS_ZSTANDARD, missing_zstandard
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import export_size_and_connections
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import MAX_BUFFER_BYTES, MAX_REQUEST_SIZE, copy_to_image
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
@@ -40,6 +41,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_t
     export_name_of,
     export_view,
 )
+
+# zstd's levels beyond this need far more memory per thread, and gain little on disk images.
+MAX_COMPRESSION_LEVEL = 19
 
 
 def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn, deadline=None):
@@ -72,7 +76,8 @@ def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn, deadli
     try:
         copied = copy_to_image(src, partial, params["format"], size, bitmap_context, identity["backing"],
                                params["backing_format"], connections, params["requests"], params["request_size"],
-                               bandwidth=bandwidth, report=progress, deadline=deadline)
+                               bandwidth=bandwidth, report=progress, deadline=deadline,
+                               compression_level=compression_level(params))
     except FleetbackupError:
         check_view(view)  # a broken view is the likelier cause, and the one to name
         raise
@@ -103,6 +108,7 @@ def check_params(params):
         raise UserError("src '%s' is not an NBD URL: pass the url from qemu_backup_start, like "
                         "nbd+unix:///vda?socket=/var/tmp/ID.nbd." % params["src"])
     check_tls(params)
+    check_compression(params["compress"], params["compress_level"], params["format"])
     if not 1 <= params["connections"] <= 16 or not 1 <= params["requests"] <= 1024:
         raise UserError("connections must be 1 to 16 and requests 1 to 1024.")
     if not CLUSTER_SIZE <= params["request_size"] <= MAX_REQUEST_SIZE or params["request_size"] % CLUSTER_SIZE:
@@ -124,6 +130,23 @@ def check_params(params):
                             % params["backing"])
         check_backing_name(os.path.relpath(params["backing"], dest_dir))
     return dest_dir
+
+
+def check_compression(compress, level, image_format="qcow2", copies_here=True):
+    """compress and compress_level make sense, and this host has the library that compress needs if it copies."""
+    if compress == "none":
+        return
+    if image_format != "qcow2":
+        raise UserError("compress=%s needs format qcow2: a %s image stores no compressed data." % (compress, image_format))
+    if not 1 <= level <= MAX_COMPRESSION_LEVEL:
+        raise UserError("compress_level must be 1 to %d, not %d." % (MAX_COMPRESSION_LEVEL, level))
+    if copies_here and not HAS_ZSTANDARD:
+        raise UserError(missing_zstandard())
+
+
+def compression_level(params):
+    """The zstd level of the copy's clusters, or None to store them as they are."""
+    return params["compress_level"] if params["compress"] == "zstd" else None
 
 
 def check_tls(params):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import parse_bandwidth
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import check_compression
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import check_ttl
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import parse_duration
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
@@ -34,12 +35,15 @@ def settings(params):
     check_ttl(params["lock_ttl"])
     if params["connections"] is not None and not 1 <= params["connections"] <= 16:
         raise UserError("connections must be 1 to 16.")
+    # The steps on the VM's host of a run whose repository is elsewhere copy nothing: they need no zstandard.
+    check_compression(params["compress"], params["compress_level"], copies_here="repository" in NEEDS[params["step"]])
     options = {key: params.get(key) for key in REQUEST_KEYS}
     options.update(
         level=params["level"], max_age=parse_duration(params["max_age"]), disks=params["disks"],
         keep_chains=params["keep_chains"], holder=params["holder"], lock_ttl=params["lock_ttl"],
         copy_timeout=params["copy_timeout"], connections=params["connections"],
-        bandwidth=parse_bandwidth(params["bandwidth"]), tls_certificates=params["tls_certificates"],
+        bandwidth=parse_bandwidth(params["bandwidth"]), compress=params["compress"],
+        compress_level=params["compress_level"], tls_certificates=params["tls_certificates"],
         state_dir=params["state_dir"], rpo=parse_duration(params["rpo"]) if params["rpo"] else None)
     return options
 

@@ -185,7 +185,8 @@ def copy(repository, run, options, check_mode, warn):
                       dirty_bitmap=started["dirty_bitmap"] if incremental else None,
                       backing=repository.image(disk["backing"]) if incremental else None,
                       backing_format=disk["backing_format"] if incremental else "qcow2",
-                      connections=options["connections"], requests=COPY_REQUESTS, request_size=COPY_REQUEST_SIZE)
+                      connections=options["connections"], requests=COPY_REQUESTS, request_size=COPY_REQUEST_SIZE,
+                      compress=options["compress"], compress_level=options["compress_level"])
         dest_dir = check_params(params)
         with recorded_progress(options["state_dir"], shown_paths(params["dest"]), check_mode, warn) as progress:
             copied = copy_or_keep(params, dest_dir, options["bandwidth"], progress, check_mode, warn, deadline)
