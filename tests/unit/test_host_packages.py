@@ -47,7 +47,6 @@ NEEDS = {
     "mount": ("mount", TESTS),
     "umount": ("mount", TESTS),
     "mkfs.ext4": ("e2fsprogs", TESTS),  # guest/build-disk.sh
-    "mke2fs": ("e2fsprogs", TESTS),  # bench/usr_disk.py
     "e2fsck": ("e2fsprogs", TESTS),
     "debugfs": ("e2fsprogs", TESTS),
     "dumpe2fs": ("e2fsprogs", TESTS),
