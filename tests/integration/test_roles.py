@@ -56,10 +56,11 @@ def test_max_age_and_check_mode_write_nothing(vms, tmp_path):
     vm = vms([DiskSpec("vda")], prepare=lambda vm: vm.write("vda", 0, MiB, 0x42))
     fleet = Fleet(tmp_path, {"vm1": vm})
     rc, results, output = fleet.backup(qemu_backup_repository_host="localhost")  # copies there, exports here
-    (refused,) = results["failures"]["vm1"]
+    refused, failed = results["failures"]["vm1"]  # the role's check, rescued; then the last play fails the VM
+    reason = "vm1: a repository on localhost, another host than vm1, needs qemu_backup_nbd_tcp"
     assert rc != 0 and refused.startswith("fleetbackup.qemu.qemu_backup : Check that the VM is named once, and that "
-                                          "copies on another host can reach the exports: vm1: a "
-                                          "repository on localhost, another host than vm1, needs qemu_backup_nbd_tcp")
+                                          "copies on another host can reach the exports: " + reason)
+    assert failed.startswith("Fail the VM with its run's error: " + reason)
     # Check mode says what a run would change: a backup; the run report is not written.
     planned = assert_ok(fleet.backup(check=True, qemu_backup_max_age="1h"), changed={"vm1": 1, "localhost": 0})
     assert "full backup" in planned["tasks"]["vm1"]["Report the run"]["msg"]
