@@ -94,7 +94,7 @@ def check_image(repository, data, backup, disk):
     """What is wrong with one image: its file, its qcow2 structure, its link to its parent, its checksum."""
     report = dict(image=disk["file"], backup=backup["name"], disk=disk["disk"], problems=[], verified=False)
     try:
-        fd = _open_image(repository, disk["file"])
+        fd = open_image(repository, disk["file"])
     except ImageProblem as problem:
         report["problems"].append(str(problem))
         return report
@@ -137,7 +137,8 @@ class ImageProblem(Exception):
     """An image file that cannot be checked at all."""
 
 
-def _open_image(repository, name):
+def open_image(repository, name):
+    """A file descriptor of a repository's image, opened without following a link; ImageProblem when it is none."""
     path = repository.image(name)
     try:
         # O_NONBLOCK: a FIFO in its place must not hang us; fstat below refuses it.
