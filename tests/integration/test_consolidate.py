@@ -183,6 +183,23 @@ def test_consolidation_needs_the_lease_and_refuses_the_newest(chain):
     assert repository_state(fleet) == before
 
 
+def test_a_merge_that_fails_while_writing_is_undone_and_leaves_nothing(chain):
+    fleet, names, _flat, _vm = chain
+    run_id = lock(fleet)
+    # The second disk's oldest image swapped for a link to it: never followed, so the merge fails after vda's image.
+    oldest = image(fleet, names[0], "vdb")
+    os.rename(oldest, oldest + ".moved")
+    os.symlink(os.path.basename(oldest) + ".moved", oldest)
+    before, manifest = repository_state(fleet), fleet.manifest("vm1")
+    failed = consolidate(fleet, run_id, keep_last=2)
+    assert failed.failed and "Cannot merge image %s" % os.path.basename(oldest) in failed["msg"], failed
+    assert "not a symbolic link" in failed["msg"]
+    # vda's new image, written before vdb's failed, is gone; the journal is closed; no image changed.
+    after = repository_state(fleet)
+    assert after.keys() == before.keys() and all(after[n] == before[n] for n in before if n != "manifest.json")
+    assert fleet.manifest("vm1") == dict(manifest, consolidation=None)
+
+
 def killed_at(fleet, run_id, step, tmp_path, **args):
     """Run the consolidation as its own process and SIGKILL it once it reached step (it waits there on a FIFO)."""
     fifo = str(tmp_path / "pause")

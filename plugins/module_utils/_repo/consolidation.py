@@ -119,11 +119,17 @@ def _merge(repository, data, merge, keep_lease):
         data["consolidation"] = journal
         repository.save(data)
         _reached("writing")
-        for rewrite, disk in zip(merge["rewrites"], journal["disks"]):
-            keep_lease()
-            written = _write(repository, rewrite, disk["temp"])
-            rewrite.update(bytes_read=written.bytes_read, bytes_written=disk_usage(repository.image(disk["temp"])))
-            disk.update(identity=file_identity(repository.image(disk["temp"])), checksum=written.checksum)
+        try:
+            for rewrite, disk in zip(merge["rewrites"], journal["disks"]):
+                keep_lease()
+                written = _write(repository, rewrite, disk["temp"])
+                rewrite.update(bytes_read=written.bytes_read,
+                               bytes_written=disk_usage(repository.image(disk["temp"])))
+                disk.update(identity=file_identity(repository.image(disk["temp"])), checksum=written.checksum)
+        except BaseException:
+            if _still_held(keep_lease):  # else the lease's new holder undoes it: only the holder writes
+                _undo(repository, data, journal)
+            raise
         sync_directory(repository.working)
         journal["phase"] = "replacing"
         repository.save(data)
@@ -144,8 +150,8 @@ def _write(repository, rewrite, temp):
             return copy_to_image(url, repository.image(temp), "qcow2", rewrite["size"], backing=rewrite["backing"],
                                  image_alone=rewrite["backing"] is not None)
     except ImageProblem as problem:
-        raise UserError("Cannot merge image %s of backup chain in %s: it %s. Nothing was changed; check the "
-                        "repository with qemu_backup_verify." % (name, repository.path, problem)) from None
+        raise UserError("Cannot merge image %s in %s: it %s. No image was changed; check the repository with "
+                        "qemu_backup_verify." % (name, repository.path, problem)) from None
     finally:
         for fd in fds:
             os.close(fd)
@@ -195,18 +201,31 @@ def resume(repository, keep_lease, check_mode=False):
         return data
     keep_lease()
     if journal["phase"] == "writing":  # no old image was touched: undo
-        for disk in journal["disks"]:
-            temp = repository.image(disk["temp"])
-            if disk["temp"].startswith(disk["file"] + TEMPORARY_SUFFIX) and _ours(temp, disk["identity"]):
-                remove_file(temp)
-        sync_directory(repository.working)
-        data["consolidation"] = None
-        repository.save(data)
-        return data
+        return _undo(repository, data, journal)
     if journal["phase"] == "replacing":
         _replace(repository, journal)
         return _finish(repository, data, journal)
     return _remove(repository, data)
+
+
+def _undo(repository, data, journal):
+    """The manifest without a merge that touched no old image yet, and the new files it wrote removed."""
+    for disk in journal["disks"]:
+        temp = repository.image(disk["temp"])
+        if disk["temp"].startswith(disk["file"] + TEMPORARY_SUFFIX) and _ours(temp, disk["identity"]):
+            remove_file(temp)
+    sync_directory(repository.working)
+    data["consolidation"] = None
+    repository.save(data)
+    return data
+
+
+def _still_held(keep_lease):
+    try:
+        keep_lease()
+        return True
+    except UserError:
+        return False
 
 
 def _ours(path, identity):
