@@ -20,11 +20,10 @@ import time
 from bench import GiB, MiB, ROOT, timed
 from usr_disk import usr_disk
 
+from support.flows import image_checksum
 from support.modules import run_module
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import alone, served
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import CURRENT
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import checksum_of_image_export
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import disk_usage
 
 VM = "vm1"
@@ -34,15 +33,6 @@ EXTENTS = 82
 
 def qemu_img(*args):
     return subprocess.run(["qemu-img"] + [str(a) for a in args], check=True, capture_output=True, text=True).stdout
-
-
-def checksum(path, has_backing):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with served(alone(fd, "qcow2"), pass_fds=(fd,)) as url:
-            return checksum_of_image_export(url, has_backing, CURRENT).checksum
-    finally:
-        os.close(fd)
 
 
 def build_chain(directory, incrementals, seed):
@@ -66,7 +56,7 @@ def build_chain(directory, incrementals, seed):
         os.chmod(image, 0o600)
         disk = dict(disk="vda", file=os.path.basename(image), format="qcow2", size=size, mode="incremental" if parent
                     else "full", backing=parent["disks"][0]["file"] if parent else None,
-                    checksum=checksum(image, parent is not None))
+                    checksum=image_checksum(image, CURRENT))
         backups.append(dict(name=name, level=disk["mode"], parent=parent and parent["name"],
                             chain="b00", checkpoint="ckpt-" + name, incremental=parent and parent["checkpoint"],
                             finished=int(time.time()) - (incrementals - index) * 86400, disks=[disk]))

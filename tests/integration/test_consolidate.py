@@ -11,17 +11,12 @@ import sys
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import alone, served
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import XXH3_128
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import checksum_of_image_export
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.consolidation import PAUSE_ENV
-from support.fleet import Fleet, assert_ok
-from support.flows import marks, restores_exactly
+from support.fleet import Fleet, assert_ok, two_disk_chain
+from support.flows import image_checksum, marks, restores_exactly
 from support.modules import run_module
 from support.paths import COLLECTIONS
-from support.qemu_vm import DiskSpec, MiB, Vm
-
-CLUSTER = 65536
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +24,8 @@ def built_chain(tmp_path_factory):
     """A running VM of two disks and a chain of four backups (a full and three incrementals) by the backup role; the
     points' flattened images, taken before any consolidation."""
     workdir = tmp_path_factory.mktemp("chain")
-    (workdir / "vm").mkdir()
-    vm = Vm(str(workdir / "vm"), [DiskSpec("vda"), DiskSpec("vdb")])
-    vm.write("vda", 0, CLUSTER, 0x11)
-    vm.write("vdb", 2 * MiB, 3 * MiB, 0x33)
-    vm.start()
+    vm, fleet = two_disk_chain(workdir, 4)
     try:
-        fleet = Fleet(workdir, {"vm1": vm})
-        for step in range(4):
-            assert_ok(fleet.backup())
-            vm.write("vda", (step + 4) * MiB, MiB, 0x40 + step)
-            vm.zero("vdb", 2 * MiB + step * MiB, CLUSTER)  # an overlay hides these with zero clusters
-            if step == 0:
-                vm.write("vda", 0, CLUSTER, 0x00)  # and this, the full's 0x11, with a data cluster of zeros
         names = [b["name"] for b in fleet.manifest("vm1")["backups"]]
         flat = workdir / "flat"
         flat.mkdir()
@@ -94,15 +78,6 @@ def assert_verifies(fleet, names):
     assert [(b["name"], b["state"]) for b in vm_report["backups"]] == [(name, "ok") for name in names], vm_report
 
 
-def recomputed_checksum(path, has_backing):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with served(alone(fd, "qcow2"), pass_fds=(fd,)) as url:
-            return checksum_of_image_export(url, has_backing, XXH3_128).checksum
-    finally:
-        os.close(fd)
-
-
 def repository_state(fleet):
     """Every file of the VM's directory with its content's hash and mtime, but the lease's (renewed)."""
     directory = fleet.repository / "vm1"
@@ -137,7 +112,7 @@ def test_the_oldest_points_merge_into_a_synthetic_full_that_restores_and_verifie
         "full", None, names[2], names[2], names[2])
     for disk in full["disks"]:
         assert disk["mode"] == "full" and disk["backing"] is None
-        assert disk["checksum"] == recomputed_checksum(image(fleet, names[2], disk["disk"]), False)
+        assert disk["checksum"] == image_checksum(image(fleet, names[2], disk["disk"]), XXH3_128)
         info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", image(fleet, names[2], disk["disk"])],
                                          check=True, capture_output=True).stdout)
         assert "backing-filename" not in info
@@ -166,7 +141,7 @@ def test_a_middle_point_is_merged_into_the_next_which_becomes_an_overlay_of_the_
         names[0], "incremental", "ckpt-%s" % names[0])
     for disk in target["disks"]:
         assert disk["backing"] == "%s.%s.qcow2" % (names[0], disk["disk"])
-        assert disk["checksum"] == recomputed_checksum(image(fleet, names[2], disk["disk"]), True)
+        assert disk["checksum"] == image_checksum(image(fleet, names[2], disk["disk"]), XXH3_128)
     assert_restores_as_before(fleet, flat, kept)
     assert_verifies(fleet, kept)
 

@@ -10,36 +10,18 @@ import subprocess
 
 import pytest
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import alone, served
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import SHA256
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import checksum_of_image_export
-from support.fleet import Fleet, assert_ok
+from support.fleet import CLUSTER, Fleet, assert_ok, two_disk_chain
+from support.flows import image_checksum
 from support.modules import run_module
-from support.qemu_vm import DiskSpec, MiB, Vm
-
-CLUSTER = 65536
+from support.qemu_vm import MiB
 
 
 @pytest.fixture(scope="module")
 def built_chain(tmp_path_factory):
     """A VM of two disks and a chain of three backups (full, incremental, incremental) made by the backup role."""
-    workdir = tmp_path_factory.mktemp("chain")
-    (workdir / "vm").mkdir()
-    vm = Vm(str(workdir / "vm"), [DiskSpec("vda"), DiskSpec("vdb")])
-    vm.write("vda", 0, CLUSTER, 0x11)
-    vm.write("vda", MiB, CLUSTER, 0x22)
-    vm.write("vdb", 2 * MiB, 3 * MiB, 0x33)
-    try:
-        vm.start()
-        fleet = Fleet(workdir, {"vm1": vm})
-        for step in range(3):
-            assert_ok(fleet.backup())
-            vm.write("vda", (step + 4) * MiB, MiB, 0x40 + step)
-            vm.zero("vdb", 2 * MiB + step * MiB, CLUSTER)  # an overlay hides these with zero clusters
-            if step == 0:
-                vm.write("vda", 0, CLUSTER, 0x00)  # and this, the full's 0x11, with a data cluster of zeros
-    finally:
-        vm.kill()  # verify needs no VM
+    vm, fleet = two_disk_chain(tmp_path_factory.mktemp("chain"), 3)
+    vm.kill()  # verify needs no VM
     return vm, fleet.repository
 
 
@@ -76,14 +58,7 @@ def qemu_img_check_passes(path):
 
 def old_checksum(path):
     """The image's checksum by the algorithm of backups made before xxh3-128, summed by the engine as verify sums it."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        with served(alone(fd, "qcow2"), pass_fds=(fd,)) as url:
-            info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], check=True,
-                                             stdout=subprocess.PIPE).stdout)
-            return checksum_of_image_export(url, "backing-filename" in info, SHA256).checksum
-    finally:
-        os.close(fd)
+    return image_checksum(path, SHA256)
 
 
 def drop_cluster(path, guest_offset):
