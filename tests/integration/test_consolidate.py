@@ -78,6 +78,11 @@ def assert_verifies(fleet, names):
     assert [(b["name"], b["state"]) for b in vm_report["backups"]] == [(name, "ok") for name in names], vm_report
 
 
+def listing(names):
+    """The VM directory's files when it holds these points: their images, the lease and the manifest."""
+    return sorted(["%s.%s.qcow2" % (name, disk) for name in names for disk in ("vda", "vdb")] + ["lock", "manifest.json"])
+
+
 def repository_state(fleet):
     """Every file of the VM's directory with its content's hash and mtime, but the lease's (renewed)."""
     directory = fleet.repository / "vm1"
@@ -118,8 +123,7 @@ def test_the_oldest_points_merge_into_a_synthetic_full_that_restores_and_verifie
         assert "backing-filename" not in info
         subprocess.run(["qemu-img", "check", "-U", image(fleet, names[2], disk["disk"])], check=True,
                        capture_output=True)
-    assert sorted(os.listdir(fleet.repository / "vm1")) == sorted(
-        ["lock", "manifest.json"] + ["%s.%s.qcow2" % (n, d) for n in names[2:] for d in ("vda", "vdb")])
+    assert sorted(os.listdir(fleet.repository / "vm1")) == listing(names[2:])
     assert_restores_as_before(fleet, flat, names[2:])
     assert_verifies(fleet, names[2:])
     again = consolidate(fleet, run_id, keep_last=2)
@@ -219,8 +223,7 @@ def test_a_merge_killed_at_any_step_leaves_a_chain_that_restores_and_verifies_an
     assert manifest["consolidation"] is None
     left = names[2:] if finished else names
     assert [b["name"] for b in manifest["backups"]] == left
-    assert sorted(os.listdir(fleet.repository / "vm1")) == sorted(
-        ["lock", "manifest.json"] + ["%s.%s.qcow2" % (n, d) for n in left for d in ("vda", "vdb")])
+    assert sorted(os.listdir(fleet.repository / "vm1")) == listing(left)
     assert_restores_as_before(fleet, flat, left)
     assert_verifies(fleet, left)
 
