@@ -3,8 +3,8 @@ dirtying about 1% of the disk; the time and the bytes written of merging the old
 rolling case of keep_last, which leaves a full and 10 incrementals), of merging that full and its 10 incrementals into
 one, and of dropping one middle point; against qemu-img convert of the same chain.
 
-Each remaining point is compared with qemu-img compare against its flattened view before, and the repository is
-verified after.
+Remaining points (the rewritten ones and the newest) are compared with qemu-img compare against their views before,
+kept by hard links to the old images, and the repository is verified after.
 """
 
 import argparse
@@ -65,17 +65,21 @@ def build_chain(directory, incrementals, seed):
     return backups
 
 
-def flattened(directory, names, into):
-    """Each point's view, flattened to raw, for the comparisons after."""
-    for name in names:
-        qemu_img("convert", "-U", "-O", "raw", os.path.join(directory, "%s.vda.qcow2" % name),
-                 os.path.join(into, "%s.raw" % name))
+def kept_as_before(directory, into):
+    """Hard links of every image into a directory of their own: the chain as it is now, whatever a merge renames over
+    the repository's files, for the comparisons after (the backing file names are relative)."""
+    os.mkdir(into)
+    for name in os.listdir(directory):
+        if name.endswith(".qcow2"):
+            os.link(os.path.join(directory, name), os.path.join(into, name))
 
 
-def compare(directory, names, flat):
+def compare(directory, names, before):
+    """qemu-img compare of each point's view now with its view before; the old images are let go after."""
     for name in names:
-        qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", os.path.join(directory, "%s.vda.qcow2" % name),
-                 os.path.join(flat, "%s.raw" % name))
+        qemu_img("compare", "-U", os.path.join(directory, "%s.vda.qcow2" % name),
+                 os.path.join(before, "%s.vda.qcow2" % name))
+    shutil.rmtree(before)
 
 
 def consolidate(repository, **rules):
@@ -104,9 +108,6 @@ def main():
         print("Building the chain: the /usr disk's full and 11 incrementals of about 1%...", flush=True)
         backups = build_chain(directory, 11, args.seed)
         names = [b["name"] for b in backups]
-        flat = os.path.join(workdir, "flat")
-        os.mkdir(flat)
-        flattened(directory, names, flat)
         full_data = disk_usage(os.path.join(directory, "b00.vda.qcow2"))
         incremental_data = sum(disk_usage(os.path.join(directory, "%s.vda.qcow2" % n)) for n in names[1:])
         reference = os.path.join(workdir, "reference.qcow2")
@@ -114,16 +115,19 @@ def main():
                                        os.path.join(directory, "b01.vda.qcow2"), reference])
         os.unlink(reference)
         rows = []
+        before = os.path.join(workdir, "before")
         print("Consolidating...", flush=True)
+        kept_as_before(directory, before)
         rows.append(("oldest point merged into a synthetic full (keep_last: 11, full + 1 incremental)",)
                     + consolidate(repository, keep_last=11)[:3])
-        compare(directory, names[1:], flat)
+        compare(directory, [names[1], names[6], names[-1]], before)
+        kept_as_before(directory, before)
         rows.append(("one middle point dropped (its 1% merged into the next)",)
                     + consolidate(repository, drop=[names[6]])[:3])
-        kept = [n for n in names[1:] if n != names[6]]
-        compare(directory, kept, flat)
+        compare(directory, [names[7], names[-1]], before)
+        kept_as_before(directory, before)
         rows.append(("full + 9 incrementals into one full (keep_last: 1)",) + consolidate(repository, keep_last=1)[:3])
-        compare(directory, kept[-1:], flat)
+        compare(directory, names[-1:], before)
         verified = run_module("qemu_backup_verify", repository=repository)
         assert not verified.failed and all(b["state"] == "ok" for b in verified["vms"][0]["backups"]), verified
         print()

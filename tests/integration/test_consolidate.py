@@ -201,17 +201,20 @@ def killed_at(fleet, run_id, step, tmp_path, **args):
         os.unlink(fifo)
 
 
-@pytest.mark.parametrize("step,finished", [("writing", False), ("replacing", True), ("renamed", True),
-                                           ("removing", True)])
+@pytest.mark.parametrize("step,merge,finished", [
+    ("writing", "oldest", False), ("replacing", "oldest", True), ("renamed", "oldest", True),
+    ("removing", "oldest", True), ("renamed", "middle", True)])
 def test_a_merge_killed_at_any_step_leaves_a_chain_that_restores_and_verifies_and_the_next_run_ends_it(
-        chain, tmp_path, step, finished):
+        chain, tmp_path, step, merge, finished):
     fleet, names, flat, _vm = chain
+    dropped = names[:2] if merge == "oldest" else [names[1]]
     run_id = lock(fleet)
-    killed_at(fleet, run_id, step, tmp_path, keep_last=2)
+    killed_at(fleet, run_id, step, tmp_path, **(dict(keep_last=2) if merge == "oldest" else dict(drop=dropped)))
     journal = fleet.manifest("vm1")["consolidation"]
     assert journal["phase"] == {"renamed": "replacing"}.get(step, step)
-    # As it was left: every point still listed restores as before and verifies (the manifest read as the images are).
-    listed = names if step != "removing" else names[2:]
+    # As it was left (after "renamed", one disk's image is its new file, the other's the old one): every point still
+    # listed restores as before and verifies, the manifest read as the images are.
+    listed = [name for name in names if step != "removing" or name not in dropped]
     assert_restores_as_before(fleet, flat, listed)
     assert_verifies(fleet, listed)
     # The next holder of the lease (once the play gave the dead run's up) finishes the merge, or undoes it when no
@@ -221,7 +224,7 @@ def test_a_merge_killed_at_any_step_leaves_a_chain_that_restores_and_verifies_an
     lock(fleet)
     manifest = fleet.manifest("vm1")
     assert manifest["consolidation"] is None
-    left = names[2:] if finished else names
+    left = [name for name in names if not finished or name not in dropped]
     assert [b["name"] for b in manifest["backups"]] == left
     assert sorted(os.listdir(fleet.repository / "vm1")) == listing(left)
     assert_restores_as_before(fleet, flat, left)

@@ -32,7 +32,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img im
     image_info,
     served,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import images_needed
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import backing_entry, images_needed
 
 
 def verify_vm(repository, wanted=None):
@@ -170,11 +170,10 @@ def _link_problems(data, backup, disk, info):
     named, named_format = info.get("backing-filename"), info.get("backing-filename-format")
     if not disk.get("backing"):
         return ["it names a backing file, %s, though the manifest records a full image" % named] if named else []
-    parent = next((b for b in data["backups"] if b["name"] == backup.get("parent")), None)
-    entry = parent and next((d for d in parent["disks"] if d["file"] == disk["backing"]), None)
+    _member, entry = backing_entry({b["name"]: b for b in data["backups"]}, backup, disk)
     if entry is None:
-        return ["its backing image %s, as the manifest records it, belongs to no backup %s in the manifest"
-                % (disk["backing"], backup.get("parent"))]
+        return ["its backing image %s, as the manifest records it, belongs to no backup of its chain in the manifest "
+                "(its parent: %s)" % (disk["backing"], backup.get("parent"))]
     problems = []
     if named != disk["backing"]:
         problems.append("it names %s as its backing file, not its parent's image %s" % (named, disk["backing"]))
