@@ -23,13 +23,14 @@ description:
     keep, consolidating where a kept point needs them.
   - O(action=consolidate) is O(action=prune) by the name of what it does to chains. It drops restore points, those
     named in O(drop) and those the calendar rules do not keep, with no VM involved. A kept point whose chain needs a
-    dropped one is rewritten. The oldest kept point of a chain becomes a new full (a synthetic full, its whole view merged), and a kept point after a dropped one becomes an overlay of
-    the kept point before it, holding the clusters of the points between. The new image keeps the file name, so the
-    later incrementals still read it, and stays plain qcow2 that qemu-img and QEMU read; its checksum is summed anew
-    as it is written. Every remaining point restores the same bytes as before. A run killed at any moment leaves a
-    repository that restores and verifies, and the next run that takes the lease finishes or undoes the merge (the
-    manifest's C(consolidation) journal). The newest backup is never dropped, since the next incremental continues from it.
-    The checkpoints on the VM are not touched; RV(obsolete_checkpoints) names those no backup needs.
+    dropped one is rewritten. The oldest kept point of a chain becomes a new full (a synthetic full, its whole view
+    merged), and a kept point after a dropped one becomes an overlay of the kept point before it, holding the
+    clusters of the points between. The new image keeps the file name, so the later incrementals still read it, and
+    stays plain qcow2 that qemu-img and QEMU read; its checksum is summed anew as it is written. Every remaining
+    point restores the same bytes as before. A run killed at any moment leaves a repository that restores and
+    verifies, and the next run that takes the lease finishes or undoes the merge (the manifest's C(consolidation)
+    journal). The newest backup is never dropped, since the next incremental continues from it. The checkpoints on
+    the VM are not touched; RV(obsolete_checkpoints) names those no backup needs.
   - O(action=discard) deletes the images a failed run wrote, and only those the manifest does not list.
     Record, prune, consolidate and discard need the lease (O(run_id)), which they hold throughout.
   - O(action=lock) finishes or undoes a merge that a killed run left.
@@ -120,15 +121,21 @@ options:
     type: int
     default: 0
   keep_daily:
-    description: With O(action=prune) or O(action=consolidate), keep the newest backup of each of the newest N days that have one.
+    description:
+      - With O(action=prune) or O(action=consolidate), keep the newest backup of each of the newest N days that have
+        one.
     type: int
     default: 0
   keep_weekly:
-    description: With O(action=prune) or O(action=consolidate), keep the newest backup of each of the newest N ISO weeks that have one.
+    description:
+      - With O(action=prune) or O(action=consolidate), keep the newest backup of each of the newest N ISO weeks that
+        have one.
     type: int
     default: 0
   keep_monthly:
-    description: With O(action=prune) or O(action=consolidate), keep the newest backup of each of the newest N months that have one.
+    description:
+      - With O(action=prune) or O(action=consolidate), keep the newest backup of each of the newest N months that
+        have one.
     type: int
     default: 0
   drop:

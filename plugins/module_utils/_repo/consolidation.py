@@ -105,7 +105,7 @@ def drop(repository, dropped, keep_lease, check_mode):
         return entries, planned
     for merge in planned:
         keep_lease()
-        data = _merge(repository, repository.load(), merge, keep_lease)
+        _merge(repository, repository.load(), merge, keep_lease)
     return entries, planned
 
 

@@ -10,7 +10,11 @@ import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import store_definition
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.consolidation import drop
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import chains_beyond, obsolete_checkpoints, record
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
+    chains_beyond,
+    obsolete_checkpoints,
+    record,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.retention import calendar_kept
 
 
