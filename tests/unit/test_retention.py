@@ -1,11 +1,12 @@
 """Retention by calendar: the points that keep-last, keep-daily, keep-weekly and keep-monthly keep, as Proxmox
-Backup Server and borg keep them, and the merges that drop the others."""
+Backup Server and borg keep them, and the merges that drop the others, with the images each rewrites."""
 
 import calendar
 
 import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.consolidation import dropped_files, planned_merges
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.retention import calendar_kept, merges
 
 
@@ -95,3 +96,25 @@ def test_merges_refuse_the_newest_an_unknown_name_and_a_broken_chain():
     data["backups"][2]["parent"] = "b0"
     with pytest.raises(UserError, match="does not follow its parent b0"):
         merges(data, ["b1"])
+
+
+def with_disks(found):
+    """Each backup with a qcow2 disk vda (an overlay of its parent's in an incremental) and a raw disk vdb, backed up
+    in full every time."""
+    for backup in found:
+        backup["disks"] = [
+            dict(disk="vda", file="%s.vda.qcow2" % backup["name"], size=1,
+                 backing="%s.vda.qcow2" % backup["parent"] if backup["parent"] else None),
+            dict(disk="vdb", file="%s.vdb.qcow2" % backup["name"], size=1, backing=None)]
+    return found
+
+
+def test_a_merge_rewrites_each_overlay_from_its_layers_and_leaves_a_disk_backed_up_in_full():
+    data = dict(backups=with_disks(backups(*[at(day) for day in range(1, 6)])))
+    full, middle = planned_merges(data, ["b0", "b2", "b3"])
+    assert full["rewrites"] == [dict(disk="vda", file="b1.vda.qcow2", size=1, layers=["b1.vda.qcow2", "b0.vda.qcow2"],
+                                     backing=None)]
+    assert middle["rewrites"] == [dict(disk="vda", file="b4.vda.qcow2", size=1,
+                                       layers=["b4.vda.qcow2", "b3.vda.qcow2", "b2.vda.qcow2"],
+                                       backing="b1.vda.qcow2")]
+    assert dropped_files(data, ["b0"]) == ["b0.vda.qcow2", "b0.vdb.qcow2"]
