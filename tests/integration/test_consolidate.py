@@ -202,7 +202,7 @@ def killed_at(fleet, run_id, step, tmp_path, **args):
 
 
 @pytest.mark.parametrize("step,merge,finished", [
-    ("writing", "oldest", False), ("replacing", "oldest", True), ("renamed", "oldest", True),
+    ("writing", "oldest", False), ("written", "oldest", False), ("replacing", "oldest", True), ("renamed", "oldest", True),
     ("removing", "oldest", True), ("renamed", "middle", True)])
 def test_a_merge_killed_at_any_step_leaves_a_chain_that_restores_and_verifies_and_the_next_run_ends_it(
         chain, tmp_path, step, merge, finished):
@@ -211,8 +211,9 @@ def test_a_merge_killed_at_any_step_leaves_a_chain_that_restores_and_verifies_an
     run_id = lock(fleet)
     killed_at(fleet, run_id, step, tmp_path, **(dict(keep_last=2) if merge == "oldest" else dict(drop=dropped)))
     journal = fleet.manifest("vm1")["consolidation"]
-    assert journal["phase"] == {"renamed": "replacing"}.get(step, step)
-    # As it was left (after "renamed", one disk's image is its new file, the other's the old one): every point still
+    assert journal["phase"] == {"renamed": "replacing", "written": "writing"}.get(step, step)
+    # As it was left (after "written", vda's new image is complete; after "renamed", one disk's image is its new
+    # file, the other's the old one): every point still
     # listed restores as before and verifies, the manifest read as the images are.
     listed = [name for name in names if step != "removing" or name not in dropped]
     assert_restores_as_before(fleet, flat, listed)

@@ -126,6 +126,7 @@ def _merge(repository, data, merge, keep_lease):
                 rewrite.update(bytes_read=written.bytes_read,
                                bytes_written=disk_usage(repository.image(disk["temp"])))
                 disk.update(identity=file_identity(repository.image(disk["temp"])), checksum=written.checksum)
+                _reached("written")
         except BaseException:
             if _still_held(keep_lease):  # else the lease's new holder undoes it: only the holder writes
                 _undo(repository, data, journal)
