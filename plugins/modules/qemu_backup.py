@@ -17,7 +17,9 @@ description:
     the repository; one listing of the disks, and the plan: full, or incremental on the newest backup; the start of
     a point-in-time view (break-snapshot fleecing, or libvirt''s pull backup), with the guest frozen when asked;
     the copy of every disk, summing checksums; the stop, which proves that the view held; the record in the
-    manifest; pruning beyond O(keep_chains); the lease given up; the removal of the checkpoints no backup needs.
+    manifest; pruning beyond O(keep_chains) and of the restore points that O(keep_last), O(keep_daily),
+    O(keep_weekly) and O(keep_monthly) do not keep (consolidated away, see
+    M(fleetbackup.qemu.qemu_backup_repository)); the lease given up; the removal of the checkpoints no backup needs.
     Once the backup is recorded it stays: a failure of pruning or of the checkpoints'' removal is a warning.'
   - A run that fails records nothing and removes everything it made, on the VM and in the repository, and the next
     run goes on from the last recorded backup. A run killed on the way (SIGKILL, a reboot) leaves its lease, which
@@ -107,6 +109,27 @@ options:
     default: '0'
   keep_chains:
     description: Keep the newest this many chains and prune the older ones whole; V(0) keeps all.
+    type: int
+    default: 0
+  keep_last:
+    description:
+      - Keep the newest N restore points. The points that no rule keeps are dropped after the backup is recorded,
+        by consolidating, as O(fleetbackup.qemu.qemu_backup_repository#module:keep_last) says. A chain then runs for
+        ever with a bounded length, and never needs a new full from the VM.
+      - The rules are Proxmox Backup Server's and borg's, on UTC days. V(0) is none of a rule; with all V(0) every
+        point is kept.
+    type: int
+    default: 0
+  keep_daily:
+    description: Keep the newest restore point of each of the newest N days that have one.
+    type: int
+    default: 0
+  keep_weekly:
+    description: Keep the newest restore point of each of the newest N ISO weeks that have one.
+    type: int
+    default: 0
+  keep_monthly:
+    description: Keep the newest restore point of each of the newest N months that have one.
     type: int
     default: 0
   rpo:
@@ -309,6 +332,13 @@ pruned:
   returned: with step all or commit
   type: list
   elements: str
+consolidated:
+  description:
+    - The merges that dropped restore points which kept ones needed, as
+      RV(fleetbackup.qemu.qemu_backup_repository#module:consolidated) describes them.
+  returned: with step all or commit
+  type: list
+  elements: dict
 removed_checkpoints:
   description: The checkpoints no backup needs any more, removed from the VM.
   returned: with step all or commit
@@ -358,6 +388,10 @@ def main():
             level=dict(type="str", choices=["auto", "full", "incremental"], default="auto"),
             max_age=dict(type="str", default="0"),
             keep_chains=dict(type="int", default=0),
+            keep_last=dict(type="int", default=0),
+            keep_daily=dict(type="int", default=0),
+            keep_weekly=dict(type="int", default=0),
+            keep_monthly=dict(type="int", default=0),
             rpo=dict(type="str"),
             disks=dict(type="list", elements="str"),
             holder=dict(type="str", default="a fleetbackup run"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: qemu_backup_repository
-short_description: Lock, plan, record and prune the backups in a VM's backup repository
+short_description: Lock, plan, record, prune and consolidate the backups in a VM's backup repository
 version_added: 0.1.0
 description:
   - A repository directory per VM, C(<repository>/<vm>), holds its backup images and a manifest, C(manifest.json), of
@@ -18,9 +18,22 @@ description:
     O(action=unlock) gives it up.
   - O(action=plan) decides what a run does, from the manifest and the VM's disks and checkpoints as
     M(fleetbackup.qemu.qemu_backup_info) returns them. It never changes anything.
-  - O(action=record) appends a complete backup. O(action=prune) deletes whole old chains, images and entries.
-    O(action=discard) deletes the images a failed run wrote, and only those the manifest does not list.
-    All three need the lease (O(run_id)).
+  - O(action=record) appends a complete backup. O(action=prune) deletes whole old chains beyond O(keep_chains), and
+    the restore points that the calendar rules (O(keep_last), O(keep_daily), O(keep_weekly), O(keep_monthly)) do not
+    keep, consolidating where a kept point needs them.
+  - O(action=consolidate) is O(action=prune) by the name of what it does to chains. It drops restore points, those
+    named in O(drop) and those the calendar rules do not keep, with no VM involved. A kept point whose chain needs a
+    dropped one is rewritten. The oldest kept point of a chain becomes a new full (a synthetic full, its whole view
+    merged), and a kept point after a dropped one becomes an overlay of the kept point before it, holding the
+    clusters of the points between. The new image keeps the file name, so the later incrementals still read it, and
+    stays plain qcow2 that qemu-img and QEMU read; its checksum is summed anew as it is written. Every remaining
+    point restores the same bytes as before. A run killed at any moment leaves a repository that restores and
+    verifies, and the next run that takes the lease finishes or undoes the merge (the manifest's C(consolidation)
+    journal). The newest backup is never dropped, since the next incremental continues from it. The checkpoints on
+    the VM are not touched; RV(obsolete_checkpoints) names those no backup needs.
+  - O(action=discard) deletes the images a failed run wrote, and only those the manifest does not list.
+    Record, prune, consolidate and discard need the lease (O(run_id)), which they hold throughout.
+  - O(action=lock) finishes or undoes a merge that a killed run left.
   - O(action=newest) returns the newest complete backup's manifest entry, and changes nothing.
   - Every name that comes from the manifest or the inventory (VM, disk, image file) must be a plain file name inside
     the VM's directory, or nothing is touched.
@@ -34,12 +47,12 @@ options:
   action:
     description: What to do.
     type: str
-    choices: [lock, unlock, plan, record, prune, discard, newest]
+    choices: [lock, unlock, plan, record, prune, consolidate, discard, newest]
     required: true
   run_id:
     description:
       - The run that holds (or takes) the lease. O(action=lock) makes one up when it is not given, and returns it.
-      - Required by unlock, record, prune and discard.
+      - Required by unlock, record, prune, consolidate and discard.
     type: str
   holder:
     description: With O(action=lock), who the run is, for the message another run gets while this one holds the lease.
@@ -94,9 +107,43 @@ options:
     type: list
     elements: dict
   keep_chains:
-    description: With O(action=prune), how many of the newest chains to keep. C(0) keeps all.
+    description: With O(action=prune) or O(action=consolidate), how many of the newest chains to keep. C(0) keeps all.
     type: int
     default: 0
+  keep_last:
+    description:
+      - With O(action=prune) or O(action=consolidate), keep the newest N restore points.
+      - The calendar rules are Proxmox Backup Server's and borg's. Each keeps the newest backup of each of its newest
+        N periods that hold a backup no earlier rule kept (days without backups do not count), in the order
+        O(keep_last), O(keep_daily), O(keep_weekly) (ISO weeks), O(keep_monthly). A point any rule keeps is kept; the
+        newest always is. Periods are UTC days, weeks and months of the backups' finish times.
+      - With every rule C(0), the calendar keeps every point.
+    type: int
+    default: 0
+  keep_daily:
+    description:
+      - With O(action=prune) or O(action=consolidate), keep the newest backup of each of the newest N days that have
+        one.
+    type: int
+    default: 0
+  keep_weekly:
+    description:
+      - With O(action=prune) or O(action=consolidate), keep the newest backup of each of the newest N ISO weeks that
+        have one.
+    type: int
+    default: 0
+  keep_monthly:
+    description:
+      - With O(action=prune) or O(action=consolidate), keep the newest backup of each of the newest N months that
+        have one.
+    type: int
+    default: 0
+  drop:
+    description:
+      - With O(action=prune) or O(action=consolidate), names of backups to drop besides those the rules do not keep.
+        The newest cannot be.
+    type: list
+    elements: str
   definition:
     description:
       - With O(action=record), for a libvirt domain, RV(fleetbackup.qemu.qemu_backup_start#module:backup.libvirt) of
@@ -118,7 +165,10 @@ options:
 attributes:
   check_mode:
     support: full
-    description: O(action=plan) runs as usual; the other actions report what they would change and change nothing.
+    description:
+      - O(action=plan) runs as usual; the other actions report what they would change and change nothing.
+      - O(action=prune) and O(action=consolidate) list the backups they would drop, and the images they would rewrite
+        with the bytes they would write at most (RV(consolidated)).
 """
 
 EXAMPLES = r"""
@@ -145,6 +195,25 @@ EXAMPLES = r"""
     vm: web1
     action: prune
     keep_chains: 2
+    run_id: "{{ lease.lease.run_id }}"
+
+- name: Keep 7 daily, 4 weekly and 6 monthly restore points of web1's chain, consolidating the others away
+  fleetbackup.qemu.qemu_backup_repository:
+    repository: /backup
+    vm: web1
+    action: consolidate
+    keep_daily: 7
+    keep_weekly: 4
+    keep_monthly: 6
+    run_id: "{{ lease.lease.run_id }}"
+  register: consolidation
+
+- name: Drop one restore point by name (the chain is merged around it)
+  fleetbackup.qemu.qemu_backup_repository:
+    repository: /backup
+    vm: web1
+    action: consolidate
+    drop: [20261129T020000Z-3f2a]
     run_id: "{{ lease.lease.run_id }}"
 """
 
@@ -233,10 +302,40 @@ backup:
   returned: action is record or newest
   type: dict
 pruned:
-  description: With O(action=prune), names of the backups removed.
-  returned: action is prune
+  description: With O(action=prune) or O(action=consolidate), names of the backups removed (in check mode, to remove).
+  returned: action is prune or consolidate
   type: list
   elements: str
+consolidated:
+  description:
+    - With O(action=prune) or O(action=consolidate), the merges that dropped the backups, oldest first.
+  returned: action is prune or consolidate
+  type: list
+  elements: dict
+  contains:
+    target:
+      description: The kept backup whose images were rewritten; null when the dropped backups were removed whole.
+      type: str
+    onto:
+      description: The kept backup the target is an overlay of now; null when it became its chain's full.
+      type: str
+    drop:
+      description: The backups it dropped.
+      type: list
+      elements: str
+    rewrites:
+      description:
+        - Per rewritten image, C(disk), C(file), C(size), C(layers) (the images, newest first, that it was made of),
+          C(backing) (its new backing image, or null for a full), C(bytes_read) and C(bytes_written) (what the new
+          image takes on disk).
+      type: list
+      elements: dict
+    bytes_to_write:
+      description: In check mode, what the new images would take at most (what their layers take now).
+      type: int
+    seconds:
+      description: How long the merge took.
+      type: float
 discarded:
   description: With O(action=discard), the images deleted.
   returned: action is discard
@@ -244,8 +343,9 @@ discarded:
   elements: str
 obsolete_checkpoints:
   description:
-    - With O(action=prune), checkpoints the VM no longer needs (all but the newest backup's); the role removes them.
-  returned: action is prune
+    - With O(action=prune) or O(action=consolidate), checkpoints the VM no longer needs (all but the newest backup's);
+      the role removes them.
+  returned: action is prune or consolidate
   type: list
   elements: str
 """
@@ -254,7 +354,9 @@ import secrets
 import time
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.consolidation import resume
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.recording import prune_backups, record_backup
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.retention import CALENDAR_RULES
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease, check_ttl
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import parse_duration, plan
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import REPOSITORY_ARGUMENT_SPEC
@@ -265,8 +367,7 @@ def main():
     module = FleetbackupModule(
         argument_spec=dict(
             **REPOSITORY_ARGUMENT_SPEC,
-            action=dict(type="str", choices=["lock", "unlock", "plan", "record", "prune", "discard", "newest"],
-                        required=True),
+            action=dict(type="str", choices=list(ACTIONS), required=True),
             run_id=dict(type="str"),
             holder=dict(type="str", default="a fleetbackup run"),
             lock_ttl=dict(type="int", default=3600),
@@ -278,6 +379,8 @@ def main():
             started_disks=dict(type="list", elements="dict"),
             copies=dict(type="list", elements="dict"),
             keep_chains=dict(type="int", default=0),
+            **{rule: dict(type="int", default=0) for rule in CALENDAR_RULES},
+            drop=dict(type="list", elements="str"),
             definition=dict(type="dict"),
             consistency=dict(type="str", choices=["application", "crash"]),
             freeze=dict(type="dict"),
@@ -285,7 +388,8 @@ def main():
         required_if=[("action", "plan", ["vm_disks"]),
                      ("action", "record", ["planned", "started_disks", "copies", "run_id"]),
                      ("action", "discard", ["planned", "run_id"]),
-                     ("action", "prune", ["run_id"]), ("action", "unlock", ["run_id"])],
+                     ("action", "prune", ["run_id"]), ("action", "consolidate", ["run_id"]),
+                     ("action", "unlock", ["run_id"])],
         supports_check_mode=True,
     )
     module.run(run_action)
@@ -309,12 +413,19 @@ def held_lease(module, repository):
     return lease
 
 
+def lease_keeper(module, repository, run_id=None):
+    """What renews this run's lease for lock_ttl more seconds, or fails once the run lost it."""
+    lease = Lease(repository)
+    return lambda: lease.renew(run_id or module.params["run_id"], module.params["lock_ttl"], time.time())
+
+
 def lock_action(module, repository):
     params = module.params
     run_id = params["run_id"] or secrets.token_hex(8)
     if module.check_mode:
         return dict(changed=False, lease=dict(run_id=run_id, holder=params["holder"]))
     lease = Lease(repository).take(run_id, params["holder"], params["lock_ttl"], int(time.time()))
+    resume(repository, lease_keeper(module, repository, run_id))
     return dict(changed=True, lease=lease)
 
 
@@ -346,9 +457,14 @@ def newest_action(module, repository):
 
 
 def prune_action(module, repository):
+    """prune and consolidate: drop what the retention options do not keep, merging where a kept point needs it."""
+    params = module.params
     held_lease(module, repository)
-    pruned, obsolete = prune_backups(repository, module.params["keep_chains"], module.check_mode)
-    return dict(changed=bool(pruned), pruned=[b["name"] for b in pruned], obsolete_checkpoints=obsolete)
+    retention = {key: params[key] for key in ("keep_chains", "drop") + CALENDAR_RULES}
+    pruned, merged, obsolete = prune_backups(repository, retention, lease_keeper(module, repository),
+                                             module.check_mode)
+    return dict(changed=bool(pruned), pruned=[b["name"] for b in pruned], consolidated=merged,
+                obsolete_checkpoints=obsolete)
 
 
 def discard_action(module, repository):
@@ -360,7 +476,7 @@ def discard_action(module, repository):
 
 
 ACTIONS = dict(lock=lock_action, unlock=unlock_action, plan=plan_action, record=record_action, prune=prune_action,
-               discard=discard_action, newest=newest_action)
+               consolidate=prune_action, discard=discard_action, newest=newest_action)
 
 
 if __name__ == "__main__":

@@ -11,33 +11,16 @@ import subprocess
 
 import pytest
 
-from support.fleet import Fleet, assert_ok
+from support.fleet import CLUSTER, Fleet, assert_ok, two_disk_chain
 from support.modules import run_module
-from support.qemu_vm import DiskSpec, MiB, Vm
-
-CLUSTER = 65536
+from support.qemu_vm import MiB
 
 
 @pytest.fixture(scope="module")
 def built_chain(tmp_path_factory):
     """A VM of two disks and a chain of three backups (full, incremental, incremental) made by the backup role."""
-    workdir = tmp_path_factory.mktemp("chain")
-    (workdir / "vm").mkdir()
-    vm = Vm(str(workdir / "vm"), [DiskSpec("vda"), DiskSpec("vdb")])
-    vm.write("vda", 0, CLUSTER, 0x11)
-    vm.write("vda", MiB, CLUSTER, 0x22)
-    vm.write("vdb", 2 * MiB, 3 * MiB, 0x33)
-    try:
-        vm.start()
-        fleet = Fleet(workdir, {"vm1": vm})
-        for step in range(3):
-            assert_ok(fleet.backup())
-            vm.write("vda", (step + 4) * MiB, MiB, 0x40 + step)
-            vm.zero("vdb", 2 * MiB + step * MiB, CLUSTER)  # an overlay hides these with zero clusters
-            if step == 0:
-                vm.write("vda", 0, CLUSTER, 0x00)  # and this, the full's 0x11, with a data cluster of zeros
-    finally:
-        vm.kill()  # verify needs no VM
+    vm, fleet = two_disk_chain(tmp_path_factory.mktemp("chain"), 3)
+    vm.kill()  # verify needs no VM
     return vm, fleet.repository
 
 

@@ -6,6 +6,9 @@ import os
 from support.flows import assert_no_leftovers
 from support.modules import ansible_bin, run_playbook
 from support.paths import COLLECTIONS
+from support.qemu_vm import DiskSpec, MiB, Vm
+
+CLUSTER = 65536
 
 PLAYBOOKS = os.path.join(COLLECTIONS, "ansible_collections", "fleetbackup", "qemu", "playbooks")
 
@@ -84,3 +87,28 @@ def assert_ok(result, changed=None):
 
 def assert_clean(vm):
     assert_no_leftovers(vm)
+
+
+def two_disk_chain(workdir, backups):
+    """A running VM of two disks and a chain of `backups` backups (a full, then incrementals) by the backup role, in
+    workdir: (vm, fleet). Each incremental's vda holds a data cluster of zeros that hides the full's data, and its vdb
+    zero clusters that hide the full's."""
+    (workdir / "vm").mkdir()
+    vm = Vm(str(workdir / "vm"), [DiskSpec("vda"), DiskSpec("vdb")])
+    vm.write("vda", 0, CLUSTER, 0x11)
+    vm.write("vda", MiB, CLUSTER, 0x22)
+    vm.write("vdb", 2 * MiB, 3 * MiB, 0x33)
+    vm.start()
+    try:
+        fleet = Fleet(workdir, {"vm1": vm})
+        for step in range(backups):
+            assert_ok(fleet.backup())
+            vm.write("vda", (step + 4) * MiB, MiB, 0x40 + step)
+            vm.zero("vdb", 2 * MiB + step * MiB, CLUSTER)  # an overlay hides these with zero clusters
+            if step == 0:
+                vm.write("vda", 0, CLUSTER, 0x00)  # and this, the full's 0x11, with a data cluster of zeros
+    except BaseException:
+        vm.kill()
+        raise
+    return vm, fleet
+

@@ -8,6 +8,8 @@ from support.modules import run_module
 from support.qemu_vm import same
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import alone, image_info, served
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import checksum_of_image_export
 
 
 class Backups:
@@ -111,3 +113,14 @@ def offline_record(flow):
 def assert_servers_gone(record):
     assert record["servers"] and not any(process_alive(server["owner"]) for server in record["servers"])
     assert not any(server["socket"] and os.path.lexists(server["socket"]) for server in record["servers"])
+
+
+def image_checksum(path, algorithm):
+    """The checksum of the image at path alone, by algorithm, summed by the engine as verify sums it."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        with served(alone(fd, "qcow2"), pass_fds=(fd,)) as url:
+            has_backing = "backing-filename" in image_info(str(path))
+            return checksum_of_image_export(url, has_backing, algorithm).checksum
+    finally:
+        os.close(fd)

@@ -53,7 +53,9 @@ def payload(module):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_only_the_modules_that_copy_carry_the_copy_engine(module):
-    assert (ENGINE in payload(module)) == (module in ("qemu_backup", "qemu_backup_copy", "qemu_backup_verify"))
+    # The repository module consolidates: it writes merged images with the engine.
+    assert (ENGINE in payload(module)) == (module in ("qemu_backup", "qemu_backup_copy", "qemu_backup_verify",
+                                                      "qemu_backup_repository"))
 
 
 VIEWS = "module_utils/_views/catalog.py"

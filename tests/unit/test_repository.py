@@ -11,12 +11,12 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes i
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
     backup_id_for,
     chain_facts,
+    chains_beyond,
     not_due,
     obsolete_checkpoints,
     parse_duration,
     plan,
     plan_from,
-    prune,
     record,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
@@ -143,11 +143,10 @@ def test_record_uses_what_the_start_really_did_and_prune_drops_whole_chains(repo
     with pytest.raises(UserError, match="not copied"):
         record(dict(backups=[]), planned, [dict(disk="vda", mode="full")], [], NOW)
     data = dict(backups=[backup("a1"), backup("a2", "incremental", "a1"), backup("b1"), backup("c1")])
-    pruned, files = prune(data, 2)
-    assert [b["name"] for b in pruned] == ["a1", "a2"] and files == ["a1.vda.qcow2", "a2.vda.qcow2"]
-    assert [b["name"] for b in data["backups"]] == ["b1", "c1"]
+    assert chains_beyond(data["backups"], 2) == ["a1", "a2"]
+    pruned, data["backups"] = data["backups"][:2], data["backups"][2:]
     assert obsolete_checkpoints(data, pruned) == ["ckpt-a1", "ckpt-a2", "ckpt-b1"]
-    assert prune(data, 0) == ([], [])
+    assert chains_beyond(data["backups"], 0) == []
 
 
 def test_record_keeps_the_planned_levels_but_where_the_start_fell_back_and_pairs_copies_with_the_starts_disks(

@@ -49,9 +49,19 @@ def alone(fd, image_format):
 
     No path is ever opened: not the image's, which could be swapped, nor the backing file's that it names.
     """
-    spec = dict(driver=image_format, file=dict(driver="file", filename="/dev/fd/%d" % fd))
-    if image_format == "qcow2":
-        spec["backing"] = None
+    return layered([(fd, image_format)])
+
+
+def layered(images):
+    """Images open at file descriptors, (fd, format) from the top down, as one chain that ends with the last: each
+    is the backing of the one before, whatever file its header names, and the last has none. As alone(), no path is
+    ever opened."""
+    spec = None
+    for fd, image_format in reversed(images):
+        layer = dict(driver=image_format, file=dict(driver="file", filename="/dev/fd/%d" % fd))
+        if image_format == "qcow2":
+            layer["backing"] = spec
+        spec = layer
     return "json:" + json.dumps(spec, sort_keys=True)
 
 

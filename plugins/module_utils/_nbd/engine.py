@@ -338,11 +338,11 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
 
 def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format="qcow2",
                   connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0,
-                  report=None, deadline=None, compression_level=None):
+                  report=None, deadline=None, image_alone=False, compression_level=None):
     """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
 
-    backing is stored as given: keep it relative to the image's directory. bandwidth, report and deadline: see copy().
-    compression_level: None, or the zstd level a qcow2 image's clusters are compressed with.
+    backing is stored as given: keep it relative to the image's directory. bandwidth, report, deadline and
+    image_alone: see copy(). compression_level: None, or the zstd level a qcow2 image's clusters are compressed with.
 
     The image is complete and durable when this returns. When it fails, the image it created is gone, and
     nothing that was at path before is ever touched. Returns a CopyResult.
@@ -357,7 +357,7 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
     try:
         try:
             result = copy(src_url, target, size, connections, bitmap_context, backing is None, requests,
-                          request_size, io_timeout, bandwidth, report, deadline=deadline)
+                          request_size, io_timeout, bandwidth, report, image_alone, deadline=deadline)
             target.finish()
             return result
         finally:

@@ -21,17 +21,28 @@ def images_needed(data, backup):
     for disk in backup["disks"]:
         member, entry = backup, disk
         needed.append((member, entry))
-        visited = {member["name"]}
-        while entry.get("backing") and member.get("parent") in by_name:
-            if member["parent"] in visited:
-                break  # a damaged manifest whose parents loop: each image is checked once all the same
-            member = by_name[member["parent"]]
-            visited.add(member["name"])
-            entry = next((d for d in member["disks"] if d["file"] == entry["backing"]), None)
+        visited = {member["name"]}  # a damaged manifest whose parents loop: each image is checked once all the same
+        while entry.get("backing"):
+            member, entry = backing_entry(by_name, member, entry, visited)
             if entry is None:
                 break  # check_image reports the broken link on the child
             needed.append((member, entry))
     return needed
+
+
+def backing_entry(by_name, member, entry, visited=None):
+    """(backup, disk entry) of the image that the disk entry of backup member names as its backing: its parent's, or
+    an older ancestor's while a merge that drops the parent stands half-way (merge_journal.py); (None, None) when
+    no ancestor holds it. visited: the backups walked already (added to), never walked again, so that a damaged
+    manifest whose parents loop ends."""
+    visited = {member["name"]} if visited is None else visited
+    while member.get("parent") in by_name and member["parent"] not in visited:
+        member = by_name[member["parent"]]
+        visited.add(member["name"])
+        found = next((d for d in member["disks"] if d["file"] == entry["backing"]), None)
+        if found is not None:
+            return member, found
+    return None, None
 
 
 def chain_of(data, backup):

@@ -67,10 +67,22 @@ class Lease:
     def check(self, run_id, now):
         """UserError unless run_id holds the lease now: a run must not write once another has taken over."""
         with self._locked() as (_fd, current):
-            if not current or current["run_id"] != run_id or current["expires"] <= now:
-                raise UserError("Run %s no longer holds the lease of %s (%s): it expired or another run took it. "
-                                "Nothing was written; run the backup again."
-                                % (run_id, self.repository.path, current and current["holder"]))
+            self._check_held(current, run_id, now)
+
+    def renew(self, run_id, ttl, now):
+        """Keep run_id's lease, as it is, for ttl more seconds from now; UserError unless run_id holds it now."""
+        with self._locked() as (fd, current):
+            self._check_held(current, run_id, now)
+            current["expires"] = max(current["expires"], now + ttl)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(current, sort_keys=True).encode(), 0)
+            os.fsync(fd)
+
+    def _check_held(self, current, run_id, now):
+        if not current or current["run_id"] != run_id or current["expires"] <= now:
+            raise UserError("Run %s no longer holds the lease of %s (%s): it expired or another run took it. "
+                            "Nothing was written; run the backup again."
+                            % (run_id, self.repository.path, current and current["holder"]))
 
     def release(self, run_id):
         """Give the lease up if run_id holds it; whether it did."""

@@ -102,8 +102,17 @@ BACKUP_SCHEMA = Record(dict(
     finished=_seconds(required=True), disks=ListOf(DISK_SCHEMA, "disks", required=True, at_least=1),
     consistency=_text(null=True), freeze=Record({}, null=True), definition=DEFINITION_SCHEMA,
     dirty_bytes=_whole(), disk_bytes=_whole()))
+# A merge in progress (consolidation.py): its step, and the files it writes and removes.
+MERGE_SCHEMA = Record(dict(
+    phase=_one_of("writing", "replacing", "removing", required=True), target=_name(null=True), onto=_name(null=True),
+    drop=ListOf(_name(), "backup names", required=True), remove=ListOf(_name(), "file names", required=True),
+    disks=ListOf(Record(dict(
+        disk=_name(required=True), file=_name(required=True), temp=_name(required=True), backing=_name(null=True),
+        checksum=_text(null=True), identity=Value(lambda value: isinstance(value, list) and len(value) == 2 and all(
+            isinstance(number, int) for number in value), "[device, inode]", null=True))), "disks", required=True)),
+    null=True)
 MANIFEST_SCHEMA = Record(dict(format=_whole(required=True), vm=_text(),
-                              backups=ListOf(BACKUP_SCHEMA, "backups", required=True)))
+                              backups=ListOf(BACKUP_SCHEMA, "backups", required=True), consolidation=MERGE_SCHEMA))
 
 
 def check_manifest(data, path):

@@ -2,7 +2,7 @@
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
-"""A repository's run policy: whether a run is due, its level, the entry it records, and what pruning drops.
+"""A repository's run policy: whether a run is due, its level, the entry it records, and which chains pruning drops.
 
 Chains start at a full backup; incrementals are qcow2 overlays on their parent's images; a disk that cannot hold a
 checkpoint (raw) is backed up in full in every backup. The plan decides each disk's level once; the start can
@@ -219,16 +219,14 @@ def record(data, planned, started_disks, copies, now, definition=None, consisten
     return entry
 
 
-def prune(data, keep_chains):
-    """Drop whole chains beyond the newest keep_chains. Returns (pruned backups, files to delete)."""
+def chains_beyond(backups, keep_chains):
+    """The names of the backups of whole chains beyond the newest keep_chains (0 keeps all)."""
     chains = []
-    for backup in data["backups"]:
+    for backup in backups:
         if backup["chain"] not in chains:
             chains.append(backup["chain"])
     doomed = set(chains[:-keep_chains]) if keep_chains and len(chains) > keep_chains else set()
-    pruned = [b for b in data["backups"] if b["chain"] in doomed]
-    data["backups"] = [b for b in data["backups"] if b["chain"] not in doomed]
-    return pruned, [d["file"] for b in pruned for d in b["disks"]] + [f for b in pruned for f in definition_files(b)]
+    return [b["name"] for b in backups if b["chain"] in doomed]
 
 
 def obsolete_checkpoints(data, pruned):

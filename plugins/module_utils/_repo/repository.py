@@ -27,6 +27,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.manifest_sc
     check_manifest,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import images_needed
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.merge_journal import current_view
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import (
     definition_file_names,
     definition_files,
@@ -102,7 +103,8 @@ class Repository:
         except ValueError as err:
             raise UserError("The manifest %s is damaged (%s): restore it from a copy; its images are untouched."
                             % (self.manifest_path, err)) from None
-        return check_manifest(data, self.manifest_path)
+        # A merge killed half-way: the manifest as the images are, until the lease's next holder finishes it.
+        return current_view(self, check_manifest(data, self.manifest_path))
 
     def load_existing(self):
         """load() a repository that must exist; UserError when it has no manifest."""

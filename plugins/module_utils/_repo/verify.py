@@ -32,7 +32,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img im
     image_info,
     served,
 )
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import images_needed
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import backing_entry, images_needed
 
 
 def verify_vm(repository, wanted=None):
@@ -95,7 +95,7 @@ def check_image(repository, data, backup, disk):
     """What is wrong with one image: its file, its qcow2 structure, its link to its parent, its checksum."""
     report = dict(image=disk["file"], backup=backup["name"], disk=disk["disk"], problems=[], verified=False)
     try:
-        fd = _open_image(repository, disk["file"])
+        fd = open_image(repository, disk["file"])
     except ImageProblem as problem:
         report["problems"].append(str(problem))
         return report
@@ -138,7 +138,8 @@ class ImageProblem(Exception):
     """An image file that cannot be checked at all."""
 
 
-def _open_image(repository, name):
+def open_image(repository, name):
+    """A file descriptor of a repository's image, opened without following a link; ImageProblem when it is none."""
     path = repository.image(name)
     try:
         # O_NONBLOCK: a FIFO in its place must not hang us; fstat below refuses it.
@@ -170,11 +171,10 @@ def _link_problems(data, backup, disk, info):
     named, named_format = info.get("backing-filename"), info.get("backing-filename-format")
     if not disk.get("backing"):
         return ["it names a backing file, %s, though the manifest records a full image" % named] if named else []
-    parent = next((b for b in data["backups"] if b["name"] == backup.get("parent")), None)
-    entry = parent and next((d for d in parent["disks"] if d["file"] == disk["backing"]), None)
+    _member, entry = backing_entry({b["name"]: b for b in data["backups"]}, backup, disk)
     if entry is None:
-        return ["its backing image %s, as the manifest records it, belongs to no backup %s in the manifest"
-                % (disk["backing"], backup.get("parent"))]
+        return ["its backing image %s, as the manifest records it, belongs to no backup of its chain in the manifest "
+                "(its parent: %s)" % (disk["backing"], backup.get("parent"))]
     problems = []
     if named != disk["backing"]:
         problems.append("it names %s as its backing file, not its parent's image %s" % (named, disk["backing"]))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.retention import CALENDAR_RULES
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import parse_bandwidth
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import check_compression
@@ -41,6 +42,7 @@ def settings(params):
     options.update(
         level=params["level"], max_age=parse_duration(params["max_age"]), disks=params["disks"],
         keep_chains=params["keep_chains"], holder=params["holder"], lock_ttl=params["lock_ttl"],
+        **{rule: params[rule] for rule in CALENDAR_RULES},
         copy_timeout=params["copy_timeout"], connections=params["connections"],
         bandwidth=parse_bandwidth(params["bandwidth"]), compress=params["compress"],
         compress_level=params["compress_level"], tls_certificates=params["tls_certificates"],

@@ -106,6 +106,7 @@ def result(run, options, check_mode):
     return dict(changed=changed, summary=summary, msg=describe_plan(run), plan=run.get("plan"), backup=recorded,
                 copies=[{key: c.get(key) for key in COPY_KEYS} for c in run.get("copies", ())],
                 intact=run.get("intact"), pruned=run.get("pruned", []),
+                consolidated=run.get("consolidated", []),
                 removed_checkpoints=run.get("removed_checkpoints", []), notes=run["notes"])
 
 

@@ -19,6 +19,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive, this_process
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import recorded_progress
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.change_rate import change_signal
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.consolidation import resume
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.recording import prune_backups, record_backup
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import check_params, copy_or_keep
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import remove_stale_partials
@@ -64,6 +65,7 @@ def begin(repository, options, check_mode, owner=None):
                due=reason is None, reason=reason, abandoned=abandoned, notes=[])
     if not check_mode:
         try:
+            resume(repository, lambda: renew(repository, run, options))  # a merge a killed run left
             _discard_abandoned(repository, run)
         except BaseException:
             Lease(repository).release(run_id)
@@ -229,8 +231,8 @@ def stop(vm, run, check_mode):
 
 
 def commit(repository, run, options, check_mode):
-    """Record the backup, prune, and give the lease up; run["obsolete_checkpoints"]: the checkpoints no backup needs
-    any more, for forget_checkpoints()."""
+    """Record the backup, prune (whole chains, and points the calendar does not keep, merged away), and give the lease
+    up; run["obsolete_checkpoints"]: the checkpoints no backup needs any more, for forget_checkpoints()."""
     planned = run["plan"]
     if run.get("intact") is False:
         raise UserError("The point-in-time view of backup %s broke before the stop: the guest overwrote data that "
@@ -245,10 +247,11 @@ def commit(repository, run, options, check_mode):
     run["recorded"] = record_backup(repository, planned, started["disks"], copies, started.get("libvirt"),
                                     dict(consistency=started["consistency"], freeze=started["freeze"]), check_mode)
     # Recorded: what follows may fail, and is then only noted, never undone.
-    run.update(pruned=[], obsolete_checkpoints=[])
+    run.update(pruned=[], consolidated=[], obsolete_checkpoints=[])
     try:
-        pruned, run["obsolete_checkpoints"] = prune_backups(repository, options["keep_chains"], check_mode)
-        run["pruned"] = [b["name"] for b in pruned]
+        pruned, merged, run["obsolete_checkpoints"] = prune_backups(
+            repository, options, lambda: renew(repository, run, options), check_mode)
+        run.update(pruned=[b["name"] for b in pruned], consolidated=merged)
     except (FleetbackupError, OSError) as err:
         run["notes"].append("Backup %s is recorded, but pruning failed: %s" % (planned["name"], err))
     if not check_mode:
