@@ -15,6 +15,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum imp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.consolidation import PAUSE_ENV
 from support.fleet import Fleet, assert_ok, two_disk_chain
 from support.flows import image_checksum, marks, restores_exactly
+from support.qemu_vm import MiB
 from support.modules import run_module
 from support.paths import COLLECTIONS
 
@@ -246,3 +247,27 @@ def test_the_backup_role_keeps_the_last_points_and_the_next_incremental_continue
     for disk in ("vda", "vdb"):
         assert restores_exactly(vm, tmp_path, disk, image(fleet, newest["name"], disk), points[disk])
     assert_verifies(fleet, names[2:] + [newest["name"]])
+
+
+def test_a_compressed_chain_consolidates_into_a_compressed_full(tmp_path):
+    vm, fleet = two_disk_chain(tmp_path, 3, qemu_backup_compress="zstd")
+    try:
+        names = [b["name"] for b in fleet.manifest("vm1")["backups"]]
+        flat = tmp_path / "flat"
+        flat.mkdir()
+        for disk in ("vda", "vdb"):
+            subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", image(fleet, names[2], disk),
+                            str(flat / ("%s.%s.raw" % (names[2], disk)))], check=True)
+        done = consolidate(fleet, lock(fleet), keep_last=1)
+        assert not done.failed and done["pruned"] == names[:2], done
+        for disk in ("vda", "vdb"):
+            info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", image(fleet, names[2], disk)],
+                                             check=True, capture_output=True).stdout)
+            assert info["format-specific"]["data"]["compression-type"] == "zstd" and "backing-filename" not in info
+            subprocess.run(["qemu-img", "check", "-U", image(fleet, names[2], disk)], check=True, capture_output=True)
+        # vdb's 3 MiB of one byte value take a few KiB compressed: its clusters are compressed, not only declared so.
+        assert os.stat(image(fleet, names[2], "vdb")).st_size < MiB
+        assert_restores_as_before(fleet, flat, names[2:])
+        assert_verifies(fleet, names[2:])
+    finally:
+        vm.kill()

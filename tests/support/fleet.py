@@ -89,9 +89,9 @@ def assert_clean(vm):
     assert_no_leftovers(vm)
 
 
-def two_disk_chain(workdir, backups):
-    """A running VM of two disks and a chain of `backups` backups (a full, then incrementals) by the backup role, in
-    workdir: (vm, fleet). Each incremental's vda holds a data cluster of zeros that hides the full's data, and its vdb
+def two_disk_chain(workdir, backups, **role_vars):
+    """A running VM of two disks and a chain of `backups` backups (a full, then incrementals) by the backup role with
+    role_vars, in workdir: (vm, fleet). Each incremental's vda holds a data cluster of zeros that hides the full's data, and its vdb
     zero clusters that hide the full's."""
     (workdir / "vm").mkdir()
     vm = Vm(str(workdir / "vm"), [DiskSpec("vda"), DiskSpec("vdb")])
@@ -102,7 +102,7 @@ def two_disk_chain(workdir, backups):
     try:
         fleet = Fleet(workdir, {"vm1": vm})
         for step in range(backups):
-            assert_ok(fleet.backup())
+            assert_ok(fleet.backup(**role_vars))
             vm.write("vda", (step + 4) * MiB, MiB, 0x40 + step)
             vm.zero("vdb", 2 * MiB + step * MiB, CLUSTER)  # an overlay hides these with zero clusters
             if step == 0:

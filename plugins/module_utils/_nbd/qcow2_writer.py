@@ -274,6 +274,16 @@ class Qcow2Writer:
         os.close(self.fd)
 
 
+def stores_zstd(fd):
+    """Whether the qcow2 image open at fd declares zstd-compressed clusters in its header, as compressed copies do."""
+    header = os.pread(fd, COMPRESSED_HEADER_LENGTH, 0)
+    if len(header) < COMPRESSED_HEADER_LENGTH or header[:4] != MAGIC or struct.unpack(">I", header[4:8])[0] < 3:
+        return False
+    incompatible, = struct.unpack(">Q", header[72:80])
+    header_length, = struct.unpack(">I", header[100:104])
+    return bool(incompatible & INCOMPAT_COMPRESSION_TYPE) and header_length > 104 and header[104] == COMPRESSION_TYPE_ZSTD
+
+
 class ImageWriteError(FleetbackupError):
     """Writing an image file failed; the message names the file."""
 
