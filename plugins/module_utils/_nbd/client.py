@@ -164,8 +164,23 @@ class Connection:
 
     def read_now(self, length, offset):
         """Read length bytes at offset and wait for them, within io_timeout."""
-        action = "read offset %d of" % offset
-        cookie = self.errors.call(action, self.handle.aio_pread, nbd.Buffer(length), offset)
+        self._command_now("read offset %d of" % offset, self.handle.aio_pread, nbd.Buffer(length), offset)
+
+    def write_now(self, buf, offset):
+        """Write the nbd.Buffer buf at offset of a writable export and wait for it, within io_timeout."""
+        self._command_now("write offset %d of" % offset, self.handle.aio_pwrite, buf, offset)
+
+    def zero_now(self, offset, length):
+        """Write zeros over [offset, offset+length) and wait. Without NO_HOLE, the server may store them as a hole;
+        QEMU's qcow2 then marks the clusters zero, which hides a backing file's data as zeros must."""
+        self._command_now("write zeros at offset %d of" % offset, self.handle.aio_zero, length, offset)
+
+    def flush_now(self):
+        """Make what was written on this connection durable."""
+        self._command_now("flush", self.handle.aio_flush)
+
+    def _command_now(self, action, command, *args):
+        cookie = self.errors.call(action, command, *args)
         self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
 
     def read(self, buf, offset, completion):
