@@ -42,6 +42,7 @@ extends_documentation_fragment:
   - fleetbackup.qemu.repository.link
   - fleetbackup.qemu.tls
   - fleetbackup.qemu.tls.client
+  - fleetbackup.qemu.encryption
 options:
   repository:
     description:
@@ -329,6 +330,7 @@ notes:
 """
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    ENCRYPTION_ARGUMENT_SPEC,
     LINK_ARGUMENT_SPEC,
     NBD_TCP_ARGUMENT_SPEC,
     TLS_CLIENT_ARGUMENT_SPEC,
@@ -372,6 +374,7 @@ def main():
             libvirt_small_scratch=dict(type="bool", default=False),
             **NBD_TCP_ARGUMENT_SPEC,
             **TLS_CLIENT_ARGUMENT_SPEC,
+            **ENCRYPTION_ARGUMENT_SPEC,
         ),
         mutually_exclusive=[("domain", "guest_agent_socket")],
         required_together=[("repository", "vm")],

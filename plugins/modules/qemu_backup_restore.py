@@ -28,6 +28,7 @@ author:
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
   - fleetbackup.qemu.repository.link
+  - fleetbackup.qemu.encryption
 options:
   backup:
     description: Name of the backup to restore, as in the manifest; the newest complete backup by default.
@@ -195,8 +196,10 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img im
     image_info,
     images_equal,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import encryption_from
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    ENCRYPTION_ARGUMENT_SPEC,
     REPOSITORY_ARGUMENT_SPEC,
     VM_ARGUMENT_SPEC,
 )
@@ -232,6 +235,7 @@ def main():
             domain=dict(type="str"),
             libvirt_uri=VM_ARGUMENT_SPEC["libvirt_uri"],
             firmware_dirs=dict(type="list", elements="path", default=FIRMWARE_DIRECTORIES),
+            **ENCRYPTION_ARGUMENT_SPEC,
         ),
         supports_check_mode=True,
     )
@@ -305,8 +309,9 @@ def _restore_disk(module, repository, disk):
     chain = repository.chain(disk)
     target = os.path.join(params["dest"], "%s.%s" % (disk["disk"], params["format"]))
     result = dict(disk=disk["disk"], image=target, source=source, size=chain[0]["virtual-size"], changed=False)
+    encryption = encryption_from(params["encryption"])
     if os.path.exists(target):
-        if image_info(target)["format"] == params["format"] and images_equal(source, target):
+        if image_info(target)["format"] == params["format"] and images_equal(source, target, encryption):
             return result
         if not params["force"]:
             raise UserError("%s exists with other content: set force to replace it, or restore elsewhere." % target)
@@ -317,12 +322,12 @@ def _restore_disk(module, repository, disk):
     partial = create_exclusive(params["dest"], partial_name(target), os.O_RDWR)
     try:
         try:
-            convert_into(source, partial.fd, params["format"], result["size"])
+            convert_into(source, partial.fd, params["format"], result["size"], encryption)
         finally:
             os.close(partial.fd)
         if params["format"] == "qcow2":
             check_image(partial.path)
-        if not images_equal(source, partial.path):
+        if not images_equal(source, partial.path, encryption):
             raise UserError("The restored image of disk %s differs from its backup %s." % (disk["disk"], source))
         publish(partial.path, target)
     except BaseException:

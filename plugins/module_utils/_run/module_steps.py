@@ -40,7 +40,8 @@ def settings(params):
         keep_chains=params["keep_chains"], holder=params["holder"], lock_ttl=params["lock_ttl"],
         copy_timeout=params["copy_timeout"], connections=params["connections"],
         bandwidth=parse_bandwidth(params["bandwidth"]), tls_certificates=params["tls_certificates"],
-        state_dir=params["state_dir"], rpo=parse_duration(params["rpo"]) if params["rpo"] else None)
+        state_dir=params["state_dir"], rpo=parse_duration(params["rpo"]) if params["rpo"] else None,
+        encryption=params["encryption"])
     return options
 
 

@@ -1,0 +1,147 @@
+"""Encryption at rest: LUKS-encrypted qcow2 chains from a running VM, restored, verified, and refused without
+their secret; the secret never on a command line or in the output."""
+
+import json
+import os
+import threading
+
+from support.fleet import assert_clean
+from support.modules import run_module
+from support.qemu_vm import DiskSpec, MiB, same
+
+SECRET = "correct horse battery staple"
+# The guest's plaintext, which no encrypted image may hold.
+PATTERN = 0x5A
+
+
+def backup(vm, tmp_path, **args):
+    return run_module("qemu_backup", **dict(vm.connection_args(), repository=str(tmp_path / "repository"), vm="vm1",
+                                            state_dir=str(tmp_path / "state"), scratch_dir=str(tmp_path / "scratch"),
+                                            **args))
+
+
+def manifest(tmp_path):
+    return json.loads((tmp_path / "repository" / "vm1" / "manifest.json").read_text())
+
+
+def secret_file(tmp_path, content=SECRET):
+    path = tmp_path / ("key-%d" % len(content))
+    path.write_text(content)
+    path.chmod(0o600)
+    return str(path)
+
+
+def encrypted(tmp_path, content=SECRET):
+    """The encryption option, with a fast key slot: the tests' secret is no passphrase to guard."""
+    return dict(secret_file=secret_file(tmp_path, content), iter_time=10)
+
+
+class QemuCommandLines:
+    """Every qemu-img, qemu-io and qemu-nbd command line seen in /proc while the block runs."""
+
+    def __init__(self):
+        self.seen = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.seen.update(qemu_command_lines())
+
+
+def qemu_command_lines():
+    lines = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as stream:
+                argv = stream.read().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if argv and os.path.basename(argv[0]).decode(errors="replace") in ("qemu-img", "qemu-io", "qemu-nbd"):
+            lines.add(b" ".join(argv).decode(errors="replace"))
+    return lines
+
+
+def repository_files(tmp_path):
+    directory = tmp_path / "repository" / "vm1"
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory)) if name != "lock"}
+
+
+def test_an_encrypted_chain_restores_and_verifies_and_holds_no_plaintext(vms, tmp_path):
+    vm = vms([DiskSpec("vda", size=32 * MiB)], prepare=lambda vm: vm.write("vda", 0, 4 * MiB, PATTERN))
+    (tmp_path / "repository").mkdir()
+    (tmp_path / "scratch").mkdir()
+    marks = [vm.mark("vda")]
+    with QemuCommandLines() as watched:
+        full = backup(vm, tmp_path, encryption=encrypted(tmp_path))
+        vm.write("vda", 8 * MiB, 2 * MiB, PATTERN)
+        vm.zero("vda", 0, MiB)  # zeros over the full's data: the overlay must hide it
+        marks.append(vm.mark("vda"))
+        # The secret from a variable this time, the same secret.
+        incremental = backup(vm, tmp_path, encryption=dict(secret=SECRET, iter_time=10))
+    assert full["summary"]["result"] == "ok" and incremental["summary"]["result"] == "ok", incremental
+    assert incremental["summary"]["level"] == "incremental"
+    for result in (full, incremental):
+        assert SECRET not in json.dumps(result)
+    assert any("qemu-nbd" in line and "secret,id=" in line for line in watched.seen), watched.seen
+    assert watched.seen and not any(SECRET in line for line in watched.seen)
+    backups = manifest(tmp_path)["backups"]
+    assert [b["level"] for b in backups] == ["full", "incremental"]
+    assert SECRET not in json.dumps(backups)
+    for entry in backups:
+        [disk] = entry["disks"]
+        assert disk["encryption"] == "luks"
+        image = tmp_path / "repository" / "vm1" / disk["file"]
+        info = json.loads(os.popen("qemu-img info --output=json '%s'" % image).read())
+        assert info["encrypted"] and info["format-specific"]["data"]["encrypt"]["format"] == "luks"
+        assert bytes([PATTERN]) * 4096 not in image.read_bytes()
+    assert_clean(vm)
+
+    for point, entry in enumerate(backups):
+        dest = tmp_path / ("restored-%d" % point)
+        dest.mkdir()
+        restored = run_module("qemu_backup_restore", repository=str(tmp_path / "repository"), vm="vm1",
+                              backup=entry["name"], dest=str(dest), encryption=encrypted(tmp_path))
+        assert restored["changed"], restored
+        expected = vm.expected_image("vda", marks[point], str(tmp_path / "expected.raw"))
+        assert same(str(dest / "vda.qcow2"), expected)
+    verified = run_module("qemu_backup_verify", repository=str(tmp_path / "repository"), vm="vm1",
+                          encryption=encrypted(tmp_path))
+    assert not verified.failed and verified["vms"][0]["images_checked"] == 2, verified
+    assert all(b["state"] == "ok" for b in verified["vms"][0]["backups"]), verified
+
+
+def test_a_wrong_or_missing_secret_fails_clearly_and_leaves_nothing(vms, tmp_path):
+    vm = vms([DiskSpec("vda", size=16 * MiB)], prepare=lambda vm: vm.write("vda", 0, MiB, PATTERN))
+    (tmp_path / "repository").mkdir()
+    (tmp_path / "scratch").mkdir()
+    assert backup(vm, tmp_path, encryption=encrypted(tmp_path))["summary"]["result"] == "ok"
+    vm.write("vda", 4 * MiB, MiB, PATTERN)
+    before = repository_files(tmp_path)
+    servers = {line for line in qemu_command_lines() if "qemu-nbd" in line}
+    wrong = backup(vm, tmp_path, encryption=encrypted(tmp_path, "not the secret"))
+    assert wrong.failed and "encryption secret opens no key slot" in wrong["msg"], wrong
+    missing = backup(vm, tmp_path)
+    assert missing.failed and "is encrypted: give encryption" in missing["msg"], missing
+    assert repository_files(tmp_path) == before
+    assert {line for line in qemu_command_lines() if "qemu-nbd" in line} == servers
+    assert_clean(vm)
+    dest = tmp_path / "restored"
+    dest.mkdir()
+    for encryption in (None, encrypted(tmp_path, "not the secret")):
+        refused = run_module("qemu_backup_restore", repository=str(tmp_path / "repository"), vm="vm1",
+                             dest=str(dest), **(dict(encryption=encryption) if encryption else {}))
+        assert refused.failed and "secret" in refused["msg"], refused
+        assert os.listdir(dest) == []
+        unread = run_module("qemu_backup_verify", repository=str(tmp_path / "repository"), vm="vm1",
+                            **(dict(encryption=encryption) if encryption else {}))
+        assert unread.failed and "secret" in unread["msg"], unread
+    assert repository_files(tmp_path) == before
