@@ -20,9 +20,13 @@ options:
       - A backup copy makes encrypted images; a restore, a verify and a drill open them with the secret (a restore
         writes a plain image, the VM's disk). An encrypted image without a secret, or with a wrong one, fails with
         a clear error before anything is written.
-      - A chain has one secret. An incremental is written only over an encrypted backing image that the secret
-        opens, and never over a plain one (and a plain incremental never over an encrypted one): to start or stop
-        encrypting, take a full backup.
+      - A chain has one secret, and is all encrypted or all plain. An incremental is written only over an encrypted
+        backing image that the secret opens, never over a plain one, and a plain incremental never over an
+        encrypted one. M(fleetbackup.qemu.qemu_backup) checks the secret against the chain it continues before it
+        takes the lease or touches the VM. With O(fleetbackup.qemu.qemu_backup#module:level=auto) it starts a new,
+        encrypted chain with a full backup when encryption is turned on; an encrypted chain is never continued
+        without the secret, since a run that forgot it must not write plain backups unasked (level C(full) starts a
+        plain chain).
     type: dict
     suboptions:
       format:
