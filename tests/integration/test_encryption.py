@@ -6,6 +6,7 @@ import os
 import threading
 
 from support.fleet import assert_clean
+from support.guest import BootedGuestVm
 from support.modules import run_module
 from support.qemu_vm import DiskSpec, MiB, same
 
@@ -37,7 +38,7 @@ def encrypted(tmp_path, content=SECRET):
 
 
 class QemuCommandLines:
-    """Every qemu-img, qemu-io and qemu-nbd command line seen in /proc while the block runs."""
+    """Every qemu-img, qemu-io, qemu-nbd and QEMU command line seen in /proc while the block runs."""
 
     def __init__(self):
         self.seen = set()
@@ -65,7 +66,8 @@ def qemu_command_lines():
                 argv = stream.read().split(b"\0")
         except OSError:
             continue  # gone meanwhile
-        if argv and os.path.basename(argv[0]).decode(errors="replace") in ("qemu-img", "qemu-io", "qemu-nbd"):
+        if argv and os.path.basename(argv[0]).decode(errors="replace").startswith(("qemu-img", "qemu-io", "qemu-nbd",
+                                                                                  "qemu-system")):
             lines.add(b" ".join(argv).decode(errors="replace"))
     return lines
 
@@ -145,3 +147,24 @@ def test_a_wrong_or_missing_secret_fails_clearly_and_leaves_nothing(vms, tmp_pat
                             **(dict(encryption=encryption) if encryption else {}))
         assert unread.failed and "secret" in unread["msg"], unread
     assert repository_files(tmp_path) == before
+
+
+def test_a_drill_boots_an_encrypted_chain(vms, tmp_path):
+    vm = vms([], name="guest", kind=BootedGuestVm)
+    with vm.agent():  # waits for the boot
+        pass
+    (tmp_path / "repository").mkdir()
+    (tmp_path / "scratch").mkdir()
+    for _level in ("full", "incremental"):
+        done = backup(vm, tmp_path, encryption=encrypted(tmp_path), freeze="never")
+        assert done["summary"]["result"] == "ok", done
+    assert done["summary"]["level"] == "incremental"
+    drill_args = dict(repository=str(tmp_path / "repository"), vm="vm1", state_dir=str(tmp_path / "state"),
+                      accel="tcg", boot_timeout=120)
+    refused = run_module("qemu_restore_drill", **drill_args)
+    assert refused.failed and "is encrypted (LUKS): give encryption" in refused["msg"], refused
+    with QemuCommandLines() as watched:
+        drilled = run_module("qemu_restore_drill", encryption=encrypted(tmp_path), **drill_args)
+    assert not drilled.failed and drilled["drill"]["passed"], drilled
+    assert not any(SECRET in line for line in watched.seen)
+    assert os.listdir(tmp_path / "state" / "drills") == []

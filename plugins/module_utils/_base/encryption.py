@@ -94,7 +94,7 @@ def image_options(spec, layers):
     node = spec
     for index, encrypted in enumerate(layers):
         if encrypted:
-            node["encrypt"] = dict(node.get("encrypt") or {}, **{"key-secret": SECRET_ID})
+            node["encrypt"] = dict(node.get("encrypt") or {}, format=LUKS, **{"key-secret": SECRET_ID})
         if index + 1 < len(layers):
             node = node.setdefault("backing", {})
     return spec

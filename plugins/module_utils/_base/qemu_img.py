@@ -107,6 +107,24 @@ def remove_bitmap(path, name):
         checked_qemu_img("bitmap", "--remove", path, name)
 
 
+def explicit_chain(path):
+    """The image at path with its whole backing chain as one explicit, read-only blockdev spec (a dict), each encrypted
+    layer with the secret: QEMU's -blockdev takes no partial backing spec to merge with an image's header."""
+    spec = None
+    for layer in reversed(image_info(path, chain=True)):
+        node = {"driver": layer["format"], "read-only": True,
+                "file": dict(driver="file", filename=layer["filename"])}
+        if layer["format"] == "qcow2":
+            node["backing"] = spec
+        spec = image_options(node, [bool(layer.get("encrypted"))])
+    return spec
+
+
+def chain_is_encrypted(path):
+    """Whether any image of the chain whose top is at path is encrypted."""
+    return any(layer.get("encrypted") for layer in image_info(path, chain=True))
+
+
 def images_equal(first, second, encryption=None):
     """True when both images (paths, with their chains) have one virtual size and read the same bytes; encryption
     opens those that are encrypted."""
