@@ -19,7 +19,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_PYTHON_INTERPRETER := $(PY)
 
-.PHONY: all demo test sanity unit integration bench bench-checksum deps install guest-kit clean apt-lists
+.PHONY: all demo test sanity unit integration bench bench-checksum bench-storage deps install guest-kit clean apt-lists
 
 all: test
 
@@ -85,6 +85,11 @@ integration: install guest-kit
 bench: install $(APT_BENCH_STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/checksum_bench.py $(CHECKSUM_BENCH_ARGS)
+	$(PY) bench/encrypt_bench.py $(ENCRYPT_BENCH_ARGS)
+
+# The storage benches, on the usr disk (bench/usr_disk.py): encrypted full against plain.
+bench-storage: install $(APT_BENCH_STAMP)
+	$(PY) bench/encrypt_bench.py $(ENCRYPT_BENCH_ARGS)
 
 # Only the checksum's part of make bench: the copy and the verify against nbdcopy, and the checksum's CPU share.
 bench-checksum: install $(APT_BENCH_STAMP)
