@@ -106,10 +106,3 @@ def needs_secret(path, encrypted, encryption):
         raise UserError("%s is encrypted (LUKS): give encryption with the secret its backups were made with."
                         % path)
 
-
-def secret_failure(message, path):
-    """The UserError for QEMU's message when it is a wrong secret's; None otherwise."""
-    if WRONG_SECRET in message:
-        return UserError("The encryption secret does not open %s (QEMU: %s): give the secret that its chain was "
-                         "made with. Nothing was written." % (path, WRONG_SECRET))
-    return None
