@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 from bench import MiB, ROOT, Copiers, copiers_env, timed
+from checksum_bench import alternate
 from usr_disk import usr_disk
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import Encryption
@@ -22,15 +23,6 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img im
 
 SECRET = b"bench secret, not a passphrase to guard"
 TARGET = 1.3  # encrypted full / plain full, issue 20
-
-
-def alternate(runs, rounds):
-    """{name: [seconds]} of runs {name: function returning seconds}, alternating their order each round."""
-    times = {name: [] for name in runs}
-    for round_index in range(rounds):
-        for name in (list(runs) if round_index % 2 == 0 else list(reversed(runs))):
-            times[name].append(runs[name]())
-    return times
 
 
 def main():
@@ -62,6 +54,7 @@ def main():
                     if name not in results.get("checked", ()) and not images_equal(disk, dest, encryption):
                         raise SystemExit("%s produced an image that differs from the disk" % name)
                     results.setdefault("checked", set()).add(name)
+                    print("  %s: %.2f s" % (name, elapsed), flush=True)
                     return elapsed
                 return timed_run
 

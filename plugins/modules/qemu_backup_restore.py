@@ -191,6 +191,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.define import define_domain
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
+    SecretError,
     check_image,
     convert_into,
     image_info,
@@ -318,22 +319,30 @@ def _restore_disk(module, repository, disk):
     result["changed"] = True
     if module.check_mode:
         return result
+    try:
+        _write_restored(params, disk["disk"], source, target, result["size"], encryption)
+    except SecretError as err:
+        raise err.of(source) from None
+    return result
+
+
+def _write_restored(params, disk_name, source, target, size, encryption):
+    """Flatten source's chain into target through a partial file, checked before it is renamed into place."""
     remove_stale_partials(params["dest"])  # a restore killed here before left its partial
     partial = create_exclusive(params["dest"], partial_name(target), os.O_RDWR)
     try:
         try:
-            convert_into(source, partial.fd, params["format"], result["size"], encryption)
+            convert_into(source, partial.fd, params["format"], size, encryption)
         finally:
             os.close(partial.fd)
         if params["format"] == "qcow2":
             check_image(partial.path)
         if not images_equal(source, partial.path, encryption):
-            raise UserError("The restored image of disk %s differs from its backup %s." % (disk["disk"], source))
+            raise UserError("The restored image of disk %s differs from its backup %s." % (disk_name, source))
         publish(partial.path, target)
     except BaseException:
         remove_file(partial.path)  # ours: made above, and not yet renamed
         raise
-    return result
 
 
 if __name__ == "__main__":

@@ -203,7 +203,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options imp
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
     QemuImgError,
+    SecretError,
     chain_is_encrypted,
+    check_image,
     image_info,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
@@ -252,6 +254,10 @@ def drill(module):
     encrypted = [disk for disk in disks if chain_is_encrypted(disk.image)]
     for disk in encrypted:
         needs_secret(disk.image, True, encryption)
+        try:
+            check_image(disk.image, encryption)  # a wrong secret fails here, before anything boots
+        except SecretError as err:
+            raise err.of(disk.image) from None
     unknown = sorted(set(params["images"] or {}) - {disk.name for disk in disks})
     if unknown:
         raise UserError("Backup %s has no disk %s; it has %s."

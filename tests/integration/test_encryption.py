@@ -121,31 +121,35 @@ def test_an_encrypted_chain_restores_and_verifies_and_holds_no_plaintext(vms, tm
     assert all(b["state"] == "ok" for b in verified["vms"][0]["backups"]), verified
 
 
-def test_a_wrong_or_missing_secret_fails_clearly_and_leaves_nothing(vms, tmp_path):
+def test_a_wrong_or_missing_secret_fails_clearly_and_leaves_nothing(vms, tmp_path, monkeypatch):
     vm = vms([DiskSpec("vda", size=16 * MiB)], prepare=lambda vm: vm.write("vda", 0, MiB, PATTERN))
     (tmp_path / "repository").mkdir()
     (tmp_path / "scratch").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the modules' qemu-nbds would have their sockets
     assert backup(vm, tmp_path, encryption=encrypted(tmp_path))["summary"]["result"] == "ok"
     vm.write("vda", 4 * MiB, MiB, PATTERN)
     before = repository_files(tmp_path)
-    servers = {line for line in qemu_command_lines() if "qemu-nbd" in line}
     wrong = backup(vm, tmp_path, encryption=encrypted(tmp_path, "not the secret"))
-    assert wrong.failed and "encryption secret opens no key slot" in wrong["msg"], wrong
+    image = manifest(tmp_path)["backups"][0]["disks"][0]["file"]
+    assert wrong.failed and "encryption secret opens no key slot of %s" % (tmp_path / "repository" / "vm1" / image) \
+        in wrong["msg"], wrong
     missing = backup(vm, tmp_path)
     assert missing.failed and "is encrypted: give encryption" in missing["msg"], missing
     assert repository_files(tmp_path) == before
-    assert {line for line in qemu_command_lines() if "qemu-nbd" in line} == servers
+    assert not [line for line in qemu_command_lines() if "qemu-nbd" in line and str(tmp_path) in line]
+    assert os.listdir(tmp_path / "tmp") == []
     assert_clean(vm)
     dest = tmp_path / "restored"
     dest.mkdir()
     for encryption in (None, encrypted(tmp_path, "not the secret")):
         refused = run_module("qemu_backup_restore", repository=str(tmp_path / "repository"), vm="vm1",
                              dest=str(dest), **(dict(encryption=encryption) if encryption else {}))
-        assert refused.failed and "secret" in refused["msg"], refused
+        assert refused.failed and "secret" in refused["msg"] and image in refused["msg"], refused
         assert os.listdir(dest) == []
         unread = run_module("qemu_backup_verify", repository=str(tmp_path / "repository"), vm="vm1",
                             **(dict(encryption=encryption) if encryption else {}))
-        assert unread.failed and "secret" in unread["msg"], unread
+        assert unread.failed and "secret" in unread["msg"] and image in unread["msg"], unread
     assert repository_files(tmp_path) == before
 
 
@@ -163,6 +167,8 @@ def test_a_drill_boots_an_encrypted_chain(vms, tmp_path):
                       accel="tcg", boot_timeout=120)
     refused = run_module("qemu_restore_drill", **drill_args)
     assert refused.failed and "is encrypted (LUKS): give encryption" in refused["msg"], refused
+    wrong = run_module("qemu_restore_drill", encryption=encrypted(tmp_path, "not the secret"), **drill_args)
+    assert wrong.failed and "encryption secret opens no key slot" in wrong["msg"], wrong
     with QemuCommandLines() as watched:
         drilled = run_module("qemu_restore_drill", encryption=encrypted(tmp_path), **drill_args)
     assert not drilled.failed and drilled["drill"]["passed"], drilled

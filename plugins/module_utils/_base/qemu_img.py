@@ -21,6 +21,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption 
     no_encryption,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
 
 
 class QemuImgError(FleetbackupError):
@@ -51,15 +52,28 @@ def checked_qemu_img(*args, pass_fds=(), encryption=None):
     return process.stdout.decode()
 
 
+class SecretError(UserError):
+    """A wrong or missing secret for an encrypted image; of(path) names the image."""
+
+    def __init__(self, template, image="an encrypted image"):
+        self.template = template
+        super().__init__(template % dict(image=image))
+
+    def of(self, image):
+        """The same error, naming image (as the user knows its path)."""
+        return SecretError(self.template, shown_paths(image))
+
+
 def qemu_failure(command, stderr):
     """The error for a QEMU tool that failed with stderr: a wrong or missing secret is the user's to fix."""
     words = stderr.decode(errors="replace").strip()
+    said = ("%s failed: %s" % (command, words)).replace("%", "%%")
     if WRONG_SECRET in words:
-        return UserError("The encryption secret opens no key slot of an encrypted image (%s failed: %s): give the "
-                         "secret that its chain was made with." % (command, words))
+        return SecretError("The encryption secret opens no key slot of %(image)s (" + said + "): give the secret "
+                           "that its chain was made with.")
     if SECRET_REQUIRED in words:
-        return UserError("An image is encrypted (LUKS) and no secret was given (%s failed: %s): give encryption, "
-                         "with the secret its chain was made with." % (command, words))
+        return SecretError("%(image)s is encrypted (LUKS) and no secret was given (" + said + "): give encryption, "
+                           "with the secret its chain was made with.")
     return QemuImgError("%s failed: %s" % (command, words))
 
 

@@ -54,16 +54,17 @@ class NbdErrorHandler(ErrorHandler):
     library_errors = (nbd.Error,) if HAS_LIBNBD else ()
     error = NbdError
     url = None
+    advice = ADVICE
 
     @classmethod
-    def for_export(cls, url):
-        """This handler, bound to the export at url."""
-        return type(cls.__name__, (cls,), dict(url=url))
+    def for_export(cls, url, advice=ADVICE):
+        """This handler, bound to the export at url, advising what to check with advice."""
+        return type(cls.__name__, (cls,), dict(url=url, advice=advice))
 
     @classmethod
     def message(cls, action, reason):
         """The message for an action ("connect to", "read offset 0 of"...) on the export that failed for reason."""
-        advice = ADVICE + (TLS_ADVICE if cls.url.startswith("nbds") else "")
+        advice = cls.advice + (TLS_ADVICE if cls.url.startswith("nbds") else "")
         return "Cannot %s NBD export %s: %s; %s." % (action, cls.url, reason, advice)
 
     @classmethod
@@ -103,9 +104,9 @@ class Connection:
     """
 
     def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None, full_info=False,
-                 image_alone=False):
+                 image_alone=False, advice=ADVICE):
         self.url = url
-        self.errors = NbdErrorHandler.for_export(url)
+        self.errors = NbdErrorHandler.for_export(url, advice)
         self.bitmap_context = bitmap_context
         self.io_timeout = io_timeout
         self.abort = abort

@@ -107,6 +107,8 @@ class Qcow2Target:
         self.writer.close()
 
 
+# What to check when the qemu-nbd that writes an encrypted image fails a write.
+WRITE_ADVICE = "check the space and health of the file system that the backup image is written to, then copy again"
 # QEMU's LUKS code times PBKDF2 by the thread's CPU time, which a coarse clock may show as none: it then refuses.
 COARSE_CLOCK = "Unable to get accurate CPU usage"
 CREATE_ATTEMPTS = 3
@@ -151,7 +153,7 @@ class EncryptedTarget:
     def _connection(self):
         connection = getattr(self._local, "connection", None)
         if connection is None:
-            connection = self._local.connection = Connection(self.url)
+            connection = self._local.connection = Connection(self.url, advice=WRITE_ADVICE)
             with self._lock:
                 self._connections.append(connection)
         return connection

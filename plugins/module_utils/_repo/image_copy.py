@@ -21,7 +21,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.fast_hash i
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import HAS_LIBNBD
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import missing_libnbd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import check_image, image_info
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import SecretError, check_image, image_info
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import export_size_and_connections
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import MAX_BUFFER_BYTES, MAX_REQUEST_SIZE, copy_to_image
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents import dirty_context
@@ -107,7 +107,10 @@ def check_backing_encryption(backing, encryption):
         raise UserError("backing %s is not encrypted, and an overlay of an encrypted chain cannot build on it: start "
                         "a new chain with a full backup (no backing) to encrypt." % backing)
     if encrypted:
-        check_image(backing, encryption)  # opens its key slot: QEMU names a wrong secret
+        try:
+            check_image(backing, encryption)  # opens its key slot: QEMU names a wrong secret
+        except SecretError as err:
+            raise err.of(backing) from None
 
 
 def check_params(params):

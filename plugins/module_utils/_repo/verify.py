@@ -28,6 +28,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors impo
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import UnknownChecksum, recorded_algorithm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import checksum_of_image_export
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
+    SecretError,
     alone,
     image_damage,
     image_info,
@@ -113,8 +114,11 @@ def check_image(repository, data, backup, disk, encryption=None):
         if encrypted != bool(disk.get("encryption")):
             report["problems"].append("it is %s, though the manifest records it %s" % (
                 "encrypted" if encrypted else "not encrypted", "encrypted" if disk.get("encryption") else "plain"))
-        report["problems"] += (_structure_problems(image, fd, info, disk, encryption)
-                               + _link_problems(data, backup, disk, info))
+        try:
+            report["problems"] += (_structure_problems(image, fd, info, disk, encryption)
+                                   + _link_problems(data, backup, disk, info))
+        except SecretError as err:
+            raise err.of(repository.image(disk["file"])) from None
         if not disk.get("checksum"):
             return report
         try:
