@@ -21,6 +21,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption 
     no_encryption,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import nbd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
 
 
@@ -197,6 +198,7 @@ def alone_path(path, encryption):
 SERVED_CONNECTIONS = 4
 # Seconds qemu-nbd may take to start, and to end once asked.
 SERVER_TIMEOUT = 60
+POLL_SLICE_MS = 100
 
 
 @contextmanager
@@ -204,8 +206,9 @@ def served(image, pass_fds=(), encryption=None, writable=False):
     """An NBD URL of image (a path, or a spec from alone()) served by a qemu-nbd of its own: read-only, or writable
     for a copy to write into; encryption gives it the secret object.
 
-    It reports qemu:allocation-depth too. Its socket is in a new private directory; the server is ended
-    by its PID when the block ends, whatever happened (it flushes what was written before it ends).
+    It reports qemu:allocation-depth too. Its socket is in a new private directory. The server lives only while a
+    connection of ours holds it (it is not --persistent), so it ends with this process even when that is killed;
+    it is ended by its PID when the block ends, whatever happened (it flushes what was written before it ends).
     """
     directory = tempfile.mkdtemp(prefix="fleetbackup-nbd-")  # mode 0700, ours
     try:
@@ -213,10 +216,10 @@ def served(image, pass_fds=(), encryption=None, writable=False):
         pid_file = os.path.join(directory, "pid")
         with (encryption or no_encryption()).qemu_args() as (secret_args, secret_fds):
             try:
-                # --fork returns once the socket listens; --persistent outlives the probe's connection.
+                # --fork returns once the socket listens; one more connection than a copy's, for the holder.
                 process = subprocess.run(["qemu-nbd"] + ([] if writable else ["--read-only"]) + secret_args +
-                                         ["--persistent", "--allocation-depth", "--shared=%d" % SERVED_CONNECTIONS,
-                                          "--fork", "--pid-file", pid_file, "--socket", socket_path, image],
+                                         ["--allocation-depth", "--shared=%d" % (SERVED_CONNECTIONS + 1), "--fork",
+                                          "--pid-file", pid_file, "--socket", socket_path, image],
                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          pass_fds=tuple(pass_fds) + secret_fds, timeout=SERVER_TIMEOUT, check=False)
             except FileNotFoundError:
@@ -226,11 +229,29 @@ def served(image, pass_fds=(), encryption=None, writable=False):
         with open(pid_file) as stream:
             server = os.pidfd_open(int(stream.read()))
         try:
-            yield "nbd+unix:///?socket=" + socket_path
+            url = "nbd+unix:///?socket=" + socket_path
+            holder = _holding_connection(url)
+            try:
+                yield url
+            finally:
+                holder.aio_disconnect(0)
         finally:
             end_pidfd(server)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _holding_connection(url):
+    """A connection to our qemu-nbd that keeps it serving until the connection closes, within SERVER_TIMEOUT."""
+    handle = nbd.NBD()
+    handle.aio_connect_uri(url)
+    for _slice in range(SERVER_TIMEOUT * 1000 // POLL_SLICE_MS):
+        if not handle.aio_is_connecting():
+            break
+        handle.poll(POLL_SLICE_MS)
+    if not handle.aio_is_ready():
+        raise QemuImgError("qemu-nbd serving %s did not answer within %d s." % (url, SERVER_TIMEOUT))
+    return handle
 
 
 def end_pidfd(pidfd):
