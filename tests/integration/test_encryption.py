@@ -3,11 +3,17 @@ their secret; the secret never on a command line or in the output."""
 
 import json
 import os
+import subprocess
+import sys
 import threading
+import time
 
 from support.fleet import assert_clean
+from support.flows import Backups
 from support.guest import BootedGuestVm
-from support.modules import run_module
+from support.modules import ansible_env, run_module
+from support.paths import COLLECTIONS
+from support.processes import end_process
 from support.qemu_vm import DiskSpec, MiB, same
 
 SECRET = "correct horse battery staple"
@@ -59,7 +65,12 @@ class QemuCommandLines:
 
 
 def qemu_command_lines():
-    lines = set()
+    return set(qemu_processes().values())
+
+
+def qemu_processes():
+    """{PID: command line} of the QEMU tools running now."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open("/proc/%s/cmdline" % pid, "rb") as stream:
@@ -68,8 +79,8 @@ def qemu_command_lines():
             continue  # gone meanwhile
         if argv and os.path.basename(argv[0]).decode(errors="replace").startswith(("qemu-img", "qemu-io", "qemu-nbd",
                                                                                   "qemu-system")):
-            lines.add(b" ".join(argv).decode(errors="replace"))
-    return lines
+            found[int(pid)] = b" ".join(argv).decode(errors="replace")
+    return found
 
 
 def repository_files(tmp_path):
@@ -174,3 +185,34 @@ def test_a_drill_boots_an_encrypted_chain(vms, tmp_path):
     assert not drilled.failed and drilled["drill"]["passed"], drilled
     assert not any(SECRET in line for line in watched.seen)
     assert os.listdir(tmp_path / "state" / "drills") == []
+
+
+def test_a_killed_encrypted_copy_leaves_no_server_and_the_next_copy_cleans_up(vms, tmp_path, monkeypatch):
+    vm = vms([DiskSpec("vda", size=16 * MiB)], prepare=lambda vm: vm.write("vda", 0, 8 * MiB, PATTERN))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the copy's qemu-nbd has its socket
+    flow = Backups(vm, str(tmp_path))
+    disk = flow.start("bk1")["backup"]["disks"][0]
+    args = dict(src=disk["url"], dest=str(tmp_path / "vda.qcow2"), encryption=encrypted(tmp_path),
+                state_dir=flow.state_dir)
+    copier = subprocess.Popen(
+        [sys.executable, "-m", "ansible_collections.fleetbackup.qemu.plugins.modules.qemu_backup_copy"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=ansible_env() | {"PYTHONPATH": COLLECTIONS})
+    copier.stdin.write(json.dumps({"ANSIBLE_MODULE_ARGS": dict(args, bandwidth="1M")}).encode())
+    copier.stdin.close()
+    deadline = time.monotonic() + 60
+    servers = {}
+    while not servers and time.monotonic() < deadline and copier.poll() is None:
+        time.sleep(0.01)  # the pace of looking: /proc tells no one when a process starts
+        servers = {pid: line for pid, line in qemu_processes().items()
+                   if "qemu-nbd" in line and str(tmp_path / "tmp") in line}
+    assert servers and copier.poll() is None, "the copy must be writing through its qemu-nbd when it is killed"
+    end_process(copier.pid)  # SIGKILL: no finally runs in the copy
+    copier.wait()
+    for pid in servers:
+        end_process(pid, None)  # it ends by itself, its holder's connection gone
+        assert not os.path.exists("/proc/%d" % pid), servers[pid]
+    [partial] = [name for name in os.listdir(tmp_path) if name.startswith(".vda.qcow2.part-")]
+    again = run_module("qemu_backup_copy", **args)
+    assert again["changed"] and again["removed_partials"] == [partial], again
+    assert flow.stop("bk1")["changed"]
