@@ -11,8 +11,10 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import (
@@ -21,7 +23,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption 
     no_encryption,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import nbd
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import die_with_parent
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
 
 
@@ -198,7 +200,8 @@ def alone_path(path, encryption):
 SERVED_CONNECTIONS = 4
 # Seconds qemu-nbd may take to start, and to end once asked.
 SERVER_TIMEOUT = 60
-POLL_SLICE_MS = 100
+# How often a starting qemu-nbd is looked at: it tells no one when it listens.
+START_POLL = 0.01
 
 
 @contextmanager
@@ -206,52 +209,50 @@ def served(image, pass_fds=(), encryption=None, writable=False):
     """An NBD URL of image (a path, or a spec from alone()) served by a qemu-nbd of its own: read-only, or writable
     for a copy to write into; encryption gives it the secret object.
 
-    It reports qemu:allocation-depth too. Its socket is in a new private directory. The server lives only while a
-    connection of ours holds it (it is not --persistent), so it ends with this process even when that is killed;
-    it is ended by its PID when the block ends, whatever happened (it flushes what was written before it ends).
+    It reports qemu:allocation-depth too. Its socket is in a new private directory. The server is a child that dies
+    with this process's thread (PR_SET_PDEATHSIG), even when that is killed; it is ended by its PID when the block
+    ends, whatever happened (it flushes what was written before it ends).
     """
     directory = tempfile.mkdtemp(prefix="fleetbackup-nbd-")  # mode 0700, ours
     try:
         socket_path = os.path.join(directory, "nbd.sock")
-        pid_file = os.path.join(directory, "pid")
-        with (encryption or no_encryption()).qemu_args() as (secret_args, secret_fds):
+        with open(os.path.join(directory, "stderr"), "w+b") as errors:
+            with (encryption or no_encryption()).qemu_args() as (secret_args, secret_fds):
+                try:
+                    process = subprocess.Popen(  # pylint: disable=consider-using-with
+                        ["qemu-nbd"] + ([] if writable else ["--read-only"]) + secret_args +
+                        ["--persistent", "--allocation-depth", "--shared=%d" % SERVED_CONNECTIONS,
+                         "--socket", socket_path, image], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=errors, pass_fds=tuple(pass_fds) + secret_fds, preexec_fn=die_with_parent)
+                except FileNotFoundError:
+                    raise QemuImgError("qemu-nbd is not installed: install qemu-utils.") from None
+            server = os.pidfd_open(process.pid)
             try:
-                # --fork returns once the socket listens; one more connection than a copy's, for the holder.
-                process = subprocess.run(["qemu-nbd"] + ([] if writable else ["--read-only"]) + secret_args +
-                                         ["--allocation-depth", "--shared=%d" % (SERVED_CONNECTIONS + 1), "--fork",
-                                          "--pid-file", pid_file, "--socket", socket_path, image],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         pass_fds=tuple(pass_fds) + secret_fds, timeout=SERVER_TIMEOUT, check=False)
-            except FileNotFoundError:
-                raise QemuImgError("qemu-nbd is not installed: install qemu-utils.") from None
-        if process.returncode != 0:
-            raise qemu_failure("qemu-nbd", process.stderr)
-        with open(pid_file) as stream:
-            server = os.pidfd_open(int(stream.read()))
-        try:
-            url = "nbd+unix:///?socket=" + socket_path
-            holder = _holding_connection(url)
-            try:
-                yield url
+                _wait_until_listening(process, socket_path, errors)
+                yield "nbd+unix:///?socket=" + socket_path
             finally:
-                holder.aio_disconnect(0)
-        finally:
-            end_pidfd(server)
+                end_pidfd(server)
+                process.wait()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _holding_connection(url):
-    """A connection to our qemu-nbd that keeps it serving until the connection closes, within SERVER_TIMEOUT."""
-    handle = nbd.NBD()
-    handle.aio_connect_uri(url)
-    for _slice in range(SERVER_TIMEOUT * 1000 // POLL_SLICE_MS):
-        if not handle.aio_is_connecting():
-            break
-        handle.poll(POLL_SLICE_MS)
-    if not handle.aio_is_ready():
-        raise QemuImgError("qemu-nbd serving %s did not answer within %d s." % (url, SERVER_TIMEOUT))
-    return handle
+def _wait_until_listening(process, socket_path, errors):
+    """Return once qemu-nbd accepts connections on socket_path; its own words if it exits first."""
+    deadline = time.monotonic() + SERVER_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            errors.seek(0)
+            raise qemu_failure("qemu-nbd", errors.read())
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(socket_path)
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(START_POLL)
+        finally:
+            probe.close()
+    raise QemuImgError("qemu-nbd did not listen on %s within %d s." % (socket_path, SERVER_TIMEOUT))
 
 
 def end_pidfd(pidfd):

@@ -26,7 +26,6 @@ The machine it boots is drill_machine.py's; whether a booting guest is stuck, co
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -48,7 +47,11 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent i
     GuestAgentTimeout,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import PrivateDir, create_exclusive
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive, this_process
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import (
+    die_with_parent,
+    process_alive,
+    this_process,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
     checked_qemu_img,
     explicit_chain,
@@ -68,7 +71,6 @@ OWNER = "owner.json"
 FILESYSTEM_ERRORS = re.compile(r"EXT[234]-fs error|EXT[234]-fs \(.*\): (error|warning)|XFS \(.*\): .*(corrupt|shut"
                                r"ting down)|BTRFS (error|critical)|I/O error|Remounting filesystem read-only|"
                                r"journal commit I/O error|FAT-fs \(.*\): error", re.IGNORECASE)
-PR_SET_PDEATHSIG = 1
 
 
 def drill_directory(state_dir):
@@ -209,7 +211,7 @@ class Drill:
             try:
                 self.process = subprocess.Popen(  # pylint: disable=consider-using-with
                     self.command_line(self.listener.fileno(), secret[0]), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=log, pass_fds=(self.listener.fileno(),) + secret[1], preexec_fn=_die_with_parent)
+                    stderr=log, pass_fds=(self.listener.fileno(),) + secret[1], preexec_fn=die_with_parent)
             except FileNotFoundError:
                 raise UserError("qemu-system-x86_64 is not installed: install qemu-system-x86.") from None
         self.agent = GuestAgent(self.path("agent.sock"), AGENT_TIMEOUT)
@@ -318,8 +320,3 @@ class Drill:
                                 % (self.process.pid, self.workdir)) from None
         if self.listener is not None:
             self.listener.close()
-
-
-def _die_with_parent():
-    """In QEMU's process before exec: SIGKILL when the drill's process dies, so that no guest outlives it."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
