@@ -8,10 +8,10 @@ import sys
 import threading
 import time
 
-from support.fleet import assert_clean
+from support.fleet import PLAYBOOKS, Fleet, assert_clean, assert_ok
 from support.flows import Backups
 from support.guest import BootedGuestVm
-from support.modules import ansible_env, run_module
+from support.modules import ansible_env, run_module, run_playbook
 from support.paths import COLLECTIONS
 from support.processes import end_process
 from support.qemu_vm import DiskSpec, MiB, same
@@ -225,3 +225,28 @@ def test_a_killed_encrypted_copy_leaves_no_server_and_the_next_copy_cleans_up(vm
     again = run_module("qemu_backup_copy", **args)
     assert again["changed"] and again["removed_partials"] == [partial], again
     assert flow.stop("bk1")["changed"]
+
+
+def test_the_roles_back_up_and_restore_an_encrypted_chain_and_never_show_the_secret(vms, tmp_path):
+    vm = vms([DiskSpec("vda", size=16 * MiB)], prepare=lambda vm: vm.write("vda", 0, 2 * MiB, PATTERN))
+    fleet = Fleet(tmp_path, {"vm1": vm})
+    inventory = json.loads(fleet.inventory.read_text())
+    # The secret from a variable, as a vaulted one would be; the restore role takes the backup role's.
+    inventory["vms"]["vars"].update(backup_secret=SECRET, qemu_backup_encryption=dict(
+        secret="{{ backup_secret }}", iter_time=10))
+    fleet.inventory.write_text(json.dumps(inventory))
+    outputs = []
+    for _level in ("full", "incremental"):
+        mark = vm.mark("vda")
+        rc, results, output = run_playbook(os.path.join(PLAYBOOKS, "fleet_backup.yml"), str(fleet.inventory),
+                                           str(tmp_path / ("results-%d.json" % len(outputs))), more_args=("-vvv",))
+        assert rc == 0, output[-3000:]
+        outputs += [output, json.dumps(results)]
+        vm.write("vda", 4 * MiB, MiB, PATTERN)
+    backups = fleet.manifest("vm1")["backups"]
+    assert [b["level"] for b in backups] == ["full", "incremental"]
+    assert [d.get("encryption") for b in backups for d in b["disks"]] == ["luks", "luks"]
+    restored = assert_ok(fleet.restore("vm1", tmp_path / "restored"))
+    outputs.append(json.dumps(restored))
+    assert same(str(tmp_path / "restored" / "vda.qcow2"), vm.expected_image("vda", mark, str(tmp_path / "e.raw")))
+    assert not any(SECRET in output for output in outputs)
