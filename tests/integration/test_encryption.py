@@ -13,7 +13,7 @@ from support.flows import Backups
 from support.guest import BootedGuestVm
 from support.modules import ansible_env, run_module, run_playbook
 from support.paths import COLLECTIONS
-from support.processes import end_process
+from support.processes import end_process, process_alive
 from support.qemu_vm import DiskSpec, MiB, same
 
 SECRET = "correct horse battery staple"
@@ -81,15 +81,6 @@ def qemu_processes():
                                                                                   "qemu-system")):
             found[int(pid)] = b" ".join(argv).decode(errors="replace")
     return found
-
-
-def running(pid):
-    """Whether pid is a process that has not exited (an exited daemon may wait as a zombie for init to reap it)."""
-    try:
-        with open("/proc/%d/stat" % pid) as stream:
-            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def repository_files(tmp_path):
@@ -220,7 +211,7 @@ def test_a_killed_encrypted_copy_leaves_no_server_and_the_next_copy_cleans_up(vm
     copier.wait()
     for pid in servers:
         end_process(pid, None)  # it ends by itself, its holder's connection gone
-        assert not running(pid), servers[pid]
+        assert not process_alive(pid), servers[pid]
     [partial] = [name for name in os.listdir(tmp_path) if name.startswith(".vda.qcow2.part-")]
     again = run_module("qemu_backup_copy", **args)
     assert again["changed"] and again["removed_partials"] == [partial], again
