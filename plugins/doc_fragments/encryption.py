@@ -12,7 +12,7 @@ options:
   encryption:
     description:
       - Encryption at rest with qcow2's own LUKS encryption (C(encrypt.format=luks), AES-256-XTS with plain64 IVs and
-        PBKDF2-SHA256 key slots, as C(qemu-img create) makes them). QEMU does all the crypto, so qemu-img, qemu-nbd
+        PBKDF2-SHA512 key slots, made by C(qemu-img create)). QEMU does all the crypto, so qemu-img, qemu-nbd
         and QEMU open the images given the secret, for example
         C(qemu-img info --object secret,id=k,file=KEYFILE --image-opts driver=qcow2,file.filename=IMAGE,encrypt.key-secret=k).
       - The secret never appears on a command line or in a log. Each QEMU process gets it as a C(secret) object that

@@ -111,7 +111,7 @@ class Qcow2Target:
 WRITE_ADVICE = "check the space and health of the file system that the backup image is written to, then copy again"
 # QEMU's LUKS code times PBKDF2 by the thread's CPU time, which a coarse clock may show as none: it then refuses.
 COARSE_CLOCK = "Unable to get accurate CPU usage"
-CREATE_ATTEMPTS = 3
+CREATE_ATTEMPTS = 5  # a refusal comes at once, before the slow part
 
 
 class EncryptedTarget:
