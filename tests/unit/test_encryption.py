@@ -26,9 +26,10 @@ def test_the_secret_comes_from_its_file_whole_or_from_the_option(tmp_path):
     assert encryption_from(dict(secret_file=None, secret="s3cret", iter_time=2000)).secret == b"s3cret"
     assert encryption_from(None) is None
     path.write_bytes(b"")
-    for options, words in ((dict(secret_file=str(path)), "empty"), (dict(secret_file=str(tmp_path / "none")),
-                                                                    "does not exist"),
-                           (dict(secret="x" * 10, iter_time=0), "iter_time"), (dict(iter_time=10), "needs its secret")):
+    refused = [(dict(secret_file=str(path)), "empty"), (dict(secret_file=str(tmp_path / "none")), "does not exist"),
+               (dict(secret="x" * 10, iter_time=0), "iter_time"), (dict(secret="x" * 4097), "too long"),
+               (dict(iter_time=10), "needs its secret")]
+    for options, words in refused:
         with pytest.raises(UserError, match=words):
             encryption_from(options)
 

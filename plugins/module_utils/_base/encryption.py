@@ -19,7 +19,7 @@ import os
 from contextlib import contextmanager
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import read_regular_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import read_regular_file, shown_paths
 
 # The one secret object of a QEMU process: every encrypted layer uses it (one secret per chain).
 SECRET_ID = "fleetbackup-key"
@@ -81,9 +81,9 @@ def encryption_from(options):
     else:
         raise UserError("encryption needs its secret: give encryption.secret_file (a file of root's, 0600) or "
                         "encryption.secret (from a vaulted variable).")
-    if not secret:
-        raise UserError("The encryption secret is empty: give a passphrase or key, such as the output of "
-                        "`openssl rand -base64 32`.")
+    if not secret or len(secret) > SECRET_LIMIT:
+        raise UserError("The encryption secret is %s: give a passphrase or key of at most %d bytes, such as the "
+                        "output of `openssl rand -base64 32`." % ("empty" if not secret else "too long", SECRET_LIMIT))
     if not 1 <= options.get("iter_time", 2000) <= 60000:
         raise UserError("encryption.iter_time must be 1 to 60000 milliseconds.")
     return Encryption(secret, options.get("iter_time", 2000))
@@ -106,5 +106,5 @@ def needs_secret(path, encrypted, encryption):
     """UserError when an encrypted image is to be opened without a secret."""
     if encrypted and encryption is None:
         raise UserError("%s is encrypted (LUKS): give encryption with the secret its backups were made with."
-                        % path)
+                        % shown_paths(path))
 
