@@ -232,7 +232,7 @@ def served(image, pass_fds=(), encryption=None, writable=False):
                 yield "nbd+unix:///?socket=" + socket_path
             finally:
                 end_pidfd(server)
-                process.wait()
+                process.poll()  # reaps it; never waits on one that a hung disk keeps
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
