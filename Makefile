@@ -91,10 +91,11 @@ bench: install $(APT_BENCH_STAMP)
 bench-checksum: install $(APT_BENCH_STAMP)
 	$(PY) bench/checksum_bench.py $(CHECKSUM_BENCH_ARGS)
 
-# The storage benches, on the 8 GiB ext4 copy of /usr (bench/usr_disk.py): compression's size and time, and the
-# consolidation of a full and incrementals.
+# The storage benches, on the 8 GiB ext4 copy of /usr (bench/usr_disk.py): compression's size and time, the
+# encrypted full against the plain one, and the consolidation of a full and incrementals.
 bench-storage: install $(APT_BENCH_STAMP)
 	$(PY) bench/compress_bench.py $(STORAGE_BENCH_ARGS)
+	$(PY) bench/encrypt_bench.py $(ENCRYPT_BENCH_ARGS)
 	$(PY) bench/consolidate_bench.py
 
 # The package lists, for the test that checks them.

@@ -45,6 +45,7 @@ extends_documentation_fragment:
   - fleetbackup.qemu.tls
   - fleetbackup.qemu.tls.client
   - fleetbackup.qemu.repository.compress
+  - fleetbackup.qemu.encryption
 options:
   repository:
     description:
@@ -362,6 +363,7 @@ notes:
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
     COMPRESS_ARGUMENT_SPEC,
+    ENCRYPTION_ARGUMENT_SPEC,
     LINK_ARGUMENT_SPEC,
     NBD_TCP_ARGUMENT_SPEC,
     TLS_CLIENT_ARGUMENT_SPEC,
@@ -410,6 +412,7 @@ def main():
             libvirt_small_scratch=dict(type="bool", default=False),
             **NBD_TCP_ARGUMENT_SPEC,
             **TLS_CLIENT_ARGUMENT_SPEC,
+            **ENCRYPTION_ARGUMENT_SPEC,
         ),
         mutually_exclusive=[("domain", "guest_agent_socket")],
         required_together=[("repository", "vm")],

@@ -37,6 +37,7 @@ extends_documentation_fragment:
   - fleetbackup.qemu.vm.copy_progress
   - fleetbackup.qemu.tls.client
   - fleetbackup.qemu.repository.compress
+  - fleetbackup.qemu.encryption
 options:
   src:
     description:
@@ -195,6 +196,11 @@ throughput:
   returned: when copied
   type: int
   sample: 671088640
+encryption:
+  description: C(luks) when the image is encrypted (O(encryption)), else null.
+  returned: when copied, or when O(dest) already holds this backup
+  type: str
+  sample: luks
 checksum:
   description:
     - The checksum of the image, C(xxh3-128-blocks64k:) and 64 hex digits, summed as it was written. Each 64 KiB
@@ -212,6 +218,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
     COMPRESS_ARGUMENT_SPEC,
     COPY_PROGRESS_ARGUMENT_SPEC,
+    ENCRYPTION_ARGUMENT_SPEC,
     TLS_CLIENT_ARGUMENT_SPEC,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import copy_backup
@@ -235,6 +242,7 @@ def main():
             bandwidth=dict(type="raw", default=0),
             **COMPRESS_ARGUMENT_SPEC,
             **COPY_PROGRESS_ARGUMENT_SPEC,
+            **ENCRYPTION_ARGUMENT_SPEC,
         ),
         add_file_common_args=True,
         supports_check_mode=True,

@@ -28,6 +28,7 @@ author:
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
   - fleetbackup.qemu.repository.link
+  - fleetbackup.qemu.encryption
 options:
   backup:
     description: Name of the backup to restore, as in the manifest; the newest complete backup by default.
@@ -190,13 +191,16 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.calls
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.libvirt.define import define_domain
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
+    SecretError,
     check_image,
     convert_into,
     image_info,
     images_equal,
 )
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import encryption_from
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    ENCRYPTION_ARGUMENT_SPEC,
     REPOSITORY_ARGUMENT_SPEC,
     VM_ARGUMENT_SPEC,
 )
@@ -232,6 +236,7 @@ def main():
             domain=dict(type="str"),
             libvirt_uri=VM_ARGUMENT_SPEC["libvirt_uri"],
             firmware_dirs=dict(type="list", elements="path", default=FIRMWARE_DIRECTORIES),
+            **ENCRYPTION_ARGUMENT_SPEC,
         ),
         supports_check_mode=True,
     )
@@ -305,30 +310,39 @@ def _restore_disk(module, repository, disk):
     chain = repository.chain(disk)
     target = os.path.join(params["dest"], "%s.%s" % (disk["disk"], params["format"]))
     result = dict(disk=disk["disk"], image=target, source=source, size=chain[0]["virtual-size"], changed=False)
+    encryption = encryption_from(params["encryption"])
     if os.path.exists(target):
-        if image_info(target)["format"] == params["format"] and images_equal(source, target):
+        if image_info(target)["format"] == params["format"] and images_equal(source, target, encryption):
             return result
         if not params["force"]:
             raise UserError("%s exists with other content: set force to replace it, or restore elsewhere." % target)
     result["changed"] = True
     if module.check_mode:
         return result
+    try:
+        _write_restored(params, disk["disk"], source, target, result["size"], encryption)
+    except SecretError as err:
+        raise err.of(source) from None
+    return result
+
+
+def _write_restored(params, disk_name, source, target, size, encryption):
+    """Flatten source's chain into target through a partial file, checked before it is renamed into place."""
     remove_stale_partials(params["dest"])  # a restore killed here before left its partial
     partial = create_exclusive(params["dest"], partial_name(target), os.O_RDWR)
     try:
         try:
-            convert_into(source, partial.fd, params["format"], result["size"])
+            convert_into(source, partial.fd, params["format"], size, encryption)
         finally:
             os.close(partial.fd)
         if params["format"] == "qcow2":
             check_image(partial.path)
-        if not images_equal(source, partial.path):
-            raise UserError("The restored image of disk %s differs from its backup %s." % (disk["disk"], source))
+        if not images_equal(source, partial.path, encryption):
+            raise UserError("The restored image of disk %s differs from its backup %s." % (disk_name, source))
         publish(partial.path, target)
     except BaseException:
         remove_file(partial.path)  # ours: made above, and not yet renamed
         raise
-    return result
 
 
 if __name__ == "__main__":

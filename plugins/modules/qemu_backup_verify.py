@@ -32,6 +32,7 @@ author:
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
   - fleetbackup.qemu.repository.link
+  - fleetbackup.qemu.encryption
 options:
   vm:
     description: The VM whose backups to verify, its subdirectory in the repository; a plain file name. Every VM that
@@ -169,8 +170,12 @@ msg:
   type: str
 """
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import encryption_from
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import REPOSITORY_ARGUMENT_SPEC
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    ENCRYPTION_ARGUMENT_SPEC,
+    REPOSITORY_ARGUMENT_SPEC,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository, RepositoryRoot
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.verify import read_totals, verify_vm
@@ -182,6 +187,7 @@ def main():
             REPOSITORY_ARGUMENT_SPEC,
             vm=dict(type="str"),
             backups=dict(type="list", elements="str"),
+            **ENCRYPTION_ARGUMENT_SPEC,
         ),
         required_by=dict(backups="vm"),
         needs_nbd=True,  # xxhash only for images that record xxh3: check_image() asks for it there
@@ -194,11 +200,12 @@ def verify(module):
     params = module.params
     root = RepositoryRoot(params["repository"], params["follow_repository_link"])
     names = [params["vm"]] if params["vm"] else root.vm_names()
+    encryption = encryption_from(params["encryption"])
     reports = []
     for name in names:
         # One VM's directory open at a time; its paths shown before its descriptor goes.
         with Repository(root, name, params["follow_repository_link"]) as repository:
-            reports.append(shown_paths(verify_vm(repository, params["backups"])))
+            reports.append(shown_paths(verify_vm(repository, params["backups"], encryption)))
     bad = [dict(image, vm=report["vm"]) for report in reports for image in report["bad_images"]]
     unverified = sum(len(report["unverified_images"]) for report in reports)
     checked = sum(report["images_checked"] for report in reports)

@@ -39,6 +39,7 @@ author:
 extends_documentation_fragment:
   - fleetbackup.qemu.repository
   - fleetbackup.qemu.repository.link
+  - fleetbackup.qemu.encryption
 options:
   backup:
     description: Name of the backup to drill, as in the manifest; the newest complete backup by default.
@@ -194,8 +195,19 @@ import shutil
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import FleetbackupModule
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import REPOSITORY_ARGUMENT_SPEC, STATE_DIR
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import QemuImgError, image_info
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import encryption_from, needs_secret
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import (
+    ENCRYPTION_ARGUMENT_SPEC,
+    REPOSITORY_ARGUMENT_SPEC,
+    STATE_DIR,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
+    QemuImgError,
+    SecretError,
+    chain_is_encrypted,
+    check_image,
+    image_info,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill import Drill, drill_directory
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill_machine import DrillDisk, DrillMachine
@@ -216,6 +228,7 @@ def main():
             check_filesystems=dict(type="bool", default=True),
             command=dict(type="list", elements="str"),
             command_timeout=dict(type="float", default=300),
+            **ENCRYPTION_ARGUMENT_SPEC,
         ),
         supports_check_mode=True,
     )
@@ -237,6 +250,14 @@ def drill(module):
     nvram = repository.nvram(definition)
     disks = [DrillDisk(disk["disk"], chosen_image(repository, data, backup, disk, params["images"] or {}),
                        machine.buses.get(disk["disk"], "virtio")) for disk in backup["disks"]]
+    encryption = encryption_from(params["encryption"])
+    encrypted = [disk for disk in disks if chain_is_encrypted(disk.image)]
+    for disk in encrypted:
+        needs_secret(disk.image, True, encryption)
+        try:
+            check_image(disk.image, encryption)  # a wrong secret fails here, before anything boots
+        except SecretError as err:
+            raise err.of(disk.image) from None
     unknown = sorted(set(params["images"] or {}) - {disk.name for disk in disks})
     if unknown:
         raise UserError("Backup %s has no disk %s; it has %s."
@@ -249,7 +270,8 @@ def drill(module):
                                               filesystems=[], command=None, console=[]))
     workdir = drill_directory(params["state_dir"])
     try:
-        run = Drill(workdir, disks, machine, params["accel"], params["memory"], params["cpus"], nvram)
+        run = Drill(workdir, disks, machine, params["accel"], params["memory"], params["cpus"], nvram,
+                    encryption if encrypted else None)
         run.prepare()
         report.update(run.run(params["boot_timeout"], params["check_filesystems"], params["command"],
                               params["command_timeout"], params["console_silence_timeout"]))

@@ -22,7 +22,7 @@ import libvirt
 import libvirt_qemu
 
 from support.guest import GuestVm, kit_path
-from support.processes import end_process
+from support.processes import end_process, process_alive
 from support.qemu_vm import DiskSpec, Vm, halt_firmware, virtual_size
 
 MOUNTED = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
@@ -44,15 +44,6 @@ READY_TIMEOUT = 120  # a cold capabilities cache: QEMU probed twice, a few secon
 def silence_libvirt():
     """libvirt prints every error on stderr unless told otherwise; the tests read errors from exceptions."""
     libvirt.registerErrorHandler(lambda context, error: None, None)
-
-
-def process_alive(pid):
-    """Alive and not a zombie: the daemons double-fork, and their reaper (PID 1) may reap them late."""
-    try:
-        with open("/proc/%d/stat" % pid) as stream:
-            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def end_daemon(pid, timeout=30):

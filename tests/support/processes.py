@@ -42,3 +42,12 @@ def descendants(pid):
         found = level + found
         level = [child for parent in level for child in children.get(parent, [])]
     return found
+
+
+def process_alive(pid):
+    """Alive and not a zombie: daemons double-fork, and their reaper (PID 1) may reap them late."""
+    try:
+        with open("/proc/%d/stat" % pid) as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -75,3 +75,11 @@ START_ARGUMENT_SPEC = dict(
     guest_agent_socket=dict(type="path"),
     freeze_timeout=dict(type="float", default=10),
 )
+
+# fleetbackup.qemu.encryption: the secret of encrypted images (qcow2's LUKS), and how new ones are made.
+ENCRYPTION_ARGUMENT_SPEC = dict(encryption=dict(type="dict", options=dict(
+    format=dict(type="str", choices=["luks"], default="luks"),
+    secret_file=dict(type="path", no_log=False),
+    secret=dict(type="str", no_log=True),
+    iter_time=dict(type="int", default=2000),
+), mutually_exclusive=[["secret", "secret_file"]], required_one_of=[["secret", "secret_file"]]))

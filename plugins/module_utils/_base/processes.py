@@ -2,11 +2,14 @@
 # Copyright: fleetbackup.qemu contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # PRIVATE to the fleetbackup.qemu collection: no API, may change in any release.
-"""Processes told apart for good: by host, boot, PID and the PID's start time, so a reused PID is never ours."""
+"""Processes told apart for good: by host, boot, PID and the PID's start time, so a reused PID is never ours; and
+children that die with the process that started them."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 
 
@@ -38,3 +41,11 @@ def process_alive(owner):
     """Whether the process that this_process() described still runs."""
     return (owner.get("boot_id") == boot_id() and owner.get("host") == socket.gethostname()
             and process_start_time(owner.get("pid", -1)) == owner.get("started"))
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """In a child before exec (preexec_fn): SIGKILL when the thread that started it dies, so it outlives nothing."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

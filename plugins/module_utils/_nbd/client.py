@@ -54,16 +54,17 @@ class NbdErrorHandler(ErrorHandler):
     library_errors = (nbd.Error,) if HAS_LIBNBD else ()
     error = NbdError
     url = None
+    advice = ADVICE
 
     @classmethod
-    def for_export(cls, url):
-        """This handler, bound to the export at url."""
-        return type(cls.__name__, (cls,), dict(url=url))
+    def for_export(cls, url, advice=ADVICE):
+        """This handler, bound to the export at url, advising what to check with advice."""
+        return type(cls.__name__, (cls,), dict(url=url, advice=advice))
 
     @classmethod
     def message(cls, action, reason):
         """The message for an action ("connect to", "read offset 0 of"...) on the export that failed for reason."""
-        advice = ADVICE + (TLS_ADVICE if cls.url.startswith("nbds") else "")
+        advice = cls.advice + (TLS_ADVICE if cls.url.startswith("nbds") else "")
         return "Cannot %s NBD export %s: %s; %s." % (action, cls.url, reason, advice)
 
     @classmethod
@@ -103,9 +104,9 @@ class Connection:
     """
 
     def __init__(self, url, bitmap_context=None, io_timeout=IO_TIMEOUT, abort=None, full_info=False,
-                 image_alone=False):
+                 image_alone=False, advice=ADVICE):
         self.url = url
-        self.errors = NbdErrorHandler.for_export(url)
+        self.errors = NbdErrorHandler.for_export(url, advice)
         self.bitmap_context = bitmap_context
         self.io_timeout = io_timeout
         self.abort = abort
@@ -164,8 +165,23 @@ class Connection:
 
     def read_now(self, length, offset):
         """Read length bytes at offset and wait for them, within io_timeout."""
-        action = "read offset %d of" % offset
-        cookie = self.errors.call(action, self.handle.aio_pread, nbd.Buffer(length), offset)
+        self._command_now("read offset %d of" % offset, self.handle.aio_pread, nbd.Buffer(length), offset)
+
+    def write_now(self, buf, offset):
+        """Write the nbd.Buffer buf at offset of a writable export and wait for it, within io_timeout."""
+        self._command_now("write offset %d of" % offset, self.handle.aio_pwrite, buf, offset)
+
+    def zero_now(self, offset, length):
+        """Write zeros over [offset, offset+length) and wait. Without NO_HOLE, the server may store them as a hole;
+        QEMU's qcow2 then marks the clusters zero, which hides a backing file's data as zeros must."""
+        self._command_now("write zeros at offset %d of" % offset, self.handle.aio_zero, length, offset)
+
+    def flush_now(self):
+        """Make what was written on this connection durable."""
+        self._command_now("flush", self.handle.aio_flush)
+
+    def _command_now(self, action, command, *args):
+        cookie = self.errors.call(action, command, *args)
         self.wait_until(lambda: self.handle.aio_command_completed(cookie), action)
 
     def read(self, buf, offset, completion):

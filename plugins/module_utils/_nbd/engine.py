@@ -44,7 +44,12 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.extents impo
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import nbd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import write_failure
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.targets import ChecksumOnly, FileTarget, Qcow2Target
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.targets import (
+    ChecksumOnly,
+    EncryptedTarget,
+    FileTarget,
+    Qcow2Target,
+)
 
 # Work is handed to the connections in batches of about this many bytes of data.
 BATCH_BYTES = 4 * 1024 ** 2
@@ -338,8 +343,9 @@ def copy(src_url, target, size, connections, bitmap_context=None, zero_target=Tr
 
 def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backing=None, backing_format="qcow2",
                   connections=4, requests=16, request_size=256 * 1024, io_timeout=IO_TIMEOUT, bandwidth=0,
-                  report=None, deadline=None, image_alone=False, compression_level=None):
-    """Copy into a new image at path: raw written with pwrite, qcow2 written directly.
+                  report=None, deadline=None, image_alone=False, compression_level=None, encryption=None):
+    """Copy into a new image at path: raw written with pwrite, qcow2 written directly, or with encryption (an
+    Encryption) LUKS-encrypted qcow2 written through QEMU.
 
     backing is stored as given: keep it relative to the image's directory. bandwidth, report, deadline and
     image_alone: see copy(). compression_level: None, or the zstd level a qcow2 image's clusters are compressed with.
@@ -350,6 +356,8 @@ def copy_to_image(src_url, path, image_format, size, bitmap_context=None, backin
     try:
         if image_format == "raw":
             target = FileTarget(path, size)
+        elif encryption is not None:
+            target = EncryptedTarget(path, size, backing, backing_format, encryption)
         else:
             target = Qcow2Target(path, size, backing, backing_format, compression_level)
     except OSError as err:

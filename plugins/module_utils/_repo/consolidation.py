@@ -43,7 +43,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_sta
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import layered, served
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.zstd import HAS_ZSTANDARD, missing_zstandard
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import copy_to_image
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import stores_zstd
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import is_encrypted, stores_zstd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import definition_files
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import disk_usage
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.merge_journal import apply_merge, replaced
@@ -150,12 +150,16 @@ def _write(repository, rewrite, temp):
     try:
         for name in rewrite["layers"]:
             fds.append(open_image(repository, name))
+        if any(is_encrypted(fd) for fd in fds):
+            raise UserError("Cannot merge backup %s's images in %s: they are encrypted, and this version consolidates "
+                            "only plain chains. Keep encrypted chains with keep_chains. No image was changed."
+                            % (rewrite["layers"][-1], repository.path))
         # A chain that was stored compressed stays so: its merged image too.
         level = DEFAULT_COMPRESSION_LEVEL if any(stores_zstd(fd) for fd in fds) else None
         if level is not None and not HAS_ZSTANDARD:
             raise UserError("Cannot merge backup %s's images in %s: they are compressed, and %s No image was changed."
                             % (rewrite["layers"][-1], repository.path, missing_zstandard()))
-        with served(layered([(fd, "qcow2") for fd in fds]), pass_fds=fds) as url:
+        with served(layered([(fd, "qcow2", False) for fd in fds]), pass_fds=fds) as url:
             return copy_to_image(url, repository.image(temp), "qcow2", rewrite["size"], backing=rewrite["backing"],
                                  image_alone=rewrite["backing"] is not None, compression_level=level)
     except ImageProblem as problem:

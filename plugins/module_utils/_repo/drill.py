@@ -26,16 +26,16 @@ The machine it boots is drill_machine.py's; whether a booting guest is stuck, co
 
 from __future__ import annotations
 
-import ctypes
+import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import time
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import no_encryption
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.console_watch import ConsoleWatch, DrillFailed
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.drill_machine import OVMF_VARS
@@ -46,8 +46,16 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.guest_agent i
     GuestAgentTimeout,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import PrivateDir, create_exclusive
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive, this_process
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import checked_qemu_img, image_info
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import (
+    die_with_parent,
+    process_alive,
+    this_process,
+)
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
+    checked_qemu_img,
+    explicit_chain,
+    image_info,
+)
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -62,7 +70,6 @@ OWNER = "owner.json"
 FILESYSTEM_ERRORS = re.compile(r"EXT[234]-fs error|EXT[234]-fs \(.*\): (error|warning)|XFS \(.*\): .*(corrupt|shut"
                                r"ting down)|BTRFS (error|critical)|I/O error|Remounting filesystem read-only|"
                                r"journal commit I/O error|FAT-fs \(.*\): error", re.IGNORECASE)
-PR_SET_PDEATHSIG = 1
 
 
 def drill_directory(state_dir):
@@ -83,8 +90,9 @@ def drill_directory(state_dir):
 class Drill:
     """Boot disks on overlays in an isolated QEMU, wait for the agent, run the checks; run() gives the result."""
 
-    def __init__(self, workdir, disks, machine, accel, memory_mib, cpus, nvram=None):
+    def __init__(self, workdir, disks, machine, accel, memory_mib, cpus, nvram=None, encryption=None):
         self.workdir = workdir
+        self.encryption = encryption  # opens the encrypted images beneath the overlays
         self.disks = disks
         self.machine = machine
         self.accel = accel
@@ -121,7 +129,7 @@ class Drill:
         result["seconds"] = round(time.monotonic() - started, 3)
         return result
 
-    def command_line(self, agent_fd):
+    def command_line(self, agent_fd, secret_args=()):
         machine = self.machine
         options = "%s,accel=%s" % (machine.machine, self.accel)
         if machine.secure:
@@ -132,6 +140,7 @@ class Drill:
                 "-serial", "chardev:console",
                 "-chardev", "socket,id=agent,fd=%d,server=on,wait=off" % agent_fd,
                 "-device", "virtio-serial-pci", "-device", "virtserialport,chardev=agent,name=%s" % AGENT_CHANNEL]
+        args += list(secret_args)
         if machine.loader:
             if machine.secure:
                 args += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
@@ -142,7 +151,7 @@ class Drill:
         for index, disk in enumerate(self.disks):
             node = "disk%d" % index
             args += ["-blockdev", "driver=file,filename=%s,node-name=%s-file" % (self.path(node + ".qcow2"), node),
-                     "-blockdev", "driver=qcow2,file=%s-file,node-name=%s" % (node, node)]
+                     "-blockdev", self._overlay_node(disk, node)]
             if disk.bus == "virtio":
                 device = "virtio-blk-pci,drive=%s" % node
             elif disk.bus in ("sata", "ide"):
@@ -158,6 +167,13 @@ class Drill:
                                 % (disk.name, disk.bus))
             args += ["-device", "%s,bootindex=%d" % (device, index)]
         return args
+
+    def _overlay_node(self, disk, node):
+        """The overlay's -blockdev; over an encrypted chain, with the whole chain spelt out and given the secret."""
+        if self.encryption is None:
+            return "driver=qcow2,file=%s-file,node-name=%s" % (node, node)
+        return json.dumps({"driver": "qcow2", "file": "%s-file" % node, "node-name": node,
+                           "backing": explicit_chain(disk.image)}, sort_keys=True)
 
     def prepare(self):
         """The throwaway overlays and the copy of the UEFI variables, all new files of ours (0600)."""
@@ -190,11 +206,11 @@ class Drill:
             raise UserError("Cannot listen on %s (%s): choose a shorter state_dir (a socket path holds 107 bytes)."
                             % (self.path("agent.sock"), err.strerror)) from None
         self.listener.listen(1)
-        with open(self.path("qemu.log"), "wb") as log:
+        with open(self.path("qemu.log"), "wb") as log, (self.encryption or no_encryption()).qemu_args() as secret:
             try:
                 self.process = subprocess.Popen(  # pylint: disable=consider-using-with
-                    self.command_line(self.listener.fileno()), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    pass_fds=(self.listener.fileno(),), preexec_fn=_die_with_parent)
+                    self.command_line(self.listener.fileno(), secret[0]), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=log, pass_fds=(self.listener.fileno(),) + secret[1], preexec_fn=die_with_parent)
             except FileNotFoundError:
                 raise UserError("qemu-system-x86_64 is not installed: install qemu-system-x86.") from None
         self.agent = GuestAgent(self.path("agent.sock"), AGENT_TIMEOUT)
@@ -303,8 +319,3 @@ class Drill:
                                 % (self.process.pid, self.workdir)) from None
         if self.listener is not None:
             self.listener.close()
-
-
-def _die_with_parent():
-    """In QEMU's process before exec: SIGKILL when the drill's process dies, so that no guest outlives it."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import time
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import LUKS, encryption_from
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.fast_hash import HAS_XXHASH, missing_xxhash
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.libnbd import HAS_LIBNBD
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.module_base import missing_libnbd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import remove_file
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import SecretError, check_image, image_info
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.zstd import HAS_ZSTANDARD, missing_zstandard
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.client import export_size_and_connections
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import MAX_BUFFER_BYTES, MAX_REQUEST_SIZE, copy_to_image
@@ -57,9 +59,11 @@ def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn, deadli
     size, connections = export_size_and_connections(src, bitmap_context, params["connections"])
     view = export_view(src)
     check_view(view)
+    encryption = encryption_from(params.get("encryption"))
     identity = dict(export=export_name_of(params["src"]), size=size, bitmap=bitmap_context, format=params["format"],
                     backing=os.path.relpath(params["backing"], dest_dir) if params["backing"] else None,
-                    backing_format=params["backing_format"] if params["backing"] else None)
+                    backing_format=params["backing_format"] if params["backing"] else None,
+                    encryption=LUKS if encryption else None)
     if os.path.lexists(dest) and not params["force"]:
         held = recorded_identity(dest)
         if held is None or {key: held.get(key) for key in identity} != identity:
@@ -77,7 +81,7 @@ def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn, deadli
         copied = copy_to_image(src, partial, params["format"], size, bitmap_context, identity["backing"],
                                params["backing_format"], connections, params["requests"], params["request_size"],
                                bandwidth=bandwidth, report=progress, deadline=deadline,
-                               compression_level=compression_level(params))
+                               compression_level=compression_level(params), encryption=encryption)
     except FleetbackupError:
         check_view(view)  # a broken view is the likelier cause, and the one to name
         raise
@@ -95,7 +99,23 @@ def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn, deadli
     return dict(kept=False, image=dest, size=size, disk_usage=disk_usage(dest), removed_partials=stale,
                 bytes_read=copied.bytes_read, bytes_zeroed=copied.bytes_zeroed, bytes_unchanged=copied.bytes_clean,
                 connections=connections, elapsed=round(elapsed, 3), throughput=int(copied.bytes_read / elapsed),
-                checksum=copied.checksum)
+                checksum=copied.checksum, encryption=identity["encryption"])
+
+
+def check_backing_encryption(backing, encryption):
+    """UserError unless the backing image is encrypted exactly when the new overlay is to be, and encryption's secret
+    opens it: a chain has one secret, and a wrong one fails here, before anything is written."""
+    encrypted = bool(image_info(backing).get("encrypted"))
+    if encrypted and encryption is None:
+        raise UserError("backing %s is encrypted (LUKS): give encryption, with the secret of its chain." % backing)
+    if encryption is not None and not encrypted:
+        raise UserError("backing %s is not encrypted, and an overlay of an encrypted chain cannot build on it: start "
+                        "a new chain with a full backup (no backing) to encrypt." % backing)
+    if encrypted:
+        try:
+            check_image(backing, encryption)  # opens its key slot: QEMU names a wrong secret
+        except SecretError as err:
+            raise err.of(backing) from None
 
 
 def check_params(params):
@@ -108,7 +128,7 @@ def check_params(params):
         raise UserError("src '%s' is not an NBD URL: pass the url from qemu_backup_start, like "
                         "nbd+unix:///vda?socket=/var/tmp/ID.nbd." % params["src"])
     check_tls(params)
-    check_compression(params["compress"], params["compress_level"], params["format"])
+    check_compression(params["compress"], params["compress_level"], params["format"], encryption=params.get("encryption"))
     if not 1 <= params["connections"] <= 16 or not 1 <= params["requests"] <= 1024:
         raise UserError("connections must be 1 to 16 and requests 1 to 1024.")
     if not CLUSTER_SIZE <= params["request_size"] <= MAX_REQUEST_SIZE or params["request_size"] % CLUSTER_SIZE:
@@ -122,6 +142,8 @@ def check_params(params):
                            MAX_BUFFER_BYTES))
     if params["dirty_bitmap"] and not params["backing"]:
         raise UserError("An incremental copy (dirty_bitmap) needs backing: the previous backup of this disk.")
+    if params.get("encryption") and params["format"] != "qcow2":
+        raise UserError("encryption needs format qcow2: qcow2's LUKS encryption is what encrypts the image.")
     if params["backing"]:
         if params["format"] != "qcow2":
             raise UserError("An overlay on backing needs format qcow2.")
@@ -132,10 +154,13 @@ def check_params(params):
     return dest_dir
 
 
-def check_compression(compress, level, image_format="qcow2", copies_here=True):
+def check_compression(compress, level, image_format="qcow2", copies_here=True, encryption=None):
     """compress and compress_level make sense, and this host has the library that compress needs if it copies."""
     if compress == "none":
         return
+    if encryption:
+        raise UserError("compress=%s and encryption cannot go together: encrypted images are written by QEMU, which "
+                        "stores their clusters uncompressed. Choose one of them." % compress)
     if image_format != "qcow2":
         raise UserError("compress=%s needs format qcow2: a %s image stores no compressed data." % (compress, image_format))
     if not 1 <= level <= MAX_COMPRESSION_LEVEL:

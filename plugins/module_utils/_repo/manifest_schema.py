@@ -91,7 +91,8 @@ def _seconds(**kwargs):
 # The manifest's schema, which every reader checks before it uses a manifest (check_manifest).
 DISK_SCHEMA = Record(dict(
     disk=_name(required=True), file=_name(required=True), size=_whole(required=True), format=_one_of("qcow2", "raw"),
-    bytes_read=_whole(), checksum=_text(null=True), mode=_one_of("full", "incremental"), backing=_name(null=True)))
+    bytes_read=_whole(), checksum=_text(null=True), mode=_one_of("full", "incremental"), backing=_name(null=True),
+    encryption=_one_of("luks")))
 DEFINITION_SCHEMA = Record(dict(
     domain_xml=_name(required=True), checkpoint_xml=_text(null=True), not_backed_up=ListOf(_text(), "strings"),
     nvram=Record(dict(file=_name(required=True), path=_text(required=True), sha256=_text(required=True)), null=True)),

@@ -136,6 +136,11 @@ def _incremental_problem(facts, disks):
             newest["name"], ", ".join(sorted(previous)), ", ".join(sorted(d["disk"] for d in disks)))
     if not any(_holds_checkpoints(disk) for disk in disks):
         return "no disk of the VM can hold a checkpoint (none is qcow2)"
+    chain_encryption = {d.get("encryption") for d in newest["disks"]}
+    if "encryption" in facts and chain_encryption != {facts["encryption"]}:
+        return "the chain of %s is %s, and this run's backup is %s: a chain is all encrypted or all plain" % (
+            newest["name"], "encrypted" if None not in chain_encryption else "not encrypted",
+            "encrypted" if facts["encryption"] else "not encrypted")
     if facts["missing"]:
         return "image %s, which the chain of %s needs, is missing from the repository" % (
             facts["missing"], newest["name"])
@@ -199,7 +204,8 @@ def record(data, planned, started_disks, copies, now, definition=None, consisten
         copy = copied[disk["disk"]]
         disks.append(dict(disk=disk["disk"], file=disk["file"], format="qcow2", size=disk["size"],
                           bytes_read=copy["bytes_read"], checksum=copy.get("checksum"), mode=mode,
-                          backing=disk["backing"] if mode == "incremental" else None))
+                          backing=disk["backing"] if mode == "incremental" else None,
+                          **({"encryption": copy["encryption"]} if copy.get("encryption") else {})))
     level = backup_level(disks)
     continues = level == "incremental"
     entry = dict(name=planned["name"], level=level, parent=planned["parent"] if continues else None,

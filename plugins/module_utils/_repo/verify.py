@@ -23,10 +23,12 @@ import os
 import stat
 import time
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import needs_secret
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.checksum import UnknownChecksum, recorded_algorithm
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import checksum_of_image_export
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import (
+    SecretError,
     alone,
     image_damage,
     image_info,
@@ -35,8 +37,9 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img im
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import backing_entry, images_needed
 
 
-def verify_vm(repository, wanted=None):
-    """The report on the backups of one VM (those named in wanted, by default all) and every image they need."""
+def verify_vm(repository, wanted=None, encryption=None):
+    """The report on the backups of one VM (those named in wanted, by default all) and every image they need;
+    encryption (an Encryption) opens the encrypted ones."""
     data = repository.load_existing()
     backups = _chosen(repository, data, wanted)
     needs = {b["name"]: images_needed(data, b) for b in data["backups"]}
@@ -44,7 +47,7 @@ def verify_vm(repository, wanted=None):
     for backup in backups:
         for member, disk in needs[backup["name"]]:
             if disk["file"] not in images:
-                images[disk["file"]] = check_image(repository, data, member, disk)
+                images[disk["file"]] = check_image(repository, data, member, disk, encryption)
     bad = [report for report in images.values() if report["problems"]]
     for report in bad:
         report["dependents"] = [b["name"] for b in data["backups"]
@@ -91,8 +94,9 @@ def _backup_report(backup, needs, images):
     return dict(name=backup["name"], state=state, problems=problems)
 
 
-def check_image(repository, data, backup, disk):
-    """What is wrong with one image: its file, its qcow2 structure, its link to its parent, its checksum."""
+def check_image(repository, data, backup, disk, encryption=None):
+    """What is wrong with one image: its file, its qcow2 structure, its link to its parent, its checksum. An encrypted
+    image without encryption, or with a wrong secret, raises UserError: the image is not to blame."""
     report = dict(image=disk["file"], backup=backup["name"], disk=disk["disk"], problems=[], verified=False)
     try:
         fd = open_image(repository, disk["file"])
@@ -100,13 +104,22 @@ def check_image(repository, data, backup, disk):
         report["problems"].append(str(problem))
         return report
     try:
-        image = alone(fd, disk.get("format", "qcow2"))
         try:
-            info = image_info(image, pass_fds=(fd,))
+            info = image_info(alone(fd, disk.get("format", "qcow2")), pass_fds=(fd,))
         except FleetbackupError as err:
             report["problems"].append("cannot be read as %s: %s" % (disk.get("format", "qcow2"), err))
             return report
-        report["problems"] += _structure_problems(image, fd, info, disk) + _link_problems(data, backup, disk, info)
+        encrypted = bool(info.get("encrypted"))
+        needs_secret(repository.image(disk["file"]), encrypted, encryption)
+        image = alone(fd, disk.get("format", "qcow2"), encrypted)
+        if encrypted != bool(disk.get("encryption")):
+            report["problems"].append("it is %s, though the manifest records it %s" % (
+                "encrypted" if encrypted else "not encrypted", "encrypted" if disk.get("encryption") else "plain"))
+        try:
+            report["problems"] += (_structure_problems(image, fd, info, disk, encryption)
+                                   + _link_problems(data, backup, disk, info))
+        except SecretError as err:
+            raise err.of(repository.image(disk["file"])) from None
         if not disk.get("checksum"):
             return report
         try:
@@ -116,7 +129,7 @@ def check_image(repository, data, backup, disk):
             return report
         algorithm.check_available()  # a host without the library fails the module, the image is not to blame
         try:
-            with served(image, pass_fds=(fd,)) as url:
+            with served(image, pass_fds=(fd,), encryption=encryption if encrypted else None) as url:
                 started = time.monotonic()
                 copied = checksum_of_image_export(url, bool(info.get("backing-filename")), algorithm)
                 report["read"] = (copied.bytes_read, time.monotonic() - started)
@@ -155,12 +168,12 @@ def open_image(repository, name):
     return fd
 
 
-def _structure_problems(image, fd, info, disk):
+def _structure_problems(image, fd, info, disk, encryption):
     problems = []
     if info["virtual-size"] != disk["size"]:
         problems.append("its size is %d bytes, not %d as recorded" % (info["virtual-size"], disk["size"]))
     if info["format"] == "qcow2":
-        damage = image_damage(image, pass_fds=(fd,))
+        damage = image_damage(image, pass_fds=(fd,), encryption=encryption if info.get("encrypted") else None)
         if damage:
             problems.append("qemu-img check finds it damaged: %s" % damage)
     return problems

@@ -37,7 +37,11 @@ def settings(params):
     if params["connections"] is not None and not 1 <= params["connections"] <= 16:
         raise UserError("connections must be 1 to 16.")
     # The steps on the VM's host of a run whose repository is elsewhere copy nothing: they need no zstandard.
-    check_compression(params["compress"], params["compress_level"], copies_here="repository" in NEEDS[params["step"]])
+    check_compression(params["compress"], params["compress_level"], copies_here="repository" in NEEDS[params["step"]],
+                      encryption=params["encryption"])
+    if params["encryption"] and any(params[rule] for rule in CALENDAR_RULES):
+        raise UserError("%s drop points by consolidating, which this version does only for plain chains: with "
+                        "encryption, keep whole chains with keep_chains." % ", ".join(CALENDAR_RULES))
     options = {key: params.get(key) for key in REQUEST_KEYS}
     options.update(
         level=params["level"], max_age=parse_duration(params["max_age"]), disks=params["disks"],
@@ -46,7 +50,8 @@ def settings(params):
         copy_timeout=params["copy_timeout"], connections=params["connections"],
         bandwidth=parse_bandwidth(params["bandwidth"]), compress=params["compress"],
         compress_level=params["compress_level"], tls_certificates=params["tls_certificates"],
-        state_dir=params["state_dir"], rpo=parse_duration(params["rpo"]) if params["rpo"] else None)
+        state_dir=params["state_dir"], rpo=parse_duration(params["rpo"]) if params["rpo"] else None,
+        encryption=params["encryption"])
     return options
 
 

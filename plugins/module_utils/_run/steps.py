@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 import time
 
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption import LUKS, encryption_from
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import FleetbackupError, UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import shown_paths
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.processes import process_alive, this_process
@@ -21,7 +22,11 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress imp
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.change_rate import change_signal
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.consolidation import resume
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.recording import prune_backups, record_backup
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import check_params, copy_or_keep
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import (
+    check_backing_encryption,
+    check_params,
+    copy_or_keep,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import remove_stale_partials
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import Lease
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import (
@@ -54,6 +59,9 @@ def begin(repository, options, check_mode, owner=None):
     abandoned = None
     data = repository.load()
     facts = chain_facts(repository, data, now)
+    facts["encryption"] = LUKS if options.get("encryption") else None
+    if options["level"] != "full" and not not_due(facts, options["max_age"], now):
+        check_chain_secret(repository, facts, options.get("encryption"))  # once: one secret per chain
     if not check_mode:
         # The backup's id follows from its name: a run that takes over can end the backup on the VM.
         taken = Lease(repository).take(run_id, options["holder"], options["lock_ttl"], now, owner=owner,
@@ -75,6 +83,19 @@ def begin(repository, options, check_mode, owner=None):
         if not run["due"] and not (owner and abandoned_backup(run)):
             Lease(repository).release(run_id)
     return run
+
+
+def check_chain_secret(repository, facts, encryption):
+    """UserError, before the lease is taken and the VM touched, when the encrypted chain that this run would continue
+    gets no secret (a run that forgot it must not start a plain chain unasked), or one that does not open it."""
+    newest = facts["newest"]
+    encrypted = [disk for disk in (newest or {}).get("disks", ()) if disk.get("encryption")]
+    if not encrypted or facts["missing"]:
+        return
+    if not encryption:
+        raise UserError("The chain of backup %s is encrypted: give encryption, with its secret, or level full to "
+                        "start a chain that is not encrypted." % newest["name"])
+    check_backing_encryption(repository.image(encrypted[0]["file"]), encryption_from(encryption))
 
 
 def abandoned_backup(run):
@@ -188,7 +209,8 @@ def copy(repository, run, options, check_mode, warn):
                       backing=repository.image(disk["backing"]) if incremental else None,
                       backing_format=disk["backing_format"] if incremental else "qcow2",
                       connections=options["connections"], requests=COPY_REQUESTS, request_size=COPY_REQUEST_SIZE,
-                      compress=options["compress"], compress_level=options["compress_level"])
+                      compress=options["compress"], compress_level=options["compress_level"],
+                      encryption=options.get("encryption"))
         dest_dir = check_params(params)
         with recorded_progress(options["state_dir"], shown_paths(params["dest"]), check_mode, warn) as progress:
             copied = copy_or_keep(params, dest_dir, options["bandwidth"], progress, check_mode, warn, deadline)
