@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.retention import CALENDAR_RULES
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.progress import parse_bandwidth
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.image_copy import check_compression
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.lease import check_ttl
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import parse_duration
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.repository import Repository
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.retention import CALENDAR_RULES
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._run import steps
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._run.background import follow, run_in_background
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._run.one_shot import (
