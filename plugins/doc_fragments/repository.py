@@ -38,7 +38,7 @@ options:
     default: none
   compress_level:
     description:
-      - The zstd level of O(compress=zstd), 1 (fastest) to 19 (smallest).
+      - The zstd level of O(compress=zstd), 1 to 19 (smallest), or zstd's fast levels -1 to -10 (fastest).
       - On a disk of programs and their files, level 1 kept 38% of the bytes and level 3 37%, for a third more CPU.
     type: int
     default: 1

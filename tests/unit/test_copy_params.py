@@ -46,8 +46,9 @@ def test_a_backing_file_whose_relative_name_qcow2_cannot_store_is_refused(tmp_pa
 
 @pytest.mark.parametrize("changes,refusal", [
     (dict(format="raw"), "compress=zstd needs format qcow2"),
-    (dict(compress_level=0), "compress_level must be 1 to 19, not 0"),
-    (dict(compress_level=20), "compress_level must be 1 to 19, not 20"),
+    (dict(compress_level=0), "compress_level must be 1 to 19, or -10 to -1 for zstd's fast levels, not 0"),
+    (dict(compress_level=20), "compress_level must be 1 to 19, or -10 to -1 for zstd's fast levels, not 20"),
+    (dict(compress_level=-11), "compress_level must be 1 to 19, or -10 to -1 for zstd's fast levels, not -11"),
     (dict(encryption=dict(format="luks", secret="s")), "compress=zstd and encryption cannot go together"),
 ])
 def test_a_compression_the_image_cannot_have_is_refused(tmp_path, changes, refusal):

@@ -46,6 +46,8 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._views.point_in_t
 
 # zstd's levels beyond this need far more memory per thread, and gain little on disk images.
 MAX_COMPRESSION_LEVEL = 19
+# zstd's fast levels (zstd --fast=N) go below 1: faster still, for less gain; 0 would mean zstd's default, 3.
+MIN_COMPRESSION_LEVEL = -10
 
 
 def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn, deadline=None):
@@ -163,8 +165,9 @@ def check_compression(compress, level, image_format="qcow2", copies_here=True, e
                         "stores their clusters uncompressed. Choose one of them." % compress)
     if image_format != "qcow2":
         raise UserError("compress=%s needs format qcow2: a %s image stores no compressed data." % (compress, image_format))
-    if not 1 <= level <= MAX_COMPRESSION_LEVEL:
-        raise UserError("compress_level must be 1 to %d, not %d." % (MAX_COMPRESSION_LEVEL, level))
+    if not (1 <= level <= MAX_COMPRESSION_LEVEL or MIN_COMPRESSION_LEVEL <= level <= -1):
+        raise UserError("compress_level must be 1 to %d, or %d to -1 for zstd's fast levels, not %d."
+                        % (MAX_COMPRESSION_LEVEL, MIN_COMPRESSION_LEVEL, level))
     if copies_here and not HAS_ZSTANDARD:
         raise UserError(missing_zstandard())
 
