@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from bench import GiB, MiB, ROOT, timed
+from bench import MiB, ROOT, timed
 from usr_disk import usr_disk
 
 from support.flows import image_checksum
@@ -147,7 +147,7 @@ def main():
         print("| --- | ---: | ---: | ---: | ---: |")
         for label, seconds, written, read in rows:
             print("| %s | %.1f | %.0f | %.0f | %.0f |" % (label, seconds, written / MiB, read / MiB,
-                                                         written / MiB / seconds))
+                                                          written / MiB / seconds))
         print("load average (1, 5, 15 min) after: %.2f %.2f %.2f" % os.getloadavg())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

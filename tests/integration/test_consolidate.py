@@ -68,7 +68,8 @@ def assert_restores_as_before(fleet, flat, names):
     for name in names:
         for disk in ("vda", "vdb"):
             compared = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", image(fleet, name, disk),
-                                       str(flat / ("%s.%s.raw" % (name, disk)))], capture_output=True, text=True)
+                                       str(flat / ("%s.%s.raw" % (name, disk)))], capture_output=True, text=True,
+                                      check=False)
             assert compared.returncode == 0, (name, disk, compared.stdout, compared.stderr)
 
 

@@ -111,4 +111,3 @@ def two_disk_chain(workdir, backups, **role_vars):
         vm.kill()
         raise
     return vm, fleet
-

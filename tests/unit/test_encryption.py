@@ -14,7 +14,7 @@ from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.encryption 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import chain_facts, plan_from
 
-from test_repository import NOW, backup, repository, vm_disk, with_images  # noqa: F401  (repository: a fixture)
+from test_repository import NOW, backup, repository, vm_disk, with_images  # noqa: F401 pylint: disable=unused-import
 
 KEY = dict(format="luks", **{"key-secret": SECRET_ID})
 

@@ -75,9 +75,10 @@ def test_merges_make_the_oldest_kept_point_a_full_and_bridge_the_gaps():
     data = dict(backups=backups(*[at(day) for day in range(1, 7)]))
     assert merges(data, ["b0", "b1"]) == [dict(target="b2", onto=None, drop=["b0", "b1"])]
     assert merges(data, ["b2", "b3"]) == [dict(target="b4", onto="b1", drop=["b2", "b3"])]
-    assert merges(data, ["b0", "b2", "b4"]) == [dict(target="b1", onto=None, drop=["b0"]),
-                                               dict(target="b3", onto="b1", drop=["b2"]),
-                                               dict(target="b5", onto="b3", drop=["b4"])]
+    assert merges(data, ["b0", "b2", "b4"]) == [
+        dict(target="b1", onto=None, drop=["b0"]),
+        dict(target="b3", onto="b1", drop=["b2"]),
+        dict(target="b5", onto="b3", drop=["b4"])]
     assert merges(data, []) == []
 
 

@@ -107,4 +107,3 @@ def needs_secret(path, encrypted, encryption):
     if encrypted and encryption is None:
         raise UserError("%s is encrypted (LUKS): give encryption with the secret its backups were made with."
                         % shown_paths(path))
-

@@ -20,7 +20,6 @@ import time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.change_rate import HISTORY as CHANGE_HISTORY
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.chains import missing_images
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import definition_files
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._vm.disks import named_disks
 
 DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
