@@ -272,3 +272,16 @@ def test_a_compressed_chain_consolidates_into_a_compressed_full(tmp_path):
         assert_verifies(fleet, names[2:])
     finally:
         vm.kill()
+
+
+def test_an_encrypted_chain_that_needs_a_merge_is_refused_before_anything_is_written(chain):
+    fleet, names, _flat, _vm = chain
+    run_id = lock(fleet)
+    manifest = fleet.manifest("vm1")
+    manifest["backups"][0]["disks"][1]["encryption"] = "luks"  # as a chain written with encryption records it
+    (fleet.repository / "vm1" / "manifest.json").write_text(json.dumps(manifest))
+    before = repository_state(fleet)
+    for check_mode in (True, False):
+        refused = consolidate(fleet, run_id, check_mode=check_mode, keep_last=2)
+        assert refused.failed and "they are encrypted: this version consolidates only plain chains" in refused["msg"]
+        assert repository_state(fleet) == before, check_mode

@@ -6,7 +6,7 @@ import calendar
 import pytest
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.consolidation import dropped_files, planned_merges
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.consolidation import dropped_files, planned_merges, renewing
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.retention import calendar_kept, merges
 
 
@@ -119,3 +119,20 @@ def test_a_merge_rewrites_each_overlay_from_its_layers_and_leaves_a_disk_backed_
                                        layers=["b4.vda.qcow2", "b3.vda.qcow2", "b2.vda.qcow2"],
                                        backing="b1.vda.qcow2")]
     assert dropped_files(data, ["b0"]) == ["b0.vda.qcow2", "b0.vdb.qcow2"]
+
+
+def test_a_merge_renews_the_lease_every_interval_while_it_copies_and_a_lost_lease_fails_it():
+    now, renewals = [100.0], []
+
+    def keep_lease():
+        renewals.append(now[0])
+        if now[0] >= 160:
+            raise UserError("Run r1 no longer holds the lease")
+    report = renewing(keep_lease, every=20, clock=lambda: now[0])
+    for moment in (101.0, 119.0, 120.0, 130.0, 141.0):  # the engine reports every second or so
+        now[0] = moment
+        report(0, 1)
+    assert renewals == [120.0, 141.0]
+    now[0] = 161.0
+    with pytest.raises(UserError, match="no longer holds the lease"):
+        report(0, 1)

@@ -274,12 +274,6 @@ class Qcow2Writer:
         os.close(self.fd)
 
 
-def is_encrypted(fd):
-    """Whether the qcow2 image open at fd declares an encryption method (AES or LUKS) in its header."""
-    header = os.pread(fd, 36, 0)
-    return len(header) == 36 and header[:4] == MAGIC and struct.unpack(">I", header[32:36])[0] != 0
-
-
 def stores_zstd(fd):
     """Whether the qcow2 image open at fd declares zstd-compressed clusters in its header, as compressed copies do."""
     header = os.pread(fd, COMPRESSED_HEADER_LENGTH, 0)

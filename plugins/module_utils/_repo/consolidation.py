@@ -36,23 +36,28 @@ import time
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import DEFAULT_COMPRESSION_LEVEL
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import (
-    file_identity,
     remove_file,
     sync_directory,
 )
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.qemu_img import layered, served
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.zstd import HAS_ZSTANDARD, missing_zstandard
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.engine import copy_to_image
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import is_encrypted, stores_zstd
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._nbd.qcow2_writer import stores_zstd
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.definition_files import definition_files
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.images import disk_usage
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.merge_journal import apply_merge, replaced
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.merge_journal import (
+    apply_merge,
+    merged_file_identity,
+    replaced,
+)
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.retention import merges
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.verify import ImageProblem, open_image
 
 # Tests name a step here, "<step>:<fifo>": the merge tells the FIFO it reached it, then waits there to be killed.
 PAUSE_ENV = "FLEETBACKUP_TEST_PAUSE"
 TEMPORARY_SUFFIX = ".merge-"
+# A third of the shortest lock_ttl (60 s): a renewal comes well before the lease could lapse.
+LEASE_RENEWAL_SECONDS = 20
 
 
 def temporary_name(file_name):
@@ -70,10 +75,17 @@ def planned_merges(data, dropped):
         target = by_name.get(merge["target"])
         for disk in target["disks"] if target else ():
             member, entry, layers = target, disk, [disk["file"]]
+            encrypted = bool(entry.get("encryption"))
             while entry.get("backing") and member.get("parent") in merge["drop"]:
                 member = by_name[member["parent"]]
                 entry = next(d for d in member["disks"] if d["file"] == entry["backing"])
                 layers.append(entry["file"])
+                encrypted = encrypted or bool(entry.get("encryption"))
+            if len(layers) > 1 and encrypted:
+                raise UserError("Dropping backup %s of %s needs its images merged, and they are encrypted: this "
+                                "version consolidates only plain chains. Keep encrypted chains with keep_chains "
+                                "(whole chains go without a merge), or leave these backups. Nothing was changed."
+                                % (", ".join(merge["drop"]), disk["disk"]))
             if len(layers) > 1:
                 merge["rewrites"].append(dict(disk=disk["disk"], file=disk["file"], size=disk["size"],
                                               layers=layers, backing=entry.get("backing")))
@@ -125,10 +137,10 @@ def _merge(repository, data, merge, keep_lease):
         try:
             for rewrite, disk in zip(merge["rewrites"], journal["disks"]):
                 keep_lease()
-                written = _write(repository, rewrite, disk["temp"])
+                written = _write(repository, rewrite, disk["temp"], renewing(keep_lease))
                 rewrite.update(bytes_read=written.bytes_read,
                                bytes_written=disk_usage(repository.image(disk["temp"])))
-                disk.update(identity=file_identity(repository.image(disk["temp"])), checksum=written.checksum)
+                disk.update(identity=merged_file_identity(repository.image(disk["temp"])), checksum=written.checksum)
                 _reached("written")
         except BaseException:
             if _still_held(keep_lease):  # else the lease's new holder undoes it: only the holder writes
@@ -136,6 +148,7 @@ def _merge(repository, data, merge, keep_lease):
             raise
         sync_directory(repository.working)
         journal["phase"] = "replacing"
+        keep_lease()  # only the lease's holder writes the manifest
         repository.save(data)
         _reached("replacing")
         keep_lease()
@@ -144,16 +157,24 @@ def _merge(repository, data, merge, keep_lease):
     return _finish(repository, data, journal)
 
 
-def _write(repository, rewrite, temp):
+def renewing(keep_lease, every=LEASE_RENEWAL_SECONDS, clock=time.monotonic):
+    """A copy's report callback that renews the lease every `every` seconds: a merge of a big disk outlasts lock_ttl.
+    A lease lost meanwhile fails the copy, which the merge then undoes."""
+    renewed = [clock()]
+
+    def report(_done, _total):
+        if clock() - renewed[0] >= every:
+            keep_lease()
+            renewed[0] = clock()
+    return report
+
+
+def _write(repository, rewrite, temp, report):
     """The new image of one disk, from its layers alone, at temp: a full, or an overlay of its new backing."""
     fds = []
     try:
         for name in rewrite["layers"]:
             fds.append(open_image(repository, name))
-        if any(is_encrypted(fd) for fd in fds):
-            raise UserError("Cannot merge backup %s's images in %s: they are encrypted, and this version consolidates "
-                            "only plain chains. Keep encrypted chains with keep_chains. No image was changed."
-                            % (rewrite["layers"][-1], repository.path))
         # A chain that was stored compressed stays so: its merged image too.
         level = DEFAULT_COMPRESSION_LEVEL if any(stores_zstd(fd) for fd in fds) else None
         if level is not None and not HAS_ZSTANDARD:
@@ -161,7 +182,7 @@ def _write(repository, rewrite, temp):
                             % (rewrite["layers"][-1], repository.path, missing_zstandard()))
         with served(layered([(fd, "qcow2", False) for fd in fds]), pass_fds=fds) as url:
             return copy_to_image(url, repository.image(temp), "qcow2", rewrite["size"], backing=rewrite["backing"],
-                                 image_alone=rewrite["backing"] is not None, compression_level=level)
+                                 image_alone=rewrite["backing"] is not None, compression_level=level, report=report)
     except ImageProblem as problem:
         raise UserError("Cannot merge image %s in %s: it %s. No image was changed; check the repository with "
                         "qemu_backup_verify." % (name, repository.path, problem)) from None
@@ -249,7 +270,7 @@ def _ours(path, identity):
     except FileNotFoundError:
         return False
     return (stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_nlink == 1
-            and stat.S_IMODE(info.st_mode) == 0o600 and (identity is None or [info.st_dev, info.st_ino] == identity))
+            and stat.S_IMODE(info.st_mode) == 0o600 and (identity is None or [info.st_ino, info.st_size] == identity))
 
 
 def _reached(step):

@@ -62,6 +62,8 @@ def copy_or_keep(params, dest_dir, bandwidth, progress, check_mode, warn, deadli
     view = export_view(src)
     check_view(view)
     encryption = encryption_from(params.get("encryption"))
+    if params["backing"]:  # every copy, not only the run's: a chain has one kind and one secret
+        check_backing_encryption(params["backing"], encryption)
     identity = dict(export=export_name_of(params["src"]), size=size, bitmap=bitmap_context, format=params["format"],
                     backing=os.path.relpath(params["backing"], dest_dir) if params["backing"] else None,
                     backing_format=params["backing_format"] if params["backing"] else None,

@@ -7,8 +7,20 @@ manifest as the images are now, at any moment of a merge."""
 
 from __future__ import annotations
 
-from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import file_identity
+import os
+import stat
+
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._repo.policy import backup_level
+
+
+def merged_file_identity(path):
+    """[inode, size] of the regular file at path (never through a link), else None: not the device number, which an
+    NFS mount hands out anew on each host and at each mount, while a merge may be resumed on another."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return [info.st_ino, info.st_size] if stat.S_ISREG(info.st_mode) else None
 
 
 def current_view(repository, data):
@@ -22,7 +34,7 @@ def current_view(repository, data):
 
 
 def replaced(repository, disk):
-    return file_identity(repository.image(disk["file"])) == disk["identity"]
+    return merged_file_identity(repository.image(disk["file"])) == disk["identity"]
 
 
 def apply_merge(data, journal, rewritten):
