@@ -32,6 +32,7 @@ options:
         data, whatever the compression.
       - Needs the zstandard bindings (Debian package C(python3-zstandard)) on that host; the image's format must be
         qcow2, which it always is in a repository.
+      - Not with O(encryption), which QEMU writes with its clusters uncompressed; the two together are refused.
       - V(none) stores every cluster as it is.
     type: str
     choices: [none, zstd]

@@ -117,6 +117,8 @@ options:
       - Keep the newest N restore points. The points that no rule keeps are dropped after the backup is recorded,
         by consolidating, as O(fleetbackup.qemu.qemu_backup_repository#module:keep_last) says. A chain then runs for
         ever with a bounded length, and never needs a new full from the VM.
+      - Consolidation merges only plain chains in this version, so the calendar rules are refused with
+        O(encryption); keep encrypted chains with O(keep_chains).
       - The rules are Proxmox Backup Server's and borg's, on UTC days. V(0) is none of a rule; with all V(0) every
         point is kept.
     type: int
