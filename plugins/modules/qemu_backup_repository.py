@@ -425,7 +425,12 @@ def lock_action(module, repository):
     if module.check_mode:
         return dict(changed=False, lease=dict(run_id=run_id, holder=params["holder"]))
     lease = Lease(repository).take(run_id, params["holder"], params["lock_ttl"], int(time.time()))
-    resume(repository, lease_keeper(module, repository, run_id))
+    try:
+        resume(repository, lease_keeper(module, repository, run_id))
+    except BaseException:
+        if not params["run_id"]:  # a lease made up here, whose run_id the caller never gets: not to be left held
+            Lease(repository).release(run_id)
+        raise
     return dict(changed=True, lease=lease)
 
 

@@ -285,3 +285,17 @@ def test_an_encrypted_chain_that_needs_a_merge_is_refused_before_anything_is_wri
         refused = consolidate(fleet, run_id, check_mode=check_mode, keep_last=2)
         assert refused.failed and "they are encrypted: this version consolidates only plain chains" in refused["msg"]
         assert repository_state(fleet) == before, check_mode
+
+
+def test_a_lock_whose_resume_fails_gives_up_the_lease_it_made_up(chain):
+    fleet, names, _flat, _vm = chain
+    manifest = fleet.manifest("vm1")
+    target = "%s.vda.qcow2" % names[2]
+    # A merge half-way through its renames whose new file is neither in place nor where it was written.
+    manifest["consolidation"] = dict(phase="replacing", target=names[2], onto=None, drop=names[:2], remove=[],
+                                     disks=[dict(disk="vda", file=target, temp=target + ".merge-0badf00d",
+                                                 backing=None, identity=[1, 2], checksum=None)])
+    (fleet.repository / "vm1" / "manifest.json").write_text(json.dumps(manifest))
+    failed = run_module("qemu_backup_repository", repository=str(fleet.repository), vm="vm1", action="lock")
+    assert failed.failed and "stopped half-way" in failed["msg"], failed
+    assert os.stat(fleet.repository / "vm1" / "lock").st_size == 0  # nobody holds it: no run_id was handed out

@@ -136,3 +136,8 @@ def test_a_merge_renews_the_lease_every_interval_while_it_copies_and_a_lost_leas
     now[0] = 161.0
     with pytest.raises(UserError, match="no longer holds the lease"):
         report(0, 1)
+
+
+def test_the_manifests_last_backup_is_kept_even_when_another_hosts_clock_made_an_older_one_look_newer():
+    backups = [dict(name="b0", finished=1000), dict(name="b1", finished=3000), dict(name="b2", finished=2000)]
+    assert calendar_kept(backups, dict(keep_last=1)) == ["b1", "b2"]

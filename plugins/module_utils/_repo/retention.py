@@ -68,7 +68,7 @@ def calendar_kept(backups, rules):
                 marked[index] = True
             else:
                 break
-    marked[newest_first[0]] = True
+    marked[len(backups) - 1] = True  # the manifest's last, which the next incremental continues: by order, not clock
     return [b["name"] for index, b in enumerate(backups) if marked.get(index)]
 
 
