@@ -119,7 +119,7 @@ options:
         ever with a bounded length, and never needs a new full from the VM.
       - Consolidation merges only plain chains in this version, so the calendar rules are refused with
         O(encryption); keep encrypted chains with O(keep_chains).
-      - The rules are Proxmox Backup Server's and borg's, on UTC days. V(0) is none of a rule; with all V(0) every
+      - The rules are Proxmox Backup Server's (borg's before 1.2), on UTC days. V(0) is none of a rule; with all V(0) every
         point is kept.
     type: int
     default: 0

@@ -5,7 +5,7 @@
 """Retention by calendar: which restore points keep-last, keep-daily, keep-weekly and keep-monthly keep, and the
 merges that drop the others from their chains.
 
-The rules are Proxmox Backup Server's (and borg's): keep_last keeps the newest N backups; then keep_daily keeps the
+The rules are Proxmox Backup Server's (and borg's before 1.2): keep_last keeps the newest N backups; then keep_daily keeps the
 newest backup of each of the newest N days that have a backup not kept already, keep_weekly the same for ISO weeks,
 keep_monthly for months. A period that holds a backup an earlier rule kept does not count. A backup any rule keeps is
 kept; the newest is always kept, since the next incremental continues from it. Days are UTC days of the backups'
