@@ -114,9 +114,10 @@ options:
     description:
       - With O(action=prune) or O(action=consolidate), keep the newest N restore points.
       - The calendar rules are Proxmox Backup Server's (borg's before 1.2, which since also keeps the oldest when a
-        rule's count is not reached). Each keeps the newest backup of each of its newest N periods that hold a
-        backup no earlier rule kept (days without backups do not count), in the order O(keep_last), O(keep_daily), O(keep_weekly) (ISO weeks), O(keep_monthly). A point any rule keeps is kept; the
-        newest always is. Periods are UTC days, weeks and months of the backups' finish times.
+        rule's count is not reached). Each keeps the newest backup of each of its newest N periods that hold a backup no
+        earlier rule kept (days without backups do not count), in the order O(keep_last), O(keep_daily), O(keep_weekly)
+        (ISO weeks), O(keep_monthly). A point any rule keeps is kept; the newest always is. Periods are UTC days, weeks
+        and months of the backups' finish times.
       - With every rule C(0), the calendar keeps every point.
     type: int
     default: 0
