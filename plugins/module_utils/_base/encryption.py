@@ -19,6 +19,7 @@ import os
 from contextlib import contextmanager
 
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.errors import UserError
+from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.options import DEFAULT_ITER_TIME
 from ansible_collections.fleetbackup.qemu.plugins.module_utils._base.private_state import read_regular_file, shown_paths
 
 # The one secret object of a QEMU process: every encrypted layer uses it (one secret per chain).
@@ -33,7 +34,7 @@ WRONG_SECRET = "Invalid password, cannot unlock any keyslot"
 class Encryption:
     """The secret that encrypted images are opened with, and how new ones are made (iter_time: PBKDF2 ms)."""
 
-    def __init__(self, secret, iter_time=2000):
+    def __init__(self, secret, iter_time=DEFAULT_ITER_TIME):
         self.secret = secret
         self.iter_time = iter_time
 
@@ -84,9 +85,10 @@ def encryption_from(options):
     if not secret or len(secret) > SECRET_LIMIT:
         raise UserError("The encryption secret is %s: give a passphrase or key of at most %d bytes, such as the "
                         "output of `openssl rand -base64 32`." % ("empty" if not secret else "too long", SECRET_LIMIT))
-    if not 1 <= options.get("iter_time", 2000) <= 60000:
+    iter_time = options.get("iter_time", DEFAULT_ITER_TIME)
+    if not 1 <= iter_time <= 60000:
         raise UserError("encryption.iter_time must be 1 to 60000 milliseconds.")
-    return Encryption(secret, options.get("iter_time", 2000))
+    return Encryption(secret, iter_time)
 
 
 def image_options(spec, layers):

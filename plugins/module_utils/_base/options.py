@@ -77,9 +77,11 @@ START_ARGUMENT_SPEC = dict(
 )
 
 # fleetbackup.qemu.encryption: the secret of encrypted images (qcow2's LUKS), and how new ones are made.
+# QEMU's own default: PBKDF2 for 2 s when a key slot is made.
+DEFAULT_ITER_TIME = 2000
 ENCRYPTION_ARGUMENT_SPEC = dict(encryption=dict(type="dict", options=dict(
     format=dict(type="str", choices=["luks"], default="luks"),
     secret_file=dict(type="path", no_log=False),
     secret=dict(type="str", no_log=True),
-    iter_time=dict(type="int", default=2000),
+    iter_time=dict(type="int", default=DEFAULT_ITER_TIME),
 ), mutually_exclusive=[["secret", "secret_file"]], required_one_of=[["secret", "secret_file"]]))

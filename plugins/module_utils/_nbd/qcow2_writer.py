@@ -174,17 +174,17 @@ class Qcow2Writer:
         if packed:
             write_all(self.fd, packed, packed_host, self.path)
             self._write_behind.written(packed_host, len(packed))
-        self._write_plain_runs(data, entries, shrunk)
+        self._write_plain_runs(data, entries)
 
-    def _write_plain_runs(self, data, entries, shrunk):
+    def _write_plain_runs(self, data, entries):
         """Write the clusters that did not shrink, each run of them that lies together in the image at once."""
         index = 0
         while index < len(entries):
-            if shrunk[index]:
+            if entries[index] & OFLAG_COMPRESSED:
                 index += 1
                 continue
             end = index + 1
-            while end < len(entries) and not shrunk[end]:
+            while end < len(entries) and not entries[end] & OFLAG_COMPRESSED:
                 end += 1
             run = data[index * CLUSTER_SIZE:end * CLUSTER_SIZE]
             host = entries[index] & ~OFLAG_COPIED

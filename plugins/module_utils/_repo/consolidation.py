@@ -270,7 +270,7 @@ def _ours(path, identity):
     except FileNotFoundError:
         return False
     return (stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_nlink == 1
-            and stat.S_IMODE(info.st_mode) == 0o600 and (identity is None or [info.st_ino, info.st_size] == identity))
+            and stat.S_IMODE(info.st_mode) == 0o600 and identity in (None, merged_file_identity(path)))
 
 
 def _reached(step):
